@@ -1,0 +1,474 @@
+"""The broker: one ROUTER socket, one event loop, a FIFO queue of task blobs.
+
+Clients, worker agents and slots all connect to the same port. The loop, top to bottom:
+
+1. poll the socket (and a wake-up pipe for signals) until a message arrives or the next
+   once-a-second tick is due: an idle broker sleeps;
+2. take every message already waiting and handle it (queue SUBMITs, count CREDITs, route
+   RESULTS to their clients, answer STATUS, ...);
+3. dispatch: give each slot with credit a share of the queue, in one TASKS frame;
+4. on the tick, sample the throughput counter.
+
+Tasks are kept as the clients' msgpack blobs, in the chunks they arrived in: the broker
+never decodes user data and holds no Python object per queued task beyond its id and blob.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from zfalkon import payload
+from zfalkon import protocol as P
+from zfalkon._version import __version__
+from zfalkon.constants import (
+    DEFAULT_PORT,
+    HEARTBEAT_SECONDS,
+    MAX_BATCH,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+)
+from zfalkon.errors import ConfigError, ProtocolError
+from zfalkon.net import listen_endpoint, make_socket
+
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+log = logging.getLogger("zfalkon.broker")
+
+_RECV_BURST = 4096  # messages handled before dispatching again
+_TICK_SECONDS = 1.0
+_RATE_WINDOW = 10  # ticks of history behind tasks_per_second
+
+
+@dataclass(eq=False)
+class Client:
+    ident: bytes
+    key: int
+    name: str
+
+
+@dataclass(eq=False)
+class Worker:
+    ident: bytes
+    info: dict
+    version: str
+    last_seen: float
+    slots: dict[bytes, "Slot"] = field(default_factory=dict)
+    done: int = 0
+
+
+@dataclass(eq=False)
+class Slot:
+    ident: bytes
+    worker: Worker
+    index: int
+    name: str
+    credit: int = 0
+    ready: bool = False  # in the broker's ready deque
+    inflight: dict[int, bytes] = field(default_factory=dict)
+
+
+class _RateLimitedLog:
+    """Log each kind of peer error at most once a second, counting what it suppressed."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, code: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(code, -1e9) < 1.0:
+            self._suppressed[code] += 1
+            return
+        self._last[code] = now
+        extra = self._suppressed.pop(code, 0)
+        log.warning("%s%s", text, f" ({extra} more like it suppressed)" if extra else "")
+
+
+class Broker:
+    """Serves clients and workers on one ROUTER socket; see the module docstring."""
+
+    def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}") -> None:
+        self.endpoint = listen_endpoint(listen)
+        self.ctx = zmq.Context()
+        self.sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.peers: dict[bytes, Client | Worker | Slot] = {}
+        self.clients: dict[int, Client] = {}
+        self.workers: dict[str, Worker] = {}
+        self.queue: collections.deque[list] = collections.deque()  # [ids, blobs, pos]
+        self.ready: collections.deque[Slot] = collections.deque()
+        self.queued = 0
+        self.submitted = self.done = self.failed = 0
+        self.cancelled: set[int] = set()
+        self.gone_clients: set[int] = set()
+        self._next_key = 1
+        self._started = time.monotonic()
+        self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW + 1)
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._warn = _RateLimitedLog()
+        self._handlers: dict[type, Callable] = {
+            P.Submit: self._on_submit, P.Cancel: self._on_cancel,
+            P.Credit: self._on_credit, P.Results: self._on_results,
+            P.StatusRequest: self._on_status, P.Heartbeat: self._on_heartbeat,
+            P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost,
+        }
+        self._allowed: dict[type, type] = {
+            P.Submit: Client, P.Cancel: Client, P.Credit: Slot, P.Results: Slot,
+            P.Heartbeat: Worker, P.SlotLost: Worker,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Bind the socket; return the address peers should connect to."""
+        try:
+            self.sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot listen on {self.endpoint}: {exc}") from None
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to finish (safe from a signal handler)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def serve(self) -> None:
+        """Run the event loop until :meth:`stop`."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_tick = time.monotonic() + _TICK_SECONDS
+        while not self._stopping:
+            timeout = max(0.0, next_tick - time.monotonic())
+            for what, _ in poller.poll(timeout * 1000):
+                if what == self._wake_r:
+                    os.read(self._wake_r, 64)
+            self._receive()
+            if self.queued and self.ready:
+                self._dispatch()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._rate.append((now, self.done))
+                next_tick = now + _TICK_SECONDS
+        log.info("broker stopping")
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        sock = self.sock
+        for _ in range(_RECV_BURST):
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
+                return
+            self._handle(sock.recv_multipart())
+
+    def _handle(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        if len(frames) != 2:
+            self._refuse(ident, ProtocolError(
+                f"expected one body frame, got {len(frames) - 1}", "malformed"))
+            return
+        try:
+            msg = P.decode(frames[1])
+        except ProtocolError as exc:
+            self._refuse(ident, exc)
+            return
+        peer = self.peers.get(ident)
+        if type(msg) is P.Hello:
+            self._on_hello(ident, peer, msg)
+            return
+        if peer is None:
+            self._refuse(ident, ProtocolError(
+                f"{type(msg).__name__} before HELLO", "hello-required"))
+            return
+        needed = self._allowed.get(type(msg))
+        handler = self._handlers.get(type(msg))
+        if handler is None or (needed is not None and type(peer) is not needed):
+            self._refuse(ident, ProtocolError(
+                f"{type(msg).__name__} is not allowed for a {type(peer).__name__.lower()}",
+                "not-allowed"))
+            return
+        handler(peer, msg)
+
+    def _refuse(self, ident: bytes, exc: ProtocolError) -> None:
+        self._warn(exc.code, f"refused a message from peer {ident.hex()}: {exc}")
+        self._send(ident, P.Error(exc.code, str(exc)))
+
+    def _send(self, ident: bytes, msg: P.Message) -> bool:
+        try:
+            self.sock.send_multipart((ident, P.encode(msg)), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            peer = self.peers.get(ident)
+            if peer is not None:
+                log.info("peer %s unreachable (%s); dropping it", ident.hex(), exc)
+                self._drop(peer)
+            return False
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _on_hello(self, ident: bytes, peer: object, msg: P.Hello) -> None:
+        info = msg.info
+        if peer is not None:
+            self._drop(peer)  # a reconnect under the same id starts afresh
+        key = 0
+        if msg.role == P.ROLE_CLIENT:
+            key = self._next_key
+            self._next_key += 1
+            client = Client(ident, key, str(info.get("name", "")))
+            self.peers[ident] = self.clients[key] = client
+        elif msg.role == P.ROLE_WORKER:
+            worker_id = info.get("worker_id")
+            if not isinstance(worker_id, str) or not isinstance(info.get("slots"), int):
+                self._refuse(ident, ProtocolError("worker HELLO needs worker_id and slots",
+                                                  "bad-hello"))
+                return
+            old = self.workers.get(worker_id)
+            if old is not None:
+                self._drop(old)
+            worker = Worker(ident, info, msg.version, time.monotonic())
+            self.peers[ident] = self.workers[worker_id] = worker
+            log.info("worker %s registered: %s slots on %s", info.get("name"), info.get("slots"),
+                     info.get("hostname"))
+        elif msg.role == P.ROLE_SLOT:
+            worker = self.workers.get(info.get("worker_id"))  # type: ignore[arg-type]
+            index = info.get("slot")
+            if worker is None or type(index) is not int:
+                self._refuse(ident, ProtocolError(
+                    "slot HELLO names no registered worker", "bad-hello"))
+                return
+            slot = Slot(ident, worker, index, f"{worker.info.get('name', '?')}/{index}")
+            self.peers[ident] = worker.slots[ident] = slot
+        else:
+            self._refuse(ident, ProtocolError(f"unknown role {msg.role!r}", "bad-hello"))
+            return
+        self._send(ident, P.Welcome(PROTOCOL_VERSION, __version__, key, HEARTBEAT_SECONDS))
+
+    def _on_submit(self, client: Client, msg: P.Submit) -> None:
+        ids = msg.ids
+        if not ids:
+            return
+        key = client.key
+        if P.client_key(min(ids)) != key or P.client_key(max(ids)) != key:
+            self._refuse(client.ident, ProtocolError(
+                "SUBMIT has task ids outside this client's key", "malformed"))
+            return
+        self.queue.append([ids, msg.blobs, 0])
+        self.queued += len(ids)
+        self.submitted += len(ids)
+
+    def _on_cancel(self, client: Client, msg: P.Cancel) -> None:
+        key = client.key
+        self.cancelled.update(i for i in msg.ids if P.client_key(i) == key)
+
+    def _on_credit(self, slot: Slot, msg: P.Credit) -> None:
+        self._add_credit(slot, msg.n)
+
+    def _add_credit(self, slot: Slot, n: int) -> None:
+        if n > 0:
+            slot.credit += n
+            if not slot.ready:
+                slot.ready = True
+                self.ready.append(slot)
+
+    def _on_results(self, slot: Slot, msg: P.Results) -> None:
+        self._add_credit(slot, msg.credit)
+        inflight = slot.inflight
+        groups: dict[int, tuple[list[int], list[bytes]]] = {}
+        for tid, blob in zip(msg.ids, msg.blobs):
+            if inflight.pop(tid, None) is None:
+                continue  # not held by this slot (cancelled client, or a late duplicate)
+            group = groups.get(tid >> P.ID_SHIFT)
+            if group is None:
+                group = groups[tid >> P.ID_SHIFT] = ([], [])
+            group[0].append(tid)
+            group[1].append(blob)
+        self.failed += msg.failed
+        for key, (ids, blobs) in groups.items():
+            self.done += len(ids)
+            slot.worker.done += len(ids)
+            self._deliver(key, slot.name, ids, blobs)
+
+    def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
+        if self.cancelled:
+            self.cancelled.difference_update(ids)
+        client = self.clients.get(key)
+        if client is not None:
+            self._send(client.ident, P.Deliver(worker, ids, blobs))
+
+    def _on_status(self, peer: object, msg: P.StatusRequest) -> None:
+        self._send(peer.ident, P.Status(self.status()))  # type: ignore[attr-defined]
+
+    def _on_heartbeat(self, worker: Worker, msg: P.Heartbeat) -> None:
+        worker.last_seen = time.monotonic()
+
+    def _on_bye(self, peer: Client | Worker | Slot, msg: P.Bye) -> None:
+        self._drop(peer)
+
+    def _on_slot_lost(self, worker: Worker, msg: P.SlotLost) -> None:
+        slot = worker.slots.get(msg.slot)
+        if slot is None:
+            return  # it never registered, or said BYE first
+        blob = slot.inflight.pop(msg.task, None) if msg.task else None
+        if blob is not None:
+            self.done += 1
+            self.failed += 1
+            self._deliver(P.client_key(msg.task), slot.name, [msg.task], [payload.crashed_result(
+                f"the worker process running this task {msg.reason} (worker {slot.name})")])
+        self._drop(slot)
+
+    # -- peers leaving -----------------------------------------------------------------
+
+    def _drop(self, peer: Client | Worker | Slot) -> None:
+        """Forget a peer; requeue what a slot held; drop a client's queued tasks."""
+        if self.peers.get(peer.ident) is peer:
+            del self.peers[peer.ident]
+        if isinstance(peer, Slot):
+            peer.worker.slots.pop(peer.ident, None)
+            if peer.ready:
+                self.ready.remove(peer)
+                peer.ready = False
+            if peer.inflight:
+                self._requeue(peer.inflight)
+                peer.inflight = {}
+        elif isinstance(peer, Worker):
+            self.workers.pop(peer.info["worker_id"], None)
+            for slot in list(peer.slots.values()):
+                self._drop(slot)
+        elif isinstance(peer, Client):
+            if self.clients.get(peer.key) is peer:
+                del self.clients[peer.key]
+                self.gone_clients.add(peer.key)
+
+    def _requeue(self, tasks: dict[int, bytes]) -> None:
+        """Put a slot's unfinished tasks back at the head of the queue, in order."""
+        self.queue.appendleft([list(tasks), list(tasks.values()), 0])
+        self.queued += len(tasks)
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Give each slot with credit a fair share of the queue, one frame each."""
+        ready = self.ready
+        while self.queued and ready:
+            slot = ready[0]
+            share = -(-self.queued // len(ready))  # ceil: spread a short queue over slots
+            ids, blobs = self._take(min(slot.credit, MAX_BATCH, share))
+            if not ids:
+                continue  # everything taken was cancelled; the queue shrank
+            if not self._send(slot.ident, P.Tasks(ids, blobs)):
+                self._requeue(dict(zip(ids, blobs)))
+                continue  # _send dropped the slot
+            slot.inflight.update(zip(ids, blobs))
+            slot.credit -= len(ids)
+            ready.popleft()
+            if slot.credit > 0:
+                ready.append(slot)
+            else:
+                slot.ready = False
+
+    def _take(self, n: int) -> tuple[list[int], list[bytes]]:
+        """Pop up to ``n`` tasks from the head of the queue, skipping dropped ones."""
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        queue = self.queue
+        while n > 0 and queue:
+            chunk = queue[0]
+            cids, cblobs, pos = chunk
+            end = min(pos + n, len(cids))
+            ids += cids[pos:end]
+            blobs += cblobs[pos:end]
+            n -= end - pos
+            if end == len(cids):
+                queue.popleft()
+            else:
+                chunk[2] = end
+        self.queued -= len(ids)
+        if not queue:
+            self.gone_clients.clear()
+        if self.cancelled or self.gone_clients:
+            ids, blobs = self._without_dropped(ids, blobs)
+        return ids, blobs
+
+    def _without_dropped(self, ids: list[int], blobs: list[bytes]) -> tuple[list, list]:
+        cancelled, gone = self.cancelled, self.gone_clients
+        keep_ids, keep_blobs = [], []
+        for tid, blob in zip(ids, blobs):
+            if tid in cancelled:
+                cancelled.discard(tid)
+            elif tid >> P.ID_SHIFT not in gone:
+                keep_ids.append(tid)
+                keep_blobs.append(blob)
+        return keep_ids, keep_blobs
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """Counters and workers, as answered to STATUS (documented in docs/protocol.md)."""
+        rate = 0.0
+        if len(self._rate) >= 2:
+            (t0, d0), (t1, d1) = self._rate[0], self._rate[-1]
+            rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+        workers = []
+        for w in self.workers.values():
+            workers.append({
+                "name": w.info.get("name"), "hostname": w.info.get("hostname"),
+                "slots": w.info.get("slots"), "connected_slots": len(w.slots),
+                "cpus": w.info.get("cpus"), "memory": w.info.get("memory"),
+                "tags": w.info.get("tags", []), "version": w.version,
+                "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
+                "idle_seconds": round(time.monotonic() - w.last_seen, 3),
+            })
+        return {
+            "version": __version__, "protocol": PROTOCOL_VERSION,
+            "uptime": round(time.monotonic() - self._started, 3),
+            "clients": len(self.clients), "workers": len(self.workers),
+            "slots": sum(len(w.slots) for w in self.workers.values()),
+            "queued": self.queued,
+            "running": sum(len(s.inflight) for w in self.workers.values() for s in w.slots.values()),
+            "submitted": self.submitted, "done": self.done, "failed": self.failed,
+            "tasks_per_second": round(rate, 1), "worker_list": workers,
+        }
+
+
+def run_broker(listen: str, *, ready_line: bool = True) -> int:
+    """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
+
+    Prints ``zfalkon broker listening on ADDRESS`` on stdout once bound (LocalCluster and
+    scripts read it to learn the port when ``--listen`` gave port 0).
+    """
+    broker = Broker(listen)
+    address = broker.bind()
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    if ready_line:
+        print(f"zfalkon broker listening on {address}", flush=True)
+    log.warning("zfalkon %s broker listening on %s (protocol %d)", __version__, address,
+                PROTOCOL_VERSION)
+    try:
+        broker.serve()
+    finally:
+        broker.close()
+    return 0

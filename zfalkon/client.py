@@ -1,0 +1,536 @@
+"""The client: a ``concurrent.futures.Executor`` backed by a zfalkon broker.
+
+One background I/O thread owns the DEALER socket. Calling threads encode tasks and put
+them in an outbox; the I/O thread sends them in batches and routes results back. Futures
+are real ``concurrent.futures.Future`` objects (``as_completed``, ``wait`` and
+``asyncio.wrap_future`` work). ``map`` streams: it keeps ``buffersize`` tasks in flight
+and creates no future per element, so a 10-million-element map uses bounded memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import zmq
+
+from zfalkon import payload
+from zfalkon import protocol as P
+from zfalkon.constants import (
+    BROKER_ENV,
+    CONNECT_TIMEOUT_SECONDS,
+    MAP_BUFFER,
+    MAX_BATCH,
+    MAX_FRAME_BYTES,
+)
+from zfalkon.errors import BrokerUnavailable, ConfigError, ProtocolError, SerializationError
+from zfalkon.net import broker_endpoint, make_socket
+from zfalkon.payload import ShellResult
+
+log = logging.getLogger("zfalkon.client")
+
+_SUBMIT = 0
+_CANCEL = 1
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+#: A task blob may use at most this much of a frame.
+MAX_TASK_BYTES = MAX_FRAME_BYTES // 4
+_FRAME_BYTES = 8 * 1024 * 1024  # a SUBMIT frame is closed when its blobs pass this
+
+
+def _resolve_address(address: str | None) -> str:
+    address = address or os.environ.get(BROKER_ENV)
+    if not address:
+        raise ConfigError(f"no broker address: pass one or set {BROKER_ENV}")
+    return broker_endpoint(address)
+
+
+def _handshake(sock: zmq.Socket, address: str, role_info: dict, timeout: float) -> P.Welcome:
+    """Send HELLO and wait for WELCOME; raise a clear error for anything else."""
+    sock.send(P.encode(P.hello(P.ROLE_CLIENT, role_info)))
+    if not sock.poll(timeout * 1000):
+        raise BrokerUnavailable(f"no answer from a zfalkon broker at {address} within {timeout:g} s")
+    msg = P.decode(sock.recv())
+    if isinstance(msg, P.Error):
+        raise ProtocolError(f"broker at {address} refused this client: {msg.message}", msg.code)
+    if not isinstance(msg, P.Welcome):
+        raise ProtocolError(f"broker at {address} answered HELLO with {type(msg).__name__}")
+    return msg
+
+
+def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS) -> dict:
+    """Ask a broker for its status (counters and worker list) over a short connection."""
+    endpoint = _resolve_address(address)
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.DEALER, endpoint)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        _handshake(sock, endpoint, {"name": "status"}, timeout)
+        sock.send(P.encode(P.StatusRequest()))
+        if not sock.poll(timeout * 1000):
+            raise BrokerUnavailable(f"broker at {endpoint} did not answer STATUS")
+        msg = P.decode(sock.recv())
+        if not isinstance(msg, P.Status):
+            raise ProtocolError(f"broker answered STATUS with {type(msg).__name__}")
+        sock.send(P.encode(P.Bye("status done")))
+        return msg.info
+    finally:
+        sock.close()
+        ctx.term()
+
+
+class _Poke:
+    """A done-callback that wakes a thread polling :attr:`r`; harmless after close()."""
+
+    def __init__(self) -> None:
+        self.r, self._w = os.pipe()
+        self._lock = threading.Lock()
+
+    def __call__(self, _future: cf.Future) -> None:
+        with self._lock:
+            if self._w >= 0:
+                os.write(self._w, b"x")
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self.r)
+            os.close(self._w)
+            self._w = -1
+
+
+class TaskFuture(cf.Future):
+    """A future for one zfalkon task; :attr:`task_id` names it on the broker."""
+
+    def __init__(self, executor: "Executor", task_id: int) -> None:
+        super().__init__()
+        self._executor = executor
+        self.task_id = task_id
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the task's result (driving the connection from this thread)."""
+        if not self.done():
+            self._executor._drive(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the task; return its exception or None."""
+        if not self.done():
+            self._executor._drive(self, timeout)
+        return super().exception(timeout)
+
+    def cancel(self) -> bool:
+        """Cancel if no result has arrived; the broker drops the task if still queued."""
+        if super().cancel():
+            self._executor._cancel([self.task_id])
+            return True
+        return False
+
+    def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
+        try:
+            value = payload.result_value(blob, worker)
+        except BaseException as exc:
+            if not self.cancelled():
+                try:
+                    self.set_exception(exc)
+                except cf.InvalidStateError:
+                    pass
+            return
+        if not self.cancelled():
+            try:
+                self.set_result(value)
+            except cf.InvalidStateError:
+                pass
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done():
+            try:
+                self.set_exception(exc)
+            except cf.InvalidStateError:
+                pass
+
+
+class _MapStream:
+    """The state behind one ``Executor.map`` call: tasks in order, results as they come."""
+
+    def __init__(self, executor: "Executor", ref: str, items: Iterator[tuple],
+                 chunksize: int, buffersize: int, deadline: float | None) -> None:
+        self.executor = executor
+        self.ref = ref
+        self.items = items
+        self.chunksize = chunksize
+        self.buffersize = buffersize
+        self.deadline = deadline
+        self.order: collections.deque[int] = collections.deque()
+        self.results: dict[int, tuple[bytes, str]] = {}
+        self.cond = threading.Condition()
+        self.waiting = False
+        self.exhausted = False
+
+    def fill(self) -> None:
+        """Submit items until ``buffersize`` are in flight or the input is exhausted."""
+        ex = self.executor
+        encode = payload.python_task
+        ref = self.ref
+        while not self.exhausted and len(self.order) < self.buffersize:
+            n = min(self.chunksize, self.buffersize - len(self.order))
+            batch = list(itertools.islice(self.items, n))
+            if len(batch) < n:
+                self.exhausted = True
+            if not batch:
+                return
+            blobs = [encode(ref, args, None) for args in batch]
+            ids = ex._new_ids(len(blobs))
+            ex._pending.update(zip(ids, itertools.repeat(self)))
+            self.order.extend(ids)
+            ex._enqueue((_SUBMIT, ids, blobs))
+
+    def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
+        self.results[tid] = (blob, worker)
+
+    def wake(self) -> None:
+        if self.waiting:
+            with self.cond:
+                self.cond.notify_all()
+
+    def __iter__(self) -> Iterator[Any]:
+        ex = self.executor
+        refill_at = max(0, self.buffersize - self.chunksize)
+        try:
+            while self.order:
+                tid = self.order[0]
+                item = self.results.pop(tid, None)
+                if item is None:
+                    item = self._wait_for(tid)
+                self.order.popleft()
+                if not self.exhausted and len(self.order) <= refill_at:
+                    self.fill()
+                yield payload.result_value(item[0], item[1])
+        finally:
+            ex._streams.discard(self)
+            if self.order:
+                left = [t for t in self.order if ex._pending.pop(t, None) is not None]
+                if left:
+                    ex._cancel(left)
+
+    def _wait_for(self, tid: int) -> tuple[bytes, str]:
+        with self.cond:
+            self.waiting = True
+            try:
+                while tid not in self.results:
+                    self.executor._raise_if_broken()
+                    remaining = None
+                    if self.deadline is not None:
+                        remaining = self.deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise cf.TimeoutError()
+                    self.cond.wait(remaining if remaining is not None else 1.0)
+            finally:
+                self.waiting = False
+        return self.results.pop(tid)
+
+
+class Executor(cf.Executor):
+    """Run Python callables and shell commands on a zfalkon broker's workers.
+
+    Args:
+        address: the broker, ``tcp://HOST:PORT``; defaults to ``$ZFALKON_BROKER``.
+        name: shown in the broker's status; defaults to ``host-pid``.
+        connect_timeout: seconds to wait for the broker's welcome before raising
+            :class:`~zfalkon.errors.BrokerUnavailable`.
+
+    Callables travel by reference (``module:qualname``) and must be importable on the
+    workers; arguments and results are msgpack values. Example::
+
+        with LocalCluster(workers=2) as cluster, Executor(cluster.address) as ex:
+            print(sum(ex.map(abs, range(-1000, 1000))))
+            print(ex.shell("hostname").result().stdout)
+    """
+
+    def __init__(self, address: str | None = None, *, name: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+        self.address = _resolve_address(address)
+        self._ctx = zmq.Context()
+        self._sock = make_socket(self._ctx, zmq.DEALER, self.address)
+        self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.connect(self.address)
+        self._sock_fd = self._sock.getsockopt(zmq.FD)
+        try:
+            welcome = _handshake(self._sock, self.address,
+                                 {"name": name or f"{os.uname().nodename}-{os.getpid()}"},
+                                 connect_timeout)
+        except BaseException:
+            self._sock.close(0)
+            self._ctx.term()
+            raise
+        self.key = welcome.key
+        self._ids = itertools.count((welcome.key << P.ID_SHIFT) + 1)
+        self._pending: dict[int, TaskFuture | _MapStream] = {}
+        self._streams: set[_MapStream] = set()
+        self._outbox: collections.deque[tuple] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._idle = False
+        self._lock = threading.Lock()  # guards every use of self._sock after __init__
+        self._shutdown = False
+        self._closing = False
+        self._broken: BaseException | None = None
+        self._thread = threading.Thread(target=self._io_main, name="zfalkon-io", daemon=True)
+        self._thread.start()
+
+    # -- public API --------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on a worker; ``fn`` may be a ``module:qualname`` string."""
+        return self._submit_blob(payload.python_task(payload.callable_ref(fn), args, kwargs))
+
+    def shell(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+              cwd: str | None = None, timeout: float | None = None) -> TaskFuture:
+        """Run a shell command on a worker; the future's result is a :class:`ShellResult`.
+
+        A string runs through ``/bin/sh -c``; a list is an argv run directly. ``env`` is
+        added to the worker's environment. A non-zero exit is a normal result (check
+        ``returncode``); running past ``timeout`` raises :class:`~zfalkon.errors.TaskTimeout`.
+        """
+        return self._submit_blob(payload.shell_task(command, env, cwd, timeout))
+
+    def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = MAX_BATCH,
+            buffersize: int = MAP_BUFFER) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``, streaming.
+
+        Each element is its own task. ``chunksize`` tasks go to the broker per frame;
+        at most ``buffersize`` are in flight (submitted, result not yet consumed), so the
+        input may be endless. Results come in input order; a failed task raises its
+        error when its turn comes, and the rest are cancelled. ``timeout`` counts from
+        this call, as in the standard library.
+        """
+        if chunksize < 1 or buffersize < 1:
+            raise ConfigError("chunksize and buffersize must be at least 1")
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stream = _MapStream(self, payload.callable_ref(fn), zip(*iterables),
+                            min(chunksize, buffersize), buffersize, deadline)
+        self._streams.add(stream)
+        stream.fill()
+        return iter(stream)
+
+    def status(self, timeout: float = CONNECT_TIMEOUT_SECONDS) -> dict:
+        """The broker's status: counters and the worker list."""
+        return query_status(self.address, timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel the pending ones; optionally wait.
+
+        With ``wait`` (the default) this returns when every submitted task that was not
+        cancelled has its result, then closes the connection.
+        """
+        self._shutdown = True
+        if cancel_futures:
+            for owner in list(self._pending.values()):
+                if isinstance(owner, TaskFuture):
+                    owner.cancel()
+        self._closing = True
+        self._wake()
+        if wait:
+            self._thread.join()
+
+    # -- used by futures and map streams -----------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._raise_if_broken()
+
+    def _raise_if_broken(self) -> None:
+        if self._broken is not None:
+            raise BrokerUnavailable(f"executor is broken: {self._broken}") from self._broken
+
+    def _new_ids(self, n: int) -> list[int]:
+        return list(itertools.islice(self._ids, n))
+
+    def _submit_blob(self, blob: bytes) -> TaskFuture:
+        self._check_open()
+        if len(blob) > MAX_TASK_BYTES:
+            raise SerializationError(
+                f"task of {len(blob)} bytes exceeds the {MAX_TASK_BYTES} byte limit")
+        tid = next(self._ids)
+        fut = TaskFuture(self, tid)
+        idle = not self._pending and not self._outbox
+        self._pending[tid] = fut
+        if idle and self._lock.acquire(blocking=False):
+            # Nothing in flight: send now rather than hand over to the I/O thread (one
+            # thread switch less on the latency path; bursts still batch in the outbox).
+            try:
+                self._sock.send(P.encode(P.Submit([tid], [blob])), zmq.NOBLOCK)
+                self._receive()  # the send may have consumed the fd's edge: drain now
+                return fut
+            except zmq.Again:
+                pass
+            finally:
+                self._lock.release()
+        self._enqueue((_SUBMIT, [tid], [blob]))
+        return fut
+
+    def _drive(self, fut: TaskFuture, timeout: float | None) -> None:
+        """Receive on the calling thread until ``fut`` is done (or ``timeout`` passes).
+
+        Waiting here instead of on the future's condition saves a thread switch on every
+        result (about 0.15 ms of a 0.5 ms round trip on a 2-core machine). The I/O thread
+        may still take the message first; the done-callback's pipe then wakes us.
+        """
+        if threading.current_thread() is self._thread or self._broken is not None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poke = _Poke()
+        fut.add_done_callback(poke)
+        poller = select.poll()
+        poller.register(self._sock_fd, select.POLLIN)
+        poller.register(poke.r, select.POLLIN)
+        try:
+            while not fut.done() and self._broken is None:
+                with self._lock:
+                    if self._sock.closed:
+                        return
+                    self._receive()
+                if fut.done():
+                    return
+                wait_ms = -1 if deadline is None else (deadline - time.monotonic()) * 1000
+                if deadline is not None and wait_ms <= 0:
+                    return
+                poller.poll(min(wait_ms, 1000) if wait_ms >= 0 else 1000)
+        finally:
+            poke.close()
+
+    def _cancel(self, ids: list[int]) -> None:
+        for tid in ids:
+            self._pending.pop(tid, None)
+        self._enqueue((_CANCEL, ids))
+
+    def _enqueue(self, item: tuple) -> None:
+        self._outbox.append(item)
+        if self._idle:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    # -- the I/O thread ----------------------------------------------------------------
+
+    def _io_main(self) -> None:
+        try:
+            self._io_loop()
+        except BaseException as exc:  # the connection is unusable: fail everything
+            log.exception("zfalkon client I/O thread failed")
+            self._broken = exc
+            self._fail_all(BrokerUnavailable(f"client connection failed: {exc}"))
+        finally:
+            with self._lock:
+                self._sock.close()
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _io_loop(self) -> None:
+        """Wait on the socket's fd and the wake-up pipe; under the lock, move messages.
+
+        The socket is used only under ``self._lock`` (callers send on it directly when
+        nothing is in flight), so this thread waits with ``select.poll`` on zmq's
+        edge-triggered fd and then drains ``ZMQ_EVENTS``, as zmq's docs prescribe.
+        """
+        sock = self._sock
+        poller = select.poll()
+        poller.register(self._sock_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        unsent: collections.deque[bytes] = collections.deque()
+        while True:
+            with self._lock:
+                self._receive()
+                unsent.extend(self._frames())
+                while unsent:
+                    try:
+                        sock.send(unsent[0], zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    unsent.popleft()
+                self._receive()  # sending may have consumed the fd's edge
+                if self._closing and not self._pending and not unsent and not self._outbox:
+                    sock.send(P.encode(P.Bye("client shutdown")))
+                    return
+            self._idle = True
+            if not self._outbox:
+                poller.poll(10 if unsent else 1000)
+            self._idle = False
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def _frames(self) -> Iterator[bytes]:
+        """Encode the outbox as SUBMIT and CANCEL frames, in order."""
+        outbox = self._outbox
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        size = 0
+        while outbox:
+            item = outbox.popleft()
+            if item[0] == _SUBMIT:
+                ids += item[1]
+                blobs += item[2]
+                size += sum(map(len, item[2]))
+                if len(ids) >= MAX_BATCH or size >= _FRAME_BYTES:
+                    yield P.encode(P.Submit(ids, blobs))
+                    ids, blobs, size = [], [], 0
+            else:
+                if ids:
+                    yield P.encode(P.Submit(ids, blobs))
+                    ids, blobs, size = [], [], 0
+                yield P.encode(P.Cancel(item[1]))
+        if ids:
+            yield P.encode(P.Submit(ids, blobs))
+
+    def _receive(self) -> None:
+        sock = self._sock
+        pending = self._pending
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            try:
+                msg = P.decode(sock.recv())
+            except ProtocolError as exc:
+                log.error("bad message from broker: %s", exc)
+                continue
+            if type(msg) is P.Deliver:
+                worker = msg.worker
+                for tid, blob in zip(msg.ids, msg.blobs):
+                    owner = pending.pop(tid, None)
+                    if owner is not None:
+                        owner._deliver(tid, blob, worker)
+                for stream in list(self._streams):
+                    stream.wake()
+            elif type(msg) is P.Error:
+                log.error("broker says: %s (%s)", msg.message, msg.code)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for owner in list(self._pending.values()):
+            if isinstance(owner, TaskFuture):
+                owner._fail(exc)
+        self._pending.clear()
+        for stream in list(self._streams):
+            stream.waiting = True
+            stream.wake()
+
+
+__all__ = ["Executor", "TaskFuture", "ShellResult", "query_status"]

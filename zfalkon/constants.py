@@ -1,0 +1,48 @@
+"""Names, defaults and limits shared by every zfalkon process.
+
+Each value is documented where it is defined; the README and ``docs/protocol.md`` refer
+to these names.
+"""
+
+#: Wire protocol version. Peers must speak the same protocol version; the package version
+#: is informational only (a 0.1.3 worker serves a 0.1.4 broker if the protocol matches).
+PROTOCOL_VERSION = 1
+
+#: TCP port the broker listens on when ``--listen`` gives none.
+DEFAULT_PORT = 7450
+
+#: Largest frame the broker accepts (ZMQ_MAXMSGSIZE); a larger one drops the peer.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+#: Most tasks the broker puts in one frame to a worker slot, and a client in one frame to
+#: the broker.
+MAX_BATCH = 1024
+
+#: Each of a shell task's stdout and stderr is kept up to this many bytes; the rest is
+#: read and discarded, and the result says it was truncated.
+OUTPUT_CAP_BYTES = 1024 * 1024
+
+#: Seconds between heartbeats from a worker agent to the broker.
+HEARTBEAT_SECONDS = 2.0
+
+#: How long a client or worker waits for the broker's welcome before it says so.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+#: A slot keeps about this much measured work (seconds) requested ahead of itself:
+#: thousands of no-op tasks, one 1-second task.
+PREFETCH_SECONDS = 0.1
+#: Bounds of a slot's credit window (tasks requested but not yet finished).
+MIN_WINDOW = 1
+MAX_WINDOW = 2048
+#: A slot returns results when it has this many, or when the oldest waited this long.
+RESULT_FLUSH_COUNT = 256
+RESULT_FLUSH_SECONDS = 0.005
+
+#: Client: tasks ``Executor.map`` keeps submitted ahead of the consumer.
+MAP_BUFFER = 65536
+
+#: Seconds a process being stopped gets between SIGTERM and SIGKILL.
+STOP_GRACE_SECONDS = 10.0
+
+#: Environment variable naming the broker for clients and the CLI.
+BROKER_ENV = "ZFALKON_BROKER"

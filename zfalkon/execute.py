@@ -1,0 +1,208 @@
+"""Run one task blob and encode its result: Python callables and shell commands.
+
+Used by the slot process (:mod:`zfalkon.slot`); it never touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import select
+import signal
+import time
+import traceback
+from typing import Any, Callable
+
+import msgpack
+
+from zfalkon import payload
+from zfalkon.constants import OUTPUT_CAP_BYTES
+
+_packb = msgpack.packb
+_READ_SIZE = 65536
+_SH = "/bin/sh"
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resolve(ref: str) -> Callable[..., Any]:
+    """Import ``module:qualname`` and return the object it names."""
+    module_name, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{ref} is not callable")
+    return obj
+
+
+class Runner:
+    """Executes task blobs; keeps imported callables cached by reference."""
+
+    def __init__(self, output_cap: int = OUTPUT_CAP_BYTES) -> None:
+        self.output_cap = output_cap
+        self._callables: dict[str, Callable[..., Any]] = {}
+
+    def run(self, blob: bytes) -> tuple[bytes, bool]:
+        """Run one task; return ``(result_blob, failed)``. Never raises for task errors."""
+        try:
+            task = payload.unpack(blob)
+            if task[0] == payload.TASK_PYTHON:
+                return self._run_python(task)
+            if task[0] == payload.TASK_SHELL:
+                return self._run_shell(task)
+            return payload.error_result("ProtocolError", f"unknown task kind {task[0]!r}"), True
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the task's own failure, including SystemExit
+            tb = exc.__traceback__
+            text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
+            return payload.error_result(_type_name(exc), str(exc), text), True
+
+    def _run_python(self, task: list) -> tuple[bytes, bool]:
+        ref = task[1]
+        fn = self._callables.get(ref)
+        if fn is None:
+            fn = self._callables[ref] = resolve(ref)
+        value = fn(*task[2], **task[3]) if len(task) > 3 else fn(*task[2])
+        try:
+            return _packb((payload.RESULT_VALUE, value)), False
+        except (TypeError, ValueError, OverflowError) as exc:
+            return payload.error_result(
+                "SerializationError",
+                f"the result of {ref} ({type(value).__name__}) cannot be sent with msgpack: {exc}",
+            ), True
+
+    def _run_shell(self, task: list) -> tuple[bytes, bool]:
+        _, command, env, cwd, timeout = task
+        argv = [_SH, "-c", command] if isinstance(command, str) else command
+        return run_command(argv, env, cwd, timeout, self.output_cap)
+
+
+def run_command(
+    argv: list[str],
+    env: dict[str, str] | None,
+    cwd: str | None,
+    timeout: float | None,
+    cap: int,
+) -> tuple[bytes, bool]:
+    """Spawn ``argv`` in its own process group, capture output, return a result blob.
+
+    The child gets ``/dev/null`` as stdin. When it exits (or runs past ``timeout``), its
+    whole process group is killed, so background processes it left cannot linger.
+    """
+    full_env = {**os.environ, **env} if env else os.environ
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, err_w, 2),
+    ]
+    start = time.monotonic()
+    old_cwd = None
+    try:
+        if cwd is not None:  # the slot is single-threaded: chdir around the spawn is safe
+            old_cwd = os.getcwd()
+            os.chdir(cwd)
+        pid = os.posix_spawnp(argv[0], argv, full_env, file_actions=actions, setpgroup=0)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        if old_cwd is not None:
+            os.chdir(old_cwd)
+        os.close(out_w)
+        os.close(err_w)
+    try:
+        status, out, err, truncated, timed_out = _supervise(pid, out_r, err_r, start, timeout, cap)
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    seconds = time.monotonic() - start
+    if timed_out:
+        return _packb((payload.RESULT_TIMEOUT, timeout, bytes(out), bytes(err), seconds)), True
+    code = os.waitstatus_to_exitcode(status)
+    return _packb((payload.RESULT_SHELL, code, bytes(out), bytes(err), seconds, truncated)), code != 0
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        return None
+
+
+def _supervise(pid, out_r, err_r, start, timeout, cap):
+    """Read both pipes until the child exits (or times out); reap it; kill its group."""
+    buffers = {out_r: bytearray(), err_r: bytearray()}
+    truncated = timed_out = False
+    status = None
+    poller = select.poll()
+    for fd in buffers:
+        poller.register(fd, select.POLLIN)
+    pidfd = _pidfd(pid)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    deadline = None if timeout is None else start + timeout
+    open_fds = len(buffers)
+    try:
+        while open_fds:
+            if status is not None:
+                wait_ms = 1000  # leader gone and its group killed: EOF follows promptly
+            elif deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            else:
+                wait_ms = -1
+            if pidfd is None and status is None:
+                wait_ms = 50 if wait_ms < 0 else min(wait_ms, 50)
+            events = poller.poll(wait_ms)
+            if status is None and pidfd is None:
+                done_pid, st = os.waitpid(pid, os.WNOHANG)
+                if done_pid:
+                    status = st
+                    _kill_group(pid)
+            if not events:
+                if status is not None:
+                    break  # something else holds the pipes open; stop reading
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    _kill_group(pid)
+                    status = os.waitpid(pid, 0)[1]
+                continue
+            for fd, _ in events:
+                if fd == pidfd:
+                    poller.unregister(pidfd)
+                    if status is None:
+                        status = os.waitpid(pid, 0)[1]
+                        _kill_group(pid)
+                    continue
+                chunk = os.read(fd, _READ_SIZE)
+                if not chunk:
+                    poller.unregister(fd)
+                    open_fds -= 1
+                    continue
+                buf = buffers[fd]
+                room = cap - len(buf)
+                if room > 0:
+                    buf += chunk[:room]
+                if len(chunk) > room:
+                    truncated = True
+        if status is None:
+            status = os.waitpid(pid, 0)[1]
+            _kill_group(pid)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return status, buffers[out_r], buffers[err_r], truncated, timed_out
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

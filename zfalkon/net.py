@@ -1,0 +1,58 @@
+"""Addresses and sockets: the one place that parses ``tcp://HOST:PORT``."""
+
+from __future__ import annotations
+
+import re
+
+import zmq
+
+from zfalkon.constants import DEFAULT_PORT
+from zfalkon.errors import ConfigError
+
+_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+)(?::([0-9]+|\*))?")
+
+
+def parse_address(address: str, *, default_port: int | None = DEFAULT_PORT) -> tuple[str, str]:
+    """Split ``tcp://HOST[:PORT]`` into host and port (``*`` for any free port)."""
+    match = _ADDRESS.fullmatch(address)
+    if not match:
+        raise ConfigError(f"address {address!r} must look like tcp://HOST:PORT")
+    host, port = match.group(1), match.group(2)
+    if port is None:
+        if default_port is None:
+            raise ConfigError(f"address {address!r} needs a port")
+        port = str(default_port)
+    if port in ("0", "*"):
+        return host, "*"
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"address {address!r} has a port outside 1-65535")
+    return host, port
+
+
+def listen_endpoint(address: str) -> str:
+    """The bind endpoint for a ``--listen`` value; port 0 or ``*`` picks a free port."""
+    host, port = parse_address(address)
+    return f"tcp://{host}:{port}"
+
+
+def broker_endpoint(address: str) -> str:
+    """The connect endpoint for a ``--broker`` value (default port if none given)."""
+    host, port = parse_address(address)
+    if port == "*":
+        raise ConfigError(f"broker address {address!r} needs a real port")
+    return f"tcp://{host}:{port}"
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    host, _ = parse_address(endpoint)
+    host = host.strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def make_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    """A socket with IPv6 enabled when the endpoint needs it."""
+    sock = ctx.socket(kind)
+    if "[" in endpoint:
+        sock.setsockopt(zmq.IPV6, 1)
+    return sock

@@ -1,0 +1,260 @@
+"""The zfalkon wire protocol: every message, its encoding and its validation.
+
+Every message is one ZeroMQ frame holding a msgpack array ``[TAG, field, ...]``; the
+broker's ROUTER socket adds the peer's routing id in front. Tasks and results travel as
+opaque msgpack *blobs* (see :mod:`zfalkon.payload`) inside batch messages, in columnar
+form (``ids`` and ``blobs`` side by side), so the broker never decodes user data.
+``docs/protocol.md`` is the prose version of this module; keep them together.
+
+Version rule: the first two fields of HELLO (``TAG``, ``protocol``) are frozen forever, so
+any two zfalkon versions can at least tell each other that they do not match.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, NamedTuple, Union
+
+import msgpack
+
+from zfalkon._version import __version__
+from zfalkon.constants import PROTOCOL_VERSION
+from zfalkon.errors import ProtocolError, VersionMismatch
+
+ROLE_CLIENT = "client"  #: submits tasks, receives results, asks for status
+ROLE_WORKER = "worker"  #: a worker agent: one per machine, registers resources
+ROLE_SLOT = "slot"  #: one execution slot of a worker agent: receives tasks
+ROLES = (ROLE_CLIENT, ROLE_WORKER, ROLE_SLOT)
+
+#: Bits of a task id below the client key: ``task_id = client_key << ID_SHIFT | seq``.
+ID_SHIFT = 40
+
+
+class Hello(NamedTuple):
+    """First message of every peer: who it is and which protocol it speaks.
+
+    ``info`` by role: client ``{"name"}``; worker ``{"worker_id", "hostname", "slots",
+    "cpus", "memory", "tags"}``; slot ``{"worker_id", "slot"}``.
+    """
+
+    protocol: int
+    version: str
+    role: str
+    info: dict
+    TAG = 1
+
+
+class Welcome(NamedTuple):
+    """Broker's answer to HELLO. ``key``: the client key (clients), else 0."""
+
+    protocol: int
+    version: str
+    key: int
+    heartbeat: float
+    TAG = 2
+
+
+class Error(NamedTuple):
+    """Something the peer sent was refused. ``code``: see :data:`ERROR_CODES`."""
+
+    code: str
+    message: str
+    TAG = 3
+
+
+class Submit(NamedTuple):
+    """Client -> broker: tasks to run. ``ids[i]`` names the task in ``blobs[i]``."""
+
+    ids: list[int]
+    blobs: list[bytes]
+    TAG = 4
+
+
+class Tasks(NamedTuple):
+    """Broker -> slot: tasks to run, never more than the slot's credit."""
+
+    ids: list[int]
+    blobs: list[bytes]
+    TAG = 5
+
+
+class Results(NamedTuple):
+    """Slot -> broker: finished tasks, plus ``credit`` more tasks the slot asks for.
+
+    ``failed`` counts the results in the batch that are errors (for the broker's counters).
+    """
+
+    credit: int
+    failed: int
+    ids: list[int]
+    blobs: list[bytes]
+    TAG = 6
+
+
+class Deliver(NamedTuple):
+    """Broker -> client: results of its tasks, all run by ``worker``."""
+
+    worker: str
+    ids: list[int]
+    blobs: list[bytes]
+    TAG = 7
+
+
+class Credit(NamedTuple):
+    """Slot -> broker: the slot may be sent ``n`` more tasks."""
+
+    n: int
+    TAG = 8
+
+
+class Cancel(NamedTuple):
+    """Client -> broker: drop these tasks if they have not been dispatched yet."""
+
+    ids: list[int]
+    TAG = 9
+
+
+class StatusRequest(NamedTuple):
+    """Client -> broker: ask for a STATUS."""
+
+    TAG = 10
+
+
+class Status(NamedTuple):
+    """Broker -> client: counters and the worker list (see ``Broker.status``)."""
+
+    info: dict
+    TAG = 11
+
+
+class Heartbeat(NamedTuple):
+    """Worker agent -> broker, periodically: the machine is alive."""
+
+    TAG = 12
+
+
+class Bye(NamedTuple):
+    """Any peer -> broker: I am leaving; requeue whatever I held."""
+
+    reason: str
+    TAG = 13
+
+
+class SlotLost(NamedTuple):
+    """Worker agent -> broker: the slot with routing id ``slot`` died running ``task``.
+
+    ``task`` is 0 when the slot was idle. The broker fails that task with a
+    ``WorkerCrashed`` result and requeues the rest of what the slot held.
+    """
+
+    slot: bytes
+    task: int
+    reason: str
+    TAG = 14
+
+
+Message = Union[
+    Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Credit, Cancel,
+    StatusRequest, Status, Heartbeat, Bye, SlotLost,
+]
+
+MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)
+
+#: ERROR codes the broker sends.
+ERROR_CODES = {
+    "malformed": "the frame is not a valid message (bad msgpack, wrong fields or types)",
+    "unknown-type": "the message tag is not one this broker knows",
+    "version": "the peer speaks another protocol version",
+    "hello-required": "the peer sent something before HELLO",
+    "not-allowed": "the message is not valid for the peer's role",
+    "bad-hello": "HELLO's info is missing fields or has wrong types",
+}
+
+
+def _checker(annotation: Any):
+    """Return a predicate for one field annotation (the types messages use)."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return lambda v: type(v) is list and (not v or set(map(type, v)) == {item})
+    if annotation is float:
+        return lambda v: type(v) is float or type(v) is int
+    if origin in (Union, types.UnionType):
+        checks = [_checker(a) for a in typing.get_args(annotation)]
+        return lambda v: any(c(v) for c in checks)
+    if annotation is type(None):
+        return lambda v: v is None
+    return lambda v, t=annotation: type(v) is t
+
+
+_BY_TAG: dict[int, tuple[type, list]] = {}
+for _cls in MESSAGE_TYPES:
+    _hints = typing.get_type_hints(_cls)
+    _BY_TAG[_cls.TAG] = (_cls, [(f, _checker(_hints[f])) for f in _cls._fields])
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message as one frame."""
+    return msgpack.packb((msg.TAG, *msg))
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def check_version(protocol: Any, version: Any) -> None:
+    """Raise :class:`VersionMismatch`, naming both sides, if ``protocol`` is not ours."""
+    if protocol != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"protocol version mismatch: peer speaks zfalkon protocol {protocol!r} "
+            f"(package {version!r}), this side speaks protocol {PROTOCOL_VERSION} "
+            f"(package {__version__}); install matching zfalkon versions"
+        )
+
+
+def decode(frame: bytes) -> Message:
+    """Decode and validate one frame; raise :class:`ProtocolError` if it is not a message.
+
+    A HELLO or WELCOME with another protocol version raises :class:`VersionMismatch`
+    before its other fields are looked at.
+    """
+    try:
+        obj = msgpack.unpackb(frame, ext_hook=_refuse_ext, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})", "malformed")
+    if type(obj) is not list or not obj or type(obj[0]) is not int:
+        raise ProtocolError("a message must be a msgpack array starting with an integer tag",
+                            "malformed")
+    entry = _BY_TAG.get(obj[0])
+    if entry is None:
+        raise ProtocolError(f"unknown message type {obj[0]}", "unknown-type")
+    cls, fields = entry
+    if cls is Hello or cls is Welcome:
+        if len(obj) < 2:
+            raise ProtocolError(f"{cls.__name__} without a protocol version", "malformed")
+        check_version(obj[1], obj[2] if len(obj) > 2 else "?")
+    if len(obj) != len(fields) + 1:
+        raise ProtocolError(
+            f"{cls.__name__} has {len(obj) - 1} fields, expected {len(fields)}", "malformed"
+        )
+    for (name, ok), value in zip(fields, obj[1:]):
+        if not ok(value):
+            raise ProtocolError(
+                f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})", "malformed"
+            )
+    msg = cls(*obj[1:])
+    if hasattr(msg, "blobs") and len(msg.ids) != len(msg.blobs):
+        raise ProtocolError(f"{cls.__name__} has {len(msg.ids)} ids but {len(msg.blobs)} blobs",
+                            "malformed")
+    return msg
+
+
+def hello(role: str, info: dict) -> Hello:
+    """A HELLO for this package's protocol and version."""
+    return Hello(PROTOCOL_VERSION, __version__, role, info)
+
+
+def client_key(task_id: int) -> int:
+    """The key of the client that owns ``task_id``."""
+    return task_id >> ID_SHIFT

@@ -1,0 +1,227 @@
+"""A slot: one process that runs tasks, started and supervised by a worker agent.
+
+Each slot holds its own DEALER connection to the broker (one hop from broker to the code
+that runs a task; see docs/protocol.md, "Why slots connect directly"). It asks for work with
+credit, runs tasks one at a time, and returns results in batches that carry its next credit.
+
+Before each task the slot writes the task id into a small shared file (the *state file*);
+if the slot dies, its agent reads that id and reports which task killed it.
+
+Run as ``python -m zfalkon.slot CONFIG_JSON`` by :mod:`zfalkon.worker` only.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import logging
+import math
+import mmap
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from zfalkon import protocol as P
+from zfalkon.constants import (
+    CONNECT_TIMEOUT_SECONDS,
+    MAX_WINDOW,
+    MIN_WINDOW,
+    OUTPUT_CAP_BYTES,
+    PREFETCH_SECONDS,
+    RESULT_FLUSH_COUNT,
+    RESULT_FLUSH_SECONDS,
+)
+from zfalkon.execute import Runner
+from zfalkon.net import make_socket
+
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+log = logging.getLogger("zfalkon.slot")
+
+_IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still alive
+_EWMA = 0.2  # weight of the newest task duration in the running estimate
+
+
+def window_for(task_seconds: float) -> int:
+    """Credit window for a measured mean task duration: about PREFETCH_SECONDS of work."""
+    if task_seconds <= 0:
+        return MAX_WINDOW
+    return max(MIN_WINDOW, min(MAX_WINDOW, math.ceil(PREFETCH_SECONDS / task_seconds)))
+
+
+class StateFile:
+    """The shared 8-byte cell holding the id of the task a slot is running (0: idle)."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), 8)
+        self._cell = memoryview(self._map).cast("q")
+
+    @staticmethod
+    def create(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(bytes(8))
+
+    def set(self, task_id: int) -> None:
+        self._cell[0] = task_id
+
+    def get(self) -> int:
+        return self._cell[0]
+
+    def close(self) -> None:
+        self._cell.release()
+        self._map.close()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent (the agent) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the idle loop's getppid() check covers it
+
+
+class Slot:
+    """The slot's event loop; see the module docstring."""
+
+    def __init__(self, broker: str, ident: bytes, worker_id: str, index: int,
+                 state_path: str, output_cap: int = OUTPUT_CAP_BYTES) -> None:
+        self.broker = broker
+        self.ident = ident
+        self.worker_id = worker_id
+        self.index = index
+        self.state = StateFile(state_path)
+        self.runner = Runner(output_cap)
+        self.stopping = False
+        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.result_ids: list[int] = []
+        self.result_blobs: list[bytes] = []
+        self.failed = 0
+        self.first_result_at = 0.0
+        self.mean_seconds = 0.0  # running estimate of one task's duration
+        self.owed = 0  # credit granted and not yet used up by a finished task
+        self.parent = os.getppid()
+
+    def request_stop(self, *_: object) -> None:
+        """Signal handler: finish the running task, return results, hand back the rest."""
+        self.stopping = True
+
+    def run(self) -> int:
+        ctx = zmq.Context()
+        sock = make_socket(ctx, zmq.DEALER, self.broker)
+        sock.setsockopt(zmq.ROUTING_ID, self.ident)
+        sock.setsockopt(zmq.LINGER, 5000)
+        sock.connect(self.broker)
+        self.sock = sock
+        try:
+            code = self._handshake()
+            if code == 0:
+                self._loop()
+                self._send(P.Bye("stopping"))
+            return code
+        finally:
+            sock.close()
+            ctx.term()
+            self.state.close()
+
+    def _send(self, msg: P.Message) -> None:
+        self.sock.send(P.encode(msg))
+
+    def _handshake(self) -> int:
+        self._send(P.hello(P.ROLE_SLOT, {"worker_id": self.worker_id, "slot": self.index}))
+        deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
+        while not self.stopping:
+            if self.sock.poll(200):
+                msg = P.decode(self.sock.recv())
+                if isinstance(msg, P.Welcome):
+                    self.owed = 2  # start shallow: two tasks, then size by measured duration
+                    self._send(P.Credit(self.owed))
+                    return 0
+                if isinstance(msg, P.Error):
+                    log.error("broker refused slot %d: %s", self.index, msg.message)
+                    return 3
+            elif time.monotonic() > deadline:
+                log.error("no welcome from broker %s for slot %d", self.broker, self.index)
+                return 4
+        return 0
+
+    def _loop(self) -> None:
+        sock = self.sock
+        poller = zmq.Poller()  # one poller for the life of the loop (Socket.poll makes one a call)
+        poller.register(sock, zmq.POLLIN)
+        queue = self.queue
+        run = self.runner.run
+        state = self.state
+        monotonic = time.monotonic
+        while True:
+            if not queue or self.stopping:
+                if self.result_ids:
+                    self._flush()
+                if self.stopping:
+                    return
+                if not poller.poll(_IDLE_POLL_MS):
+                    if os.getppid() != self.parent:
+                        log.warning("slot %d: agent is gone, exiting", self.index)
+                        return
+                    continue
+            self._receive()
+            while queue and not self.stopping:
+                tid, blob = queue.popleft()
+                state.set(tid)
+                t0 = monotonic()
+                result, failed = run(blob)
+                now = monotonic()
+                state.set(0)
+                self.mean_seconds += _EWMA * ((now - t0) - self.mean_seconds)
+                if not self.result_ids:
+                    self.first_result_at = now
+                self.result_ids.append(tid)
+                self.result_blobs.append(result)
+                self.failed += failed
+                self.owed -= 1
+                if (len(self.result_ids) >= RESULT_FLUSH_COUNT
+                        or now - self.first_result_at >= RESULT_FLUSH_SECONDS):
+                    self._flush()
+                    self._receive()
+
+    def _receive(self) -> None:
+        """Take every message already waiting, without blocking."""
+        sock = self.sock
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            msg = P.decode(sock.recv())
+            if isinstance(msg, P.Tasks):
+                self.queue.extend(zip(msg.ids, msg.blobs))
+            elif isinstance(msg, P.Error):
+                log.error("broker says: %s (%s)", msg.message, msg.code)
+
+    def _flush(self) -> None:
+        """Send finished results with the credit that keeps the window full."""
+        target = window_for(self.mean_seconds)
+        credit = max(0, target - self.owed)
+        self.owed += credit
+        self._send(P.Results(credit, self.failed, self.result_ids, self.result_blobs))
+        self.result_ids = []
+        self.result_blobs = []
+        self.failed = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the slot process."""
+    config = json.loads((argv or sys.argv)[1])
+    logging.basicConfig(level=config.get("log_level", "WARNING"),
+                        format="%(asctime)s zfalkon-slot %(levelname)s %(message)s")
+    _die_with_parent()
+    slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
+                config["index"], config["state_path"], config.get("output_cap", OUTPUT_CAP_BYTES))
+    signal.signal(signal.SIGTERM, slot.request_stop)
+    signal.signal(signal.SIGINT, slot.request_stop)
+    return slot.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

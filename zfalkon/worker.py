@@ -1,0 +1,273 @@
+"""The worker agent: one per machine. It registers, supervises slots and heartbeats.
+
+The agent connects *out* to the broker (DEALER), so it works from behind NAT with no open
+inbound port. It registers the machine (hostname, slots, cores, memory, tags, versions),
+then starts one slot process per slot (:mod:`zfalkon.slot`); each slot connects to the
+broker itself and runs tasks. When a slot process dies (a task segfaulted, called
+``os._exit``, ran out of memory) the agent tells the broker which task it was running, so
+that task fails with ``WorkerCrashed`` and the slot's other tasks are requeued, and starts a
+new slot. SIGTERM or SIGINT stops the slots gracefully (each finishes its running task and
+hands back what it had prefetched), then the agent says BYE and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+import zmq
+
+from zfalkon import protocol as P
+from zfalkon.constants import HEARTBEAT_SECONDS, OUTPUT_CAP_BYTES, STOP_GRACE_SECONDS
+from zfalkon.errors import ConfigError, ProtocolError
+from zfalkon.net import broker_endpoint, make_socket
+from zfalkon.slot import StateFile
+
+log = logging.getLogger("zfalkon.worker")
+
+_RESTART_WINDOW = 10.0  # seconds over which slot restarts are counted
+_RESTART_BURST = 5  # more restarts than this in the window: wait before the next one
+_WAIT_LOG_SECONDS = 10.0  # while the broker is silent, say so this often
+
+
+@dataclass
+class _SlotProc:
+    index: int
+    ident: bytes
+    state: StateFile
+    proc: subprocess.Popen
+    pidfd: int | None
+    restarts: list[float] = field(default_factory=list)
+
+
+def describe_exit(returncode: int) -> str:
+    """Human wording for a process's exit status (negative: killed by a signal)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with status {returncode}"
+
+
+class WorkerAgent:
+    """Registers a machine with the broker and keeps its slot processes running."""
+
+    def __init__(self, broker: str, *, slots: int | None = None, name: str | None = None,
+                 tags: list[str] | None = None, output_cap: int = OUTPUT_CAP_BYTES,
+                 log_level: str = "WARNING") -> None:
+        self.broker = broker_endpoint(broker)
+        self.slots = slots or os.cpu_count() or 1
+        if self.slots < 1:
+            raise ConfigError("a worker needs at least one slot")
+        self.hostname = socket.gethostname()
+        self.name = name or f"{self.hostname}-{os.getpid()}"
+        self.worker_id = uuid.uuid4().hex
+        self.tags = list(tags or [])
+        self.output_cap = output_cap
+        self.log_level = log_level
+        self.stopping = False
+        self._procs: dict[int, _SlotProc] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def request_stop(self, *_: object) -> None:
+        """Signal handler: drain and exit."""
+        self.stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def info(self) -> dict:
+        """What the agent registers: the machine and this worker."""
+        return {
+            "worker_id": self.worker_id,
+            "name": self.name,
+            "hostname": self.hostname,
+            "slots": self.slots,
+            "cpus": os.cpu_count() or 1,
+            "memory": psutil.virtual_memory().total,
+            "tags": self.tags,
+            "pid": os.getpid(),
+        }
+
+    def run(self) -> int:
+        """Register, supervise slots until stopped; return the process exit status."""
+        ctx = zmq.Context()
+        sock = make_socket(ctx, zmq.DEALER, self.broker)
+        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(self.broker)
+        self.sock = sock
+        self._dir = tempfile.mkdtemp(prefix="zfalkon-worker-")
+        try:
+            if not self._register():
+                return 0 if self.stopping else 2
+            for index in range(self.slots):
+                self._start_slot(index)
+            log.warning("worker %s registered with %s, %d slots", self.name, self.broker, self.slots)
+            self._loop()
+            self._stop_slots()
+            sock.send(P.encode(P.Bye("worker stopping")))
+            return 0
+        finally:
+            self._stop_slots()
+            sock.close()
+            ctx.term()
+            for name in os.listdir(self._dir):
+                os.unlink(os.path.join(self._dir, name))
+            os.rmdir(self._dir)
+
+    def _register(self) -> bool:
+        self.sock.send(P.encode(P.hello(P.ROLE_WORKER, self.info())))
+        waited = 0.0
+        while not self.stopping:
+            if self.sock.poll(200):
+                try:
+                    msg = P.decode(self.sock.recv())
+                except ProtocolError as exc:
+                    log.error("cannot register with %s: %s", self.broker, exc)
+                    return False
+                if isinstance(msg, P.Welcome):
+                    return True
+                if isinstance(msg, P.Error):
+                    log.error("broker %s refused this worker: %s", self.broker, msg.message)
+                    return False
+            else:
+                waited += 0.2
+                if waited >= _WAIT_LOG_SECONDS:
+                    log.warning("still waiting for a broker at %s", self.broker)
+                    waited = 0.0
+        return False
+
+    def _start_slot(self, index: int, restarts: list[float] | None = None) -> None:
+        state_path = os.path.join(self._dir, f"slot-{index}")
+        StateFile.create(state_path)
+        ident = uuid.uuid4().bytes
+        config = {
+            "broker": self.broker, "ident": ident.hex(), "worker_id": self.worker_id,
+            "index": index, "state_path": state_path, "output_cap": self.output_cap,
+            "log_level": self.log_level,
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot", json.dumps(config)])
+        try:
+            pidfd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        self._procs[index] = _SlotProc(index, ident, StateFile(state_path), proc, pidfd,
+                                       restarts or [])
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        while not self.stopping:
+            fds = {p.pidfd for p in self._procs.values() if p.pidfd is not None}
+            for fd in fds:
+                poller.register(fd, zmq.POLLIN)
+            timeout = max(0.0, next_beat - time.monotonic())
+            if any(p.pidfd is None for p in self._procs.values()):
+                timeout = min(timeout, 0.2)
+            poller.poll(timeout * 1000)
+            for fd in fds:
+                poller.unregister(fd)
+            self._reap()
+            self._receive()
+            if time.monotonic() >= next_beat:
+                self.sock.send(P.encode(P.Heartbeat()))
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        os.read(self._wake_r, 64)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frame)
+            except ProtocolError as exc:
+                log.error("bad message from broker: %s", exc)
+                continue
+            if isinstance(msg, P.Error):
+                log.error("broker says: %s (%s)", msg.message, msg.code)
+
+    def _reap(self) -> None:
+        """Report and replace slot processes that died."""
+        for index, slot in list(self._procs.items()):
+            code = slot.proc.poll()
+            if code is None:
+                continue
+            task = slot.state.get()
+            reason = describe_exit(code)
+            if task:
+                log.error("slot %d %s while running task %d", index, reason, task)
+            elif not self.stopping:
+                log.error("slot %d %s", index, reason)
+            self.sock.send(P.encode(P.SlotLost(slot.ident, task, reason)))
+            self._close_slot(slot)
+            del self._procs[index]
+            if self.stopping:
+                continue
+            now = time.monotonic()
+            recent = [t for t in slot.restarts if now - t < _RESTART_WINDOW] + [now]
+            if len(recent) > _RESTART_BURST:
+                log.error("slot %d keeps dying (%d times in %.0f s); pausing 1 s",
+                          index, len(recent), _RESTART_WINDOW)
+                time.sleep(1.0)
+            self._start_slot(index, recent)
+
+    @staticmethod
+    def _close_slot(slot: _SlotProc) -> None:
+        slot.state.close()
+        if slot.pidfd is not None:
+            os.close(slot.pidfd)
+            slot.pidfd = None
+
+    def _stop_slots(self) -> None:
+        """SIGTERM every slot, wait for them to drain, SIGKILL what is left."""
+        procs = list(self._procs.values())
+        for slot in procs:
+            if slot.proc.poll() is None:
+                slot.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for slot in procs:
+            try:
+                slot.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("slot %d did not stop in %.0f s; killing it", slot.index,
+                            STOP_GRACE_SECONDS)
+                slot.proc.kill()
+                slot.proc.wait()
+        self._reap_stopped(procs)
+
+    def _reap_stopped(self, procs: list[_SlotProc]) -> None:
+        for slot in procs:
+            if slot.index in self._procs:
+                task = slot.state.get()
+                if slot.proc.returncode not in (0, None) or task:
+                    self.sock.send(P.encode(
+                        P.SlotLost(slot.ident, task, describe_exit(slot.proc.returncode))))
+                self._close_slot(slot)
+                del self._procs[slot.index]
+
+
+def run_worker(broker: str, **options) -> int:
+    """Run a worker agent in this process until SIGTERM/SIGINT; return the exit status."""
+    agent = WorkerAgent(broker, **options)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    return agent.run()
