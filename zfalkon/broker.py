@@ -30,6 +30,7 @@ from zfalkon import protocol as P
 from zfalkon._version import __version__
 from zfalkon.constants import (
     DEFAULT_PORT,
+    FRAME_SOFT_BYTES,
     HEARTBEAT_SECONDS,
     MAX_BATCH,
     MAX_FRAME_BYTES,
@@ -222,7 +223,12 @@ class Broker:
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
             peer = self.peers.get(ident)
-            if peer is not None:
+            if isinstance(peer, Slot):
+                # Keep what it held until its agent's SLOT_LOST says which task killed it;
+                # requeueing now could run that task again, on another slot.
+                log.info("slot %s unreachable (%s); waiting for its agent", peer.name, exc)
+                self._unready(peer)
+            elif peer is not None:
                 log.info("peer %s unreachable (%s); dropping it", ident.hex(), exc)
                 self._drop(peer)
             return False
@@ -253,8 +259,8 @@ class Broker:
             log.info("worker %s registered: %s slots on %s", info.get("name"), info.get("slots"),
                      info.get("hostname"))
         elif msg.role == P.ROLE_SLOT:
-            worker = self.workers.get(info.get("worker_id"))  # type: ignore[arg-type]
-            index = info.get("slot")
+            worker_id, index = info.get("worker_id"), info.get("slot")
+            worker = self.workers.get(worker_id) if isinstance(worker_id, str) else None
             if worker is None or type(index) is not int:
                 self._refuse(ident, ProtocolError(
                     "slot HELLO names no registered worker", "bad-hello"))
@@ -336,7 +342,7 @@ class Broker:
             self.done += 1
             self.failed += 1
             self._deliver(P.client_key(msg.task), slot.name, [msg.task], [payload.crashed_result(
-                f"the worker process running this task {msg.reason} (worker {slot.name})")])
+                f"the worker process running this task died ({msg.reason}; worker {slot.name})")])
         self._drop(slot)
 
     # -- peers leaving -----------------------------------------------------------------
@@ -347,9 +353,7 @@ class Broker:
             del self.peers[peer.ident]
         if isinstance(peer, Slot):
             peer.worker.slots.pop(peer.ident, None)
-            if peer.ready:
-                self.ready.remove(peer)
-                peer.ready = False
+            self._unready(peer)
             if peer.inflight:
                 self._requeue(peer.inflight)
                 peer.inflight = {}
@@ -361,6 +365,13 @@ class Broker:
             if self.clients.get(peer.key) is peer:
                 del self.clients[peer.key]
                 self.gone_clients.add(peer.key)
+
+    def _unready(self, slot: Slot) -> None:
+        """Send this slot nothing more."""
+        slot.credit = 0
+        if slot.ready:
+            self.ready.remove(slot)
+            slot.ready = False
 
     def _requeue(self, tasks: dict[int, bytes]) -> None:
         """Put a slot's unfinished tasks back at the head of the queue, in order."""
@@ -380,7 +391,7 @@ class Broker:
                 continue  # everything taken was cancelled; the queue shrank
             if not self._send(slot.ident, P.Tasks(ids, blobs)):
                 self._requeue(dict(zip(ids, blobs)))
-                continue  # _send dropped the slot
+                continue  # _send took the slot off the ready list
             slot.inflight.update(zip(ids, blobs))
             slot.credit -= len(ids)
             ready.popleft()
@@ -394,22 +405,38 @@ class Broker:
         ids: list[int] = []
         blobs: list[bytes] = []
         queue = self.queue
-        while n > 0 and queue:
+        size = 0
+        while n > 0 and queue and size < FRAME_SOFT_BYTES:
             chunk = queue[0]
             cids, cblobs, pos = chunk
             end = min(pos + n, len(cids))
+            part = cblobs[pos:end]
+            part_size = sum(map(len, part))
+            if size + part_size > FRAME_SOFT_BYTES and len(part) > 1:
+                # Large blobs: stop the frame near its byte limit (always take one task).
+                keep = 0
+                for blob in part:
+                    if keep and size + len(blob) > FRAME_SOFT_BYTES:
+                        break
+                    size += len(blob)
+                    keep += 1
+                end = pos + keep
+                part = part[:keep]
+            else:
+                size += part_size
             ids += cids[pos:end]
-            blobs += cblobs[pos:end]
+            blobs += part
             n -= end - pos
             if end == len(cids):
                 queue.popleft()
             else:
                 chunk[2] = end
         self.queued -= len(ids)
-        if not queue:
-            self.gone_clients.clear()
         if self.cancelled or self.gone_clients:
             ids, blobs = self._without_dropped(ids, blobs)
+        if not queue:  # nothing left that a cancel or a departed client could refer to
+            self.gone_clients.clear()
+            self.cancelled.clear()
         return ids, blobs
 
     def _without_dropped(self, ids: list[int], blobs: list[bytes]) -> tuple[list, list]:
@@ -465,7 +492,7 @@ def run_broker(listen: str, *, ready_line: bool = True) -> int:
     signal.signal(signal.SIGINT, broker.stop)
     if ready_line:
         print(f"zfalkon broker listening on {address}", flush=True)
-    log.warning("zfalkon %s broker listening on %s (protocol %d)", __version__, address,
+    log.info("zfalkon %s broker listening on %s (protocol %d)", __version__, address,
                 PROTOCOL_VERSION)
     try:
         broker.serve()

@@ -14,6 +14,14 @@ DEFAULT_PORT = 7450
 #: Largest frame the broker accepts (ZMQ_MAXMSGSIZE); a larger one drops the peer.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
+#: A batch frame (SUBMIT, TASKS, RESULTS) is closed once its blobs pass this many bytes.
+FRAME_SOFT_BYTES = 8 * 1024 * 1024
+
+#: Largest task blob a client may submit, and largest result a slot returns (a larger
+#: result becomes a SerializationError result).
+MAX_TASK_BYTES = 16 * 1024 * 1024
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+
 #: Most tasks the broker puts in one frame to a worker slot, and a client in one frame to
 #: the broker.
 MAX_BATCH = 1024
@@ -25,7 +33,8 @@ OUTPUT_CAP_BYTES = 1024 * 1024
 #: Seconds between heartbeats from a worker agent to the broker.
 HEARTBEAT_SECONDS = 2.0
 
-#: How long a client or worker waits for the broker's welcome before it says so.
+#: How long a client or slot waits for the broker's welcome before it gives up (a worker
+#: agent waits as long as it takes, saying so every 10 s).
 CONNECT_TIMEOUT_SECONDS = 10.0
 
 #: A slot keeps about this much measured work (seconds) requested ahead of itself:

@@ -3,7 +3,7 @@
 The broker forwards blobs without decoding them. Each blob is a msgpack array:
 
 =========================  ==============================================================
-task, Python callable      ``[0, "module:qualname", args, kwargs]``
+task, Python callable      ``[0, "module:qualname", args]``, or ``[..., kwargs]`` if any
 task, shell command        ``[1, command (str: through /bin/sh; list: argv), env, cwd,
                            timeout]``
 result, value              ``[0, value]``
@@ -14,13 +14,14 @@ result, process died       ``[4, message]``
 =========================  ==============================================================
 
 Arguments and return values are msgpack types: None, bool, int, float, str, bytes, list,
-dict. Tuples arrive as lists. Nothing is ever pickled.
+dict (and msgpack's own Timestamp). Tuples arrive as lists. Nothing is ever pickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
@@ -124,7 +125,7 @@ def python_task(ref: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> byt
 def shell_task(
     command: str | Sequence[str],
     env: Mapping[str, str] | None = None,
-    cwd: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
 ) -> bytes:
     """Encode a shell task: a string runs through ``/bin/sh -c``, a list is an argv."""
@@ -136,8 +137,14 @@ def shell_task(
             raise SerializationError("a shell argv must be a non-empty list of strings")
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise SerializationError("shell task env must map str to str")
-    if timeout is not None and not timeout > 0:
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
         raise SerializationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if cwd is not None:
+        if not isinstance(cwd, (str, os.PathLike)):
+            raise SerializationError(f"cwd must be a path, got {type(cwd).__name__}")
+        cwd = os.fspath(cwd)
+        if not isinstance(cwd, str):
+            raise SerializationError("cwd must be a text path")
     return _packb((TASK_SHELL, cmd, dict(env) if env else None, cwd, timeout))
 
 

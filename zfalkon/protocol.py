@@ -6,8 +6,9 @@ opaque msgpack *blobs* (see :mod:`zfalkon.payload`) inside batch messages, in co
 form (``ids`` and ``blobs`` side by side), so the broker never decodes user data.
 ``docs/protocol.md`` is the prose version of this module; keep them together.
 
-Version rule: the first two fields of HELLO (``TAG``, ``protocol``) are frozen forever, so
-any two zfalkon versions can at least tell each other that they do not match.
+Version rule: the first two fields of HELLO (``TAG``, ``protocol``) and the whole of ERROR
+(``[3, code, message]``) are frozen forever, so any two zfalkon versions can at least tell
+each other that they do not match.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ ID_SHIFT = 40
 class Hello(NamedTuple):
     """First message of every peer: who it is and which protocol it speaks.
 
-    ``info`` by role: client ``{"name"}``; worker ``{"worker_id", "hostname", "slots",
-    "cpus", "memory", "tags"}``; slot ``{"worker_id", "slot"}``.
+    ``info`` by role: client ``{"name"}``; worker ``{"worker_id", "name", "hostname",
+    "slots", "cpus", "memory", "tags", "pid"}``; slot ``{"worker_id", "slot"}``.
     """
 
     protocol: int
@@ -185,7 +186,29 @@ def _checker(annotation: Any):
         return lambda v: any(c(v) for c in checks)
     if annotation is type(None):
         return lambda v: v is None
+    if annotation is dict:
+        return _plain_dict
     return lambda v, t=annotation: type(v) is t
+
+
+_PLAIN = (str, int, float, bool, bytes, type(None))
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """True if ``value`` holds only msgpack's basic types (no Timestamp), not too deep."""
+    if type(value) in _PLAIN:
+        return True
+    if depth > 32:
+        return False
+    if type(value) is list:
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _plain_dict(value: Any) -> bool:
+    return type(value) is dict and _plain(value)
 
 
 _BY_TAG: dict[int, tuple[type, list]] = {}

@@ -25,9 +25,12 @@ import time
 
 import zmq
 
+from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon.constants import (
     CONNECT_TIMEOUT_SECONDS,
+    FRAME_SOFT_BYTES,
+    MAX_RESULT_BYTES,
     MAX_WINDOW,
     MIN_WINDOW,
     OUTPUT_CAP_BYTES,
@@ -35,6 +38,7 @@ from zfalkon.constants import (
     RESULT_FLUSH_COUNT,
     RESULT_FLUSH_SECONDS,
 )
+from zfalkon.errors import ProtocolError
 from zfalkon.execute import Runner
 from zfalkon.net import make_socket
 
@@ -101,6 +105,7 @@ class Slot:
         self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
         self.result_ids: list[int] = []
         self.result_blobs: list[bytes] = []
+        self.result_bytes = 0
         self.failed = 0
         self.first_result_at = 0.0
         self.mean_seconds = 0.0  # running estimate of one task's duration
@@ -171,6 +176,9 @@ class Slot:
                     continue
             self._receive()
             while queue and not self.stopping:
+                if self.result_ids and (monotonic() - self.first_result_at + self.mean_seconds
+                                        >= RESULT_FLUSH_SECONDS):
+                    self._flush()  # the next task would hold these results back too long
                 tid, blob = queue.popleft()
                 state.set(tid)
                 t0 = monotonic()
@@ -180,11 +188,18 @@ class Slot:
                 self.mean_seconds += _EWMA * ((now - t0) - self.mean_seconds)
                 if not self.result_ids:
                     self.first_result_at = now
+                if len(result) > MAX_RESULT_BYTES:
+                    result = payload.error_result(
+                        "SerializationError", f"the result is {len(result)} bytes, over the "
+                        f"{MAX_RESULT_BYTES} byte limit of one result")
+                    failed = True
                 self.result_ids.append(tid)
                 self.result_blobs.append(result)
+                self.result_bytes += len(result)
                 self.failed += failed
                 self.owed -= 1
                 if (len(self.result_ids) >= RESULT_FLUSH_COUNT
+                        or self.result_bytes >= FRAME_SOFT_BYTES
                         or now - self.first_result_at >= RESULT_FLUSH_SECONDS):
                     self._flush()
                     self._receive()
@@ -193,7 +208,11 @@ class Slot:
         """Take every message already waiting, without blocking."""
         sock = self.sock
         while sock.getsockopt(_EVENTS) & _POLLIN:
-            msg = P.decode(sock.recv())
+            try:
+                msg = P.decode(sock.recv())
+            except ProtocolError as exc:
+                log.error("slot %d: bad message from broker: %s", self.index, exc)
+                continue
             if isinstance(msg, P.Tasks):
                 self.queue.extend(zip(msg.ids, msg.blobs))
             elif isinstance(msg, P.Error):
@@ -207,6 +226,7 @@ class Slot:
         self._send(P.Results(credit, self.failed, self.result_ids, self.result_blobs))
         self.result_ids = []
         self.result_blobs = []
+        self.result_bytes = 0
         self.failed = 0
 
 

@@ -68,9 +68,9 @@ class WorkerAgent:
                  tags: list[str] | None = None, output_cap: int = OUTPUT_CAP_BYTES,
                  log_level: str = "WARNING") -> None:
         self.broker = broker_endpoint(broker)
-        self.slots = slots or os.cpu_count() or 1
+        self.slots = (os.cpu_count() or 1) if slots is None else slots
         if self.slots < 1:
-            raise ConfigError("a worker needs at least one slot")
+            raise ConfigError(f"a worker needs at least one slot, got {self.slots}")
         self.hostname = socket.gethostname()
         self.name = name or f"{self.hostname}-{os.getpid()}"
         self.worker_id = uuid.uuid4().hex
@@ -78,6 +78,7 @@ class WorkerAgent:
         self.output_cap = output_cap
         self.log_level = log_level
         self.stopping = False
+        self.heartbeat = HEARTBEAT_SECONDS  # the broker's WELCOME says how often
         self._procs: dict[int, _SlotProc] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -117,7 +118,7 @@ class WorkerAgent:
                 return 0 if self.stopping else 2
             for index in range(self.slots):
                 self._start_slot(index)
-            log.warning("worker %s registered with %s, %d slots", self.name, self.broker, self.slots)
+            log.info("worker %s registered with %s, %d slots", self.name, self.broker, self.slots)
             self._loop()
             self._stop_slots()
             sock.send(P.encode(P.Bye("worker stopping")))
@@ -141,6 +142,7 @@ class WorkerAgent:
                     log.error("cannot register with %s: %s", self.broker, exc)
                     return False
                 if isinstance(msg, P.Welcome):
+                    self.heartbeat = msg.heartbeat
                     return True
                 if isinstance(msg, P.Error):
                     log.error("broker %s refused this worker: %s", self.broker, msg.message)
@@ -173,7 +175,7 @@ class WorkerAgent:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        next_beat = time.monotonic() + self.heartbeat
         while not self.stopping:
             fds = {p.pidfd for p in self._procs.values() if p.pidfd is not None}
             for fd in fds:
@@ -188,7 +190,7 @@ class WorkerAgent:
             self._receive()
             if time.monotonic() >= next_beat:
                 self.sock.send(P.encode(P.Heartbeat()))
-                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                next_beat = time.monotonic() + self.heartbeat
         os.read(self._wake_r, 64)
 
     def _receive(self) -> None:
