@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from typing import Iterator
 
 from zfalkon._version import __version__
 from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, OUTPUT_CAP_BYTES
-from zfalkon.errors import ZfalkonError
+from zfalkon.client import Executor
+from zfalkon.cluster import LocalCluster
+from zfalkon.errors import ConfigError, ZfalkonError
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -43,10 +48,59 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _executor(broker: str | None, workers: int | None) -> Iterator[Executor]:
+    """An Executor on ``broker`` ($ZFALKON_BROKER), else on a LocalCluster of ``workers``."""
+    broker = broker or (None if workers else os.environ.get(BROKER_ENV))
+    if broker:
+        with Executor(broker) as ex:
+            yield ex
+    else:
+        with LocalCluster(workers=workers or os.cpu_count() or 1) as cluster, \
+                Executor(cluster.address) as ex:
+            yield ex
+
+
+def _run(args: argparse.Namespace) -> int:
+    from zfalkon.runfile import describe_failures, read_tasks, run_tasks
+
+    if args.taskfile == "-":
+        source, total = sys.stdin, None
+    else:
+        try:
+            source = open(args.taskfile, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read task file: {exc}") from None
+        with source:
+            total = sum(1 for _ in read_tasks(source))
+        source = open(args.taskfile, encoding="utf-8")
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        with source, _executor(args.broker, args.workers) as ex:
+            summary = run_tasks(ex, read_tasks(source), out, timeout=args.timeout,
+                                total=total, progress=sys.stderr.isatty())
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if not summary.ok or sys.stderr.isatty():
+        print(describe_failures(summary), file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from zfalkon.bench import format_table, run_bench
+
+    figures = run_bench(args.broker, workers=args.workers, slots=args.slots, tasks=args.tasks,
+                        kind=args.kind, task_seconds=args.task_seconds, repeat=args.repeat,
+                        progress=sys.stderr.isatty() and not args.json)
+    print(json.dumps(figures) if args.json else format_table(figures))
+    return 0 if figures["errors"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zfalkon", description=__doc__)
     parser.add_argument("--version", action="version", version=f"zfalkon {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
+    parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("run", help="run a task file: one shell command per line")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--broker", default=None,
+                       help=f"tcp://HOST:PORT (default ${BROKER_ENV}, else a local cluster)")
+    where.add_argument("--workers", type=int, default=None,
+                       help="run on a local cluster of N workers (default: cores)")
+    p.add_argument("--output", "-o", default=None, help="JSON lines file (default stdout)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per task")
+    p.add_argument("taskfile", help="task file, or - for standard input")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("bench", help="measure tasks per second")
+    p.add_argument("--broker", default=None, help="tcp://HOST:PORT (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=2, help="local cluster workers (default 2)")
+    p.add_argument("--slots", type=int, default=1, help="slots per local worker (default 1)")
+    p.add_argument("--tasks", type=int, default=200_000, help="tasks per run (default 200000)")
+    p.add_argument("--kind", choices=["noop", "sleep", "shell"], default="noop")
+    p.add_argument("--task-seconds", type=float, default=0.0,
+                   help="task length for sleep and shell kinds")
+    p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench)
     return parser
 
 
