@@ -1,0 +1,224 @@
+"""Shared fixtures and helpers for the zfalkon test suite.
+
+Every process a test starts runs on 127.0.0.1 and is stopped by PID in a ``finally`` or a
+fixture teardown. Task functions live in ``tests/tasks.py``: workers import them as
+``tasks:NAME``, so this directory goes on ``sys.path`` here and on ``PYTHONPATH`` for the
+worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+import zmq
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+from zfalkon import Executor, LocalCluster  # noqa: E402
+from zfalkon import protocol as P  # noqa: E402
+
+READY_PREFIX = "zfalkon broker listening on "
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for worker processes: the tests directory first on PYTHONPATH."""
+    existing = os.environ.get("PYTHONPATH", "")
+    path = TESTS_DIR + (os.pathsep + existing if existing else "")
+    return {"PYTHONPATH": path}
+
+
+def child_env() -> dict[str, str]:
+    """Full environment for a process started directly with subprocess."""
+    return {**os.environ, **worker_env()}
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02,
+               message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} not met within {timeout} s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> tuple[int, float]:
+    """SIGTERM ``proc`` by PID, wait up to ``timeout``, SIGKILL if needed.
+
+    Returns ``(returncode, seconds it took to exit after SIGTERM)``.
+    """
+    start = time.monotonic()
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode, time.monotonic() - start
+
+
+def kill_tree(pids: list[int]) -> None:
+    """SIGKILL any of these PIDs still alive (cleanup of last resort, by PID only)."""
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid``."""
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def read_ready_line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
+    """Read the broker's ready line from its stdout; return the address it names."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith(READY_PREFIX):
+                return line[len(READY_PREFIX):].strip()
+            if not line:
+                break
+        if proc.poll() is not None:
+            break
+    raise AssertionError(f"broker printed no ready line (exit status {proc.poll()})")
+
+
+def start_broker(listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen, str]:
+    """Start ``python -m zfalkon broker``; return the process and its address."""
+    proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "broker", "--listen", listen],
+                            stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        return proc, read_ready_line(proc)
+    except BaseException:
+        stop_process(proc)
+        proc.stdout.close()
+        raise
+
+
+@contextlib.contextmanager
+def broker_process() -> Iterator[tuple[subprocess.Popen, str]]:
+    """A broker process for the duration of the block, stopped by PID afterwards."""
+    proc, address = start_broker()
+    try:
+        yield proc, address
+    finally:
+        stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def start_worker(address: str, *extra: str, stderr=None) -> subprocess.Popen:
+    """Start ``python -m zfalkon worker --broker ADDRESS``."""
+    return subprocess.Popen([sys.executable, "-m", "zfalkon", "worker", "--broker", address,
+                             *extra], env=child_env(), stderr=stderr, text=True)
+
+
+@contextlib.contextmanager
+def worker_process(address: str, *extra: str, stderr=None) -> Iterator[subprocess.Popen]:
+    """A worker agent for the duration of the block; it and its slots stopped by PID."""
+    proc = start_worker(address, *extra, stderr=stderr)
+    try:
+        yield proc
+    finally:
+        kids = descendants(proc.pid)
+        stop_process(proc)
+        kill_tree(kids)
+
+
+class FakeBroker:
+    """A raw ROUTER on 127.0.0.1 that answers every HELLO with a fixed message."""
+
+    def __init__(self, answer: P.Message) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.answer = answer
+        self.hellos: list[P.Hello] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if not self.sock.poll(50):
+                continue
+            ident, frame = self.sock.recv_multipart()
+            try:
+                msg = P.decode(frame)
+            except P.ProtocolError:
+                continue
+            if isinstance(msg, P.Hello):
+                self.hellos.append(msg)
+                self.sock.send_multipart([ident, P.encode(self.answer)])
+
+    def __enter__(self) -> "FakeBroker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """One LocalCluster (2 workers x 1 slot) shared by the whole session."""
+    with LocalCluster(workers=2, slots_per_worker=1, env=worker_env()) as c:
+        yield c
+
+
+@pytest.fixture
+def executor(cluster: LocalCluster) -> Iterator[Executor]:
+    """A fresh Executor on the shared cluster; pending tasks are cancelled afterwards."""
+    ex = Executor(cluster.address, connect_timeout=10)
+    try:
+        yield ex
+    finally:
+        if not ex._shutdown:  # Executor.shutdown() twice raises (a reported bug)
+            ex.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,117 @@
+"""Task functions the test workers import by reference ('tasks:NAME').
+
+This module lives in tests/, which conftest.py puts on ``sys.path`` for the test process
+and on ``PYTHONPATH`` for every worker process the tests start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def add(a, b):
+    return a + b
+
+
+def square(x):
+    return x * x
+
+
+def identity(x):
+    return x
+
+
+def boom(message="boom from a task"):
+    raise ValueError(message)
+
+
+def fail_on(x, bad):
+    """Return ``x``, or raise ValueError when ``x == bad``."""
+    if x == bad:
+        raise ValueError(f"bad element {x}")
+    return x
+
+
+def segfault():
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(10)  # not reached: the signal kills the process
+
+
+def hard_exit(code=3):
+    os._exit(code)
+
+
+def sleep_then(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def returns_unserializable():
+    return object()
+
+
+def echo_kwargs(**kw):
+    return kw
+
+
+def echo_args(*args, **kw):
+    return [list(args), kw]
+
+
+def raise_system_exit():
+    raise SystemExit(7)
+
+
+def getpid():
+    return os.getpid()
+
+
+def getenv(name):
+    return os.environ.get(name)
+
+
+class Holder:
+    """For callable_ref tests: methods of a module-level class."""
+
+    def method(self):
+        return "method"
+
+    @staticmethod
+    def static(x):
+        return ("static", x)
+
+    @classmethod
+    def klass(cls, x):
+        return [cls.__name__, x]
+
+
+def make_nested():
+    def nested():
+        return 1
+
+    return nested
+
+
+lambda_task = lambda: 1  # noqa: E731  (a module-level lambda: still refused by name)
+
+not_callable = 42
+
+
+class CustomError(Exception):
+    """An exception type defined outside builtins."""
+
+
+def raise_custom(message):
+    raise CustomError(message)
+
+
+def segfault_logged(path):
+    """Append this process's PID to ``path``, then die of SIGSEGV."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(10)  # not reached

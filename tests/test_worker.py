@@ -1,0 +1,262 @@
+"""zfalkon.worker and zfalkon.slot: real worker processes against a real or fake broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+import tasks
+from conftest import (
+    alive,
+    broker_process,
+    descendants,
+    FakeBroker,
+    free_port,
+    kill_tree,
+    start_worker,
+    stop_process,
+    wait_until,
+    worker_process,
+)
+from zfalkon import ConfigError, Executor, WorkerCrashed, query_status
+from zfalkon import protocol as P
+from zfalkon._version import __version__
+from zfalkon.constants import PROTOCOL_VERSION
+from zfalkon.slot import StateFile, window_for
+from zfalkon.worker import WorkerAgent, describe_exit
+
+
+@pytest.fixture(scope="module")
+def broker():
+    """A broker process for this module: yields its address."""
+    with broker_process() as (_, address):
+        yield address
+
+
+def workers_named(address: str) -> dict[str, dict]:
+    return {w["name"]: w for w in query_status(address, timeout=5)["worker_list"]}
+
+
+def registered(address: str, name: str, slots: int):
+    w = workers_named(address).get(name)
+    return w if w and w["connected_slots"] == slots else None
+
+
+def slot_pids(worker: subprocess.Popen) -> list[int]:
+    """PIDs of the live slot processes of a worker agent."""
+    pids = []
+    for child in psutil.Process(worker.pid).children():
+        try:
+            if "zfalkon.slot" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass  # a slot that just died
+    return pids
+
+
+# -- registration and stopping -----------------------------------------------------------
+
+
+def test_worker_registers_and_sigterm_stops_it(broker):
+    proc = start_worker(broker, "--slots", "2", "--name", "wk-reg", "--tag", "gpu",
+                        "--tag", "big")
+    kids: list[int] = []
+    try:
+        w = wait_until(lambda: registered(broker, "wk-reg", 2), 30, message="worker registered")
+        assert w["slots"] == 2 and w["tags"] == ["gpu", "big"]
+        assert w["version"] == __version__
+        assert w["hostname"] and w["cpus"] >= 1 and w["memory"] > 0
+        kids = wait_until(lambda: len(slot_pids(proc)) == 2 and slot_pids(proc), 10)
+        code, seconds = stop_process(proc, timeout=15)
+        assert code == 0
+        assert seconds < 5
+        wait_until(lambda: "wk-reg" not in workers_named(broker), 5,
+                   message="worker dropped from status")
+        wait_until(lambda: not any(alive(pid) for pid in kids), 5, message="slots gone")
+    finally:
+        kids += descendants(proc.pid)
+        stop_process(proc)
+        kill_tree(kids)
+
+
+def test_sigint_also_stops_a_worker(broker):
+    proc = start_worker(broker, "--slots", "1", "--name", "wk-int")
+    try:
+        wait_until(lambda: registered(broker, "wk-int", 1), 30)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(10) == 0
+        wait_until(lambda: "wk-int" not in workers_named(broker), 5)
+    finally:
+        stop_process(proc)
+
+
+def test_sigterm_lets_the_running_task_finish(broker):
+    with worker_process(broker, "--slots", "1", "--name", "wk-drain") as proc:
+        wait_until(lambda: registered(broker, "wk-drain", 1), 30)
+        with Executor(broker) as ex:
+            f = ex.submit(tasks.sleep_then, "drained", 1.0)
+            wait_until(lambda: workers_named(broker)["wk-drain"]["running"] == 1, 10)
+            time.sleep(0.2)  # the slot has started the task
+            code, seconds = stop_process(proc, timeout=15)
+            assert code == 0 and seconds < 5
+            assert f.result(timeout=10) == "drained"
+
+
+def test_killed_slot_is_replaced(broker):
+    with worker_process(broker, "--slots", "1", "--name", "wk-restart") as proc:
+        wait_until(lambda: registered(broker, "wk-restart", 1), 30)
+        (old,) = wait_until(lambda: slot_pids(proc), 10)
+        os.kill(old, signal.SIGKILL)
+        new = wait_until(lambda: [p for p in slot_pids(proc) if p != old], 10,
+                         message="a new slot process")
+        assert new and not alive(old)
+        wait_until(lambda: registered(broker, "wk-restart", 1), 10)
+        with Executor(broker) as ex:
+            assert ex.submit(tasks.add, 20, 1).result(timeout=30) == 21
+
+
+def test_worker_without_broker_stops_on_sigterm():
+    proc = start_worker(f"tcp://127.0.0.1:{free_port()}", "--slots", "1")
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None  # still waiting for a broker
+        assert not slot_pids(proc)  # no slot starts before registration
+        code, seconds = stop_process(proc, timeout=10)
+        assert code == 0 and seconds < 5
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:7450", "tcp://127.0.0.1:0", "tcp://h:70000"])
+def test_worker_with_bad_address_exits_nonzero(address):
+    proc = start_worker(address, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        stop_process(proc)
+    assert proc.returncode != 0
+    assert address in err
+
+
+def test_agent_refuses_zero_or_negative_slots():
+    for slots in (0, -1):
+        with pytest.raises(ConfigError, match="at least one slot"):
+            WorkerAgent("tcp://127.0.0.1:7450", slots=slots)
+
+
+# -- a fake broker that refuses ----------------------------------------------------------
+
+
+def run_worker_against(fake: FakeBroker) -> tuple[int, str, float]:
+    start = time.monotonic()
+    proc = start_worker(fake.address, "--slots", "1", stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        kids = descendants(proc.pid)
+        stop_process(proc)
+        kill_tree(kids)
+    return proc.returncode, err, time.monotonic() - start
+
+
+def test_worker_refused_with_version_error_exits_nonzero():
+    message = (f"protocol version mismatch: peer speaks zfalkon protocol {PROTOCOL_VERSION} "
+               f"(package {__version__!r}), this side speaks protocol 99 (package 9.9.9)")
+    with FakeBroker(P.Error("version", message)) as fake:
+        code, err, seconds = run_worker_against(fake)
+        assert len(fake.hellos) == 1
+        hello = fake.hellos[0]
+        assert hello.role == P.ROLE_WORKER and hello.protocol == PROTOCOL_VERSION
+        assert hello.info["slots"] == 1 and isinstance(hello.info["worker_id"], str)
+    assert code not in (0, None)
+    assert seconds < 10
+    assert "refused" in err
+    assert "protocol 99" in err and f"protocol {PROTOCOL_VERSION}" in err
+    assert "Traceback" not in err
+
+
+def test_worker_welcomed_with_other_protocol_exits_nonzero():
+    with FakeBroker(P.Welcome(PROTOCOL_VERSION + 98, "9.9.9", 0, 2.0)) as fake:
+        code, err, seconds = run_worker_against(fake)
+    assert code not in (0, None)
+    assert seconds < 10
+    assert "protocol version mismatch" in err
+    assert f"protocol {PROTOCOL_VERSION + 98}" in err and f"protocol {PROTOCOL_VERSION}" in err
+    assert "9.9.9" in err
+    assert "Traceback" not in err
+
+
+# -- crash handling ----------------------------------------------------------------------
+
+
+def test_crashing_task_is_not_rerun_when_broker_sees_the_slot_go_first(broker, tmp_path):
+    """A task that kills its slot must fail with WorkerCrashed and not run again.
+
+    Here the broker notices the dead slot's connection (while dispatching new work to it)
+    before the agent's SLOT_LOST arrives: the agent is paused with SIGSTOP for that
+    moment, as a busy or slow agent would be.
+    """
+    log = tmp_path / "runs.txt"
+    with worker_process(broker, "--slots", "1", "--name", "wk-race") as proc:
+        wait_until(lambda: registered(broker, "wk-race", 1), 30)
+        with Executor(broker) as ex:
+            assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2  # slot has credit now
+            (slot,) = slot_pids(proc)
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                crash = ex.submit(tasks.segfault_logged, str(log))
+                wait_until(lambda: not alive(slot), 10, message="slot died")
+                time.sleep(0.3)  # the broker's socket sees the connection close
+                after = ex.submit(tasks.add, 2, 2)
+                time.sleep(0.3)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            with pytest.raises(WorkerCrashed):
+                crash.result(timeout=30)
+            assert after.result(timeout=30) == 4
+    runs = log.read_text().split()
+    assert len(runs) == 1, f"the crashing task ran {len(runs)} times"
+
+
+# -- small units ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, words", [
+    (0, "exited with status 0"),
+    (3, "exited with status 3"),
+    (255, "exited with status 255"),
+    (-signal.SIGSEGV, "killed by SIGSEGV"),
+    (-signal.SIGKILL, "killed by SIGKILL"),
+    (-signal.SIGTERM, "killed by SIGTERM"),
+    (-200, "killed by signal 200"),
+])
+def test_describe_exit(code, words):
+    assert describe_exit(code) == words
+
+
+def test_state_file(tmp_path):
+    path = str(tmp_path / "state")
+    StateFile.create(path)
+    a, b = StateFile(path), StateFile(path)
+    try:
+        assert a.get() == 0
+        a.set((7 << 40) + 3)
+        assert b.get() == (7 << 40) + 3  # shared through the file mapping
+        a.set(0)
+        assert b.get() == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_window_for():
+    assert window_for(0) == 2048
+    assert window_for(1e-9) == 2048
+    assert window_for(0.001) == 100
+    assert window_for(1.0) == 1
+    assert window_for(100.0) == 1
