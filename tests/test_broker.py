@@ -32,7 +32,7 @@ from zfalkon.constants import PROTOCOL_VERSION
 STATUS_KEYS = {"version", "protocol", "uptime", "clients", "workers", "slots", "queued",
                "running", "submitted", "done", "failed", "tasks_per_second", "worker_list"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
-               "version", "running", "done", "idle_seconds"}
+               "version", "running", "done", "window", "idle_seconds"}
 
 
 class Raw:

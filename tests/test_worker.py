@@ -27,7 +27,7 @@ from zfalkon import ConfigError, Executor, WorkerCrashed, query_status
 from zfalkon import protocol as P
 from zfalkon._version import __version__
 from zfalkon.constants import PROTOCOL_VERSION
-from zfalkon.slot import StateFile, window_for
+from zfalkon.slot import StateFile
 from zfalkon.worker import WorkerAgent, describe_exit
 
 
@@ -254,9 +254,3 @@ def test_state_file(tmp_path):
         b.close()
 
 
-def test_window_for():
-    assert window_for(0) == 2048
-    assert window_for(1e-9) == 2048
-    assert window_for(0.001) == 100
-    assert window_for(1.0) == 1
-    assert window_for(100.0) == 1

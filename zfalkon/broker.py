@@ -125,7 +125,7 @@ class Broker:
             P.Submit: self._on_submit, P.Cancel: self._on_cancel,
             P.Credit: self._on_credit, P.Results: self._on_results,
             P.StatusRequest: self._on_status, P.Heartbeat: self._on_heartbeat,
-            P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost,
+            P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost, P.Ping: self._on_ping,
         }
         self._allowed: dict[type, type] = {
             P.Submit: Client, P.Cancel: Client, P.Credit: Slot, P.Results: Slot,
@@ -327,6 +327,9 @@ class Broker:
     def _on_status(self, peer: object, msg: P.StatusRequest) -> None:
         self._send(peer.ident, P.Status(self.status()))  # type: ignore[attr-defined]
 
+    def _on_ping(self, peer: Client | Worker | Slot, msg: P.Ping) -> None:
+        self._send(peer.ident, P.Pong(msg.sent))
+
     def _on_heartbeat(self, worker: Worker, msg: P.Heartbeat) -> None:
         worker.last_seen = time.monotonic()
 
@@ -466,6 +469,7 @@ class Broker:
                 "cpus": w.info.get("cpus"), "memory": w.info.get("memory"),
                 "tags": w.info.get("tags", []), "version": w.version,
                 "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
+                "window": sum(len(s.inflight) + s.credit for s in w.slots.values()),
                 "idle_seconds": round(time.monotonic() - w.last_seen, 3),
             })
         return {

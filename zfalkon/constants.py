@@ -37,12 +37,14 @@ HEARTBEAT_SECONDS = 2.0
 #: agent waits as long as it takes, saying so every 10 s).
 CONNECT_TIMEOUT_SECONDS = 10.0
 
-#: A slot keeps about this much measured work (seconds) requested ahead of itself:
-#: thousands of no-op tasks, one 1-second task.
+#: A slot keeps at least this much measured work (seconds) requested ahead of itself, and
+#: enough more to cover its measured round trip to the broker (see ``slot.window_for``).
 PREFETCH_SECONDS = 0.1
 #: Bounds of a slot's credit window (tasks requested but not yet finished).
 MIN_WINDOW = 1
-MAX_WINDOW = 2048
+MAX_WINDOW = 65536
+#: A slot measures its round trip to the broker (PING/PONG) this often while it works.
+PING_SECONDS = 1.0
 #: A slot returns results when it has this many, or when the oldest waited this long.
 RESULT_FLUSH_COUNT = 256
 RESULT_FLUSH_SECONDS = 0.005

@@ -155,9 +155,23 @@ class SlotLost(NamedTuple):
     TAG = 14
 
 
+class Ping(NamedTuple):
+    """Any registered peer -> broker: answer with PONG at once. ``sent``: the peer's clock."""
+
+    sent: float
+    TAG = 15
+
+
+class Pong(NamedTuple):
+    """Broker -> peer: the PING's ``sent``, echoed (the peer measures its round trip)."""
+
+    sent: float
+    TAG = 16
+
+
 Message = Union[
     Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Credit, Cancel,
-    StatusRequest, Status, Heartbeat, Bye, SlotLost,
+    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong,
 ]
 
 MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)

@@ -34,6 +34,7 @@ from zfalkon.constants import (
     MAX_WINDOW,
     MIN_WINDOW,
     OUTPUT_CAP_BYTES,
+    PING_SECONDS,
     PREFETCH_SECONDS,
     RESULT_FLUSH_COUNT,
     RESULT_FLUSH_SECONDS,
@@ -50,11 +51,23 @@ _IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still al
 _EWMA = 0.2  # weight of the newest task duration in the running estimate
 
 
-def window_for(task_seconds: float) -> int:
-    """Credit window for a measured mean task duration: about PREFETCH_SECONDS of work."""
-    if task_seconds <= 0:
-        return MAX_WINDOW
-    return max(MIN_WINDOW, min(MAX_WINDOW, math.ceil(PREFETCH_SECONDS / task_seconds)))
+def window_for(task_seconds: float, rtt: float) -> int:
+    """Tasks a slot should have requested but not finished, by Little's law.
+
+    While a slot's credit travels to the broker and tasks travel back (``rtt``, plus up to
+    RESULT_FLUSH_SECONDS that results wait to be batched), the slot finishes
+    ``cover = (rtt + flush) / task_seconds`` tasks; it asks for twice that (slack for
+    variance and batching) plus the one it is running. A slot never prefetches a long
+    task when the round trip is under 1 % of it (on a LAN a window of one costs < 1 %,
+    and a prefetched long task could wait behind it while another slot idles at the end
+    of a run), and it always keeps PREFETCH_SECONDS of short tasks.
+    """
+    d = max(task_seconds, 1e-7)
+    need = 1
+    if rtt >= 0.01 * d:
+        need += math.ceil(2 * (rtt + RESULT_FLUSH_SECONDS) / d)
+    need = max(need, math.ceil(PREFETCH_SECONDS / d))
+    return max(MIN_WINDOW, min(MAX_WINDOW, need))
 
 
 class StateFile:
@@ -109,6 +122,8 @@ class Slot:
         self.failed = 0
         self.first_result_at = 0.0
         self.mean_seconds = 0.0  # running estimate of one task's duration
+        self.rtt = 0.0  # smoothed round trip to the broker (PING/PONG)
+        self.next_ping = 0.0
         self.owed = 0  # credit granted and not yet used up by a finished task
         self.parent = os.getppid()
 
@@ -139,11 +154,14 @@ class Slot:
 
     def _handshake(self) -> int:
         self._send(P.hello(P.ROLE_SLOT, {"worker_id": self.worker_id, "slot": self.index}))
-        deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
+        start = time.monotonic()
+        deadline = start + CONNECT_TIMEOUT_SECONDS
         while not self.stopping:
             if self.sock.poll(200):
                 msg = P.decode(self.sock.recv())
                 if isinstance(msg, P.Welcome):
+                    self.rtt = time.monotonic() - start  # first estimate; PINGs refine it
+                    self.next_ping = time.monotonic() + PING_SECONDS
                     self.owed = 2  # start shallow: two tasks, then size by measured duration
                     self._send(P.Credit(self.owed))
                     return 0
@@ -215,15 +233,22 @@ class Slot:
                 continue
             if isinstance(msg, P.Tasks):
                 self.queue.extend(zip(msg.ids, msg.blobs))
+            elif isinstance(msg, P.Pong):
+                sample = time.monotonic() - msg.sent
+                self.rtt += _EWMA * (sample - self.rtt)
             elif isinstance(msg, P.Error):
                 log.error("broker says: %s (%s)", msg.message, msg.code)
 
     def _flush(self) -> None:
         """Send finished results with the credit that keeps the window full."""
-        target = window_for(self.mean_seconds)
+        target = window_for(self.mean_seconds, self.rtt)
         credit = max(0, target - self.owed)
         self.owed += credit
         self._send(P.Results(credit, self.failed, self.result_ids, self.result_blobs))
+        now = time.monotonic()
+        if now >= self.next_ping:
+            self._send(P.Ping(now))
+            self.next_ping = now + PING_SECONDS
         self.result_ids = []
         self.result_blobs = []
         self.result_bytes = 0
