@@ -220,5 +220,4 @@ def executor(cluster: LocalCluster) -> Iterator[Executor]:
     try:
         yield ex
     finally:
-        if not ex._shutdown:  # Executor.shutdown() twice raises (a reported bug)
-            ex.shutdown(wait=True, cancel_futures=True)
+        ex.shutdown(wait=True, cancel_futures=True)  # a second shutdown is harmless

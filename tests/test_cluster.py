@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 
 import tasks
@@ -119,3 +120,15 @@ def test_env_reaches_workers():
             pid = ex.submit(tasks.getpid).result(timeout=30)
             assert pid in descendants(cluster.worker_procs[0].pid)
     assert "ZF_CLUSTER_VAR" not in os.environ
+
+
+def test_rtt_puts_the_workers_behind_an_emulated_link():
+    with LocalCluster(workers=1, rtt_ms=60, env=worker_env()) as cluster:
+        assert cluster.worker_address != cluster.address
+        proxy_pid = cluster.proxy.pid
+        with Executor(cluster.address) as ex:
+            start = time.monotonic()
+            assert ex.submit(abs, -4).result(timeout=30) == 4
+            assert time.monotonic() - start >= 0.06  # one task crosses the link both ways
+            assert list(ex.map(abs, range(-500, 500))) == [abs(i) for i in range(-500, 500)]
+    assert not psutil.pid_exists(proxy_pid) or psutil.Process(proxy_pid).status() == "zombie"

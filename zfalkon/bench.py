@@ -77,17 +77,31 @@ def run_workload(ex: Executor, kind: str, tasks: int, task_seconds: float,
 
 
 @contextlib.contextmanager
-def _cluster(address: str | None, workers: int, slots: int) -> Iterator[str]:
+def _cluster(address: str | None, workers: int, slots: int, rtt_ms: float,
+             swarm: int) -> Iterator[str]:
+    """The broker to measure: ``address``, or a LocalCluster (real or simulated workers,
+    optionally behind an emulated link of ``rtt_ms``)."""
     if address:
+        if rtt_ms or swarm:
+            raise ConfigError("--rtt-ms and --swarm need the local cluster (no --broker)")
         yield address
-    else:
-        with LocalCluster(workers=workers, slots_per_worker=slots) as cluster:
+        return
+    with LocalCluster(workers=0 if swarm else workers, slots_per_worker=slots,
+                      rtt_ms=rtt_ms) as cluster:
+        if swarm:
+            from zfalkon.swarm import Swarm
+
+            with Swarm(cluster.worker_address, workers=swarm, slots_per_worker=slots) as sim:
+                sim.start()
+                yield cluster.address
+        else:
             yield cluster.address
 
 
 def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
               tasks: int = 200_000, kind: str = "noop", task_seconds: float = 0.0,
-              repeat: int = 1, progress: bool = False) -> dict:
+              repeat: int = 1, rtt_ms: float = 0.0, swarm: int = 0,
+              progress: bool = False) -> dict:
     """Run the benchmark; return the figures (the ``--json`` object)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown bench kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -95,7 +109,7 @@ def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
         raise ConfigError("--tasks and --repeat must be at least 1")
     if kind == "sleep" and task_seconds <= 0:
         raise ConfigError("--kind sleep needs --task-seconds > 0")
-    with _cluster(address, workers, slots) as addr, Executor(addr) as ex:
+    with _cluster(address, workers, slots, rtt_ms, swarm) as addr, Executor(addr) as ex:
         total_slots = query_status(addr)["slots"]
         runs = []
         errors = 0
@@ -107,7 +121,9 @@ def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
     figures = {
         "kind": kind,
         "tasks": tasks,
-        "workers": workers if address is None else None,
+        "workers": (swarm or workers) if address is None else None,
+        "simulated_workers": bool(swarm),
+        "rtt_ms": rtt_ms,
         "slots": total_slots,
         "task_seconds": task_seconds,
         "repeat": repeat,
@@ -130,7 +146,9 @@ def format_table(figures: dict) -> str:
         ("workload", figures["kind"] + (f" ({figures['task_seconds']:g} s)"
                                         if figures["task_seconds"] else "")),
         ("broker", figures["broker"]),
-        ("workers / slots", f"{figures['workers'] or '?'} / {figures['slots']}"),
+        ("workers / slots", f"{figures['workers'] or '?'} / {figures['slots']}"
+                            + (" (simulated)" if figures["simulated_workers"] else "")),
+        ("link round trip", f"{figures['rtt_ms']:g} ms added" if figures["rtt_ms"] else "loopback"),
         ("tasks", f"{figures['tasks']:,}"),
         ("wall seconds (median)", f"{figures['wall_seconds']:.3f}"),
         ("tasks per second", f"{figures['tasks_per_second']:,.0f}"),

@@ -92,6 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     figures = run_bench(args.broker, workers=args.workers, slots=args.slots, tasks=args.tasks,
                         kind=args.kind, task_seconds=args.task_seconds, repeat=args.repeat,
+                        rtt_ms=args.rtt_ms, swarm=args.swarm,
                         progress=sys.stderr.isatty() and not args.json)
     print(json.dumps(figures) if args.json else format_table(figures))
     return 0 if figures["errors"] == 0 else 1
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-seconds", type=float, default=0.0,
                    help="task length for sleep and shell kinds")
     p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--rtt-ms", type=float, default=0.0,
+                   help="put the workers behind an emulated link of this round trip")
+    p.add_argument("--swarm", type=int, default=0, metavar="N",
+                   help="N simulated workers (sleep tasks without processes) instead of real ones")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     return parser

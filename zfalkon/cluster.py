@@ -14,8 +14,6 @@ from zfalkon.client import query_status
 from zfalkon.constants import STOP_GRACE_SECONDS
 from zfalkon.errors import BrokerUnavailable, ConfigError
 
-_READY_PREFIX = "zfalkon broker listening on "
-
 
 class LocalCluster:
     """A broker and ``workers`` worker agents on this machine, as real processes.
@@ -28,15 +26,19 @@ class LocalCluster:
         env: extra environment for the worker processes (e.g. ``PYTHONPATH``).
         startup_timeout: seconds to wait for every slot to register.
         log_level: log level of the child processes (they log to this stderr).
+        rtt_ms: put the workers behind an emulated link with this round-trip time (a
+            :mod:`zfalkon.linkproxy` process adding half of it each way); clients still
+            connect to the broker directly.
 
     Use as a context manager; :attr:`address` is the broker's ``tcp://127.0.0.1:PORT``.
     """
 
     def __init__(self, workers: int = 2, slots_per_worker: int = 1, *, host: str = "127.0.0.1",
                  port: int = 0, env: Mapping[str, str] | None = None,
-                 startup_timeout: float = 30.0, log_level: str = "WARNING") -> None:
-        if workers < 0 or slots_per_worker < 1:
-            raise ConfigError("workers must be >= 0 and slots_per_worker >= 1")
+                 startup_timeout: float = 30.0, log_level: str = "WARNING",
+                 rtt_ms: float = 0.0) -> None:
+        if workers < 0 or slots_per_worker < 1 or rtt_ms < 0:
+            raise ConfigError("workers must be >= 0, slots_per_worker >= 1, rtt_ms >= 0")
         self.workers = workers
         self.slots_per_worker = slots_per_worker
         self.host = host
@@ -44,8 +46,12 @@ class LocalCluster:
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout = startup_timeout
         self.log_level = log_level
+        self.rtt_ms = rtt_ms
         self.address = ""
+        self.worker_address = ""  # where workers connect: the broker, or the link proxy
         self.broker: subprocess.Popen | None = None
+        self.proxy: subprocess.Popen | None = None
+        self._announcers: list[subprocess.Popen] = []
         self.worker_procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "LocalCluster":
@@ -70,28 +76,39 @@ class LocalCluster:
             raise
 
     def _start_broker(self) -> None:
-        listen = f"tcp://{self.host}:{self.port}"
-        self.broker = subprocess.Popen(self._cmd("broker", "--listen", listen),
-                                       stdout=subprocess.PIPE, env=self.env, text=True)
-        assert self.broker.stdout is not None
+        self.broker, self.address = self._start_announcing(
+            self._cmd("broker", "--listen", f"tcp://{self.host}:{self.port}"),
+            "zfalkon broker listening on ", "broker")
+        self.worker_address = self.address
+        if self.rtt_ms > 0:
+            self.proxy, self.worker_address = self._start_announcing(
+                [sys.executable, "-m", "zfalkon.linkproxy", "--target", self.address,
+                 "--delay-ms", str(self.rtt_ms / 2)],
+                "zfalkon linkproxy listening on ", "link proxy")
+
+    def _start_announcing(self, cmd: list[str], prefix: str,
+                          what: str) -> tuple[subprocess.Popen, str]:
+        """Start a process that prints ``PREFIX ADDRESS`` once ready; return both."""
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=self.env, text=True)
+        self._announcers.append(proc)
+        assert proc.stdout is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.broker.stdout], [], [], 0.2)
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
             if ready:
-                line = self.broker.stdout.readline()
-                if line.startswith(_READY_PREFIX):
-                    self.address = line[len(_READY_PREFIX):].strip()
-                    return
+                line = proc.stdout.readline()
+                if line.startswith(prefix):
+                    return proc, line[len(prefix):].strip()
                 if not line:
                     break
-            if self.broker.poll() is not None:
+            if proc.poll() is not None:
                 break
-        raise BrokerUnavailable(f"the broker did not start (exit status {self.broker.poll()})")
+        raise BrokerUnavailable(f"the {what} did not start (exit status {proc.poll()})")
 
     def add_worker(self, slots: int | None = None) -> subprocess.Popen:
         """Start one more worker agent; return its process."""
         proc = subprocess.Popen(
-            self._cmd("worker", "--broker", self.address,
+            self._cmd("worker", "--broker", self.worker_address,
                       "--slots", str(slots or self.slots_per_worker)),
             env=self.env)
         self.worker_procs.append(proc)
@@ -120,11 +137,12 @@ class LocalCluster:
         """SIGTERM the workers (they drain), then the broker; SIGKILL any that linger."""
         _terminate([p for p in self.worker_procs if p.poll() is None])
         self.worker_procs = []
-        if self.broker is not None:
-            _terminate([self.broker])
-            if self.broker.stdout is not None:
-                self.broker.stdout.close()
-            self.broker = None
+        _terminate(self._announcers[::-1])  # the proxy (if any), then the broker
+        for proc in self._announcers:
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._announcers = []
+        self.broker = self.proxy = None
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:

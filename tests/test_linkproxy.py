@@ -1,0 +1,460 @@
+"""LinkProxy: the user-space WAN-link emulator, on real sockets on 127.0.0.1.
+
+Servers here are small threaded TCP servers; every socket has a timeout, every loop a
+bound, and every proxy, server and process is stopped in a ``finally`` or a ``with``.
+Timing checks assert lower bounds (the emulated delay) and compare against an undelayed
+proxy rather than asserting tight upper bounds: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import child_env, stop_process, wait_until, worker_process
+from zfalkon import ConfigError, Executor, LocalCluster
+from zfalkon.linkproxy import READY_PREFIX, LinkProxy, proxy_overhead
+
+IO_TIMEOUT = 15.0
+
+
+class Server:
+    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.errors: list[BaseException] = []
+        self.results: list[object] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._acceptor.join(5)
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
+        for conn in self._conns:
+            conn.close()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(IO_TIMEOUT)
+            self._conns.append(conn)
+            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self.results.append(self.handler(conn))
+        except BaseException as exc:  # reported by the test through .errors
+            self.errors.append(exc)
+
+
+def echo(conn: socket.socket) -> None:
+    """Echo until EOF, then close."""
+    while True:
+        data = conn.recv(262144)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.close()
+
+
+def sink(conn: socket.socket) -> bytes:
+    """Read everything until EOF, close, and return what came."""
+    chunks = []
+    while True:
+        data = conn.recv(262144)
+        if not data:
+            break
+        chunks.append(data)
+    conn.close()
+    return b"".join(chunks)
+
+
+def connect(address: str) -> socket.socket:
+    """A client connection with a timeout on every call."""
+    port = int(address.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(262144)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def round_trips(address: str, count: int) -> list[float]:
+    """Seconds per round trip of a 32-byte message through ``address`` (an echo path)."""
+    times = []
+    with connect(address) as c:
+        for i in range(count):
+            msg = f"{i:032d}".encode()
+            start = time.monotonic()
+            c.sendall(msg)
+            assert recv_exactly(c, len(msg)) == msg
+            times.append(time.monotonic() - start)
+    return times
+
+
+def ready_line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
+    """The first stdout line of ``proc``, waiting at most ``timeout`` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout} s (exit status {proc.poll()})"
+    return proc.stdout.readline()
+
+
+def proxy_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "zfalkon-linkproxy"]
+
+
+@pytest.fixture
+def echo_server() -> Iterator[Server]:
+    with Server(echo) as server:
+        yield server
+
+
+# -- bytes ---------------------------------------------------------------------------------
+
+
+def test_bytes_intact_both_ways_concurrently(echo_server: Server) -> None:
+    """Several MB each way, on three connections at once, through delay and jitter."""
+    size = 3 * 1024 * 1024
+    payloads = [os.urandom(size) for _ in range(3)]
+    received: list[bytes | None] = [None] * 3
+    errors: list[BaseException] = []
+
+    def one(i: int, address: str) -> None:
+        try:
+            with connect(address) as c:
+                sender = threading.Thread(target=lambda: (c.sendall(payloads[i]),
+                                                          c.shutdown(socket.SHUT_WR)))
+                sender.start()
+                received[i] = recv_all(c)  # echoed concurrently with the sending
+                sender.join(IO_TIMEOUT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with LinkProxy(echo_server.address, delay_ms=3, jitter_ms=2, seed=1) as proxy:
+        threads = [threading.Thread(target=one, args=(i, proxy.address)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        for i in range(3):
+            assert received[i] is not None and len(received[i]) == size
+            assert hashlib.sha256(received[i]).digest() == hashlib.sha256(payloads[i]).digest()
+        assert proxy.connections == 3
+        wait_until(lambda: proxy.open_connections == 0, 5, message="connections closed")
+        assert proxy.bytes_up == proxy.bytes_down == 3 * size
+    assert not echo_server.errors
+
+
+def test_distinct_data_each_way() -> None:
+    """The server streams its own data while hashing what it receives."""
+    down = os.urandom(2 * 1024 * 1024)
+    up = os.urandom(2 * 1024 * 1024 + 17)
+
+    def handler(conn: socket.socket) -> None:
+        writer = threading.Thread(target=conn.sendall, args=(down,))
+        writer.start()
+        digest = hashlib.sha256(recv_all(conn)).digest()
+        writer.join(IO_TIMEOUT)
+        conn.sendall(digest)
+        conn.close()
+
+    with Server(handler) as server, LinkProxy(server.address, delay_ms=2) as proxy:
+        with connect(proxy.address) as c:
+            sender = threading.Thread(target=lambda: (c.sendall(up), c.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got = recv_all(c)
+            sender.join(IO_TIMEOUT)
+        assert got[:-32] == down
+        assert got[-32:] == hashlib.sha256(up).digest()
+        assert not server.errors
+
+
+# -- timing --------------------------------------------------------------------------------
+
+
+def test_delay_applied_to_round_trip(echo_server: Server) -> None:
+    with LinkProxy(echo_server.address, delay_ms=30) as slow, \
+            LinkProxy(echo_server.address) as fast:
+        slow_rtts = round_trips(slow.address, 5)
+        fast_rtts = round_trips(fast.address, 20)
+    assert min(slow_rtts) >= 0.060, slow_rtts  # 2 x 30 ms, never early
+    assert statistics.median(fast_rtts) < statistics.median(slow_rtts) / 3, (fast_rtts, slow_rtts)
+
+
+def test_jitter_keeps_order() -> None:
+    count = 300
+    messages = [f"message {i:06d}\n".encode() for i in range(count)]
+    with Server(sink) as server, \
+            LinkProxy(server.address, delay_ms=1, jitter_ms=15, seed=7) as proxy:
+        start = time.monotonic()
+        with connect(proxy.address) as c:
+            for i, msg in enumerate(messages):
+                c.sendall(msg)  # separate sends, so the proxy reads many chunks
+                if i % 10 == 0:
+                    time.sleep(0.002)
+        wait_until(lambda: server.results or server.errors, IO_TIMEOUT, message="sink done")
+        assert not server.errors
+        assert server.results[0] == b"".join(messages)
+        assert time.monotonic() - start < IO_TIMEOUT
+
+
+def test_bandwidth_cap() -> None:
+    size = 1_000_000
+    done = threading.Event()
+    finished: list[float] = []
+
+    def timed_sink(conn: socket.socket) -> None:
+        got = len(sink(conn))
+        finished.append(time.monotonic())
+        done.set()
+        assert got == size
+
+    with Server(timed_sink) as server, \
+            LinkProxy(server.address, bandwidth_bps=8e6) as proxy:
+        with connect(proxy.address) as c:
+            start = time.monotonic()
+            c.sendall(os.urandom(size))
+            c.shutdown(socket.SHUT_WR)
+            assert done.wait(IO_TIMEOUT)
+        elapsed = finished[0] - start
+        assert not server.errors
+    assert elapsed >= 0.9, elapsed  # 1 MB at 8 Mbit/s is 1.0 s on the wire
+    assert elapsed < 10, elapsed
+
+
+# -- closing -------------------------------------------------------------------------------
+
+
+def test_client_close_delivers_data_then_eof() -> None:
+    data = os.urandom(300_000)
+    with Server(sink) as server, LinkProxy(server.address, delay_ms=20) as proxy:
+        c = connect(proxy.address)
+        c.sendall(data)
+        c.close()  # a full close, data still in flight in the proxy
+        wait_until(lambda: server.results or server.errors, IO_TIMEOUT, message="sink done")
+        assert not server.errors
+        assert server.results[0] == data
+        wait_until(lambda: proxy.open_connections == 0, 5, message="connection closed")
+
+
+def test_server_close_delivers_data_then_eof() -> None:
+    data = os.urandom(300_000)
+
+    def send_and_close(conn: socket.socket) -> None:
+        conn.sendall(data)
+        conn.close()
+
+    with Server(send_and_close) as server, LinkProxy(server.address, delay_ms=20) as proxy:
+        with connect(proxy.address) as c:
+            assert recv_all(c) == data
+        assert not server.errors
+        wait_until(lambda: proxy.open_connections == 0, 5, message="connection closed")
+
+
+def test_half_close_keeps_other_direction(echo_server: Server) -> None:
+    """After the client's EOF the server can still answer (the echo of the tail)."""
+    with LinkProxy(echo_server.address, delay_ms=10) as proxy, connect(proxy.address) as c:
+        c.sendall(b"before EOF")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b"before EOF"
+
+
+def test_reset_closes_both_sides() -> None:
+    seen: list[str] = []
+
+    def watch(conn: socket.socket) -> None:
+        try:
+            seen.append("eof" if conn.recv(100) == b"" else "data")
+        except ConnectionResetError:
+            seen.append("reset")
+
+    with Server(watch) as server, LinkProxy(server.address) as proxy:
+        c = connect(proxy.address)
+        wait_until(lambda: proxy.open_connections == 1, 5, message="connected")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        c.close()  # RST
+        wait_until(lambda: seen, 5, message="server notices")
+        assert seen == ["reset"]
+        wait_until(lambda: proxy.open_connections == 0, 5, message="connection closed")
+
+
+def test_unreachable_target_closes_client() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with LinkProxy(f"tcp://127.0.0.1:{port}") as proxy:
+        try:  # the reset may come before connect() returns, or on the first read
+            with connect(proxy.address) as c:
+                assert c.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        assert proxy.connections == 1
+        wait_until(lambda: proxy.open_connections == 0, 5, message="connection closed")
+
+
+def test_stop_with_open_connections(echo_server: Server) -> None:
+    proxy = LinkProxy(echo_server.address, delay_ms=200).start()
+    clients = []
+    try:
+        for _ in range(3):
+            c = connect(proxy.address)
+            c.sendall(os.urandom(100_000))  # still queued in the proxy when it stops
+            clients.append(c)
+        wait_until(lambda: proxy.open_connections == 3, 5, message="connected")
+        start = time.monotonic()
+        proxy.stop()
+        assert time.monotonic() - start < 3
+        assert not proxy.running and not proxy_threads()
+        for c in clients:  # every client sees the end of its connection
+            c.settimeout(5)
+            try:
+                recv_all(c)
+            except ConnectionResetError:
+                pass
+    finally:
+        proxy.stop()
+        for c in clients:
+            c.close()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        LinkProxy("127.0.0.1:5")
+    with pytest.raises(ConfigError):
+        LinkProxy("tcp://127.0.0.1:0")
+    with pytest.raises(ConfigError):
+        LinkProxy("tcp://127.0.0.1:5", delay_ms=-1)
+    with pytest.raises(ConfigError):
+        LinkProxy("tcp://127.0.0.1:5", bandwidth_bps=0)
+    with pytest.raises(ConfigError):
+        LinkProxy("tcp://127.0.0.1:5", jitter_ms=math.nan)
+    proxy = LinkProxy("tcp://127.0.0.1:5")
+    with pytest.raises(RuntimeError):
+        proxy.address
+    proxy.stop()  # stopping an unstarted proxy is harmless
+
+
+# -- zfalkon through the proxy -------------------------------------------------------------
+
+
+def test_worker_behind_proxy_runs_tasks() -> None:
+    with LocalCluster(workers=0) as cluster, \
+            LinkProxy(cluster.address, delay_ms=20) as proxy, \
+            worker_process(proxy.address, "--slots", "1"):
+        cluster.wait_for_slots(1, timeout=30)
+        assert proxy.connections >= 1
+        with Executor(cluster.address) as ex:
+            assert ex.submit(abs, -7).result(timeout=30) == 7
+            start = time.monotonic()
+            assert ex.submit(abs, -3).result(timeout=30) == 3
+            assert time.monotonic() - start >= 0.040  # the task crosses the link both ways
+            result = ex.shell("echo hi").result(timeout=30)
+            assert result.returncode == 0 and result.stdout == "hi\n"
+            assert list(ex.map(abs, [-1, -2, -3], timeout=30)) == [1, 2, 3]
+        assert proxy.bytes_up > 0 and proxy.bytes_down > 0
+
+
+def test_proxy_overhead_is_sane() -> None:
+    result = proxy_overhead(samples=300)
+    assert set(result) == {"direct_ms", "proxied_ms", "added_ms"}
+    assert all(math.isfinite(v) for v in result.values())
+    assert result["direct_ms"] > 0 and result["proxied_ms"] > 0
+    assert result["added_ms"] > -1.0  # the proxy adds two hops; noise may nibble at it
+    assert not proxy_threads()
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def test_cli_runs_until_sigterm(echo_server: Server) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zfalkon.linkproxy", "--target", echo_server.address,
+         "--delay-ms", "10", "--jitter-ms", "1", "--bandwidth-mbps", "100"],
+        stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        line = ready_line(proc)
+        assert line.startswith(READY_PREFIX), line
+        address = line[len(READY_PREFIX):].strip()
+        assert address.startswith("tcp://127.0.0.1:")
+        assert min(round_trips(address, 3)) >= 0.020
+        code, took = stop_process(proc)
+        assert code == 0 and took < 5
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+
+
+def test_cli_rejects_bad_target() -> None:
+    proc = subprocess.run([sys.executable, "-m", "zfalkon.linkproxy", "--target", "nonsense"],
+                          capture_output=True, text=True, env=child_env(), timeout=30)
+    assert proc.returncode == 2
+    assert "tcp://HOST:PORT" in proc.stderr
+
+
+def test_cli_sigint(echo_server: Server) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "zfalkon.linkproxy", "--target",
+                             echo_server.address], stdout=subprocess.PIPE, text=True,
+                            env=child_env())
+    try:
+        assert ready_line(proc).startswith(READY_PREFIX)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
