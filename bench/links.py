@@ -77,16 +77,20 @@ def wan_long_tasks(slots: int, per_slot: int, rtt: float) -> dict:
     return fig
 
 
-def swarm_sweep(sizes: tuple[int, ...], tasks: int) -> list[dict]:
-    """Broker throughput, CPU per task and RSS against connected (simulated) workers."""
+def swarm_sweep(sizes: tuple[tuple[int, int], ...], tasks: int) -> list[dict]:
+    """Broker throughput, CPU per task and RSS against connected (simulated) executors.
+
+    ``sizes``: (workers, slots per worker); slots size their windows as real ones do. Each worker holds 1 + slots connections, and
+    this machine's hard open-file limit (20,000) caps the broker near 20,000 connections:
+    10,000 executors are measured as 5,000 workers x 2 slots (15,000 connections).
+    """
     from zfalkon.swarm import Swarm
 
     rows = []
-    for size in sizes:
+    for size, slots in sizes:
         with LocalCluster(workers=0, startup_timeout=300) as cluster:
             broker = psutil.Process(cluster.broker.pid)
-            with Swarm(cluster.address, workers=size) as sim:
-                sim.start(timeout=300)
+            with Swarm(cluster.address, workers=size, slots_per_worker=slots, window=0):
                 rss_connected = broker.memory_info().rss
                 with Executor(cluster.address) as ex:
                     list(ex.map(abs, range(min(tasks, 20_000))))  # warm up
@@ -96,12 +100,13 @@ def swarm_sweep(sizes: tuple[int, ...], tasks: int) -> list[dict]:
                     wall = time.perf_counter() - start
                     cpu = sum(broker.cpu_times()[:2]) - cpu0
                 rss = broker.memory_info().rss
-        row = {"workers": size, "tasks": tasks, "wall_seconds": wall,
+        row = {"workers": size, "slots_per_worker": slots, "executors": size * slots,
+               "connections": size * (1 + slots), "tasks": tasks, "wall_seconds": wall,
                "tasks_per_second": tasks / wall, "broker_cpu_us_per_task": cpu / tasks * 1e6,
                "broker_rss_mib_connected": rss_connected / 2**20,
                "broker_rss_mib_after": rss / 2**20}
         rows.append(row)
-        say(f"swarm {size}: {row['tasks_per_second']:,.0f} tasks/s, "
+        say(f"swarm {size}x{slots}: {row['tasks_per_second']:,.0f} tasks/s, "
             f"broker {row['broker_cpu_us_per_task']:.2f} us CPU/task, {rss / 2**20:.0f} MiB")
     return rows
 
@@ -171,7 +176,8 @@ def main() -> None:
     if "wan" in parts:
         results["wan"] = wan_long_tasks(256, 2 if quick else 50, 200)
     if "swarm" in parts:
-        results["swarm"] = swarm_sweep((10, 100) if quick else (10, 100, 1000, 10_000),
+        results["swarm"] = swarm_sweep(((10, 1), (100, 1)) if quick else
+                                       ((10, 1), (100, 1), (1000, 1), (5000, 2)),
                                        20_000 if quick else 200_000)
     if "peers" in parts:
         results["peers"] = peers(20_000 if quick else 200_000, 500 if quick else 5000,

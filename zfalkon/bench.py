@@ -91,8 +91,7 @@ def _cluster(address: str | None, workers: int, slots: int, rtt_ms: float,
         if swarm:
             from zfalkon.swarm import Swarm
 
-            with Swarm(cluster.worker_address, workers=swarm, slots_per_worker=slots) as sim:
-                sim.start()
+            with Swarm(cluster.worker_address, workers=swarm, slots_per_worker=slots, window=0):
                 yield cluster.address
         else:
             yield cluster.address

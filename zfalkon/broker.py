@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ log = logging.getLogger("zfalkon.broker")
 _RECV_BURST = 4096  # messages handled before dispatching again
 _TICK_SECONDS = 1.0
 _RATE_WINDOW = 10  # ticks of history behind tasks_per_second
+_LISTEN_BACKLOG = 4096  # pending TCP connections (capped by the kernel's somaxconn)
 
 
 @dataclass(eq=False)
@@ -74,6 +76,18 @@ class Slot:
     credit: int = 0
     ready: bool = False  # in the broker's ready deque
     inflight: dict[int, bytes] = field(default_factory=dict)
+
+
+def _raise_fd_limit() -> None:
+    """Every connection is a file descriptor: raise the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    log.info("open-file limit %d: room for about %d connections", soft, max(0, soft - 50))
 
 
 class _RateLimitedLog:
@@ -136,6 +150,8 @@ class Broker:
 
     def bind(self) -> str:
         """Bind the socket; return the address peers should connect to."""
+        _raise_fd_limit()
+        self.sock.setsockopt(zmq.BACKLOG, _LISTEN_BACKLOG)
         try:
             self.sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
