@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from zfalkon.constants import MAX_WINDOW, PREFETCH_SECONDS
@@ -44,3 +46,19 @@ def test_short_tasks_keep_prefetch_seconds_of_work():
 
 def test_unmeasured_task_length_gives_the_largest_window():
     assert window_for(0.0, LAN) == MAX_WINDOW
+
+
+def _window_after_sleep_tasks(rtt_ms: float) -> int:
+    """Run 0.1 s tasks on one real worker behind ``rtt_ms``; return its window at the broker."""
+    from zfalkon import Executor, LocalCluster
+
+    with LocalCluster(workers=1, rtt_ms=rtt_ms) as cluster, Executor(cluster.address) as ex:
+        assert list(ex.map(time.sleep, [0.1] * 12)) == [None] * 12
+        return cluster.status()["worker_list"][0]["window"]
+
+
+def test_real_slot_window_grows_behind_a_long_link():
+    lan = _window_after_sleep_tasks(0)
+    wan = _window_after_sleep_tasks(200)
+    assert lan <= 2  # 0.1 s tasks on a LAN: no private queue
+    assert wan >= 4  # behind 200 ms: enough to cover the round trip

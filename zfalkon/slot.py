@@ -121,8 +121,8 @@ class Slot:
         self.result_bytes = 0
         self.failed = 0
         self.first_result_at = 0.0
-        self.mean_seconds = 0.0  # running estimate of one task's duration
-        self.rtt = 0.0  # smoothed round trip to the broker (PING/PONG)
+        self.mean_seconds = -1.0  # running estimate of one task's duration (-1: none yet)
+        self.rtt = 0.0  # smoothed round trip to the broker (PING/PONG; 0 until the first)
         self.next_ping = 0.0
         self.owed = 0  # credit granted and not yet used up by a finished task
         self.parent = os.getppid()
@@ -154,16 +154,18 @@ class Slot:
 
     def _handshake(self) -> int:
         self._send(P.hello(P.ROLE_SLOT, {"worker_id": self.worker_id, "slot": self.index}))
-        start = time.monotonic()
-        deadline = start + CONNECT_TIMEOUT_SECONDS
+        deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
         while not self.stopping:
             if self.sock.poll(200):
                 msg = P.decode(self.sock.recv())
                 if isinstance(msg, P.Welcome):
-                    self.rtt = time.monotonic() - start  # first estimate; PINGs refine it
-                    self.next_ping = time.monotonic() + PING_SECONDS
+                    # HELLO -> WELCOME also spans the connection's setup, so measure the
+                    # round trip with a PING instead.
                     self.owed = 2  # start shallow: two tasks, then size by measured duration
                     self._send(P.Credit(self.owed))
+                    now = time.monotonic()
+                    self._send(P.Ping(now))
+                    self.next_ping = now + PING_SECONDS
                     return 0
                 if isinstance(msg, P.Error):
                     log.error("broker refused slot %d: %s", self.index, msg.message)
@@ -203,7 +205,10 @@ class Slot:
                 result, failed = run(blob)
                 now = monotonic()
                 state.set(0)
-                self.mean_seconds += _EWMA * ((now - t0) - self.mean_seconds)
+                if self.mean_seconds < 0:
+                    self.mean_seconds = now - t0
+                else:
+                    self.mean_seconds += _EWMA * ((now - t0) - self.mean_seconds)
                 if not self.result_ids:
                     self.first_result_at = now
                 if len(result) > MAX_RESULT_BYTES:
@@ -235,7 +240,7 @@ class Slot:
                 self.queue.extend(zip(msg.ids, msg.blobs))
             elif isinstance(msg, P.Pong):
                 sample = time.monotonic() - msg.sent
-                self.rtt += _EWMA * (sample - self.rtt)
+                self.rtt = sample if self.rtt == 0 else self.rtt + _EWMA * (sample - self.rtt)
             elif isinstance(msg, P.Error):
                 log.error("broker says: %s (%s)", msg.message, msg.code)
 

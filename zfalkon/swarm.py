@@ -226,7 +226,7 @@ class _SimSlot(_Peer):
         self.owed = 0  # credit granted and not yet used up by a finished task
         self.hello_at = 0.0
         self.rtt = 0.0  # HELLO -> WELCOME, for the adaptive window
-        self.mean = 0.0  # running mean of simulated task seconds, likewise
+        self.mean = -1.0  # running mean of simulated task seconds (-1: none yet)
 
     def hello_info(self) -> dict:
         self.hello_at = time.monotonic()
@@ -234,7 +234,7 @@ class _SimSlot(_Peer):
 
     def window(self) -> int:
         """The engine's fixed window, or (window 0) the real slots' adaptive one."""
-        return self.engine.window or window_for(self.mean, self.rtt)
+        return self.engine.window or window_for(max(self.mean, 0.0), self.rtt)
 
     def on_message(self, msg: Any) -> None:
         if type(msg) is P.Tasks:
@@ -255,7 +255,7 @@ class _SimSlot(_Peer):
             while queue:
                 tid, blob = queue.popleft()
                 result, seconds, failed = simulate(blob)
-                self.mean += 0.2 * (seconds - self.mean)
+                self.mean = seconds if self.mean < 0 else self.mean + 0.2 * (seconds - self.mean)
                 if seconds > 0:
                     self.busy = (tid, result, failed)
                     self.engine.call_later(seconds, self.finish_busy)
