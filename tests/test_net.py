@@ -47,3 +47,22 @@ def test_endpoints():
 ])
 def test_is_loopback(address, loop):
     assert is_loopback(address) is loop
+
+
+def test_waker_wakes_a_poll_and_is_harmless_after_close():
+    import select
+
+    from zfalkon.net import Waker
+
+    waker = Waker()
+    poller = select.poll()
+    poller.register(waker.fd, select.POLLIN)
+    assert poller.poll(0) == []
+    for _ in range(100_000):  # more wake-ups than the pipe holds: never blocks
+        waker.wake()
+    assert poller.poll(0)
+    waker.drain()
+    assert poller.poll(0) == []
+    waker.close()
+    waker.wake()  # after close: a no-op, not a write to a closed descriptor
+    waker.close()

@@ -38,7 +38,7 @@ from zfalkon.constants import (
     PROTOCOL_VERSION,
 )
 from zfalkon.errors import ConfigError, ProtocolError
-from zfalkon.net import listen_endpoint, make_socket
+from zfalkon.net import Waker, listen_endpoint, make_socket
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -132,8 +132,7 @@ class Broker:
         self._started = time.monotonic()
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW + 1)
         self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._waker = Waker()
         self._warn = _RateLimitedLog()
         self._handlers: dict[type, Callable] = {
             P.Submit: self._on_submit, P.Cancel: self._on_cancel,
@@ -161,28 +160,24 @@ class Broker:
     def stop(self, *_: object) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self._waker.wake()
 
     def close(self) -> None:
         self.sock.close()
         self.ctx.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._waker.close()
 
     def serve(self) -> None:
         """Run the event loop until :meth:`stop`."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         next_tick = time.monotonic() + _TICK_SECONDS
         while not self._stopping:
             timeout = max(0.0, next_tick - time.monotonic())
             for what, _ in poller.poll(timeout * 1000):
-                if what == self._wake_r:
-                    os.read(self._wake_r, 64)
+                if what == self._waker.fd:
+                    self._waker.drain()
             self._receive()
             if self.queued and self.ready:
                 self._dispatch()

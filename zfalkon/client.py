@@ -39,7 +39,7 @@ from zfalkon.errors import (
     SerializationError,
     VersionMismatch,
 )
-from zfalkon.net import broker_endpoint, make_socket
+from zfalkon.net import Waker, broker_endpoint, make_socket
 from zfalkon.payload import ShellResult
 
 log = logging.getLogger("zfalkon.client")
@@ -309,9 +309,7 @@ class Executor(cf.Executor):
         self._pending: dict[int, TaskFuture | _MapStream] = {}
         self._streams: set[_MapStream] = set()
         self._outbox: collections.deque[tuple] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._waker = Waker()
         self._idle = False
         self._lock = threading.Lock()  # guards every use of self._sock after __init__
         self._shutdown = False
@@ -463,12 +461,7 @@ class Executor(cf.Executor):
             self._wake()
 
     def _wake(self) -> None:
-        if self._closed:
-            return
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        self._waker.wake()
 
     # -- the I/O thread ----------------------------------------------------------------
 
@@ -490,8 +483,7 @@ class Executor(cf.Executor):
             with self._lock:
                 self._closed = True
                 self._sock.close()
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+                self._waker.close()
             self._ctx.term()
 
     def _io_loop(self) -> None:
@@ -504,7 +496,7 @@ class Executor(cf.Executor):
         sock = self._sock
         poller = select.poll()
         poller.register(self._sock_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._waker.fd, select.POLLIN)
         unsent: collections.deque[bytes] = collections.deque()
         while True:
             with self._lock:
@@ -526,10 +518,7 @@ class Executor(cf.Executor):
             if not self._outbox:
                 poller.poll(10 if unsent else 1000)
             self._idle = False
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+            self._waker.drain()
 
     def _frames(self) -> Iterator[bytes]:
         """Encode the outbox as SUBMIT and CANCEL frames, in order, each within limits."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 
 import zmq
 
@@ -56,3 +58,38 @@ def make_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
     if "[" in endpoint:
         sock.setsockopt(zmq.IPV6, 1)
     return sock
+
+
+class Waker:
+    """A self-pipe: :meth:`wake` (from a signal handler or another thread) makes :attr:`fd`
+    readable, so a loop polling it returns; :meth:`drain` resets it. Waking a closed
+    Waker does nothing (never a write to a closed, or reused, descriptor)."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.RLock()  # re-entrant: a signal handler may interrupt wake()
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._w < 0:
+                return
+            try:
+                os.write(self._w, b"x")
+            except BlockingIOError:
+                pass  # already full of wake-ups
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._w >= 0:
+                os.close(self.fd)
+                os.close(self._w)
+                self._w = -1

@@ -69,7 +69,7 @@ from zfalkon.constants import (
     STOP_GRACE_SECONDS,
 )
 from zfalkon.errors import BrokerUnavailable, ConfigError, ProtocolError, ZfalkonError
-from zfalkon.net import broker_endpoint, make_socket
+from zfalkon.net import Waker, broker_endpoint, make_socket
 from zfalkon.slot import _die_with_parent, window_for
 
 log = logging.getLogger("zfalkon.swarm")
@@ -329,19 +329,14 @@ class _Engine:
         self._handshaking = 0
         self._errors = 0
         self._beat_slice = 0
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._waker = Waker()
 
     # -- plumbing used by the peers ----------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: say BYE everywhere and exit."""
         self.stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self._waker.wake()
 
     def call_later(self, seconds: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), fn))
@@ -416,7 +411,7 @@ class _Engine:
         self.ctx = zmq.Context()
         self.ctx.set(zmq.MAX_SOCKETS, self.connections + 64)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.selector.register(self._waker.fd, selectors.EVENT_READ, None)
         self.call_later(_PPID_CHECK_SECONDS, self._check_parent)
         if self.heartbeat_on:
             self.call_later(self.heartbeat / _HEARTBEAT_SLICES, self._beat)
@@ -442,10 +437,7 @@ class _Engine:
             for key, _ in select(timeout):
                 peer = key.data
                 if peer is None:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                    self._waker.drain()
                 else:
                     self._pending[peer] = None
             batch, self._pending = self._pending, {}
@@ -533,8 +525,7 @@ class _Engine:
                     peer.sock = None
         self.selector.close()
         self.ctx.term()  # waits (up to the linger) for the BYEs to go out
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._waker.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import zmq
 from zfalkon import protocol as P
 from zfalkon.constants import HEARTBEAT_SECONDS, OUTPUT_CAP_BYTES, STOP_GRACE_SECONDS
 from zfalkon.errors import ConfigError, ProtocolError
-from zfalkon.net import broker_endpoint, make_socket
+from zfalkon.net import Waker, broker_endpoint, make_socket
 from zfalkon.slot import StateFile
 
 log = logging.getLogger("zfalkon.worker")
@@ -80,16 +80,12 @@ class WorkerAgent:
         self.stopping = False
         self.heartbeat = HEARTBEAT_SECONDS  # the broker's WELCOME says how often
         self._procs: dict[int, _SlotProc] = {}
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._waker = Waker()
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: drain and exit."""
         self.stopping = True
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self._waker.wake()
 
     def info(self) -> dict:
         """What the agent registers: the machine and this worker."""
@@ -174,7 +170,7 @@ class WorkerAgent:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         next_beat = time.monotonic() + self.heartbeat
         while not self.stopping:
             fds = {p.pidfd for p in self._procs.values() if p.pidfd is not None}
@@ -191,7 +187,7 @@ class WorkerAgent:
             if time.monotonic() >= next_beat:
                 self.sock.send(P.encode(P.Heartbeat()))
                 next_beat = time.monotonic() + self.heartbeat
-        os.read(self._wake_r, 64)
+        self._waker.drain()
 
     def _receive(self) -> None:
         while True:
