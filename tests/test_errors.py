@@ -15,6 +15,7 @@ from zfalkon.errors import (
     TaskTimeout,
     VersionMismatch,
     WorkerCrashed,
+    WorkerLost,
 )
 
 
@@ -43,6 +44,7 @@ def test_worker_crashed_attributes():
     TaskError("ValueError", "bad", "tb", "w"),
     TaskTimeout(1.0, "o", "e", "w"),
     WorkerCrashed("exited with status 3", "w"),
+    WorkerLost("lost 3 times", "w/0", 3),
     ProtocolError("m", "malformed"),
     VersionMismatch("protocol 1 vs 2"),
     ConfigError("c"),

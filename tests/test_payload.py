@@ -218,3 +218,12 @@ def test_unpack_refuses_extension_types():
 
 def test_unpack_allows_non_string_map_keys():
     assert payload.unpack(msgpack.packb({1: 2, b"k": 3})) == {1: 2, b"k": 3}
+
+
+def test_lost_result_raises_worker_lost_with_worker_and_attempts():
+    from zfalkon.errors import WorkerLost
+
+    with pytest.raises(WorkerLost) as info:
+        payload.result_value(payload.lost_result("host-1/0", 3))
+    assert info.value.worker == "host-1/0" and info.value.attempts == 3
+    assert "lost 3 times" in str(info.value)

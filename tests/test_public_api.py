@@ -14,7 +14,7 @@ from zfalkon._version import __version__
 EXPECTED = {
     "__version__", "Executor", "TaskFuture", "LocalCluster", "ShellResult", "query_status",
     "ZfalkonError", "ConfigError", "SerializationError", "BrokerUnavailable", "ProtocolError",
-    "VersionMismatch", "TaskError", "TaskTimeout", "WorkerCrashed",
+    "VersionMismatch", "TaskError", "TaskTimeout", "WorkerCrashed", "WorkerLost",
 }
 
 
@@ -89,6 +89,7 @@ def test_every_exception_derives_from_zfalkon_error(cls):
     (errors.TaskTimeout, errors.TaskError),
     (errors.TaskTimeout, TimeoutError),
     (errors.WorkerCrashed, errors.TaskError),
+    (errors.WorkerLost, errors.TaskError),
 ])
 def test_exception_tree(cls, base):
     assert issubclass(cls, base)

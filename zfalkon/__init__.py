@@ -17,6 +17,7 @@ from zfalkon.errors import (
     TaskTimeout,
     VersionMismatch,
     WorkerCrashed,
+    WorkerLost,
     ZfalkonError,
 )
 from zfalkon.payload import ShellResult
@@ -37,4 +38,5 @@ __all__ = [
     "TaskError",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerLost",
 ]

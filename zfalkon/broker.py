@@ -32,7 +32,9 @@ from zfalkon._version import __version__
 from zfalkon.constants import (
     DEFAULT_PORT,
     FRAME_SOFT_BYTES,
+    HEARTBEAT_MISSES,
     HEARTBEAT_SECONDS,
+    MAX_ATTEMPTS,
     MAX_BATCH,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -128,6 +130,7 @@ class Broker:
         self.submitted = self.done = self.failed = 0
         self.cancelled: set[int] = set()
         self.gone_clients: set[int] = set()
+        self.attempts: dict[int, int] = {}  # task id -> lost workers it was held by
         self._next_key = 1
         self._started = time.monotonic()
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW + 1)
@@ -184,6 +187,7 @@ class Broker:
             now = time.monotonic()
             if now >= next_tick:
                 self._rate.append((now, self.done))
+                self._find_lost_workers(now)
                 next_tick = now + _TICK_SECONDS
         log.info("broker stopping")
 
@@ -323,6 +327,9 @@ class Broker:
             group[0].append(tid)
             group[1].append(blob)
         self.failed += msg.failed
+        if self.attempts:
+            for tid in msg.ids:
+                self.attempts.pop(tid, None)
         for key, (ids, blobs) in groups.items():
             self.done += len(ids)
             slot.worker.done += len(ids)
@@ -348,6 +355,7 @@ class Broker:
         self._drop(peer)
 
     def _on_slot_lost(self, worker: Worker, msg: P.SlotLost) -> None:
+        worker.last_seen = time.monotonic()
         slot = worker.slots.get(msg.slot)
         if slot is None:
             return  # it never registered, or said BYE first
@@ -361,20 +369,33 @@ class Broker:
 
     # -- peers leaving -----------------------------------------------------------------
 
-    def _drop(self, peer: Client | Worker | Slot) -> None:
-        """Forget a peer; requeue what a slot held; drop a client's queued tasks."""
+    def _find_lost_workers(self, now: float) -> None:
+        """Declare lost every worker silent for HEARTBEAT_MISSES heartbeats."""
+        limit = HEARTBEAT_SECONDS * HEARTBEAT_MISSES
+        for worker in [w for w in self.workers.values() if now - w.last_seen > limit]:
+            held = sum(len(s.inflight) for s in worker.slots.values())
+            log.warning("worker %s lost: no heartbeat for %.1f s; requeueing %d tasks",
+                        worker.info.get("name"), now - worker.last_seen, held)
+            self._drop(worker, lost=True)
+
+    def _drop(self, peer: Client | Worker | Slot, lost: bool = False) -> None:
+        """Forget a peer; requeue what a slot held; drop a client's queued tasks.
+
+        ``lost``: the peer vanished (no heartbeat) rather than leaving; each task it held
+        counts an attempt, and a task at MAX_ATTEMPTS fails with WorkerLost.
+        """
         if self.peers.get(peer.ident) is peer:
             del self.peers[peer.ident]
         if isinstance(peer, Slot):
             peer.worker.slots.pop(peer.ident, None)
             self._unready(peer)
             if peer.inflight:
-                self._requeue(peer.inflight)
+                self._requeue(peer.inflight, peer.name if lost else None)
                 peer.inflight = {}
         elif isinstance(peer, Worker):
             self.workers.pop(peer.info["worker_id"], None)
             for slot in list(peer.slots.values()):
-                self._drop(slot)
+                self._drop(slot, lost)
         elif isinstance(peer, Client):
             if self.clients.get(peer.key) is peer:
                 del self.clients[peer.key]
@@ -387,10 +408,31 @@ class Broker:
             self.ready.remove(slot)
             slot.ready = False
 
-    def _requeue(self, tasks: dict[int, bytes]) -> None:
-        """Put a slot's unfinished tasks back at the head of the queue, in order."""
-        self.queue.appendleft([list(tasks), list(tasks.values()), 0])
-        self.queued += len(tasks)
+    def _requeue(self, tasks: dict[int, bytes], lost_on: str | None = None) -> None:
+        """Put a slot's unfinished tasks back at the head of the queue, in order.
+
+        ``lost_on``: the name of the lost slot that held them; each counts an attempt, and
+        those at MAX_ATTEMPTS are failed with WorkerLost instead.
+        """
+        if lost_on is not None:
+            attempts = self.attempts
+            given_up = []
+            for tid in list(tasks):
+                n = attempts.get(tid, 0) + 1
+                if n >= MAX_ATTEMPTS:
+                    del tasks[tid]
+                    attempts.pop(tid, None)
+                    given_up.append(tid)
+                else:
+                    attempts[tid] = n
+            for tid in given_up:
+                self.done += 1
+                self.failed += 1
+                self._deliver(P.client_key(tid), lost_on, [tid],
+                              [payload.lost_result(lost_on, MAX_ATTEMPTS)])
+        if tasks:
+            self.queue.appendleft([list(tasks), list(tasks.values()), 0])
+            self.queued += len(tasks)
 
     # -- dispatch ----------------------------------------------------------------------
 

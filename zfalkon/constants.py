@@ -30,8 +30,14 @@ MAX_BATCH = 1024
 #: read and discarded, and the result says it was truncated.
 OUTPUT_CAP_BYTES = 1024 * 1024
 
-#: Seconds between heartbeats from a worker agent to the broker.
+#: Seconds between heartbeats from a worker agent to the broker (and between ZMTP
+#: heartbeats on every connection, which also keep NAT state alive).
 HEARTBEAT_SECONDS = 2.0
+#: A worker that misses this many heartbeats in a row is declared lost: every task its
+#: slots held (running or prefetched) goes back to the queue.
+HEARTBEAT_MISSES = 3
+#: A task exposed to this many lost workers fails with WorkerLost instead of a new try.
+MAX_ATTEMPTS = 3
 
 #: How long a client or slot waits for the broker's welcome before it gives up (a worker
 #: agent waits as long as it takes, saying so every 10 s).

@@ -12,8 +12,10 @@
     └── TaskError                      a task failed remotely (``remote_type``,
         │                              ``remote_message``, ``remote_traceback``)
         ├── TaskTimeout (TimeoutError) a shell task ran past its timeout and was killed
-        └── WorkerCrashed              the process running the task died (signal,
-                                       ``os._exit``, out of memory)
+        ├── WorkerCrashed              the process running the task died (signal,
+        │                              ``os._exit``, out of memory)
+        └── WorkerLost                 the task's workers were lost (no heartbeat) on
+                                       each of its ``attempts``
 
 ``concurrent.futures.TimeoutError`` (waiting on a future or ``map``) and
 ``concurrent.futures.CancelledError`` keep their standard meaning.
@@ -118,6 +120,21 @@ class WorkerCrashed(TaskError):
         return (type(self), (self.remote_message, self.worker))
 
 
+class WorkerLost(TaskError):
+    """The workers holding this task were lost ``attempts`` times; it was not retried again.
+
+    ``worker`` names the last one. A lost worker stopped sending heartbeats (machine gone,
+    network cut) while holding the task, running or prefetched.
+    """
+
+    def __init__(self, remote_message: str, worker: str | None = None, attempts: int = 0) -> None:
+        super().__init__("WorkerLost", remote_message, "", worker)
+        self.attempts = attempts
+
+    def __reduce__(self):
+        return (type(self), (self.remote_message, self.worker, self.attempts))
+
+
 __all__ = [
     "ZfalkonError",
     "ConfigError",
@@ -128,4 +145,5 @@ __all__ = [
     "TaskError",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerLost",
 ]

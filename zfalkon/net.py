@@ -8,7 +8,7 @@ import threading
 
 import zmq
 
-from zfalkon.constants import DEFAULT_PORT
+from zfalkon.constants import DEFAULT_PORT, HEARTBEAT_MISSES, HEARTBEAT_SECONDS
 from zfalkon.errors import ConfigError
 
 _ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+)(?::([0-9]+|\*))?")
@@ -53,11 +53,19 @@ def is_loopback(endpoint: str) -> bool:
 
 
 def make_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
-    """A socket with IPv6 enabled when the endpoint needs it."""
+    """A socket with ZMTP heartbeats, and IPv6 enabled when the endpoint needs it."""
     sock = ctx.socket(kind)
     if "[" in endpoint:
         sock.setsockopt(zmq.IPV6, 1)
+    set_heartbeats(sock)
     return sock
+
+
+def set_heartbeats(sock: zmq.Socket) -> None:
+    """ZMTP heartbeats: keep NAT state alive, and drop a connection that stops answering."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_SECONDS * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_SECONDS * HEARTBEAT_MISSES * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, int(HEARTBEAT_SECONDS * HEARTBEAT_MISSES * 1000))
 
 
 class Waker:

@@ -11,6 +11,7 @@ result, exception          ``[1, remote_type, message, traceback]``
 result, shell              ``[2, returncode, stdout, stderr, seconds, truncated]``
 result, shell timeout      ``[3, timeout, stdout, stderr, seconds]``
 result, process died       ``[4, message]``
+result, workers lost       ``[5, worker, attempts, message]``
 =========================  ==============================================================
 
 Arguments and return values are msgpack types: None, bool, int, float, str, bytes, list,
@@ -26,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 
-from zfalkon.errors import SerializationError, TaskError, TaskTimeout, WorkerCrashed
+from zfalkon.errors import SerializationError, TaskError, TaskTimeout, WorkerCrashed, WorkerLost
 
 TASK_PYTHON = 0
 TASK_SHELL = 1
@@ -36,6 +37,7 @@ RESULT_ERROR = 1
 RESULT_SHELL = 2
 RESULT_TIMEOUT = 3
 RESULT_CRASHED = 4
+RESULT_LOST = 5
 
 _packb = msgpack.packb
 
@@ -167,12 +169,21 @@ def result_value(blob: bytes, worker: str | None = None) -> Any:
         raise TaskTimeout(result[1], _text(result[2]), _text(result[3]), worker)
     if kind == RESULT_CRASHED:
         raise WorkerCrashed(result[1], worker)
+    if kind == RESULT_LOST:
+        raise WorkerLost(result[3], result[1], result[2])
     raise TaskError("ProtocolError", f"unknown result kind {kind!r}", "", worker)
 
 
 def error_result(remote_type: str, message: str, traceback_text: str = "") -> bytes:
     """Encode a failed task's result."""
     return _packb((RESULT_ERROR, remote_type, message, traceback_text))
+
+
+def lost_result(worker: str, attempts: int) -> bytes:
+    """Encode the result of a task given up after ``attempts`` lost workers."""
+    return _packb((RESULT_LOST, worker, attempts,
+                   f"the task's worker was lost {attempts} times (last: {worker}); "
+                   "not retried again"))
 
 
 def crashed_result(message: str) -> bytes:
