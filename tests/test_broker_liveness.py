@@ -74,3 +74,17 @@ def test_a_task_whose_workers_keep_vanishing_fails_with_worker_lost():
         assert info.value.attempts == MAX_ATTEMPTS
         assert info.value.worker and "lost 3 times" in str(info.value)
         assert cluster.status()["queued"] == 0
+
+
+def test_workers_register_again_by_themselves_after_the_broker_is_killed():
+    with LocalCluster(workers=2, slots_per_worker=2, env=worker_env()) as cluster:
+        agents = [p.pid for p in cluster.worker_procs]
+        with Executor(cluster.address) as ex:
+            assert list(ex.map(abs, range(-50, 50))) == [abs(i) for i in range(-50, 50)]
+        cluster.restart_broker(kill=True)  # kill -9, then a new broker on the same port
+        status = cluster.wait_for_slots(4, timeout=30)  # nobody restarted the workers
+        assert status["workers"] == 2 and status["slots"] == 4
+        assert [p.pid for p in cluster.worker_procs] == agents
+        with Executor(cluster.address) as ex:
+            assert list(ex.map(abs, range(-500, 500))) == [abs(i) for i in range(-500, 500)]
+            assert ex.shell("echo back").result(timeout=30).stdout == "back\n"

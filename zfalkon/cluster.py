@@ -129,6 +129,26 @@ class LocalCluster:
         raise BrokerUnavailable(
             f"only {status.get('slots', 0)} of {slots} slots registered within the timeout")
 
+    def restart_broker(self, kill: bool = True) -> None:
+        """Stop the broker (SIGKILL by PID, or SIGTERM) and start a new one on the same port.
+
+        Workers are not touched: they notice and register again by themselves.
+        """
+        old = self.broker
+        assert old is not None, "the cluster is not running"
+        if kill:
+            old.kill()
+        _terminate([old])
+        if old.stdout is not None:
+            old.stdout.close()
+        self._announcers.remove(old)
+        port = int(self.address.rpartition(":")[2])
+        self.broker, address = self._start_announcing(
+            self._cmd("broker", "--listen", f"tcp://{self.host}:{port}"),
+            "zfalkon broker listening on ", "broker")
+        self._announcers.insert(0, self.broker)
+        assert address == self.address, (address, self.address)
+
     def status(self) -> dict:
         """The broker's status."""
         return query_status(self.address)

@@ -126,10 +126,19 @@ class Slot:
         self.next_ping = 0.0
         self.owed = 0  # credit granted and not yet used up by a finished task
         self.parent = os.getppid()
+        self.hello_due = 0.0  # when to send HELLO again (0: not due)
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: finish the running task, return results, hand back the rest."""
         self.stopping = True
+
+    def request_hello(self, *_: object) -> None:
+        """Signal handler (SIGUSR1, from the agent after a broker restart): register again."""
+        self.hello_due = time.monotonic()
+
+    def _hello(self) -> None:
+        self._send(P.hello(P.ROLE_SLOT, {"worker_id": self.worker_id, "slot": self.index}))
+        self.hello_due = 0.0
 
     def run(self) -> int:
         ctx = zmq.Context()
@@ -153,7 +162,7 @@ class Slot:
         self.sock.send(P.encode(msg))
 
     def _handshake(self) -> int:
-        self._send(P.hello(P.ROLE_SLOT, {"worker_id": self.worker_id, "slot": self.index}))
+        self._hello()
         deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
         while not self.stopping:
             if self.sock.poll(200):
@@ -189,6 +198,8 @@ class Slot:
                     self._flush()
                 if self.stopping:
                     return
+                if self.hello_due and time.monotonic() >= self.hello_due:
+                    self._hello()
                 if not poller.poll(_IDLE_POLL_MS):
                     if os.getppid() != self.parent:
                         log.warning("slot %d: agent is gone, exiting", self.index)
@@ -238,6 +249,14 @@ class Slot:
                 continue
             if isinstance(msg, P.Tasks):
                 self.queue.extend(zip(msg.ids, msg.blobs))
+            elif isinstance(msg, P.Welcome):  # registered again with a new broker
+                self.owed = len(self.queue) + 2  # what it holds, and two more to start
+                self._send(P.Credit(2))
+                log.warning("slot %d registered again", self.index)
+            elif isinstance(msg, P.Error) and msg.code in ("hello-required", "bad-hello"):
+                # A new broker: register again (after our agent has, if it has not yet).
+                if not self.hello_due:
+                    self.hello_due = time.monotonic() + (0 if msg.code == "hello-required" else 1)
             elif isinstance(msg, P.Pong):
                 sample = time.monotonic() - msg.sent
                 self.rtt = sample if self.rtt == 0 else self.rtt + _EWMA * (sample - self.rtt)
@@ -270,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 config["index"], config["state_path"], config.get("output_cap", OUTPUT_CAP_BYTES))
     signal.signal(signal.SIGTERM, slot.request_stop)
     signal.signal(signal.SIGINT, slot.request_stop)
+    signal.signal(signal.SIGUSR1, slot.request_hello)
     return slot.run()
 
 

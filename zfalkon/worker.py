@@ -200,7 +200,17 @@ class WorkerAgent:
             except ProtocolError as exc:
                 log.error("bad message from broker: %s", exc)
                 continue
-            if isinstance(msg, P.Error):
+            if isinstance(msg, P.Error) and msg.code == "hello-required":
+                # A new broker (restarted, or one that declared us lost): register again.
+                log.warning("broker %s does not know this worker; registering again",
+                            self.broker)
+                self.sock.send(P.encode(P.hello(P.ROLE_WORKER, self.info())))
+            elif isinstance(msg, P.Welcome):
+                log.warning("worker %s registered again with %s", self.name, self.broker)
+                for slot in self._procs.values():  # idle slots would not notice by themselves
+                    if slot.proc.poll() is None:
+                        slot.proc.send_signal(signal.SIGUSR1)
+            elif isinstance(msg, P.Error):
                 log.error("broker says: %s (%s)", msg.message, msg.code)
 
     def _reap(self) -> None:
