@@ -50,6 +50,7 @@ _RECV_BURST = 4096  # messages handled before dispatching again
 _TICK_SECONDS = 1.0
 _RATE_WINDOW = 10  # ticks of history behind tasks_per_second
 _LISTEN_BACKLOG = 4096  # pending TCP connections (capped by the kernel's somaxconn)
+_ERRORS_PER_TICK = 100  # ERROR answers per peer per tick; past that, bad frames are dropped
 
 
 @dataclass(eq=False)
@@ -137,6 +138,7 @@ class Broker:
         self._stopping = False
         self._waker = Waker()
         self._warn = _RateLimitedLog()
+        self._errors_sent: collections.Counter[bytes] = collections.Counter()
         self._handlers: dict[type, Callable] = {
             P.Submit: self._on_submit, P.Cancel: self._on_cancel,
             P.Credit: self._on_credit, P.Results: self._on_results,
@@ -187,6 +189,7 @@ class Broker:
             now = time.monotonic()
             if now >= next_tick:
                 self._rate.append((now, self.done))
+                self._errors_sent.clear()
                 self._find_lost_workers(now)
                 next_tick = now + _TICK_SECONDS
         log.info("broker stopping")
@@ -229,8 +232,13 @@ class Broker:
         handler(peer, msg)
 
     def _refuse(self, ident: bytes, exc: ProtocolError) -> None:
+        """Log (rate-limited) and answer ERROR, at most _ERRORS_PER_TICK a tick per peer:
+        a peer flooding bad frames without reading the answers cannot fill our memory."""
         self._warn(exc.code, f"refused a message from peer {ident.hex()}: {exc}")
-        self._send(ident, P.Error(exc.code, str(exc)))
+        sent = self._errors_sent[ident]
+        if sent < _ERRORS_PER_TICK:
+            self._errors_sent[ident] = sent + 1
+            self._send(ident, P.Error(exc.code, str(exc)))
 
     def _send(self, ident: bytes, msg: P.Message) -> bool:
         try:
