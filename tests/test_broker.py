@@ -32,7 +32,7 @@ from zfalkon.constants import PROTOCOL_VERSION
 STATUS_KEYS = {"version", "protocol", "uptime", "clients", "workers", "slots", "queued",
                "running", "submitted", "done", "failed", "tasks_per_second", "worker_list"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
-               "version", "running", "done", "window", "idle_seconds"}
+               "version", "running", "done", "window", "draining", "idle_seconds"}
 
 
 class Raw:
@@ -375,15 +375,15 @@ def test_slot_hello_with_unhashable_worker_id(ctx, worker_id):
             conn.close()
 
 
-def test_flood_of_bad_frames(served, raw):
+def test_flood_of_bad_frames_gets_a_bounded_number_of_errors(served, raw):
     for _ in range(500):
         raw.send(b"\xc1")
     errors = 0
-    deadline = time.monotonic() + 10
-    while errors < 500 and time.monotonic() < deadline:
+    while raw.sock.poll(1000):  # read answers until they stop (bounded: the budget)
         raw.expect_error("malformed")
         errors += 1
-    assert errors == 500
+        assert errors <= 300
+    assert 0 < errors <= 300  # 100 a second per peer, not one per frame
     assert_serving(served)
 
 

@@ -29,6 +29,7 @@ EXAMPLES = {
     P.SlotLost: P.SlotLost(b"\x01\x02", 42, "killed by SIGSEGV"),
     P.Ping: P.Ping(12.5),
     P.Pong: P.Pong(12.5),
+    P.Drain: P.Drain("stopping"),
 }
 
 
@@ -172,7 +173,7 @@ def test_timestamp_extension_is_refused():
     assert exc.code == "malformed"
 
 
-@pytest.mark.parametrize("tag", [0, 17, 99, -1, 2**40])
+@pytest.mark.parametrize("tag", [0, 18, 99, -1, 2**40])
 def test_unknown_tag(tag):
     exc = _decode_error(msgpack.packb([tag, 1, 2]))
     assert exc.code == "unknown-type"

@@ -254,3 +254,25 @@ def test_state_file(tmp_path):
         b.close()
 
 
+
+
+def test_sigterm_drains_the_worker_visibly_and_finishes_its_running_task():
+    """SIGTERM: status shows the worker draining; its running task completes (not lost,
+    not crashed); then it deregisters and exits 0."""
+    import signal as _signal
+
+    from conftest import wait_until, worker_env
+    from zfalkon import Executor, LocalCluster
+
+    with LocalCluster(workers=0, env=worker_env()) as cluster:
+        proc = cluster.add_worker(slots=1)
+        cluster.wait_for_slots(1)
+        with Executor(cluster.address) as ex:
+            future = ex.submit(tasks.sleep_then, "finished", 2.0)
+            wait_until(lambda: cluster.status()["worker_list"][0]["running"] == 1, 20)
+            os.kill(proc.pid, _signal.SIGTERM)
+            wait_until(lambda: any(w["draining"] for w in cluster.status()["worker_list"]), 5,
+                       message="status shows the worker draining")
+            assert future.result(timeout=30) == "finished"
+            assert proc.wait(30) == 0
+            wait_until(lambda: cluster.status()["workers"] == 0, 10, message="deregistered")

@@ -68,6 +68,7 @@ class Worker:
     last_seen: float
     slots: dict[bytes, "Slot"] = field(default_factory=dict)
     done: int = 0
+    draining: bool = False  # said DRAIN: its slots get no more tasks
 
 
 @dataclass(eq=False)
@@ -144,10 +145,11 @@ class Broker:
             P.Credit: self._on_credit, P.Results: self._on_results,
             P.StatusRequest: self._on_status, P.Heartbeat: self._on_heartbeat,
             P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost, P.Ping: self._on_ping,
+            P.Drain: self._on_drain,
         }
         self._allowed: dict[type, type] = {
             P.Submit: Client, P.Cancel: Client, P.Credit: Slot, P.Results: Slot,
-            P.Heartbeat: Worker, P.SlotLost: Worker,
+            P.Heartbeat: Worker, P.SlotLost: Worker, P.Drain: Worker,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -315,8 +317,14 @@ class Broker:
     def _on_credit(self, slot: Slot, msg: P.Credit) -> None:
         self._add_credit(slot, msg.n)
 
+    def _on_drain(self, worker: Worker, msg: P.Drain) -> None:
+        log.info("worker %s is draining (%s)", worker.info.get("name"), msg.reason)
+        worker.draining = True
+        for slot in worker.slots.values():
+            self._unready(slot)
+
     def _add_credit(self, slot: Slot, n: int) -> None:
-        if n > 0:
+        if n > 0 and not slot.worker.draining:
             slot.credit += n
             if not slot.ready:
                 slot.ready = True
@@ -531,6 +539,7 @@ class Broker:
                 "tags": w.info.get("tags", []), "version": w.version,
                 "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
                 "window": sum(len(s.inflight) + s.credit for s in w.slots.values()),
+                "draining": w.draining,
                 "idle_seconds": round(time.monotonic() - w.last_seen, 3),
             })
         return {

@@ -44,7 +44,8 @@ def _status(args: argparse.Namespace) -> int:
           f"failed {info['failed']}  tasks/s {info['tasks_per_second']:.1f}")
     for w in info["worker_list"]:
         print(f"  {w['name']:<28} {w['connected_slots']}/{w['slots']} slots  "
-              f"running {w['running']:<6} done {w['done']:<10} v{w['version']}")
+              f"running {w['running']:<6} done {w['done']:<10} v{w['version']}"
+              + ("  DRAINING" if w.get("draining") else ""))
     return 0
 
 

@@ -169,9 +169,16 @@ class Pong(NamedTuple):
     TAG = 16
 
 
+class Drain(NamedTuple):
+    """Worker agent -> broker: stopping; send my slots nothing more (they finish what runs)."""
+
+    reason: str
+    TAG = 17
+
+
 Message = Union[
     Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Credit, Cancel,
-    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong,
+    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain,
 ]
 
 MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)

@@ -116,6 +116,7 @@ class WorkerAgent:
                 self._start_slot(index)
             log.info("worker %s registered with %s, %d slots", self.name, self.broker, self.slots)
             self._loop()
+            sock.send(P.encode(P.Drain("worker stopping")))  # shows in status meanwhile
             self._stop_slots()
             sock.send(P.encode(P.Bye("worker stopping")))
             return 0
