@@ -88,3 +88,16 @@ def test_workers_register_again_by_themselves_after_the_broker_is_killed():
         with Executor(cluster.address) as ex:
             assert list(ex.map(abs, range(-500, 500))) == [abs(i) for i in range(-500, 500)]
             assert ex.shell("echo back").result(timeout=30).stdout == "back\n"
+
+
+def test_clients_resubmit_and_complete_after_the_broker_is_killed():
+    n = 2000
+    with LocalCluster(workers=2, env=worker_env()) as cluster, \
+            Executor(cluster.address) as ex:
+        results = ex.map(tasks.sleep_then, range(n), [0.002] * n)
+        first = [next(results) for _ in range(100)]
+        futures = [ex.submit(tasks.sleep_then, i, 0.05) for i in range(40)]
+        cluster.restart_broker(kill=True)  # every queued task is gone with the old broker
+        rest = list(results)  # ... and comes back: the client submits its pending ones again
+        assert first + rest == list(range(n))
+        assert [f.result(timeout=60) for f in futures] == list(range(40))

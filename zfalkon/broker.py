@@ -266,8 +266,13 @@ class Broker:
             self._drop(peer)  # a reconnect under the same id starts afresh
         key = 0
         if msg.role == P.ROLE_CLIENT:
-            key = self._next_key
-            self._next_key += 1
+            # A client coming back (this broker restarted) asks for its old key: its task
+            # ids carry it. Granted unless another live client holds it.
+            key = info.get("key")
+            if type(key) is not int or not 0 < key < 1 << 23 or key in self.clients:
+                key = self._next_key
+            self._next_key = max(self._next_key, key + 1)
+            self.gone_clients.discard(key)
             client = Client(ident, key, str(info.get("name", "")))
             self.peers[ident] = self.clients[key] = client
         elif msg.role == P.ROLE_WORKER:

@@ -31,6 +31,7 @@ from zfalkon.constants import (
     FRAME_SOFT_BYTES,
     MAX_BATCH,
     MAX_TASK_BYTES,
+    PING_SECONDS,
 )
 from zfalkon.errors import (
     BrokerUnavailable,
@@ -46,7 +47,6 @@ log = logging.getLogger("zfalkon.client")
 
 _SUBMIT = 0
 _CANCEL = 1
-_FATAL_CODES = ("version", "hello-required")
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -206,6 +206,7 @@ class _MapStream:
             blobs = [_check_size(encode(ref, args, None)) for args in batch]
             ids = ex._new_ids(len(blobs))
             ex._pending.update(zip(ids, itertools.repeat(self)))
+            ex._blobs.update(zip(ids, blobs))
             self.order.extend(ids)
             ex._enqueue((_SUBMIT, ids, blobs))
 
@@ -307,6 +308,11 @@ class Executor(cf.Executor):
         self.key = welcome.key
         self._ids = itertools.count((welcome.key << P.ID_SHIFT) + 1)
         self._pending: dict[int, TaskFuture | _MapStream] = {}
+        # Blobs of pending tasks, to submit again to a broker that restarted.
+        self._blobs: dict[int, bytes] = {}
+        self._name = name or f"{os.uname().nodename}-{os.getpid()}"
+        self._rejoining = False
+        self._last_heard = time.monotonic()
         self._streams: set[_MapStream] = set()
         self._outbox: collections.deque[tuple] = collections.deque()
         self._waker = Waker()
@@ -401,6 +407,7 @@ class Executor(cf.Executor):
         fut = TaskFuture(self, tid)
         idle = not self._pending and not self._outbox
         self._pending[tid] = fut
+        self._blobs[tid] = blob
         if idle and self._lock.acquire(blocking=False):
             # Nothing in flight: send now rather than hand over to the I/O thread (one
             # thread switch less on the latency path; bursts still batch in the outbox).
@@ -453,6 +460,7 @@ class Executor(cf.Executor):
     def _cancel(self, ids: list[int]) -> None:
         for tid in ids:
             self._pending.pop(tid, None)
+            self._blobs.pop(tid, None)
         self._enqueue((_CANCEL, ids))
 
     def _enqueue(self, item: tuple) -> None:
@@ -518,6 +526,13 @@ class Executor(cf.Executor):
             if not self._outbox:
                 poller.poll(10 if unsent else 1000)
             self._idle = False
+            if self._pending and time.monotonic() - self._last_heard > PING_SECONDS:
+                # Work is pending and the broker has been quiet: is it still the same one?
+                # (A restarted broker answers hello-required.)
+                with self._lock:
+                    if not self._sock.closed:
+                        self._sock.send(P.encode(P.Ping(time.monotonic())), zmq.NOBLOCK)
+                self._last_heard = time.monotonic()
             self._waker.drain()
 
     def _frames(self) -> Iterator[bytes]:
@@ -547,25 +562,52 @@ class Executor(cf.Executor):
     def _receive(self) -> None:
         sock = self._sock
         pending = self._pending
+        blobs = self._blobs
         while sock.getsockopt(_EVENTS) & _POLLIN:
             try:
                 msg = P.decode(sock.recv())
             except ProtocolError as exc:
                 log.error("bad message from broker: %s", exc)
                 continue
+            self._last_heard = time.monotonic()
             if type(msg) is P.Deliver:
                 worker = msg.worker
                 for tid, blob in zip(msg.ids, msg.blobs):
                     owner = pending.pop(tid, None)
                     if owner is not None:
+                        blobs.pop(tid, None)
                         owner._deliver(tid, blob, worker)
                 for stream in list(self._streams):
                     stream.wake()
+            elif type(msg) is P.Error and msg.code == "hello-required":
+                self._rejoin()
+            elif type(msg) is P.Welcome:
+                self._resubmit(msg)
             elif type(msg) is P.Error:
-                if msg.code in _FATAL_CODES:  # the broker no longer knows this client
+                if msg.code == "version":
                     self._break(error_from(msg, f"broker at {self.address}"))
                     return
                 log.error("broker says: %s (%s)", msg.message, msg.code)
+
+    def _rejoin(self) -> None:
+        """The broker does not know us (it restarted): register again, asking for our key."""
+        if not self._rejoining:
+            self._rejoining = True
+            log.warning("broker at %s restarted; registering again", self.address)
+            self._sock.send(P.encode(P.hello(P.ROLE_CLIENT, {"name": self._name, "key": self.key})))
+
+    def _resubmit(self, welcome: P.Welcome) -> None:
+        """Registered again: submit every pending task again (task ids are idempotency keys)."""
+        self._rejoining = False
+        if welcome.key != self.key:
+            self._break(BrokerUnavailable(
+                f"broker at {self.address} restarted and gave this client another key; "
+                "its pending tasks cannot be resubmitted"))
+            return
+        ids = [t for t in self._pending if t in self._blobs]
+        log.warning("registered again; submitting %d pending tasks again", len(ids))
+        self._outbox.appendleft((_SUBMIT, ids, [self._blobs[t] for t in ids]))
+        self._wake()
 
     def _fail_all(self, exc: BaseException) -> None:
         for owner in list(self._pending.values()):
