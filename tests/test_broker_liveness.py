@@ -13,7 +13,7 @@ import time
 import pytest
 
 import tasks
-from conftest import descendants, wait_until, worker_env
+from conftest import descendants, start_worker, stop_process, wait_until, worker_env
 from zfalkon import Executor, LocalCluster, WorkerLost
 from zfalkon.constants import HEARTBEAT_MISSES, HEARTBEAT_SECONDS, MAX_ATTEMPTS
 
@@ -101,3 +101,31 @@ def test_clients_resubmit_and_complete_after_the_broker_is_killed():
         rest = list(results)  # ... and comes back: the client submits its pending ones again
         assert first + rest == list(range(n))
         assert [f.result(timeout=60) for f in futures] == list(range(40))
+
+
+def test_a_partition_longer_than_the_heartbeat_timeout_then_healed_loses_nothing():
+    """Workers behind a link that goes dark (the link proxy frozen) for longer than the
+    heartbeat timeout: declared lost, their tasks run elsewhere; after the link heals
+    they register again by themselves."""
+    with LocalCluster(workers=1, rtt_ms=2, env=worker_env()) as cluster:
+        direct = start_worker(cluster.address, "--slots", "1")  # not behind the link
+        try:
+            cluster.wait_for_slots(2)
+            with Executor(cluster.address) as ex:  # the client talks to the broker directly
+                n = 600
+                results = ex.map(tasks.sleep_then, range(n), [0.01] * n)
+                first = [next(results) for _ in range(50)]
+                os.kill(cluster.proxy.pid, signal.SIGSTOP)  # the link goes dark
+                try:
+                    wait_until(lambda: cluster.status()["workers"] == 1, LOST_AFTER + 10,
+                               message="the partitioned worker declared lost")
+                finally:
+                    os.kill(cluster.proxy.pid, signal.SIGCONT)  # ... and heals
+                rest = list(results)
+                assert first + rest == list(range(n))
+                wait_until(lambda: cluster.status()["slots"] == 2, 30,
+                           message="the partitioned worker registered again")
+                assert list(ex.map(abs, range(-300, 300))) == [abs(i) for i in range(-300, 300)]
+            assert cluster.status()["done"] == n + 600  # each result delivered exactly once
+        finally:
+            stop_process(direct)
