@@ -528,7 +528,9 @@ class Executor(cf.Executor):
             self._idle = False
             if self._pending and time.monotonic() - self._last_heard > PING_SECONDS:
                 # Work is pending and the broker has been quiet: is it still the same one?
-                # (A restarted broker answers hello-required.)
+                # (A restarted broker answers hello-required.) A re-HELLO that went
+                # unanswered this long is tried again on that answer.
+                self._rejoining = False
                 with self._lock:
                     if not self._sock.closed:
                         self._sock.send(P.encode(P.Ping(time.monotonic())), zmq.NOBLOCK)
