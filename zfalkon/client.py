@@ -107,25 +107,6 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
         ctx.term()
 
 
-class _Poke:
-    """A done-callback that wakes a thread polling :attr:`r`; harmless after close()."""
-
-    def __init__(self) -> None:
-        self.r, self._w = os.pipe()
-        self._lock = threading.Lock()
-
-    def __call__(self, _future: cf.Future) -> None:
-        with self._lock:
-            if self._w >= 0:
-                os.write(self._w, b"x")
-
-    def close(self) -> None:
-        with self._lock:
-            os.close(self.r)
-            os.close(self._w)
-            self._w = -1
-
-
 class TaskFuture(cf.Future):
     """A future for one zfalkon task; :attr:`task_id` names it on the broker."""
 
@@ -297,10 +278,9 @@ class Executor(cf.Executor):
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.connect(self.address)
         self._sock_fd = self._sock.getsockopt(zmq.FD)
+        self._name = name or f"{os.uname().nodename}-{os.getpid()}"
         try:
-            welcome = _handshake(self._sock, self.address,
-                                 {"name": name or f"{os.uname().nodename}-{os.getpid()}"},
-                                 connect_timeout)
+            welcome = _handshake(self._sock, self.address, {"name": self._name}, connect_timeout)
         except BaseException:
             self._sock.close(0)
             self._ctx.term()
@@ -310,7 +290,6 @@ class Executor(cf.Executor):
         self._pending: dict[int, TaskFuture | _MapStream] = {}
         # Blobs of pending tasks, to submit again to a broker that restarted.
         self._blobs: dict[int, bytes] = {}
-        self._name = name or f"{os.uname().nodename}-{os.getpid()}"
         self._rejoining = False
         self._last_heard = time.monotonic()
         self._streams: set[_MapStream] = set()
@@ -437,11 +416,11 @@ class Executor(cf.Executor):
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _drive_until(self, fut: TaskFuture, deadline: float | None) -> None:
-        poke = _Poke()
-        fut.add_done_callback(poke)
+        poke = Waker()  # the future's done-callback wakes us if another thread delivers it
+        fut.add_done_callback(lambda _f: poke.wake())
         poller = select.poll()
         poller.register(self._sock_fd, select.POLLIN)
-        poller.register(poke.r, select.POLLIN)
+        poller.register(poke.fd, select.POLLIN)
         try:
             while not fut.done() and self._broken is None:
                 with self._lock:
