@@ -6,14 +6,13 @@ import asyncio
 import concurrent.futures as cf
 import itertools
 import os
-import signal
 import threading
 import time
 
 import pytest
 
 import tasks
-from conftest import FakeBroker, broker_process, free_port, wait_until
+from conftest import FakeBroker, free_port, wait_until
 from zfalkon import protocol as P
 from zfalkon._version import __version__
 from zfalkon.constants import PROTOCOL_VERSION

@@ -25,73 +25,14 @@ import pytest
 
 from conftest import child_env, stop_process, wait_until, worker_process
 from zfalkon import ConfigError, Executor, LocalCluster
-from zfalkon.linkproxy import READY_PREFIX, LinkProxy, proxy_overhead
+from zfalkon.linkproxy import READY_PREFIX, LinkProxy, TcpServer, echo, proxy_overhead
 
 IO_TIMEOUT = 15.0
 
 
-class Server:
-    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.errors: list[BaseException] = []
-        self.results: list[object] = []
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self._acceptor.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._acceptor.join(5)
-        for conn in self._conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self._threads:
-            t.join(5)
-        for conn in self._conns:
-            conn.close()
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.settimeout(IO_TIMEOUT)
-            self._conns.append(conn)
-            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        try:
-            self.results.append(self.handler(conn))
-        except BaseException as exc:  # reported by the test through .errors
-            self.errors.append(exc)
-
-
-def echo(conn: socket.socket) -> None:
-    """Echo until EOF, then close."""
-    while True:
-        data = conn.recv(262144)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.close()
+def Server(handler: Callable[[socket.socket], object]) -> TcpServer:
+    """The module's threaded test server, with a timeout on every connection."""
+    return TcpServer(handler, conn_timeout=IO_TIMEOUT)
 
 
 def sink(conn: socket.socket) -> bytes:

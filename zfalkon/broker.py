@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import resource
 import signal
 import time
@@ -339,12 +338,14 @@ class Broker:
         self._add_credit(slot, msg.credit)
         inflight = slot.inflight
         groups: dict[int, tuple[list[int], list[bytes]]] = {}
+        shift = P.ID_SHIFT
         for tid, blob in zip(msg.ids, msg.blobs):
             if inflight.pop(tid, None) is None:
                 continue  # not held by this slot (cancelled client, or a late duplicate)
-            group = groups.get(tid >> P.ID_SHIFT)
+            key = tid >> shift
+            group = groups.get(key)
             if group is None:
-                group = groups[tid >> P.ID_SHIFT] = ([], [])
+                group = groups[key] = ([], [])
             group[0].append(tid)
             group[1].append(blob)
         self.failed += msg.failed

@@ -51,12 +51,12 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from zfalkon.errors import ConfigError
 from zfalkon.net import parse_address
 
-__all__ = ["LinkProxy", "proxy_overhead", "main"]
+__all__ = ["LinkProxy", "TcpServer", "echo", "proxy_overhead", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -557,19 +557,29 @@ def _hard_close(sock: socket.socket) -> None:
 # -- overhead measurement ------------------------------------------------------------------
 
 
-class _EchoServer:
-    """A tiny threaded TCP echo server on 127.0.0.1 (for :func:`proxy_overhead`)."""
+class TcpServer:
+    """A small threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection.
 
-    def __init__(self) -> None:
+    What handlers return goes to :attr:`results`, what they raise to :attr:`errors`. Used
+    by :func:`proxy_overhead` (an echo server) and by the tests.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], Any], *,
+                 conn_timeout: float | None = None) -> None:
+        self.handler = handler
+        self.conn_timeout = conn_timeout
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.results: list[Any] = []
+        self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
-        self._acceptor = threading.Thread(target=self._accept, name="zfalkon-echo", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept, name="zfalkon-tcpserver",
+                                          daemon=True)
 
-    def __enter__(self) -> "_EchoServer":
+    def __enter__(self) -> "TcpServer":
         self._acceptor.start()
         return self
 
@@ -595,23 +605,28 @@ class _EchoServer:
                 continue
             except OSError:
                 return
-            conn.settimeout(None)
+            conn.settimeout(self.conn_timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conns.append(conn)
-            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
             self._threads.append(t)
             t.start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(data)
-        except OSError:
-            return
+            self.results.append(self.handler(conn))
+        except BaseException as exc:  # reported to the owner through .errors
+            self.errors.append(exc)
+
+
+def echo(conn: socket.socket) -> None:
+    """A :class:`TcpServer` handler: echo until EOF, then close."""
+    while True:
+        data = conn.recv(RECV_BYTES)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.close()
 
 
 def _connect(address: str) -> socket.socket:
@@ -648,8 +663,8 @@ def proxy_overhead(samples: int = 2000, *, message_bytes: int = 64,
     message = b"z" * message_bytes
     direct: list[float] = []
     proxied: list[float] = []
-    with _EchoServer() as echo, LinkProxy(echo.address) as proxy:
-        with _connect(echo.address) as d, _connect(proxy.address) as p:
+    with TcpServer(echo) as server, LinkProxy(server.address) as proxy:
+        with _connect(server.address) as d, _connect(proxy.address) as p:
             for _ in range(min(50, samples)):  # warm up both paths
                 _round_trip(d, message)
                 _round_trip(p, message)
