@@ -445,16 +445,21 @@ def test_raw_worker_registers_and_leaves(served, raw):
     assert_serving(served)
 
 
+def submit_markers(conn: "Raw", marker) -> list[int]:
+    """Register ``conn`` and queue 5 shell tasks that each append their id to ``marker``."""
+    base = conn.hello().key << P.ID_SHIFT
+    ids = [base + i for i in range(1, 6)]
+    conn.send_msg(P.Submit(ids, [payload.shell_task(f"echo {i} >> {marker}") for i in ids]))
+    return ids
+
+
 def test_queued_tasks_of_a_client_that_said_bye_are_dropped(ctx, tmp_path):
     """BYE from a client drops every task it still has queued: none of them may run."""
     marker = tmp_path / "ran.txt"
     with broker_process() as (_, address):  # no worker yet: everything stays queued
         conn = Raw(ctx, address)
         try:
-            base = conn.hello().key << P.ID_SHIFT
-            ids = [base + i for i in range(1, 6)]
-            conn.send_msg(P.Submit(ids, [payload.shell_task(f"echo {i} >> {marker}")
-                                         for i in ids]))
+            ids = submit_markers(conn, marker)
             conn.send_msg(P.Bye("leaving"))
             wait_until(lambda: query_status(address)["clients"] == 1, 5,
                        message="client dropped")  # only the status query is left
@@ -475,10 +480,7 @@ def test_cancelled_queued_tasks_do_not_run(ctx, tmp_path):
     with broker_process() as (_, address):
         conn = Raw(ctx, address)
         try:
-            base = conn.hello().key << P.ID_SHIFT
-            ids = [base + i for i in range(1, 6)]
-            conn.send_msg(P.Submit(ids, [payload.shell_task(f"echo {i} >> {marker}")
-                                         for i in ids]))
+            ids = submit_markers(conn, marker)
             conn.send_msg(P.Cancel(ids[1:4]))
             with worker_process(address, "--slots", "1"):
                 got = {}
