@@ -8,7 +8,11 @@ finds the dead ones by missed heartbeats and requeues what they held.
 
 Reports: tasks lost (results missing or wrong: must be 0), duplicates delivered (the
 broker's delivered count beyond the task count: must be 0), kills, tasks/s, and the same
-run's rate without kills. There is no journal yet, so no journal cost is measured.
+run's rate without kills. The whole run is made twice, without and with a journal
+(``--fsync`` policy), to give the journal's cost; a third run with the journal also
+``kill -9``s the broker halfway and restarts it on the same journal (its ``done``
+counters start again, so that run reports tasks lost, not broker duplicates). Finally the
+calm rate under each fsync policy.
 
     python bench/chaos.py [--tasks 1000000] [--workers 4] [--kill-every 1.0]
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import os
 import pathlib
 import random
@@ -48,13 +53,19 @@ def vanish(pid: int) -> None:
             pass
 
 
-def run(tasks: int, workers: int, kill_every: float, seed: int) -> dict:
+def calm_rate(ex: Executor, n: int = 200_000) -> float:
+    start = time.perf_counter()
+    assert list(ex.map(abs, range(n))) == list(range(n))
+    return n / (time.perf_counter() - start)
+
+
+def run(tasks: int, workers: int, kill_every: float, seed: int, journal: str | None = None,
+        fsync: str = "interval", kill_broker: bool = False) -> dict:
     rng = random.Random(seed)
-    with LocalCluster(workers=workers, slots_per_worker=1) as cluster, \
+    broker_args = ["--journal", journal, "--fsync", fsync] if journal else []
+    with LocalCluster(workers=workers, slots_per_worker=1, broker_args=broker_args) as cluster, \
             Executor(cluster.address) as ex:
-        start = time.perf_counter()
-        assert list(ex.map(abs, range(min(tasks, 200_000)))) == list(range(min(tasks, 200_000)))
-        calm_rate = min(tasks, 200_000) / (time.perf_counter() - start)
+        calm = calm_rate(ex, min(tasks, 200_000))
         done_before = cluster.status()["done"]
 
         kills = 0
@@ -76,9 +87,11 @@ def run(tasks: int, workers: int, kill_every: float, seed: int) -> dict:
             results = ex.map(abs, range(-tasks // 2, tasks - tasks // 2))
             wrong = missing = 0
             expected = iter(range(-tasks // 2, tasks - tasks // 2))
-            for got in results:
+            for i, got in enumerate(results):
                 if got != abs(next(expected)):
                     wrong += 1
+                if kill_broker and i == tasks // 2:
+                    cluster.restart_broker(kill=True)
             missing = sum(1 for _ in expected)
         finally:
             stop.set()
@@ -88,9 +101,27 @@ def run(tasks: int, workers: int, kill_every: float, seed: int) -> dict:
         time.sleep(1.0)
         delivered = cluster.status()["done"] - done_before
     return {"tasks": tasks, "workers": workers, "kill_every_seconds": kill_every,
-            "kills": kills, "tasks_lost": missing + wrong,
-            "duplicates_delivered": max(0, delivered - tasks), "wall_seconds": wall,
-            "tasks_per_second": tasks / wall, "tasks_per_second_without_kills": calm_rate}
+            "journal": bool(journal), "fsync": fsync if journal else None,
+            "broker_killed": kill_broker, "kills": kills, "tasks_lost": missing + wrong,
+            "duplicates_delivered": None if kill_broker else max(0, delivered - tasks),
+            "wall_seconds": wall, "tasks_per_second": tasks / wall,
+            "tasks_per_second_without_kills": calm}
+
+
+def fsync_rates(repeat: int = 3) -> dict:
+    """Median no-op tasks/s (200k, 2 workers, no kills) without a journal and under each
+    fsync policy, in one run."""
+    rates = {}
+    for policy in ("none", "never", "interval", "always"):
+        samples = []
+        for _ in range(repeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                args = [] if policy == "none" else ["--journal", tmp, "--fsync", policy]
+                with LocalCluster(workers=2, broker_args=args) as cluster, \
+                        Executor(cluster.address) as ex:
+                    samples.append(calm_rate(ex))
+        rates[policy] = sorted(samples)[len(samples) // 2]
+    return rates
 
 
 def main() -> None:
@@ -99,13 +130,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--kill-every", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fsync", default="interval", choices=["always", "interval", "never"])
     args = parser.parse_args()
-    figures = run(args.tasks, args.workers, args.kill_every, args.seed)
+    plain = run(args.tasks, args.workers, args.kill_every, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        journaled = run(args.tasks, args.workers, args.kill_every, args.seed, tmp, args.fsync)
+    with tempfile.TemporaryDirectory() as tmp:
+        broker_kill = run(args.tasks, args.workers, args.kill_every, args.seed, tmp,
+                          args.fsync, kill_broker=True)
+    figures = {**plain, "journal_run": journaled, "broker_kill_run": broker_kill,
+               "fsync_tasks_per_second": fsync_rates()}
     out = pathlib.Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "chaos.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
-    sys.exit(0 if figures["tasks_lost"] == 0 and figures["duplicates_delivered"] == 0 else 1)
+    runs = (plain, journaled, broker_kill)
+    sys.exit(0 if all(r["tasks_lost"] == 0 and not r["duplicates_delivered"] for r in runs)
+             else 1)
 
 
 if __name__ == "__main__":

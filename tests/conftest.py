@@ -125,10 +125,11 @@ def read_ready_line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
     raise AssertionError(f"broker printed no ready line (exit status {proc.poll()})")
 
 
-def start_broker(listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen, str]:
-    """Start ``python -m zfalkon broker``; return the process and its address."""
-    proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "broker", "--listen", listen],
-                            stdout=subprocess.PIPE, text=True, env=child_env())
+def start_broker(listen: str = "tcp://127.0.0.1:0",
+                 *extra: str) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m zfalkon broker [EXTRA...]``; return the process and its address."""
+    proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "broker", "--listen", listen,
+                             *extra], stdout=subprocess.PIPE, text=True, env=child_env())
     try:
         return proc, read_ready_line(proc)
     except BaseException:
@@ -138,9 +139,9 @@ def start_broker(listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen, s
 
 
 @contextlib.contextmanager
-def broker_process() -> Iterator[tuple[subprocess.Popen, str]]:
+def broker_process(*extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """A broker process for the duration of the block, stopped by PID afterwards."""
-    proc, address = start_broker()
+    proc, address = start_broker("tcp://127.0.0.1:0", *extra)
     try:
         yield proc, address
     finally:
@@ -165,6 +166,46 @@ def worker_process(address: str, *extra: str, stderr=None) -> Iterator[subproces
         kids = descendants(proc.pid)
         stop_process(proc)
         kill_tree(kids)
+
+
+class Raw:
+    """A raw DEALER connection to the broker."""
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def send_msg(self, msg) -> None:
+        self.send(P.encode(msg))
+
+    def recv(self, timeout: float = 5.0):
+        assert self.sock.poll(timeout * 1000), "no answer from the broker"
+        frames = self.sock.recv_multipart()
+        assert len(frames) == 1
+        return P.decode(frames[0])
+
+    def expect_error(self, code: str, timeout: float = 5.0) -> P.Error:
+        msg = self.recv(timeout)
+        assert isinstance(msg, P.Error), msg
+        assert msg.code == code, msg
+        assert msg.message
+        return msg
+
+    def silent(self, timeout: float = 0.3) -> bool:
+        return not self.sock.poll(timeout * 1000)
+
+    def hello(self, role: str = P.ROLE_CLIENT, info: dict | None = None) -> P.Welcome:
+        self.send_msg(P.hello(role, info if info is not None else {"name": "raw"}))
+        msg = self.recv()
+        assert isinstance(msg, P.Welcome), msg
+        return msg
+
+    def close(self) -> None:
+        self.sock.close(0)
 
 
 class FakeBroker:

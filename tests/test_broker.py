@@ -14,6 +14,7 @@ import zmq
 
 import tasks
 from conftest import (
+    Raw,
     broker_process,
     child_env,
     descendants,
@@ -30,49 +31,10 @@ from zfalkon._version import __version__
 from zfalkon.constants import PROTOCOL_VERSION
 
 STATUS_KEYS = {"version", "protocol", "uptime", "clients", "workers", "slots", "queued",
-               "running", "submitted", "done", "failed", "tasks_per_second", "worker_list"}
+               "running", "submitted", "done", "failed", "tasks_per_second", "worker_list",
+               "journal"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
                "version", "running", "done", "window", "draining", "idle_seconds"}
-
-
-class Raw:
-    """A raw DEALER connection to the broker."""
-
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-
-    def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-
-    def send_msg(self, msg) -> None:
-        self.send(P.encode(msg))
-
-    def recv(self, timeout: float = 5.0):
-        assert self.sock.poll(timeout * 1000), "no answer from the broker"
-        frames = self.sock.recv_multipart()
-        assert len(frames) == 1
-        return P.decode(frames[0])
-
-    def expect_error(self, code: str, timeout: float = 5.0) -> P.Error:
-        msg = self.recv(timeout)
-        assert isinstance(msg, P.Error), msg
-        assert msg.code == code, msg
-        assert msg.message
-        return msg
-
-    def silent(self, timeout: float = 0.3) -> bool:
-        return not self.sock.poll(timeout * 1000)
-
-    def hello(self, role: str = P.ROLE_CLIENT, info: dict | None = None) -> P.Welcome:
-        self.send_msg(P.hello(role, info if info is not None else {"name": "raw"}))
-        msg = self.recv()
-        assert isinstance(msg, P.Welcome), msg
-        return msg
-
-    def close(self) -> None:
-        self.sock.close(0)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,11 @@ Clients, worker agents and slots all connect to the same port. The loop, top to 
 
 Tasks are kept as the clients' msgpack blobs, in the chunks they arrived in: the broker
 never decodes user data and holds no Python object per queued task beyond its id and blob.
+
+With a journal (:mod:`zfalkon.journal`) the broker also keeps ``known``, the ids of every
+accepted and unfinished task: a task submitted again (a client resubmitting after a
+restart) is not queued twice, a result is delivered once even if two workers return it,
+and results finished while their client is away are held for it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import zmq
 
@@ -32,6 +37,7 @@ from zfalkon.constants import (
     DEFAULT_PORT,
     FRAME_SOFT_BYTES,
     HEARTBEAT_MISSES,
+    CLIENT_HOLD_SECONDS,
     HEARTBEAT_SECONDS,
     MAX_ATTEMPTS,
     MAX_BATCH,
@@ -39,6 +45,7 @@ from zfalkon.constants import (
     PROTOCOL_VERSION,
 )
 from zfalkon.errors import ConfigError, ProtocolError
+from zfalkon.journal import Journal
 from zfalkon.net import Waker, listen_endpoint, make_socket
 
 _EVENTS = int(zmq.EVENTS)
@@ -113,7 +120,8 @@ class _RateLimitedLog:
 class Broker:
     """Serves clients and workers on one ROUTER socket; see the module docstring."""
 
-    def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}") -> None:
+    def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}",
+                 journal: Journal | None = None) -> None:
         self.endpoint = listen_endpoint(listen)
         self.ctx = zmq.Context()
         self.sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint)
@@ -132,6 +140,11 @@ class Broker:
         self.cancelled: set[int] = set()
         self.gone_clients: set[int] = set()
         self.attempts: dict[int, int] = {}  # task id -> lost workers it was held by
+        self.journal = journal
+        self.known: set[int] | None = None  # journal only: accepted, unfinished task ids
+        self.held: dict[int, list[tuple[list, list]]] = {}  # key -> results held for it
+        self.away: dict[int, float] = {}  # journal only: key -> when its client went away
+        self.duplicate_submits = 0
         self._next_key = 1
         self._started = time.monotonic()
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW + 1)
@@ -150,6 +163,29 @@ class Broker:
             P.Submit: Client, P.Cancel: Client, P.Credit: Slot, P.Results: Slot,
             P.Heartbeat: Worker, P.SlotLost: Worker, P.Drain: Worker,
         }
+        if journal is not None:
+            self._recover(journal)
+
+    def _recover(self, journal: Journal) -> None:
+        """Queue the journal's unfinished tasks; hold its results for their clients."""
+        got = journal.replay()
+        self.known = set(got.tasks)
+        if got.tasks:
+            self.queue.append([list(got.tasks), list(got.tasks.values()), 0])
+            self.queued = len(got.tasks)
+        by_key: dict[int, tuple[list, list]] = {}
+        for tid, blob in got.held.items():
+            ids, blobs = by_key.setdefault(P.client_key(tid), ([], []))
+            ids.append(tid)
+            blobs.append(blob)
+        self.held = {key: [group] for key, group in by_key.items()}
+        now = time.monotonic()
+        keys = {P.client_key(t) for t in got.tasks} | set(by_key)
+        self.away = dict.fromkeys(keys, now)
+        self._next_key = max(keys, default=0) + 1
+        log.info("journal %s: %d records; %d unfinished tasks queued, %d results held for "
+                 "%d absent clients", journal.path, got.records, len(got.tasks), len(got.held),
+                 len(by_key))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -169,6 +205,8 @@ class Broker:
         self._waker.wake()
 
     def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         self.sock.close()
         self.ctx.term()
         self._waker.close()
@@ -185,13 +223,17 @@ class Broker:
                 if what == self._waker.fd:
                     self._waker.drain()
             self._receive()
+            now = time.monotonic()
+            if self.journal is not None:
+                self.journal.flush(now)  # before dispatch: tasks are logged before they run
             if self.queued and self.ready:
                 self._dispatch()
-            now = time.monotonic()
             if now >= next_tick:
                 self._rate.append((now, self.done))
                 self._errors_sent.clear()
                 self._find_lost_workers(now)
+                if self.journal is not None:
+                    self._journal_tick(now)
                 next_tick = now + _TICK_SECONDS
         log.info("broker stopping")
 
@@ -274,6 +316,10 @@ class Broker:
             self.gone_clients.discard(key)
             client = Client(ident, key, str(info.get("name", "")))
             self.peers[ident] = self.clients[key] = client
+            self.away.pop(key, None)
+            for ids, blobs in self.held.pop(key, ()):
+                # Before WELCOME, so that the client does not submit these again.
+                self._deliver(key, "", ids, blobs)
         elif msg.role == P.ROLE_WORKER:
             worker_id = info.get("worker_id")
             if not isinstance(worker_id, str) or not isinstance(info.get("slots"), int):
@@ -310,7 +356,18 @@ class Broker:
             self._refuse(client.ident, ProtocolError(
                 "SUBMIT has task ids outside this client's key", "malformed"))
             return
-        self.queue.append([ids, msg.blobs, 0])
+        blobs = msg.blobs
+        known = self.known
+        if known is not None:
+            if not known.isdisjoint(ids):  # submitted again: queue each task once
+                fresh = [(t, b) for t, b in zip(ids, blobs) if t not in known]
+                self.duplicate_submits += len(ids) - len(fresh)
+                if not fresh:
+                    return
+                ids, blobs = map(list, zip(*fresh))
+            known.update(ids)
+            self.journal.submit(ids, blobs)  # type: ignore[union-attr]
+        self.queue.append([ids, blobs, 0])
         self.queued += len(ids)
         self.submitted += len(ids)
 
@@ -337,11 +394,19 @@ class Broker:
     def _on_results(self, slot: Slot, msg: P.Results) -> None:
         self._add_credit(slot, msg.credit)
         inflight = slot.inflight
+        known = self.known
         groups: dict[int, tuple[list[int], list[bytes]]] = {}
         shift = P.ID_SHIFT
         for tid, blob in zip(msg.ids, msg.blobs):
-            if inflight.pop(tid, None) is None:
-                continue  # not held by this slot (cancelled client, or a late duplicate)
+            if known is None:
+                if inflight.pop(tid, None) is None:
+                    continue  # not held by this slot (cancelled client, or a late duplicate)
+            else:
+                # Journal: any unfinished task's first result counts, even one this slot
+                # no longer holds (sent again after a broker restart).
+                inflight.pop(tid, None)
+                if tid not in known:
+                    continue
             key = tid >> shift
             group = groups.get(key)
             if group is None:
@@ -358,9 +423,18 @@ class Broker:
             self._deliver(key, slot.name, ids, blobs)
 
     def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
+        """Send finished tasks' results to their client (journal: or hold them for it)."""
         if self.cancelled:
             self.cancelled.difference_update(ids)
         client = self.clients.get(key)
+        journal = self.journal
+        if journal is not None:
+            self.known.difference_update(ids)  # type: ignore[union-attr]
+            if client is None and key in self.away:
+                self.held.setdefault(key, []).append((ids, blobs))
+                journal.held(ids, blobs)
+                return
+            journal.done(ids)
         if client is not None:
             self._send(client.ident, P.Deliver(worker, ids, blobs))
 
@@ -374,7 +448,7 @@ class Broker:
         worker.last_seen = time.monotonic()
 
     def _on_bye(self, peer: Client | Worker | Slot, msg: P.Bye) -> None:
-        self._drop(peer)
+        self._drop(peer, left=True)
 
     def _on_slot_lost(self, worker: Worker, msg: P.SlotLost) -> None:
         worker.last_seen = time.monotonic()
@@ -400,11 +474,14 @@ class Broker:
                         worker.info.get("name"), now - worker.last_seen, held)
             self._drop(worker, lost=True)
 
-    def _drop(self, peer: Client | Worker | Slot, lost: bool = False) -> None:
+    def _drop(self, peer: Client | Worker | Slot, lost: bool = False,
+              left: bool = False) -> None:
         """Forget a peer; requeue what a slot held; drop a client's queued tasks.
 
         ``lost``: the peer vanished (no heartbeat) rather than leaving; each task it held
         counts an attempt, and a task at MAX_ATTEMPTS fails with WorkerLost.
+        ``left``: the peer said BYE. With a journal, a client that vanished without BYE
+        is only *away*: its tasks run and their results are held for CLIENT_HOLD_SECONDS.
         """
         if self.peers.get(peer.ident) is peer:
             del self.peers[peer.ident]
@@ -421,7 +498,47 @@ class Broker:
         elif isinstance(peer, Client):
             if self.clients.get(peer.key) is peer:
                 del self.clients[peer.key]
-                self.gone_clients.add(peer.key)
+                if self.journal is not None and not left:
+                    self.away[peer.key] = time.monotonic()
+                else:
+                    self._forget_client(peer.key)
+
+    def _forget_client(self, key: int) -> None:
+        """The client is gone for good: skip its queued tasks, drop its held results."""
+        self.gone_clients.add(key)
+        if self.journal is not None:
+            self.journal.gone(key)
+            self.held.pop(key, None)
+            self.away.pop(key, None)
+
+    def _journal_tick(self, now: float) -> None:
+        """Forget clients away too long; write and fsync; compact the journal if due."""
+        journal = self.journal
+        assert journal is not None and self.known is not None
+        for key in [k for k, since in self.away.items() if now - since > CLIENT_HOLD_SECONDS]:
+            log.warning("client %d has been away %.0f s: dropping its tasks and results",
+                        key, now - since)
+            self._forget_client(key)
+        journal.flush(now)
+        known = self.known
+        if not known and not self.held:
+            if journal.size:
+                journal.compact((), (), empty=True)
+        elif journal.wants_compaction():
+            journal.compact(self._unfinished(), [g for gs in self.held.values() for g in gs])
+
+    def _unfinished(self) -> Iterator[tuple[list[int], list[bytes]]]:
+        """Every unfinished task (running, then queued) in (ids, blobs) groups."""
+        known = self.known
+        assert known is not None
+        groups: list[Iterable[tuple[int, bytes]]] = [
+            s.inflight.items() for w in self.workers.values() for s in w.slots.values()]
+        groups += [zip(ids[pos:], blobs[pos:]) for ids, blobs, pos in self.queue]
+        for pairs in groups:
+            kept = [(t, b) for t, b in pairs if t in known]
+            if kept:
+                ids, blobs = zip(*kept)
+                yield list(ids), list(blobs)
 
     def _unready(self, slot: Slot) -> None:
         """Send this slot nothing more."""
@@ -510,7 +627,7 @@ class Broker:
             else:
                 chunk[2] = end
         self.queued -= len(ids)
-        if self.cancelled or self.gone_clients:
+        if self.cancelled or self.gone_clients or self.known is not None:
             ids, blobs = self._without_dropped(ids, blobs)
         if not queue:  # nothing left that a cancel or a departed client could refer to
             self.gone_clients.clear()
@@ -518,14 +635,22 @@ class Broker:
         return ids, blobs
 
     def _without_dropped(self, ids: list[int], blobs: list[bytes]) -> tuple[list, list]:
+        """Skip cancelled tasks, departed clients' tasks and (journal) finished ones."""
         cancelled, gone = self.cancelled, self.gone_clients
-        keep_ids, keep_blobs = [], []
+        known = self.known
+        keep_ids, keep_blobs, dropped = [], [], []
         for tid, blob in zip(ids, blobs):
             if tid in cancelled:
                 cancelled.discard(tid)
-            elif tid >> P.ID_SHIFT not in gone:
+                dropped.append(tid)
+            elif tid >> P.ID_SHIFT in gone:
+                dropped.append(tid)
+            elif known is None or tid in known:
                 keep_ids.append(tid)
                 keep_blobs.append(blob)
+        if dropped and known is not None:
+            known.difference_update(dropped)
+            self.journal.done(dropped)  # type: ignore[union-attr]
         return keep_ids, keep_blobs
 
     # -- status ------------------------------------------------------------------------
@@ -557,16 +682,25 @@ class Broker:
             "running": sum(len(s.inflight) for w in self.workers.values() for s in w.slots.values()),
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
             "tasks_per_second": round(rate, 1), "worker_list": workers,
+            "journal": None if self.journal is None else {
+                "path": self.journal.path, "bytes": self.journal.size,
+                "fsync": self.journal.fsync, "writes": self.journal.writes,
+                "syncs": self.journal.syncs, "compactions": self.journal.compactions,
+                "held_results": sum(len(ids) for g in self.held.values() for ids, _ in g),
+                "away_clients": len(self.away), "duplicate_submits": self.duplicate_submits,
+            },
         }
 
 
-def run_broker(listen: str, *, ready_line: bool = True) -> int:
+def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interval",
+               ready_line: bool = True) -> int:
     """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
 
+    ``journal``: a directory for the journal (see :mod:`zfalkon.journal`), or None.
     Prints ``zfalkon broker listening on ADDRESS`` on stdout once bound (LocalCluster and
     scripts read it to learn the port when ``--listen`` gave port 0).
     """
-    broker = Broker(listen)
+    broker = Broker(listen, Journal(journal, fsync) if journal else None)
     address = broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)

@@ -15,12 +15,13 @@ from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, OUTPUT_CAP_BYTES
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import ConfigError, ZfalkonError
+from zfalkon.journal import FSYNC_POLICIES
 
 
 def _broker(args: argparse.Namespace) -> int:
     from zfalkon.broker import run_broker
 
-    return run_broker(args.listen)
+    return run_broker(args.listen, journal=args.journal, fsync=args.fsync)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run a broker")
     p.add_argument("--listen", default=f"tcp://0.0.0.0:{DEFAULT_PORT}",
                    help=f"tcp://HOST:PORT to listen on (default port {DEFAULT_PORT}; 0 = any)")
+    p.add_argument("--journal", metavar="DIR",
+                   help="log accepted tasks and results in DIR; a restarted broker runs "
+                        "every unfinished task again (see README, Delivery semantics)")
+    p.add_argument("--fsync", choices=FSYNC_POLICIES, default="interval",
+                   help="when the journal is flushed to disk: after every write "
+                        "(always), once a second (interval, default) or never; a killed "
+                        "broker loses nothing either way, a crashed machine up to that")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("worker", help="run a worker agent that connects out to a broker")

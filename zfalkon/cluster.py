@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from zfalkon.client import query_status
 from zfalkon.constants import STOP_GRACE_SECONDS
@@ -29,6 +29,7 @@ class LocalCluster:
         rtt_ms: put the workers behind an emulated link with this round-trip time (a
             :mod:`zfalkon.linkproxy` process adding half of it each way); clients still
             connect to the broker directly.
+        broker_args: extra ``zfalkon broker`` options (e.g. ``["--journal", DIR]``).
 
     Use as a context manager; :attr:`address` is the broker's ``tcp://127.0.0.1:PORT``.
     """
@@ -36,7 +37,7 @@ class LocalCluster:
     def __init__(self, workers: int = 2, slots_per_worker: int = 1, *, host: str = "127.0.0.1",
                  port: int = 0, env: Mapping[str, str] | None = None,
                  startup_timeout: float = 30.0, log_level: str = "WARNING",
-                 rtt_ms: float = 0.0) -> None:
+                 rtt_ms: float = 0.0, broker_args: Sequence[str] = ()) -> None:
         if workers < 0 or slots_per_worker < 1 or rtt_ms < 0:
             raise ConfigError("workers must be >= 0, slots_per_worker >= 1, rtt_ms >= 0")
         self.workers = workers
@@ -47,6 +48,7 @@ class LocalCluster:
         self.startup_timeout = startup_timeout
         self.log_level = log_level
         self.rtt_ms = rtt_ms
+        self.broker_args = list(broker_args)
         self.address = ""
         self.worker_address = ""  # where workers connect: the broker, or the link proxy
         self.broker: subprocess.Popen | None = None
@@ -76,15 +78,18 @@ class LocalCluster:
             raise
 
     def _start_broker(self) -> None:
-        self.broker, self.address = self._start_announcing(
-            self._cmd("broker", "--listen", f"tcp://{self.host}:{self.port}"),
-            "zfalkon broker listening on ", "broker")
+        self.broker, self.address = self._launch_broker(self.port)
         self.worker_address = self.address
         if self.rtt_ms > 0:
             self.proxy, self.worker_address = self._start_announcing(
                 [sys.executable, "-m", "zfalkon.linkproxy", "--target", self.address,
                  "--delay-ms", str(self.rtt_ms / 2)],
                 "zfalkon linkproxy listening on ", "link proxy")
+
+    def _launch_broker(self, port: int) -> tuple[subprocess.Popen, str]:
+        return self._start_announcing(
+            self._cmd("broker", "--listen", f"tcp://{self.host}:{port}", *self.broker_args),
+            "zfalkon broker listening on ", "broker")
 
     def _start_announcing(self, cmd: list[str], prefix: str,
                           what: str) -> tuple[subprocess.Popen, str]:
@@ -143,9 +148,7 @@ class LocalCluster:
             old.stdout.close()
         self._announcers.remove(old)
         port = int(self.address.rpartition(":")[2])
-        self.broker, address = self._start_announcing(
-            self._cmd("broker", "--listen", f"tcp://{self.host}:{port}"),
-            "zfalkon broker listening on ", "broker")
+        self.broker, address = self._launch_broker(port)
         self._announcers.insert(0, self.broker)
         assert address == self.address, (address, self.address)
 

@@ -58,6 +58,10 @@ RESULT_FLUSH_SECONDS = 0.005
 #: Client: tasks ``Executor.map`` keeps submitted ahead of the consumer.
 MAP_BUFFER = 65536
 
+#: With a journal, a client that vanished without BYE may come back (with its key) for
+#: this long: its tasks keep running and their results are held for it.
+CLIENT_HOLD_SECONDS = 3600.0
+
 #: Seconds a process being stopped gets between SIGTERM and SIGKILL.
 STOP_GRACE_SECONDS = 10.0
 

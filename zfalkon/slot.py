@@ -4,6 +4,11 @@ Each slot holds its own DEALER connection to the broker (one hop from broker to 
 that runs a task; see docs/protocol.md, "Why slots connect directly"). It asks for work with
 credit, runs tasks one at a time, and returns results in batches that carry its next credit.
 
+A slot keeps each RESULTS batch it sent until a PONG to a later PING proves the broker
+read it; after registering with a restarted broker it sends those batches again (a broker
+with a journal takes them; the results of tasks finished while the broker was away are not
+lost).
+
 Before each task the slot writes the task id into a small shared file (the *state file*);
 if the slot dies, its agent reads that id and reports which task killed it.
 
@@ -120,6 +125,8 @@ class Slot:
         self.result_blobs: list[bytes] = []
         self.result_bytes = 0
         self.failed = 0
+        # RESULTS sent and not yet known to have arrived: (sent, failed, ids, blobs).
+        self.unconfirmed: collections.deque[tuple[float, int, list, list]] = collections.deque()
         self.first_result_at = 0.0
         self.mean_seconds = -1.0  # running estimate of one task's duration (-1: none yet)
         self.rtt = 0.0  # smoothed round trip to the broker (PING/PONG; 0 until the first)
@@ -172,9 +179,7 @@ class Slot:
                     # round trip with a PING instead.
                     self.owed = 2  # start shallow: two tasks, then size by measured duration
                     self._send(P.Credit(self.owed))
-                    now = time.monotonic()
-                    self._send(P.Ping(now))
-                    self.next_ping = now + PING_SECONDS
+                    self._ping(time.monotonic())
                     return 0
                 if isinstance(msg, P.Error):
                     log.error("broker refused slot %d: %s", self.index, msg.message)
@@ -198,8 +203,11 @@ class Slot:
                     self._flush()
                 if self.stopping:
                     return
-                if self.hello_due and time.monotonic() >= self.hello_due:
+                now = time.monotonic()
+                if self.hello_due and now >= self.hello_due:
                     self._hello()
+                elif self.unconfirmed and now >= self.next_ping:
+                    self._ping(now)  # idle: confirm the last results
                 if not poller.poll(_IDLE_POLL_MS):
                     if os.getppid() != self.parent:
                         log.warning("slot %d: agent is gone, exiting", self.index)
@@ -250,18 +258,33 @@ class Slot:
             if isinstance(msg, P.Tasks):
                 self.queue.extend(zip(msg.ids, msg.blobs))
             elif isinstance(msg, P.Welcome):  # registered again with a new broker
+                now = time.monotonic()
+                resent = self.unconfirmed
+                self.unconfirmed = collections.deque()
+                for _, failed, ids, blobs in resent:
+                    self._send(P.Results(0, failed, ids, blobs))
+                    self.unconfirmed.append((now, failed, ids, blobs))
                 self.owed = len(self.queue) + 2  # what it holds, and two more to start
                 self._send(P.Credit(2))
-                log.warning("slot %d registered again", self.index)
+                self._ping(now)
+                log.warning("slot %d registered again; sent %d results again", self.index,
+                            sum(len(r[2]) for r in resent))
             elif isinstance(msg, P.Error) and msg.code in ("hello-required", "bad-hello"):
                 # A new broker: register again (after our agent has, if it has not yet).
                 if not self.hello_due:
                     self.hello_due = time.monotonic() + (0 if msg.code == "hello-required" else 1)
             elif isinstance(msg, P.Pong):
+                unconfirmed = self.unconfirmed
+                while unconfirmed and unconfirmed[0][0] <= msg.sent:
+                    unconfirmed.popleft()  # the broker read this batch before the PING
                 sample = time.monotonic() - msg.sent
                 self.rtt = sample if self.rtt == 0 else self.rtt + _EWMA * (sample - self.rtt)
             elif isinstance(msg, P.Error):
                 log.error("broker says: %s (%s)", msg.message, msg.code)
+
+    def _ping(self, now: float) -> None:
+        self._send(P.Ping(now))
+        self.next_ping = now + PING_SECONDS
 
     def _flush(self) -> None:
         """Send finished results with the credit that keeps the window full."""
@@ -270,9 +293,9 @@ class Slot:
         self.owed += credit
         self._send(P.Results(credit, self.failed, self.result_ids, self.result_blobs))
         now = time.monotonic()
+        self.unconfirmed.append((now, self.failed, self.result_ids, self.result_blobs))
         if now >= self.next_ping:
-            self._send(P.Ping(now))
-            self.next_ping = now + PING_SECONDS
+            self._ping(now)
         self.result_ids = []
         self.result_blobs = []
         self.result_bytes = 0
