@@ -421,7 +421,7 @@ def test_queued_tasks_of_a_client_that_said_bye_are_dropped(ctx, tmp_path):
     with broker_process() as (_, address):  # no worker yet: everything stays queued
         conn = Raw(ctx, address)
         try:
-            ids = submit_markers(conn, marker)
+            submit_markers(conn, marker)
             conn.send_msg(P.Bye("leaving"))
             wait_until(lambda: query_status(address)["clients"] == 1, 5,
                        message="client dropped")  # only the status query is left

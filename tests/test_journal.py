@@ -266,3 +266,29 @@ def test_results_finished_while_the_broker_was_away_are_not_run_again(tmp_path):
         cluster.restart_broker(kill=True)
         assert [f.result(timeout=30).returncode for f in futures] == [0] * 5
     assert runs.read_text().split() == [str(i) for i in range(5)]
+
+
+def test_a_client_away_too_long_is_forgotten(tmp_path):
+    """In-process broker (never bound): an away client's tasks and results go after
+    CLIENT_HOLD_SECONDS, and the journal records it."""
+    from zfalkon.broker import Broker
+    from zfalkon.constants import CLIENT_HOLD_SECONDS
+
+    j = Journal(str(tmp_path))
+    j.submit(ids(1, 2), blobs(2))
+    j.held(ids(3), [b"r"])
+    j.flush(time.monotonic())
+    j.close()
+    broker = Broker("tcp://127.0.0.1:0", Journal(str(tmp_path)))
+    try:
+        assert broker.away.keys() == {KEY} and broker.queued == 2
+        now = time.monotonic()
+        broker._journal_tick(now)  # not away long enough yet
+        assert broker.held and KEY not in broker.gone_clients
+        broker._journal_tick(now + CLIENT_HOLD_SECONDS + 1)
+        assert not broker.held and not broker.away and KEY in broker.gone_clients
+        assert broker._take(10) == ([], [])  # its queued tasks are skipped
+    finally:
+        broker.close()
+    got = Journal(str(tmp_path)).replay()
+    assert got.tasks == {} and got.held == {}

@@ -515,10 +515,11 @@ class Broker:
         """Forget clients away too long; write and fsync; compact the journal if due."""
         journal = self.journal
         assert journal is not None and self.known is not None
-        for key in [k for k, since in self.away.items() if now - since > CLIENT_HOLD_SECONDS]:
-            log.warning("client %d has been away %.0f s: dropping its tasks and results",
-                        key, now - since)
-            self._forget_client(key)
+        for key, since in list(self.away.items()):
+            if now - since > CLIENT_HOLD_SECONDS:
+                log.warning("client %d has been away %.0f s: dropping its tasks and results",
+                            key, now - since)
+                self._forget_client(key)
         journal.flush(now)
         known = self.known
         if not known and not self.held:
