@@ -21,7 +21,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from zfalkon.client import Executor, query_status
+from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import ConfigError
 
@@ -78,28 +78,32 @@ def run_workload(ex: Executor, kind: str, tasks: int, task_seconds: float,
 
 @contextlib.contextmanager
 def _cluster(address: str | None, workers: int, slots: int, rtt_ms: float,
-             swarm: int) -> Iterator[str]:
-    """The broker to measure: ``address``, or a LocalCluster (real or simulated workers,
-    optionally behind an emulated link of ``rtt_ms``)."""
+             swarm: int, secure: bool) -> Iterator[tuple[str, str | None]]:
+    """The broker to measure and the client keys to use: ``address`` (keys from
+    ``$ZFALKON_KEYS``), or a LocalCluster (real or simulated workers, optionally behind an
+    emulated link of ``rtt_ms``, optionally with CurveZMQ keys)."""
     if address:
-        if rtt_ms or swarm:
-            raise ConfigError("--rtt-ms and --swarm need the local cluster (no --broker)")
-        yield address
+        if rtt_ms or swarm or secure:
+            raise ConfigError("--rtt-ms, --swarm and --secure need the local cluster "
+                              "(no --broker; for a broker with keys set $ZFALKON_KEYS)")
+        yield address, None
         return
+    if swarm and secure:
+        raise ConfigError("--swarm workers do not use keys; drop --secure")
     with LocalCluster(workers=0 if swarm else workers, slots_per_worker=slots,
-                      rtt_ms=rtt_ms) as cluster:
+                      rtt_ms=rtt_ms, secure=secure) as cluster:
         if swarm:
             from zfalkon.swarm import Swarm
 
             with Swarm(cluster.worker_address, workers=swarm, slots_per_worker=slots, window=0):
-                yield cluster.address
+                yield cluster.address, None
         else:
-            yield cluster.address
+            yield cluster.address, cluster.client_keys
 
 
 def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
               tasks: int = 200_000, kind: str = "noop", task_seconds: float = 0.0,
-              repeat: int = 1, rtt_ms: float = 0.0, swarm: int = 0,
+              repeat: int = 1, rtt_ms: float = 0.0, swarm: int = 0, secure: bool = False,
               progress: bool = False) -> dict:
     """Run the benchmark; return the figures (the ``--json`` object)."""
     if kind not in KINDS:
@@ -108,8 +112,9 @@ def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
         raise ConfigError("--tasks and --repeat must be at least 1")
     if kind == "sleep" and task_seconds <= 0:
         raise ConfigError("--kind sleep needs --task-seconds > 0")
-    with _cluster(address, workers, slots, rtt_ms, swarm) as addr, Executor(addr) as ex:
-        total_slots = query_status(addr)["slots"]
+    with _cluster(address, workers, slots, rtt_ms, swarm, secure) as (addr, keys), \
+            Executor(addr, keys=keys) as ex:
+        total_slots = ex.status()["slots"]
         runs = []
         errors = 0
         for _ in range(repeat):
@@ -123,6 +128,7 @@ def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
         "workers": (swarm or workers) if address is None else None,
         "simulated_workers": bool(swarm),
         "rtt_ms": rtt_ms,
+        "secure": secure,
         "slots": total_slots,
         "task_seconds": task_seconds,
         "repeat": repeat,
@@ -148,6 +154,7 @@ def format_table(figures: dict) -> str:
         ("workers / slots", f"{figures['workers'] or '?'} / {figures['slots']}"
                             + (" (simulated)" if figures["simulated_workers"] else "")),
         ("link round trip", f"{figures['rtt_ms']:g} ms added" if figures["rtt_ms"] else "loopback"),
+        ("security", "CurveZMQ keys" if figures.get("secure") else "none (loopback)"),
         ("tasks", f"{figures['tasks']:,}"),
         ("wall seconds (median)", f"{figures['wall_seconds']:.3f}"),
         ("tasks per second", f"{figures['tasks_per_second']:,.0f}"),

@@ -46,7 +46,8 @@ from zfalkon.constants import (
 )
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.journal import Journal
-from zfalkon.net import Waker, listen_endpoint, make_socket
+from zfalkon.net import Waker, is_loopback, listen_endpoint, make_socket
+from zfalkon.security import BrokerAuthenticator, BrokerKeys
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -121,10 +122,25 @@ class Broker:
     """Serves clients and workers on one ROUTER socket; see the module docstring."""
 
     def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}",
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, keys: BrokerKeys | None = None,
+                 insecure: bool = False) -> None:
         self.endpoint = listen_endpoint(listen)
+        if keys is None and not insecure and not is_loopback(self.endpoint):
+            raise ConfigError(
+                f"refusing to listen on {self.endpoint} without --keys: anyone who can reach "
+                "it could run code on every worker. Create keys (zfalkon keys init DIR) and "
+                "pass --keys DIR, or pass --insecure to accept the risk")
         self.ctx = zmq.Context()
+        self.keys = keys
+        self.auth: BrokerAuthenticator | None = None
         self.sock = make_socket(self.ctx, zmq.ROUTER, self.endpoint)
+        if keys is not None:
+            # The ZAP handler runs in this context before the socket binds: no window in
+            # which a connection is accepted unauthenticated.
+            self.auth = BrokerAuthenticator(self.ctx, keys)
+            self.auth.start()
+            keys.serve(self.sock)
+        self.bound: dict[bytes, str] = {}  # keys: routing id -> "ROLE:NAME" of its key
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -208,6 +224,8 @@ class Broker:
         if self.journal is not None:
             self.journal.close()
         self.sock.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self._waker.close()
 
@@ -241,12 +259,18 @@ class Broker:
 
     def _receive(self) -> None:
         sock = self.sock
+        secure = self.keys is not None
         for _ in range(_RECV_BURST):
             if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
-            self._handle(sock.recv_multipart())
+            if secure:
+                parts = sock.recv_multipart(copy=False)
+                self._handle([p.bytes for p in parts], parts[-1].get("User-Id"))
+            else:
+                self._handle(sock.recv_multipart())
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], user: str | None = None) -> None:
+        """One message. ``user``: with keys, the ``ROLE:NAME`` its connection proved."""
         ident = frames[0]
         if len(frames) != 2:
             self._refuse(ident, ProtocolError(
@@ -258,6 +282,8 @@ class Broker:
             self._refuse(ident, exc)
             return
         peer = self.peers.get(ident)
+        if user is not None and not self._authorized(ident, msg, user):
+            return
         if type(msg) is P.Hello:
             self._on_hello(ident, peer, msg)
             return
@@ -273,6 +299,22 @@ class Broker:
                 "not-allowed"))
             return
         handler(peer, msg)
+
+    def _authorized(self, ident: bytes, msg: P.Message, user: str) -> bool:
+        """With keys: a key acts only in its role, and a routing id belongs to one key."""
+        bound = self.bound.get(ident)
+        if bound is not None and bound != user:
+            self._refuse(ident, ProtocolError(
+                f"routing id {ident.hex()} belongs to another key", "unauthorized"))
+            return False
+        if type(msg) is P.Hello:
+            role = user.partition(":")[0]
+            if msg.role not in ((P.ROLE_WORKER, P.ROLE_SLOT) if role == "worker" else (role,)):
+                self._refuse(ident, ProtocolError(
+                    f"key {user} may not register as a {msg.role}", "unauthorized"))
+                return False
+            self.bound[ident] = user
+        return True
 
     def _refuse(self, ident: bytes, exc: ProtocolError) -> None:
         """Log (rate-limited) and answer ERROR, at most _ERRORS_PER_TICK a tick per peer:
@@ -485,6 +527,7 @@ class Broker:
         """
         if self.peers.get(peer.ident) is peer:
             del self.peers[peer.ident]
+            self.bound.pop(peer.ident, None)
         if isinstance(peer, Slot):
             peer.worker.slots.pop(peer.ident, None)
             self._unready(peer)
@@ -694,14 +737,21 @@ class Broker:
 
 
 def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interval",
+               keys: str | None = None, insecure: bool = False,
                ready_line: bool = True) -> int:
     """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
 
     ``journal``: a directory for the journal (see :mod:`zfalkon.journal`), or None.
+    ``keys``: a broker key directory (see :mod:`zfalkon.security`): CurveZMQ on, only
+    allow-listed keys. Without keys a non-loopback ``listen`` needs ``insecure``.
     Prints ``zfalkon broker listening on ADDRESS`` on stdout once bound (LocalCluster and
     scripts read it to learn the port when ``--listen`` gave port 0).
     """
-    broker = Broker(listen, Journal(journal, fsync) if journal else None)
+    if insecure and not keys and not is_loopback(listen_endpoint(listen)):
+        log.warning("INSECURE: listening on %s with no keys: no encryption, and anyone who "
+                    "can connect can run code on every worker and read every result", listen)
+    broker = Broker(listen, Journal(journal, fsync) if journal else None,
+                    BrokerKeys(keys) if keys else None, insecure)
     address = broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)

@@ -11,7 +11,7 @@ import sys
 from typing import Iterator
 
 from zfalkon._version import __version__
-from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, OUTPUT_CAP_BYTES
+from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, OUTPUT_CAP_BYTES
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import ConfigError, ZfalkonError
@@ -21,20 +21,48 @@ from zfalkon.journal import FSYNC_POLICIES
 def _broker(args: argparse.Namespace) -> int:
     from zfalkon.broker import run_broker
 
-    return run_broker(args.listen, journal=args.journal, fsync=args.fsync)
+    return run_broker(args.listen, journal=args.journal, fsync=args.fsync, keys=args.keys,
+                      insecure=args.insecure)
 
 
 def _worker(args: argparse.Namespace) -> int:
     from zfalkon.worker import run_worker
 
     return run_worker(args.broker, slots=args.slots, name=args.name, tags=args.tag,
-                      output_cap=args.output_cap, log_level=args.log_level)
+                      output_cap=args.output_cap, log_level=args.log_level, keys=args.keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from zfalkon import security
+
+    if args.keys_command == "init":
+        public = security.init_keys(args.dir)
+        print(f"created broker keys in {args.dir}; the broker's public key is {public}\n"
+              f"start the broker with: zfalkon broker --keys {args.dir}")
+    elif args.keys_command == "new":
+        bundle = security.new_key(_key_dir(args), args.name, args.role, args.out)
+        print(f"authorized {args.role} key {args.name!r}; its bundle (secret: copy it "
+              f"privately) is {bundle}\nuse it with: --keys {bundle}")
+    elif args.keys_command == "list":
+        for k in security.list_keys(_key_dir(args)):
+            print(f"{k.role:<7} {k.name:<32} {k.public}{'  REVOKED' if k.revoked else ''}")
+    else:
+        k = security.revoke(_key_dir(args), args.name)
+        print(f"revoked {k.role} key {k.name!r}: new connections with it are refused")
+    return 0
+
+
+def _key_dir(args: argparse.Namespace) -> str:
+    directory = args.dir or os.environ.get(KEY_DIR_ENV)
+    if not directory:
+        raise ConfigError(f"name the broker's key directory: --dir DIR or ${KEY_DIR_ENV}")
+    return directory
 
 
 def _status(args: argparse.Namespace) -> int:
     from zfalkon.client import query_status
 
-    info = query_status(args.broker, timeout=args.timeout)
+    info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -51,11 +79,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _executor(broker: str | None, workers: int | None) -> Iterator[Executor]:
+def _executor(broker: str | None, workers: int | None, keys: str | None) -> Iterator[Executor]:
     """An Executor on ``broker`` ($ZFALKON_BROKER), else on a LocalCluster of ``workers``."""
     broker = broker or (None if workers else os.environ.get(BROKER_ENV))
     if broker:
-        with Executor(broker) as ex:
+        with Executor(broker, keys=keys) as ex:
             yield ex
     else:
         with LocalCluster(workers=workers or os.cpu_count() or 1) as cluster, \
@@ -78,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         source = open(args.taskfile, encoding="utf-8")
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        with source, _executor(args.broker, args.workers) as ex:
+        with source, _executor(args.broker, args.workers, args.keys) as ex:
             summary = run_tasks(ex, read_tasks(source), out, timeout=args.timeout,
                                 total=total, progress=sys.stderr.isatty())
     finally:
@@ -94,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     figures = run_bench(args.broker, workers=args.workers, slots=args.slots, tasks=args.tasks,
                         kind=args.kind, task_seconds=args.task_seconds, repeat=args.repeat,
-                        rtt_ms=args.rtt_ms, swarm=args.swarm,
+                        rtt_ms=args.rtt_ms, swarm=args.swarm, secure=args.secure,
                         progress=sys.stderr.isatty() and not args.json)
     print(json.dumps(figures) if args.json else format_table(figures))
     return 0 if figures["errors"] == 0 else 1
@@ -117,7 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the journal is flushed to disk: after every write "
                         "(always), once a second (interval, default) or never; a killed "
                         "broker loses nothing either way, a crashed machine up to that")
+    p.add_argument("--keys", metavar="DIR",
+                   help="broker key directory (zfalkon keys init): CurveZMQ encryption, and "
+                        "only allow-listed worker and client keys may connect")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without --keys")
     p.set_defaults(func=_broker)
+
+    p = sub.add_parser("keys", help="create, list and revoke CurveZMQ keys")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("init", help="create a broker key directory")
+    k.add_argument("dir")
+    k = keys.add_parser("new", help="create and authorize a worker or client key")
+    k.add_argument("name")
+    k.add_argument("--role", choices=["worker", "client"], required=True)
+    k.add_argument("--dir", help=f"the broker's key directory (default ${KEY_DIR_ENV})")
+    k.add_argument("--out", help="where to write the bundle (default DIR/issued/NAME)")
+    k = keys.add_parser("list", help="list authorized and revoked keys")
+    k.add_argument("--dir", help=f"the broker's key directory (default ${KEY_DIR_ENV})")
+    k = keys.add_parser("revoke", help="take a key's authorization back (no restart needed)")
+    k.add_argument("name")
+    k.add_argument("--dir", help=f"the broker's key directory (default ${KEY_DIR_ENV})")
+    p.set_defaults(func=_keys)
 
     p = sub.add_parser("worker", help="run a worker agent that connects out to a broker")
     p.add_argument("--broker", required=True, help="tcp://HOST:PORT of the broker")
@@ -126,12 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], help="a tag to register (repeatable)")
     p.add_argument("--output-cap", type=int, default=OUTPUT_CAP_BYTES,
                    help="bytes of stdout/stderr kept per shell task")
+    p.add_argument("--keys", metavar="BUNDLE",
+                   help="this worker's key bundle (zfalkon keys new NAME --role worker)")
     p.set_defaults(func=_worker)
 
     p = sub.add_parser("status", help="show a broker's counters and workers")
     p.add_argument("--broker", default=None, help=f"tcp://HOST:PORT (default ${BROKER_ENV})")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
     p.set_defaults(func=_status)
 
     p = sub.add_parser("run", help="run a task file: one shell command per line")
@@ -143,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="JSON lines file (default stdout)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per task")
     p.add_argument("taskfile", help="task file, or - for standard input")
+    p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("bench", help="measure tasks per second")
@@ -158,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the workers behind an emulated link of this round trip")
     p.add_argument("--swarm", type=int, default=0, metavar="N",
                    help="N simulated workers (sleep tasks without processes) instead of real ones")
+    p.add_argument("--secure", action="store_true",
+                   help="local cluster with CurveZMQ keys (measures encryption's cost)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     return parser

@@ -42,6 +42,7 @@ from zfalkon.errors import (
 )
 from zfalkon.net import Waker, broker_endpoint, make_socket
 from zfalkon.payload import ShellResult
+from zfalkon.security import PeerKeys, peer_keys
 
 log = logging.getLogger("zfalkon.client")
 
@@ -58,11 +59,16 @@ def _resolve_address(address: str | None) -> str:
     return broker_endpoint(address)
 
 
-def _handshake(sock: zmq.Socket, address: str, role_info: dict, timeout: float) -> P.Welcome:
+def _handshake(sock: zmq.Socket, address: str, role_info: dict, timeout: float,
+               keys: PeerKeys | None) -> P.Welcome:
     """Send HELLO and wait for WELCOME; raise a clear error for anything else."""
     sock.send(P.encode(P.hello(P.ROLE_CLIENT, role_info)))
     if not sock.poll(timeout * 1000):
-        raise BrokerUnavailable(f"no answer from a zfalkon broker at {address} within {timeout:g} s")
+        raise BrokerUnavailable(
+            f"no answer from a zfalkon broker at {address} within {timeout:g} s" + (
+                f" (with keys {keys.directory}: is the key {keys.name!r} authorized as a "
+                "client, not revoked, and its broker.key this broker's?)" if keys else
+                " (if the broker uses --keys, pass keys=BUNDLE or set $ZFALKON_KEYS)"))
     msg = P.decode(sock.recv())
     if isinstance(msg, P.Error):
         raise error_from(msg, f"broker at {address} refused this client")
@@ -85,15 +91,20 @@ def _check_size(blob: bytes) -> bytes:
     return blob
 
 
-def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS) -> dict:
-    """Ask a broker for its status (counters and worker list) over a short connection."""
+def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS,
+                 keys: str | None = None) -> dict:
+    """Ask a broker for its status (counters and worker list) over a short connection.
+
+    ``keys``: a client key bundle (default ``$ZFALKON_KEYS``) for a broker with keys.
+    """
     endpoint = _resolve_address(address)
+    bundle = peer_keys(keys)
     ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.DEALER, endpoint)
+    sock = make_socket(ctx, zmq.DEALER, endpoint, bundle)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        _handshake(sock, endpoint, {"name": "status"}, timeout)
+        _handshake(sock, endpoint, {"name": "status"}, timeout, bundle)
         sock.send(P.encode(P.StatusRequest()))
         if not sock.poll(timeout * 1000):
             raise BrokerUnavailable(f"broker at {endpoint} did not answer STATUS")
@@ -259,6 +270,8 @@ class Executor(cf.Executor):
         name: shown in the broker's status; defaults to ``host-pid``.
         connect_timeout: seconds to wait for the broker's welcome before raising
             :class:`~zfalkon.errors.BrokerUnavailable`.
+        keys: a client key bundle directory (``zfalkon keys new NAME --role client``) for
+            a broker started with ``--keys``; defaults to ``$ZFALKON_KEYS``.
 
     Callables travel by reference (``module:qualname``) and must be importable on the
     workers; arguments and results are msgpack values. Example::
@@ -269,10 +282,12 @@ class Executor(cf.Executor):
     """
 
     def __init__(self, address: str | None = None, *, name: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+                 keys: str | None = None) -> None:
         self.address = _resolve_address(address)
+        bundle = peer_keys(keys)
         self._ctx = zmq.Context()
-        self._sock = make_socket(self._ctx, zmq.DEALER, self.address)
+        self._sock = make_socket(self._ctx, zmq.DEALER, self.address, bundle)
         self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.SNDHWM, 0)
@@ -280,7 +295,8 @@ class Executor(cf.Executor):
         self._sock_fd = self._sock.getsockopt(zmq.FD)
         self._name = name or f"{os.uname().nodename}-{os.getpid()}"
         try:
-            welcome = _handshake(self._sock, self.address, {"name": self._name}, connect_timeout)
+            welcome = _handshake(self._sock, self.address, {"name": self._name},
+                                 connect_timeout, bundle)
         except BaseException:
             self._sock.close(0)
             self._ctx.term()

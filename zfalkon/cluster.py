@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Mapping, Sequence
 
@@ -30,6 +32,8 @@ class LocalCluster:
             :mod:`zfalkon.linkproxy` process adding half of it each way); clients still
             connect to the broker directly.
         broker_args: extra ``zfalkon broker`` options (e.g. ``["--journal", DIR]``).
+        secure: run with CurveZMQ: fresh keys in a private temporary directory, one worker
+            key for every worker and :attr:`client_keys`, a client bundle, for Executors.
 
     Use as a context manager; :attr:`address` is the broker's ``tcp://127.0.0.1:PORT``.
     """
@@ -37,7 +41,8 @@ class LocalCluster:
     def __init__(self, workers: int = 2, slots_per_worker: int = 1, *, host: str = "127.0.0.1",
                  port: int = 0, env: Mapping[str, str] | None = None,
                  startup_timeout: float = 30.0, log_level: str = "WARNING",
-                 rtt_ms: float = 0.0, broker_args: Sequence[str] = ()) -> None:
+                 rtt_ms: float = 0.0, broker_args: Sequence[str] = (),
+                 secure: bool = False) -> None:
         if workers < 0 or slots_per_worker < 1 or rtt_ms < 0:
             raise ConfigError("workers must be >= 0, slots_per_worker >= 1, rtt_ms >= 0")
         self.workers = workers
@@ -49,6 +54,10 @@ class LocalCluster:
         self.log_level = log_level
         self.rtt_ms = rtt_ms
         self.broker_args = list(broker_args)
+        self.secure = secure
+        self.key_dir: str | None = None
+        self.client_keys: str | None = None  # with secure: pass as Executor(keys=...)
+        self._worker_keys: list[str] = []
         self.address = ""
         self.worker_address = ""  # where workers connect: the broker, or the link proxy
         self.broker: subprocess.Popen | None = None
@@ -78,6 +87,8 @@ class LocalCluster:
             raise
 
     def _start_broker(self) -> None:
+        if self.secure:
+            self._make_keys()
         self.broker, self.address = self._launch_broker(self.port)
         self.worker_address = self.address
         if self.rtt_ms > 0:
@@ -85,6 +96,16 @@ class LocalCluster:
                 [sys.executable, "-m", "zfalkon.linkproxy", "--target", self.address,
                  "--delay-ms", str(self.rtt_ms / 2)],
                 "zfalkon linkproxy listening on ", "link proxy")
+
+    def _make_keys(self) -> None:
+        from zfalkon import security
+
+        self.key_dir = tempfile.mkdtemp(prefix="zfalkon-keys-")
+        keys = os.path.join(self.key_dir, "broker")
+        security.init_keys(keys)
+        self.client_keys = security.new_key(keys, "cluster-client", "client")
+        self._worker_keys = ["--keys", security.new_key(keys, "cluster-worker", "worker")]
+        self.broker_args += ["--keys", keys]
 
     def _launch_broker(self, port: int) -> tuple[subprocess.Popen, str]:
         return self._start_announcing(
@@ -114,7 +135,7 @@ class LocalCluster:
         """Start one more worker agent; return its process."""
         proc = subprocess.Popen(
             self._cmd("worker", "--broker", self.worker_address,
-                      "--slots", str(slots or self.slots_per_worker)),
+                      "--slots", str(slots or self.slots_per_worker), *self._worker_keys),
             env=self.env)
         self.worker_procs.append(proc)
         return proc
@@ -124,7 +145,7 @@ class LocalCluster:
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         status: dict = {}
         while time.monotonic() < deadline:
-            status = query_status(self.address, timeout=5.0)
+            status = query_status(self.address, timeout=5.0, keys=self.client_keys)
             if status["slots"] >= slots:
                 return status
             dead = [p.pid for p in self.worker_procs if p.poll() is not None]
@@ -154,7 +175,7 @@ class LocalCluster:
 
     def status(self) -> dict:
         """The broker's status."""
-        return query_status(self.address)
+        return query_status(self.address, keys=self.client_keys)
 
     def stop(self) -> None:
         """SIGTERM the workers (they drain), then the broker; SIGKILL any that linger."""
@@ -166,6 +187,9 @@ class LocalCluster:
                 proc.stdout.close()
         self._announcers = []
         self.broker = self.proxy = None
+        if self.key_dir is not None:
+            shutil.rmtree(self.key_dir, ignore_errors=True)
+            self.key_dir = None
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:

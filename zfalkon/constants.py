@@ -67,3 +67,7 @@ STOP_GRACE_SECONDS = 10.0
 
 #: Environment variable naming the broker for clients and the CLI.
 BROKER_ENV = "ZFALKON_BROKER"
+#: Environment variable naming a key bundle (``--keys``) for clients and the CLI.
+KEYS_ENV = "ZFALKON_KEYS"
+#: Environment variable naming the broker's key directory for ``zfalkon keys``.
+KEY_DIR_ENV = "ZFALKON_KEY_DIR"

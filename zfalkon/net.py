@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import threading
+from typing import TYPE_CHECKING
 
 import zmq
 
 from zfalkon.constants import DEFAULT_PORT, HEARTBEAT_MISSES, HEARTBEAT_SECONDS
 from zfalkon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from zfalkon.security import PeerKeys
 
 _ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+)(?::([0-9]+|\*))?")
 
@@ -52,12 +56,18 @@ def is_loopback(endpoint: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def make_socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
-    """A socket with ZMTP heartbeats, and IPv6 enabled when the endpoint needs it."""
+def make_socket(ctx: zmq.Context, kind: int, endpoint: str,
+                keys: "PeerKeys | None" = None) -> zmq.Socket:
+    """A socket with ZMTP heartbeats, and IPv6 enabled when the endpoint needs it.
+
+    ``keys``: connect as a CurveZMQ client with this bundle (see :mod:`zfalkon.security`).
+    """
     sock = ctx.socket(kind)
     if "[" in endpoint:
         sock.setsockopt(zmq.IPV6, 1)
     set_heartbeats(sock)
+    if keys is not None:
+        keys.connect_with(sock)
     return sock
 
 

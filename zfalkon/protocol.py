@@ -191,6 +191,7 @@ ERROR_CODES = {
     "hello-required": "the peer sent something before HELLO",
     "not-allowed": "the message is not valid for the peer's role",
     "bad-hello": "HELLO's info is missing fields or has wrong types",
+    "unauthorized": "the peer's key may not do this (wrong role, or another key's routing id)",
 }
 
 

@@ -47,6 +47,7 @@ from zfalkon.constants import (
 from zfalkon.errors import ProtocolError
 from zfalkon.execute import Runner
 from zfalkon.net import make_socket
+from zfalkon.security import PeerKeys
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -112,8 +113,10 @@ class Slot:
     """The slot's event loop; see the module docstring."""
 
     def __init__(self, broker: str, ident: bytes, worker_id: str, index: int,
-                 state_path: str, output_cap: int = OUTPUT_CAP_BYTES) -> None:
+                 state_path: str, output_cap: int = OUTPUT_CAP_BYTES,
+                 keys: str | None = None) -> None:
         self.broker = broker
+        self.keys = PeerKeys(keys) if keys else None
         self.ident = ident
         self.worker_id = worker_id
         self.index = index
@@ -149,7 +152,7 @@ class Slot:
 
     def run(self) -> int:
         ctx = zmq.Context()
-        sock = make_socket(ctx, zmq.DEALER, self.broker)
+        sock = make_socket(ctx, zmq.DEALER, self.broker, self.keys)
         sock.setsockopt(zmq.ROUTING_ID, self.ident)
         sock.setsockopt(zmq.LINGER, 5000)
         sock.connect(self.broker)
@@ -309,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s zfalkon-slot %(levelname)s %(message)s")
     _die_with_parent()
     slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
-                config["index"], config["state_path"], config.get("output_cap", OUTPUT_CAP_BYTES))
+                config["index"], config["state_path"], config.get("output_cap", OUTPUT_CAP_BYTES),
+                config.get("keys"))
     signal.signal(signal.SIGTERM, slot.request_stop)
     signal.signal(signal.SIGINT, slot.request_stop)
     signal.signal(signal.SIGUSR1, slot.request_hello)

@@ -31,6 +31,7 @@ from zfalkon import protocol as P
 from zfalkon.constants import HEARTBEAT_SECONDS, OUTPUT_CAP_BYTES, STOP_GRACE_SECONDS
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.net import Waker, broker_endpoint, make_socket
+from zfalkon.security import PeerKeys
 from zfalkon.slot import StateFile
 
 log = logging.getLogger("zfalkon.worker")
@@ -66,8 +67,9 @@ class WorkerAgent:
 
     def __init__(self, broker: str, *, slots: int | None = None, name: str | None = None,
                  tags: list[str] | None = None, output_cap: int = OUTPUT_CAP_BYTES,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", keys: str | None = None) -> None:
         self.broker = broker_endpoint(broker)
+        self.keys = PeerKeys(keys) if keys else None  # checked before anything starts
         self.slots = (os.cpu_count() or 1) if slots is None else slots
         if self.slots < 1:
             raise ConfigError(f"a worker needs at least one slot, got {self.slots}")
@@ -103,7 +105,7 @@ class WorkerAgent:
     def run(self) -> int:
         """Register, supervise slots until stopped; return the process exit status."""
         ctx = zmq.Context()
-        sock = make_socket(ctx, zmq.DEALER, self.broker)
+        sock = make_socket(ctx, zmq.DEALER, self.broker, self.keys)
         sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(self.broker)
@@ -147,7 +149,9 @@ class WorkerAgent:
             else:
                 waited += 0.2
                 if waited >= _WAIT_LOG_SECONDS:
-                    log.warning("still waiting for a broker at %s", self.broker)
+                    log.warning("still waiting for a broker at %s%s", self.broker,
+                                " (is this worker's key authorized, not revoked, and its "
+                                "broker.key this broker's?)" if self.keys else "")
                     waited = 0.0
         return False
 
@@ -159,6 +163,7 @@ class WorkerAgent:
             "broker": self.broker, "ident": ident.hex(), "worker_id": self.worker_id,
             "index": index, "state_path": state_path, "output_cap": self.output_cap,
             "log_level": self.log_level,
+            "keys": self.keys.directory if self.keys else None,
         }
         proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot", json.dumps(config)])
         try:
