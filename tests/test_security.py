@@ -147,6 +147,7 @@ def secure(tmp_path_factory):
 
 def test_authorized_worker_and_client_work(secure):
     with Executor(secure.address, keys=secure.c1) as ex:
+        assert ex.status()["slots"] == 1  # status goes over its own connection, same key
         assert list(ex.map(tasks.square, range(100))) == [i * i for i in range(100)]
         assert ex.shell("echo secret").result(timeout=30).stdout == "secret\n"
 

@@ -285,7 +285,7 @@ class Executor(cf.Executor):
                  connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
                  keys: str | None = None) -> None:
         self.address = _resolve_address(address)
-        bundle = peer_keys(keys)
+        bundle = self._keys = peer_keys(keys)
         self._ctx = zmq.Context()
         self._sock = make_socket(self._ctx, zmq.DEALER, self.address, bundle)
         self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
@@ -359,7 +359,7 @@ class Executor(cf.Executor):
 
     def status(self, timeout: float = CONNECT_TIMEOUT_SECONDS) -> dict:
         """The broker's status: counters and the worker list."""
-        return query_status(self.address, timeout)
+        return query_status(self.address, timeout, self._keys.directory if self._keys else None)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; optionally cancel the pending ones; optionally wait.
