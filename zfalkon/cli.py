@@ -29,7 +29,14 @@ def _worker(args: argparse.Namespace) -> int:
     from zfalkon.worker import run_worker
 
     return run_worker(args.broker, slots=args.slots, name=args.name, tags=args.tag,
-                      output_cap=args.output_cap, log_level=args.log_level, keys=args.keys)
+                      output_cap=args.output_cap, log_level=args.log_level, keys=args.keys,
+                      ready_file=args.ready_file, idle_exit=args.idle_exit)
+
+
+def _vm_agent(args: argparse.Namespace) -> int:
+    from zfalkon.vmagent import run_vm_agent
+
+    return run_vm_agent(args.config)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -177,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of stdout/stderr kept per shell task")
     p.add_argument("--keys", metavar="BUNDLE",
                    help="this worker's key bundle (zfalkon keys new NAME --role worker)")
+    p.add_argument("--ready-file", metavar="PATH", help="write PATH once registered")
+    p.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
+                   help="drain and exit after this long without a task (default 0: never)")
     p.set_defaults(func=_worker)
+
+    from zfalkon.provision.cli import add_parsers
+
+    add_parsers(sub)
+
+    p = sub.add_parser("vm-agent", help="run a worker on a cloud VM (started by systemd)")
+    p.add_argument("--config", default="/etc/zfalkon/worker.json")
+    p.set_defaults(func=_vm_agent)
 
     p = sub.add_parser("status", help="show a broker's counters and workers")
     p.add_argument("--broker", default=None, help=f"tcp://HOST:PORT (default ${BROKER_ENV})")

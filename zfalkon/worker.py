@@ -67,9 +67,12 @@ class WorkerAgent:
 
     def __init__(self, broker: str, *, slots: int | None = None, name: str | None = None,
                  tags: list[str] | None = None, output_cap: int = OUTPUT_CAP_BYTES,
-                 log_level: str = "WARNING", keys: str | None = None) -> None:
+                 log_level: str = "WARNING", keys: str | None = None,
+                 ready_file: str | None = None, idle_exit: float = 0.0) -> None:
         self.broker = broker_endpoint(broker)
         self.keys = PeerKeys(keys) if keys else None  # checked before anything starts
+        self.ready_file = ready_file  # written once registered (for zfalkon vm-agent)
+        self.idle_exit = idle_exit  # drain and exit after this long with no task (0: never)
         self.slots = (os.cpu_count() or 1) if slots is None else slots
         if self.slots < 1:
             raise ConfigError(f"a worker needs at least one slot, got {self.slots}")
@@ -117,6 +120,9 @@ class WorkerAgent:
             for index in range(self.slots):
                 self._start_slot(index)
             log.info("worker %s registered with %s, %d slots", self.name, self.broker, self.slots)
+            if self.ready_file:
+                with open(self.ready_file, "w") as f:
+                    json.dump({"worker_id": self.worker_id, "name": self.name}, f)
             self._loop()
             sock.send(P.encode(P.Drain("worker stopping")))  # shows in status meanwhile
             self._stop_slots()
@@ -178,6 +184,7 @@ class WorkerAgent:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
         next_beat = time.monotonic() + self.heartbeat
+        last_busy = time.monotonic()
         while not self.stopping:
             fds = {p.pidfd for p in self._procs.values() if p.pidfd is not None}
             for fd in fds:
@@ -190,9 +197,18 @@ class WorkerAgent:
                 poller.unregister(fd)
             self._reap()
             self._receive()
-            if time.monotonic() >= next_beat:
+            now = time.monotonic()
+            if now >= next_beat:
                 self.sock.send(P.encode(P.Heartbeat()))
-                next_beat = time.monotonic() + self.heartbeat
+                next_beat = now + self.heartbeat
+                # Sampled at each heartbeat from the slots' state files: a slot running a
+                # task shows its id there.
+                if any(slot.state.get() for slot in self._procs.values()):
+                    last_busy = now
+                elif self.idle_exit and now - last_busy >= self.idle_exit:
+                    log.warning("worker %s idle for %.0f s: draining and exiting", self.name,
+                                now - last_busy)
+                    self.stopping = True
         self._waker.drain()
 
     def _receive(self) -> None:
