@@ -32,9 +32,10 @@ from zfalkon.constants import PROTOCOL_VERSION
 
 STATUS_KEYS = {"version", "protocol", "uptime", "clients", "workers", "slots", "queued",
                "running", "submitted", "done", "failed", "tasks_per_second", "worker_list",
-               "journal"}
+               "journal", "dispatch"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
-               "version", "running", "done", "window", "draining", "idle_seconds"}
+               "version", "running", "done", "window", "draining", "idle_seconds",
+               "data_keys"}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import child_env, free_port
 
+from zfalkon.errors import ConfigError
 from zfalkon.runfile import RunSummary, describe_failures, read_tasks
 
 TIMEOUT = 120  # seconds any one CLI invocation may take
@@ -22,7 +24,36 @@ def zfalkon(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 def test_read_tasks_skips_blanks_and_comments():
     lines = ["echo a\n", "\n", "  # a comment\n", "  echo b  \n", "#x\n"]
-    assert list(read_tasks(lines)) == [(1, "echo a"), (4, "echo b")]
+    assert list(read_tasks(lines)) == [(1, "echo a", {}), (4, "echo b", {})]
+
+
+def test_read_tasks_json_lines_stage_files():
+    line = json.dumps({"command": "cat a b > c", "inputs": {
+        "a": {"text": "hi"}, "b": {"base64": "AAE="}, "s": "s3://bkt/k", "p": "/shared/x"},
+        "outputs": {"c": ""}})
+    ((n, command, files),) = read_tasks([line])
+    assert (n, command) == (1, "cat a b > c")
+    assert files == {"inputs": {"a": b"hi", "b": b"\x00\x01", "s": "s3://bkt/k",
+                                "p": "/shared/x"}, "outputs": {"c": ""}}
+
+
+@pytest.mark.parametrize("line", ['{"command": 5}', '{"nope": 1}', '{bad json',
+                                  '{"command": "x", "inputs": {"a": {"base64": "!!"}}}',
+                                  '{"command": "x", "inputs": {"a": 3}}'])
+def test_read_tasks_bad_json_lines_name_the_line(line):
+    with pytest.raises(ConfigError, match="task file line 2"):
+        list(read_tasks(["echo ok", line]))
+
+
+def test_run_task_file_with_inline_files(tmp_path, cluster):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text(json.dumps({"command": "rev in.txt > out.txt",
+                                    "inputs": {"in.txt": {"text": "abc\n"}},
+                                    "outputs": ["out.txt"]}) + "\n")
+    proc = zfalkon("run", "--broker", cluster.address, str(taskfile))
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = map(json.loads, proc.stdout.splitlines())
+    assert base64.b64decode(rec["files"]["out.txt"]) == b"cba\n"
 
 
 def test_describe_failures_lists_the_first_ones_and_counts_the_rest():

@@ -16,7 +16,7 @@ EXAMPLES = {
                       "memory": 1 << 33, "tags": ["a", "b"]}),
     P.Welcome: P.Welcome(PROTOCOL_VERSION, __version__, 7, 2.0),
     P.Error: P.Error("malformed", "bad frame"),
-    P.Submit: P.Submit([1, 2, 3], [b"a", b"", b"\x00\xff"]),
+    P.Submit: P.Submit([1, 2, 3], [b"a", b"", b"\x00\xff"], ["s3://b/k", "", ""]),
     P.Tasks: P.Tasks([(5 << P.ID_SHIFT) + 1], [b"blob"]),
     P.Results: P.Results(10, 1, [4, 5], [b"r4", b"r5"]),
     P.Deliver: P.Deliver("host-1/0", [9], [b"res"]),
@@ -30,6 +30,7 @@ EXAMPLES = {
     P.Ping: P.Ping(12.5),
     P.Pong: P.Pong(12.5),
     P.Drain: P.Drain("stopping"),
+    P.Holding: P.Holding(["s3://bucket/key"]),
 }
 
 
@@ -155,8 +156,10 @@ def test_malformed_frames(frame):
 def test_malformed_message_names_the_problem():
     exc = _decode_error(msgpack.packb([P.Credit.TAG, "5"]))
     assert "Credit.n" in str(exc)
-    exc = _decode_error(msgpack.packb([P.Submit.TAG, [1, 2], [b"x"]]))
+    exc = _decode_error(msgpack.packb([P.Submit.TAG, [1, 2], [b"x"], []]))
     assert "2 ids" in str(exc) and "1 blobs" in str(exc)
+    exc = _decode_error(msgpack.packb([P.Submit.TAG, [1, 2], [b"x", b"y"], ["h"]]))
+    assert "2 ids" in str(exc) and "1 hints" in str(exc)
     exc = _decode_error(msgpack.packb([P.Credit.TAG, 1, 2]))
     assert "2 fields" in str(exc) and "expected 1" in str(exc)
 
@@ -173,7 +176,7 @@ def test_timestamp_extension_is_refused():
     assert exc.code == "malformed"
 
 
-@pytest.mark.parametrize("tag", [0, 18, 99, -1, 2**40])
+@pytest.mark.parametrize("tag", [0, 19, 99, -1, 2**40])
 def test_unknown_tag(tag):
     exc = _decode_error(msgpack.packb([tag, 1, 2]))
     assert exc.code == "unknown-type"

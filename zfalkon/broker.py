@@ -58,6 +58,8 @@ _TICK_SECONDS = 1.0
 _RATE_WINDOW = 10  # ticks of history behind tasks_per_second
 _LISTEN_BACKLOG = 4096  # pending TCP connections (capped by the kernel's somaxconn)
 _ERRORS_PER_TICK = 100  # ERROR answers per peer per tick; past that, bad frames are dropped
+_MAX_DATA_KEYS = 100_000  # data keys remembered per worker (HOLDING)
+DISPATCH_POLICIES = ("data", "fifo")
 
 
 @dataclass(eq=False)
@@ -76,6 +78,7 @@ class Worker:
     slots: dict[bytes, "Slot"] = field(default_factory=dict)
     done: int = 0
     draining: bool = False  # said DRAIN: its slots get no more tasks
+    data: set[str] = field(default_factory=set)  # data keys its cache holds (HOLDING)
 
 
 @dataclass(eq=False)
@@ -123,13 +126,18 @@ class Broker:
 
     def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}",
                  journal: Journal | None = None, keys: BrokerKeys | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, dispatch: str = "data") -> None:
         self.endpoint = listen_endpoint(listen)
         if keys is None and not insecure and not is_loopback(self.endpoint):
             raise ConfigError(
                 f"refusing to listen on {self.endpoint} without --keys: anyone who can reach "
                 "it could run code on every worker. Create keys (zfalkon keys init DIR) and "
                 "pass --keys DIR, or pass --insecure to accept the risk")
+        if dispatch not in DISPATCH_POLICIES:
+            raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_POLICIES)}")
+        self.data_aware = dispatch == "data"
+        # Data-aware dispatch: tasks with a data key wait here, by key, not in self.queue.
+        self.local: dict[str, collections.deque[tuple[int, bytes]]] = {}
         self.ctx = zmq.Context()
         self.keys = keys
         self.auth: BrokerAuthenticator | None = None
@@ -173,11 +181,11 @@ class Broker:
             P.Credit: self._on_credit, P.Results: self._on_results,
             P.StatusRequest: self._on_status, P.Heartbeat: self._on_heartbeat,
             P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost, P.Ping: self._on_ping,
-            P.Drain: self._on_drain,
+            P.Drain: self._on_drain, P.Holding: self._on_holding,
         }
         self._allowed: dict[type, type] = {
             P.Submit: Client, P.Cancel: Client, P.Credit: Slot, P.Results: Slot,
-            P.Heartbeat: Worker, P.SlotLost: Worker, P.Drain: Worker,
+            P.Heartbeat: Worker, P.SlotLost: Worker, P.Drain: Worker, P.Holding: Slot,
         }
         if journal is not None:
             self._recover(journal)
@@ -398,20 +406,32 @@ class Broker:
             self._refuse(client.ident, ProtocolError(
                 "SUBMIT has task ids outside this client's key", "malformed"))
             return
-        blobs = msg.blobs
+        blobs, hints = msg.blobs, msg.hints
         known = self.known
         if known is not None:
             if not known.isdisjoint(ids):  # submitted again: queue each task once
-                fresh = [(t, b) for t, b in zip(ids, blobs) if t not in known]
-                self.duplicate_submits += len(ids) - len(fresh)
-                if not fresh:
+                keep = [i for i, t in enumerate(ids) if t not in known]
+                self.duplicate_submits += len(ids) - len(keep)
+                if not keep:
                     return
-                ids, blobs = map(list, zip(*fresh))
+                ids, blobs = [ids[i] for i in keep], [blobs[i] for i in keep]
+                hints = [hints[i] for i in keep] if hints else hints
             known.update(ids)
             self.journal.submit(ids, blobs)  # type: ignore[union-attr]
-        self.queue.append([ids, blobs, 0])
         self.queued += len(ids)
         self.submitted += len(ids)
+        if hints and self.data_aware:
+            plain_ids, plain_blobs = [], []
+            for tid, blob, hint in zip(ids, blobs, hints):
+                if hint:
+                    self.local.setdefault(hint, collections.deque()).append((tid, blob))
+                else:
+                    plain_ids.append(tid)
+                    plain_blobs.append(blob)
+            ids, blobs = plain_ids, plain_blobs
+            if not ids:
+                return
+        self.queue.append([ids, blobs, 0])
 
     def _on_cancel(self, client: Client, msg: P.Cancel) -> None:
         key = client.key
@@ -425,6 +445,11 @@ class Broker:
         worker.draining = True
         for slot in worker.slots.values():
             self._unready(slot)
+
+    def _on_holding(self, slot: Slot, msg: P.Holding) -> None:
+        data = slot.worker.data
+        if len(data) < _MAX_DATA_KEYS:
+            data.update(msg.keys[:_MAX_DATA_KEYS - len(data)])
 
     def _add_credit(self, slot: Slot, n: int) -> None:
         if n > 0 and not slot.worker.draining:
@@ -578,6 +603,7 @@ class Broker:
         groups: list[Iterable[tuple[int, bytes]]] = [
             s.inflight.items() for w in self.workers.values() for s in w.slots.values()]
         groups += [zip(ids[pos:], blobs[pos:]) for ids, blobs, pos in self.queue]
+        groups += list(self.local.values())
         for pairs in groups:
             kept = [(t, b) for t, b in pairs if t in known]
             if kept:
@@ -625,7 +651,19 @@ class Broker:
         while self.queued and ready:
             slot = ready[0]
             share = -(-self.queued // len(ready))  # ceil: spread a short queue over slots
-            ids, blobs = self._take(min(slot.credit, MAX_BATCH, share))
+            n = min(slot.credit, MAX_BATCH, share)
+            if self.local:
+                # Data-aware: tasks whose data the slot's machine holds, then the FIFO,
+                # then (rather than leave the slot idle) anyone's.
+                ids, blobs = self._take_local(slot.worker.data, n)
+                if len(ids) < n:
+                    more = self._take(n - len(ids))
+                    ids, blobs = ids + more[0], blobs + more[1]
+                if len(ids) < n and self.local:
+                    more = self._take_local(None, n - len(ids))
+                    ids, blobs = ids + more[0], blobs + more[1]
+            else:
+                ids, blobs = self._take(n)
             if not ids:
                 continue  # everything taken was cancelled; the queue shrank
             if not self._send(slot.ident, P.Tasks(ids, blobs)):
@@ -673,9 +711,30 @@ class Broker:
         self.queued -= len(ids)
         if self.cancelled or self.gone_clients or self.known is not None:
             ids, blobs = self._without_dropped(ids, blobs)
-        if not queue:  # nothing left that a cancel or a departed client could refer to
+        if not queue and not self.local:  # nothing left that a cancel could refer to
             self.gone_clients.clear()
             self.cancelled.clear()
+        return ids, blobs
+
+    def _take_local(self, held: set[str] | None, n: int) -> tuple[list[int], list[bytes]]:
+        """Pop up to ``n`` data-keyed tasks: of keys in ``held``, or (None) of any key."""
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        size = 0
+        for key in [k for k in self.local if held is None or k in held]:
+            tasks = self.local[key]
+            while tasks and len(ids) < n and size < FRAME_SOFT_BYTES:
+                tid, blob = tasks.popleft()
+                ids.append(tid)
+                blobs.append(blob)
+                size += len(blob)
+            if not tasks:
+                del self.local[key]
+            if len(ids) >= n or size >= FRAME_SOFT_BYTES:
+                break
+        self.queued -= len(ids)
+        if self.cancelled or self.gone_clients or self.known is not None:
+            ids, blobs = self._without_dropped(ids, blobs)
         return ids, blobs
 
     def _without_dropped(self, ids: list[int], blobs: list[bytes]) -> tuple[list, list]:
@@ -714,7 +773,7 @@ class Broker:
                 "tags": w.info.get("tags", []), "version": w.version,
                 "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
                 "window": sum(len(s.inflight) + s.credit for s in w.slots.values()),
-                "draining": w.draining,
+                "draining": w.draining, "data_keys": len(w.data),
                 "idle_seconds": round(time.monotonic() - w.last_seen, 3),
             })
         return {
@@ -722,7 +781,7 @@ class Broker:
             "uptime": round(time.monotonic() - self._started, 3),
             "clients": len(self.clients), "workers": len(self.workers),
             "slots": sum(len(w.slots) for w in self.workers.values()),
-            "queued": self.queued,
+            "queued": self.queued, "dispatch": "data" if self.data_aware else "fifo",
             "running": sum(len(s.inflight) for w in self.workers.values() for s in w.slots.values()),
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
             "tasks_per_second": round(rate, 1), "worker_list": workers,
@@ -737,7 +796,7 @@ class Broker:
 
 
 def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interval",
-               keys: str | None = None, insecure: bool = False,
+               keys: str | None = None, insecure: bool = False, dispatch: str = "data",
                ready_line: bool = True) -> int:
     """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
 
@@ -751,7 +810,7 @@ def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interva
         log.warning("INSECURE: listening on %s with no keys: no encryption, and anyone who "
                     "can connect can run code on every worker and read every result", listen)
     broker = Broker(listen, Journal(journal, fsync) if journal else None,
-                    BrokerKeys(keys) if keys else None, insecure)
+                    BrokerKeys(keys) if keys else None, insecure, dispatch)
     address = broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)

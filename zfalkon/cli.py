@@ -15,6 +15,7 @@ from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, O
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import ConfigError, ZfalkonError
+from zfalkon.cache import CACHE_BYTES
 from zfalkon.journal import FSYNC_POLICIES
 
 
@@ -22,7 +23,7 @@ def _broker(args: argparse.Namespace) -> int:
     from zfalkon.broker import run_broker
 
     return run_broker(args.listen, journal=args.journal, fsync=args.fsync, keys=args.keys,
-                      insecure=args.insecure)
+                      insecure=args.insecure, dispatch=args.dispatch)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -30,7 +31,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     return run_worker(args.broker, slots=args.slots, name=args.name, tags=args.tag,
                       output_cap=args.output_cap, log_level=args.log_level, keys=args.keys,
-                      ready_file=args.ready_file, idle_exit=args.idle_exit)
+                      ready_file=args.ready_file, idle_exit=args.idle_exit,
+                      cache_dir=args.cache_dir, cache_bytes=args.cache_bytes)
 
 
 def _vm_agent(args: argparse.Namespace) -> int:
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "only allow-listed worker and client keys may connect")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without --keys")
+    p.add_argument("--dispatch", choices=["data", "fifo"], default="data",
+                   help="data (default): send tasks with an S3 input to workers whose cache "
+                        "holds it first; fifo: plain arrival order")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("keys", help="create, list and revoke CurveZMQ keys")
@@ -185,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", metavar="BUNDLE",
                    help="this worker's key bundle (zfalkon keys new NAME --role worker)")
     p.add_argument("--ready-file", metavar="PATH", help="write PATH once registered")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="cache of staged S3 inputs, shared by the slots (default: a "
+                        "temporary directory removed at exit)")
+    p.add_argument("--cache-bytes", type=int, default=CACHE_BYTES,
+                   help=f"cache size limit, least recently used files evicted first "
+                        f"(default {CACHE_BYTES}; 0: no cache, download every time)")
     p.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
                    help="drain and exit after this long without a task (default 0: never)")
     p.set_defaults(func=_worker)

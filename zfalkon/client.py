@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import zmq
 
-from zfalkon import payload
+from zfalkon import payload, staging
 from zfalkon import protocol as P
 from zfalkon.constants import (
     BROKER_ENV,
@@ -306,6 +306,7 @@ class Executor(cf.Executor):
         self._pending: dict[int, TaskFuture | _MapStream] = {}
         # Blobs of pending tasks, to submit again to a broker that restarted.
         self._blobs: dict[int, bytes] = {}
+        self._hints: dict[int, str] = {}  # data keys of pending tasks that have one
         self._rejoining = False
         self._last_heard = time.monotonic()
         self._streams: set[_MapStream] = set()
@@ -327,14 +328,22 @@ class Executor(cf.Executor):
         return self._submit_blob(payload.python_task(payload.callable_ref(fn), args, kwargs))
 
     def shell(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
-              cwd: str | None = None, timeout: float | None = None) -> TaskFuture:
+              cwd: str | None = None, timeout: float | None = None,
+              inputs: Mapping[str, bytes | str] | None = None,
+              outputs: Sequence[str] | Mapping[str, str] | None = None) -> TaskFuture:
         """Run a shell command on a worker; the future's result is a :class:`ShellResult`.
 
         A string runs through ``/bin/sh -c``; a list is an argv run directly. ``env`` is
         added to the worker's environment. A non-zero exit is a normal result (check
         ``returncode``); running past ``timeout`` raises :class:`~zfalkon.errors.TaskTimeout`.
+
+        ``inputs`` ``{name: bytes | "s3://bucket/key" | shared path}`` are placed in the
+        task's own fresh directory; ``outputs`` (names, or ``{name: "s3://bucket/key"}``)
+        are collected after a zero exit, inline ones into ``ShellResult.files``. A missing
+        file fails the task with a ``StagingError`` (see :mod:`zfalkon.staging`).
         """
-        return self._submit_blob(payload.shell_task(command, env, cwd, timeout))
+        return self._submit_blob(payload.shell_task(command, env, cwd, timeout, inputs, outputs),
+                                 staging.locality(inputs))
 
     def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = MAX_BATCH,
@@ -395,7 +404,7 @@ class Executor(cf.Executor):
     def _new_ids(self, n: int) -> list[int]:
         return list(itertools.islice(self._ids, n))
 
-    def _submit_blob(self, blob: bytes) -> TaskFuture:
+    def _submit_blob(self, blob: bytes, hint: str = "") -> TaskFuture:
         self._check_open()
         _check_size(blob)
         tid = next(self._ids)
@@ -403,11 +412,14 @@ class Executor(cf.Executor):
         idle = not self._pending and not self._outbox
         self._pending[tid] = fut
         self._blobs[tid] = blob
+        if hint:
+            self._hints[tid] = hint
         if idle and self._lock.acquire(blocking=False):
             # Nothing in flight: send now rather than hand over to the I/O thread (one
             # thread switch less on the latency path; bursts still batch in the outbox).
             try:
-                self._sock.send(P.encode(P.Submit([tid], [blob])), zmq.NOBLOCK)
+                self._sock.send(P.encode(P.Submit([tid], [blob], [hint] if hint else [])),
+                                zmq.NOBLOCK)
                 self._receive()  # the send may have consumed the fd's edge: drain now
                 return fut
             except zmq.Again:
@@ -542,7 +554,7 @@ class Executor(cf.Executor):
             item = outbox.popleft()
             if item[0] == _CANCEL:
                 if ids:
-                    yield P.encode(P.Submit(ids, blobs))
+                    yield self._submit_frame(ids, blobs)
                     ids, blobs, size = [], [], 0
                 yield P.encode(P.Cancel(item[1]))
                 continue
@@ -551,10 +563,14 @@ class Executor(cf.Executor):
                 blobs.append(blob)
                 size += len(blob)
                 if len(ids) >= MAX_BATCH or size >= FRAME_SOFT_BYTES:
-                    yield P.encode(P.Submit(ids, blobs))
+                    yield self._submit_frame(ids, blobs)
                     ids, blobs, size = [], [], 0
         if ids:
-            yield P.encode(P.Submit(ids, blobs))
+            yield self._submit_frame(ids, blobs)
+
+    def _submit_frame(self, ids: list[int], blobs: list[bytes]) -> bytes:
+        hints = self._hints
+        return P.encode(P.Submit(ids, blobs, [hints.get(t, "") for t in ids] if hints else []))
 
     def _receive(self) -> None:
         sock = self._sock
@@ -573,6 +589,8 @@ class Executor(cf.Executor):
                     owner = pending.pop(tid, None)
                     if owner is not None:
                         blobs.pop(tid, None)
+                        if self._hints:
+                            self._hints.pop(tid, None)
                         owner._deliver(tid, blob, worker)
                 for stream in list(self._streams):
                     stream.wake()

@@ -32,6 +32,7 @@ class LocalCluster:
             :mod:`zfalkon.linkproxy` process adding half of it each way); clients still
             connect to the broker directly.
         broker_args: extra ``zfalkon broker`` options (e.g. ``["--journal", DIR]``).
+        worker_args: extra ``zfalkon worker`` options (e.g. ``["--cache-bytes", "0"]``).
         secure: run with CurveZMQ: fresh keys in a private temporary directory, one worker
             key for every worker and :attr:`client_keys`, a client bundle, for Executors.
 
@@ -42,7 +43,7 @@ class LocalCluster:
                  port: int = 0, env: Mapping[str, str] | None = None,
                  startup_timeout: float = 30.0, log_level: str = "WARNING",
                  rtt_ms: float = 0.0, broker_args: Sequence[str] = (),
-                 secure: bool = False) -> None:
+                 worker_args: Sequence[str] = (), secure: bool = False) -> None:
         if workers < 0 or slots_per_worker < 1 or rtt_ms < 0:
             raise ConfigError("workers must be >= 0, slots_per_worker >= 1, rtt_ms >= 0")
         self.workers = workers
@@ -54,6 +55,7 @@ class LocalCluster:
         self.log_level = log_level
         self.rtt_ms = rtt_ms
         self.broker_args = list(broker_args)
+        self.worker_args = list(worker_args)
         self.secure = secure
         self.key_dir: str | None = None
         self.client_keys: str | None = None  # with secure: pass as Executor(keys=...)
@@ -131,11 +133,12 @@ class LocalCluster:
                 break
         raise BrokerUnavailable(f"the {what} did not start (exit status {proc.poll()})")
 
-    def add_worker(self, slots: int | None = None) -> subprocess.Popen:
-        """Start one more worker agent; return its process."""
+    def add_worker(self, slots: int | None = None, *extra: str) -> subprocess.Popen:
+        """Start one more worker agent (``extra``: more worker options); return it."""
         proc = subprocess.Popen(
             self._cmd("worker", "--broker", self.worker_address,
-                      "--slots", str(slots or self.slots_per_worker), *self._worker_keys),
+                      "--slots", str(slots or self.slots_per_worker), *self._worker_keys,
+                      *self.worker_args, *extra),
             env=self.env)
         self.worker_procs.append(proc)
         return proc

@@ -55,6 +55,10 @@ PING_SECONDS = 1.0
 RESULT_FLUSH_COUNT = 256
 RESULT_FLUSH_SECONDS = 0.005
 
+#: Largest file a task may carry inline, as an input or a returned output (larger ones go
+#: through S3: see zfalkon/staging.py).
+INLINE_FILE_BYTES = 1024 * 1024
+
 #: Client: tasks ``Executor.map`` keeps submitted ahead of the consumer.
 MAP_BUFFER = 65536
 

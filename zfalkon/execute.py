@@ -1,6 +1,7 @@
 """Run one task blob and encode its result: Python callables and shell commands.
 
-Used by the slot process (:mod:`zfalkon.slot`); it never touches the network.
+Used by the slot process (:mod:`zfalkon.slot`); only file staging (S3) touches the
+network.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import select
+import shutil
 import signal
 import time
 import traceback
@@ -17,6 +19,7 @@ import msgpack
 
 from zfalkon import payload
 from zfalkon.constants import OUTPUT_CAP_BYTES
+from zfalkon.staging import Stager, StagingError
 
 _packb = msgpack.packb
 _READ_SIZE = 65536
@@ -42,8 +45,10 @@ def resolve(ref: str) -> Callable[..., Any]:
 class Runner:
     """Executes task blobs; keeps imported callables cached by reference."""
 
-    def __init__(self, output_cap: int = OUTPUT_CAP_BYTES) -> None:
+    def __init__(self, output_cap: int = OUTPUT_CAP_BYTES,
+                 stager: Stager | None = None) -> None:
         self.output_cap = output_cap
+        self.stager = stager or Stager(None)
         self._callables: dict[str, Callable[..., Any]] = {}
 
     def run(self, blob: bytes) -> tuple[bytes, bool]:
@@ -77,9 +82,29 @@ class Runner:
             ), True
 
     def _run_shell(self, task: list) -> tuple[bytes, bool]:
-        _, command, env, cwd, timeout = task
+        _, command, env, cwd, timeout, *files = task
         argv = [_SH, "-c", command] if isinstance(command, str) else command
-        return run_command(argv, env, cwd, timeout, self.output_cap)
+        if not files:
+            return run_command(argv, env, cwd, timeout, self.output_cap)
+        inputs, outputs = files[0]
+        workdir = self.stager.workdir()
+        try:
+            try:
+                self.stager.stage_in(inputs, workdir)
+            except StagingError as exc:
+                return payload.error_result("StagingError", str(exc)), True
+            blob, failed = run_command(argv, env, workdir, timeout, self.output_cap)
+            if failed or not outputs:
+                return blob, failed  # a failed command's outputs are not collected
+            try:
+                collected = self.stager.stage_out(outputs, workdir)
+            except StagingError as exc:
+                return payload.error_result("StagingError", str(exc)), True
+            if not collected:
+                return blob, failed
+            return _packb((*payload.unpack(blob), collected)), failed
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_command(

@@ -5,10 +5,12 @@ The broker forwards blobs without decoding them. Each blob is a msgpack array:
 =========================  ==============================================================
 task, Python callable      ``[0, "module:qualname", args]``, or ``[..., kwargs]`` if any
 task, shell command        ``[1, command (str: through /bin/sh; list: argv), env, cwd,
-                           timeout]``
+                           timeout]``, plus ``[inputs, outputs]`` when it stages files
+                           (see :mod:`zfalkon.staging`)
 result, value              ``[0, value]``
 result, exception          ``[1, remote_type, message, traceback]``
-result, shell              ``[2, returncode, stdout, stderr, seconds, truncated]``
+result, shell              ``[2, returncode, stdout, stderr, seconds, truncated]``, plus
+                           ``{name: bytes}`` of inline outputs when there are any
 result, shell timeout      ``[3, timeout, stdout, stderr, seconds]``
 result, process died       ``[4, message]``
 result, workers lost       ``[5, worker, attempts, message]``
@@ -53,6 +55,7 @@ class ShellResult:
         duration: wall-clock seconds from start to exit, measured on the worker.
         truncated: True if stdout or stderr was cut at the worker's output cap.
         worker: the worker that ran it.
+        files: the task's inline outputs, by name (``outputs=[...]``).
     """
 
     returncode: int
@@ -61,6 +64,7 @@ class ShellResult:
     duration: float
     truncated: bool = False
     worker: str | None = None
+    files: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -129,8 +133,14 @@ def shell_task(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
+    inputs: Mapping[str, bytes | str] | None = None,
+    outputs: Sequence[str] | Mapping[str, str] | None = None,
 ) -> bytes:
-    """Encode a shell task: a string runs through ``/bin/sh -c``, a list is an argv."""
+    """Encode a shell task: a string runs through ``/bin/sh -c``, a list is an argv.
+
+    ``inputs`` and ``outputs``: files staged in and out (see :mod:`zfalkon.staging`); the
+    task then runs in a fresh directory of its own, so ``cwd`` must be None.
+    """
     if isinstance(command, str):
         cmd: str | list[str] = command
     else:
@@ -147,6 +157,14 @@ def shell_task(
         cwd = os.fspath(cwd)
         if not isinstance(cwd, str):
             raise SerializationError("cwd must be a text path")
+    if inputs or outputs:
+        from zfalkon import staging
+
+        if cwd is not None:
+            raise SerializationError("a task that stages files runs in its own directory: "
+                                     "drop cwd")
+        files = [staging.encode_inputs(inputs or {}), staging.encode_outputs(outputs or [])]
+        return _packb((TASK_SHELL, cmd, dict(env) if env else None, None, timeout, files))
     return _packb((TASK_SHELL, cmd, dict(env) if env else None, cwd, timeout))
 
 
@@ -161,8 +179,9 @@ def result_value(blob: bytes, worker: str | None = None) -> Any:
     if kind == RESULT_VALUE:
         return result[1]
     if kind == RESULT_SHELL:
-        _, code, out, err, seconds, truncated = result
-        return ShellResult(code, _text(out), _text(err), seconds, truncated, worker)
+        _, code, out, err, seconds, truncated, *files = result
+        return ShellResult(code, _text(out), _text(err), seconds, truncated, worker,
+                           files[0] if files else {})
     if kind == RESULT_ERROR:
         raise TaskError(result[1], result[2], result[3], worker)
     if kind == RESULT_TIMEOUT:

@@ -65,10 +65,15 @@ class Error(NamedTuple):
 
 
 class Submit(NamedTuple):
-    """Client -> broker: tasks to run. ``ids[i]`` names the task in ``blobs[i]``."""
+    """Client -> broker: tasks to run. ``ids[i]`` names the task in ``blobs[i]``.
+
+    ``hints``: empty, or one data key per task (``""`` for none): the S3 input the
+    broker's data-aware dispatch sends the task towards (see HOLDING).
+    """
 
     ids: list[int]
     blobs: list[bytes]
+    hints: list[str] = []
     TAG = 4
 
 
@@ -169,6 +174,13 @@ class Pong(NamedTuple):
     TAG = 16
 
 
+class Holding(NamedTuple):
+    """Slot -> broker: its machine's cache now holds these data keys (S3 URLs)."""
+
+    keys: list[str]
+    TAG = 18
+
+
 class Drain(NamedTuple):
     """Worker agent -> broker: stopping; send my slots nothing more (they finish what runs)."""
 
@@ -178,7 +190,7 @@ class Drain(NamedTuple):
 
 Message = Union[
     Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Credit, Cancel,
-    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain,
+    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain, Holding,
 ]
 
 MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)
@@ -291,6 +303,9 @@ def decode(frame: bytes) -> Message:
     msg = cls(*obj[1:])
     if hasattr(msg, "blobs") and len(msg.ids) != len(msg.blobs):
         raise ProtocolError(f"{cls.__name__} has {len(msg.ids)} ids but {len(msg.blobs)} blobs",
+                            "malformed")
+    if cls is Submit and msg.hints and len(msg.hints) != len(msg.ids):
+        raise ProtocolError(f"SUBMIT has {len(msg.ids)} ids but {len(msg.hints)} hints",
                             "malformed")
     return msg
 

@@ -1,12 +1,22 @@
 """``zfalkon run``: run a task file (one shell command per line) and write JSON lines.
 
 The task-list format of Swift and Falkon: each non-blank line is a shell command run
-through ``/bin/sh -c``; lines starting with ``#`` are comments. Tasks stream: at most
-``window`` are in flight, so a file of millions of lines runs in bounded memory.
+through ``/bin/sh -c``; lines starting with ``#`` are comments. A line starting with ``{``
+is a JSON object that can also stage files (see :mod:`zfalkon.staging`)::
+
+    {"command": "sort in.txt > out.txt", "inputs": {"in.txt": "s3://bucket/key"},
+     "outputs": {"out.txt": "s3://bucket/sorted"}}
+
+Input values: ``"s3://..."``, a shared path, ``{"text": "..."}`` or ``{"base64": "..."}``
+(inline). Outputs: a list of names (returned inline, base64, in the record's ``files``) or
+a map of name to ``""`` or ``"s3://..."``. Tasks stream: at most ``window`` are in flight,
+so a file of millions of lines runs in bounded memory.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import queue
 import sys
@@ -16,7 +26,7 @@ from typing import IO, Iterable, Iterator
 from tqdm import tqdm
 
 from zfalkon.client import Executor
-from zfalkon.errors import TaskError, TaskTimeout
+from zfalkon.errors import ConfigError, TaskError, TaskTimeout
 from zfalkon.payload import ShellResult
 
 #: Most tasks ``zfalkon run`` keeps in flight.
@@ -24,12 +34,36 @@ RUN_WINDOW = 10_000
 _SHOWN_FAILURES = 10
 
 
-def read_tasks(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, command)`` for each task line, skipping blanks and comments."""
+def read_tasks(lines: Iterable[str]) -> Iterator[tuple[int, str, dict]]:
+    """Yield ``(line_number, command, staging)`` for each task line (``staging``: the
+    ``inputs`` and ``outputs`` keyword arguments of ``Executor.shell``, maybe empty)."""
     for number, line in enumerate(lines, 1):
-        command = line.strip()
-        if command and not command.startswith("#"):
-            yield number, command
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if not text.startswith("{"):
+            yield number, text, {}
+            continue
+        try:
+            spec = json.loads(text)
+            command = spec["command"]
+            inputs = {name: _input(value) for name, value in spec.get("inputs", {}).items()}
+            outputs = spec.get("outputs", [])
+            if not isinstance(command, str) or not isinstance(outputs, (list, dict)):
+                raise TypeError("command must be a string, outputs a list or an object")
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise ConfigError(f"task file line {number}: {type(exc).__name__}: {exc}") from None
+        yield number, command, {"inputs": inputs, "outputs": outputs}
+
+
+def _input(value: object) -> bytes | str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "text" in value:
+        return str(value["text"]).encode()
+    if isinstance(value, dict) and "base64" in value:
+        return base64.b64decode(value["base64"], validate=True)
+    raise TypeError(f"an input is a string or {{'text'|'base64': ...}}, not {value!r}")
 
 
 @dataclass
@@ -61,10 +95,12 @@ def record(line: int, command: str, future) -> dict:
                    duration=round(result.duration, 6), worker=result.worker)
         if result.truncated:
             rec["truncated"] = True
+        if result.files:
+            rec["files"] = {n: base64.b64encode(d).decode() for n, d in result.files.items()}
     return rec
 
 
-def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str]], out: IO[str], *,
+def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str, dict]], out: IO[str], *,
               timeout: float | None = None, total: int | None = None,
               progress: bool = False, window: int = RUN_WINDOW) -> RunSummary:
     """Run ``tasks`` on ``executor``; write one JSON line per task to ``out`` as it ends."""
@@ -84,8 +120,8 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str]], out: IO[str]
         bar.update(1)
 
     try:
-        for line, command in tasks:
-            future = executor.shell(command, timeout=timeout)
+        for line, command, files in tasks:
+            future = executor.shell(command, timeout=timeout, **files)
             future.add_done_callback(lambda f, l=line, c=command: finished.put((l, c, f)))
             summary.total += 1
             in_flight += 1

@@ -45,7 +45,9 @@ from zfalkon.constants import (
     RESULT_FLUSH_SECONDS,
 )
 from zfalkon.errors import ProtocolError
+from zfalkon.cache import DataCache
 from zfalkon.execute import Runner
+from zfalkon.staging import Stager
 from zfalkon.net import make_socket
 from zfalkon.security import PeerKeys
 
@@ -114,14 +116,17 @@ class Slot:
 
     def __init__(self, broker: str, ident: bytes, worker_id: str, index: int,
                  state_path: str, output_cap: int = OUTPUT_CAP_BYTES,
-                 keys: str | None = None) -> None:
+                 keys: str | None = None, cache_dir: str | None = None,
+                 cache_bytes: int = 0) -> None:
         self.broker = broker
         self.keys = PeerKeys(keys) if keys else None
         self.ident = ident
         self.worker_id = worker_id
         self.index = index
         self.state = StateFile(state_path)
-        self.runner = Runner(output_cap)
+        self.stager = Stager(DataCache(cache_dir, cache_bytes)
+                             if cache_dir and cache_bytes > 0 else None)
+        self.runner = Runner(output_cap, self.stager)
         self.stopping = False
         self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
         self.result_ids: list[int] = []
@@ -303,6 +308,8 @@ class Slot:
         self.result_blobs = []
         self.result_bytes = 0
         self.failed = 0
+        if self.stager.new_held:  # tell the broker's data-aware dispatch what we cache
+            self._send(P.Holding(self.stager.take_new_held()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
                 config["index"], config["state_path"], config.get("output_cap", OUTPUT_CAP_BYTES),
-                config.get("keys"))
+                config.get("keys"), config.get("cache_dir"), config.get("cache_bytes", 0))
     signal.signal(signal.SIGTERM, slot.request_stop)
     signal.signal(signal.SIGINT, slot.request_stop)
     signal.signal(signal.SIGUSR1, slot.request_hello)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ import psutil
 import zmq
 
 from zfalkon import protocol as P
+from zfalkon.cache import CACHE_BYTES
 from zfalkon.constants import HEARTBEAT_SECONDS, OUTPUT_CAP_BYTES, STOP_GRACE_SECONDS
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.net import Waker, broker_endpoint, make_socket
@@ -68,11 +70,14 @@ class WorkerAgent:
     def __init__(self, broker: str, *, slots: int | None = None, name: str | None = None,
                  tags: list[str] | None = None, output_cap: int = OUTPUT_CAP_BYTES,
                  log_level: str = "WARNING", keys: str | None = None,
-                 ready_file: str | None = None, idle_exit: float = 0.0) -> None:
+                 ready_file: str | None = None, idle_exit: float = 0.0,
+                 cache_dir: str | None = None, cache_bytes: int = CACHE_BYTES) -> None:
         self.broker = broker_endpoint(broker)
         self.keys = PeerKeys(keys) if keys else None  # checked before anything starts
         self.ready_file = ready_file  # written once registered (for zfalkon vm-agent)
         self.idle_exit = idle_exit  # drain and exit after this long with no task (0: never)
+        self.cache_dir = cache_dir  # staged S3 inputs, shared by the slots (None: a temp dir)
+        self.cache_bytes = cache_bytes
         self.slots = (os.cpu_count() or 1) if slots is None else slots
         if self.slots < 1:
             raise ConfigError(f"a worker needs at least one slot, got {self.slots}")
@@ -114,6 +119,9 @@ class WorkerAgent:
         sock.connect(self.broker)
         self.sock = sock
         self._dir = tempfile.mkdtemp(prefix="zfalkon-worker-")
+        own_cache = self.cache_dir is None and self.cache_bytes > 0
+        if own_cache:
+            self.cache_dir = tempfile.mkdtemp(prefix="zfalkon-cache-")
         try:
             if not self._register():
                 return 0 if self.stopping else 2
@@ -135,6 +143,8 @@ class WorkerAgent:
             for name in os.listdir(self._dir):
                 os.unlink(os.path.join(self._dir, name))
             os.rmdir(self._dir)
+            if own_cache:
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def _register(self) -> bool:
         self.sock.send(P.encode(P.hello(P.ROLE_WORKER, self.info())))
@@ -170,6 +180,7 @@ class WorkerAgent:
             "index": index, "state_path": state_path, "output_cap": self.output_cap,
             "log_level": self.log_level,
             "keys": self.keys.directory if self.keys else None,
+            "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes,
         }
         proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot", json.dumps(config)])
         try:
