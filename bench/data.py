@@ -4,7 +4,11 @@ cache and data-aware dispatch (issue: data to and from workers).
 moto's S3 server on 127.0.0.1 holds ``--files`` inputs of ``--size-mb`` each; ``--tasks``
 shell tasks each stage one of them (round robin) and checksum it, on a LocalCluster of
 ``--workers`` single-slot workers, each with its own cache directory (separate machines).
-Three configurations, same workload:
+Two scenarios: the caches hold every input (``--files``), and the working set
+(``2 * --files`` inputs) is twice what each cache may hold (``--cache-bytes`` of
+``--files`` inputs): there FIFO dispatch makes every worker cycle through every input and
+LRU thrash, which data-aware dispatch avoids by keeping each input on a few workers.
+Three configurations each, same workload:
 
 * ``no cache``: ``--cache-bytes 0`` (every task downloads its input), FIFO dispatch;
 * ``cache, fifo``: the worker cache, broker ``--dispatch fifo``;
@@ -55,8 +59,10 @@ def recorder(moto: MotoServer, action: str) -> None:
         f"{moto.url}/moto-api/recorder/{action}", method="POST")).close()
 
 
-def run(moto: MotoServer, config: str, tasks: int, files: int, size: int, workers: int) -> dict:
+def run(moto: MotoServer, config: str, tasks: int, files: int, size: int, workers: int,
+        cache_bytes: int) -> dict:
     worker_args, dispatch = CONFIGS[config]
+    worker_args = worker_args or ["--cache-bytes", str(cache_bytes)]
     env = {"AWS_ENDPOINT_URL": moto.url, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     with tempfile.TemporaryDirectory() as caches, \
@@ -93,16 +99,21 @@ def main() -> None:
     with MotoServer() as moto:
         s3 = moto.client("s3")
         s3.create_bucket(Bucket=BUCKET)
-        for i in range(args.files):
+        for i in range(2 * args.files):
             s3.put_object(Bucket=BUCKET, Key=f"in/{i}", Body=os.urandom(size))
-        for config in CONFIGS:
-            runs = [run(moto, config, args.tasks, args.files, size, args.workers)
-                    for _ in range(args.repeat)]
-            assert all(r["failed"] == 0 for r in runs), runs
-            rows.append({"config": config,
-                         "tasks_per_second": statistics.median(r["tasks_per_second"] for r in runs),
-                         "bytes_downloaded": statistics.median(r["bytes_downloaded"] for r in runs),
-                         "runs": runs})
+        scenarios = [("ample cache", args.files, 10 * 2**30),
+                     ("cache < working set", 2 * args.files, args.files * size)]
+        for scenario, files, cache_bytes in scenarios:
+            for config in CONFIGS:
+                runs = [run(moto, config, args.tasks, files, size, args.workers, cache_bytes)
+                        for _ in range(args.repeat)]
+                assert all(r["failed"] == 0 for r in runs), runs
+                rows.append({
+                    "scenario": scenario, "files": files, "cache_bytes": cache_bytes,
+                    "config": config,
+                    "tasks_per_second": statistics.median(r["tasks_per_second"] for r in runs),
+                    "bytes_downloaded": statistics.median(r["bytes_downloaded"] for r in runs),
+                    "runs": runs})
     os.unlink(recording.name)
     out = {"tasks": args.tasks, "files": args.files, "size_bytes": size,
            "workers": args.workers, "repeat": args.repeat, "rows": rows}
@@ -110,7 +121,7 @@ def main() -> None:
     path.mkdir(exist_ok=True)
     (path / "data.json").write_text(json.dumps(out, indent=2))
     for r in rows:
-        print(f"{r['config']:<20} {r['tasks_per_second']:8.1f} tasks/s  "
+        print(f"{r['scenario']:<20} {r['config']:<20} {r['tasks_per_second']:8.1f} tasks/s  "
               f"{r['bytes_downloaded'] / 2**20:8.1f} MiB downloaded")
 
 
