@@ -28,6 +28,7 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 from zfalkon import Executor, LocalCluster  # noqa: E402
+from zfalkon import payload  # noqa: E402
 from zfalkon import protocol as P  # noqa: E402
 
 READY_PREFIX = "zfalkon broker listening on "
@@ -206,6 +207,15 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def submit_markers(conn: Raw, marker, n: int = 5) -> list[int]:
+    """Register ``conn`` as a client and queue ``n`` shell tasks that each append their
+    id to the file ``marker``; return the ids."""
+    base = conn.hello().key << P.ID_SHIFT
+    ids = [base + i for i in range(1, n + 1)]
+    conn.send_msg(P.Submit(ids, [payload.shell_task(f"echo {i} >> {marker}") for i in ids]))
+    return ids
 
 
 class FakeBroker:

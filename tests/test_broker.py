@@ -16,6 +16,7 @@ import tasks
 from conftest import (
     Raw,
     broker_process,
+    submit_markers,
     child_env,
     descendants,
     kill_tree,
@@ -406,14 +407,6 @@ def test_raw_worker_registers_and_leaves(served, raw):
                {w["name"] for w in query_status(address)["worker_list"]}, 5,
                message="raw worker dropped")
     assert_serving(served)
-
-
-def submit_markers(conn: "Raw", marker) -> list[int]:
-    """Register ``conn`` and queue 5 shell tasks that each append their id to ``marker``."""
-    base = conn.hello().key << P.ID_SHIFT
-    ids = [base + i for i in range(1, 6)]
-    conn.send_msg(P.Submit(ids, [payload.shell_task(f"echo {i} >> {marker}") for i in ids]))
-    return ids
 
 
 def test_queued_tasks_of_a_client_that_said_bye_are_dropped(ctx, tmp_path):

@@ -11,7 +11,15 @@ import pytest
 import zmq
 
 import tasks
-from conftest import Raw, start_broker, stop_process, wait_until, worker_env, worker_process
+from conftest import (
+    Raw,
+    start_broker,
+    stop_process,
+    submit_markers,
+    wait_until,
+    worker_env,
+    worker_process,
+)
 from zfalkon import Executor, LocalCluster, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.errors import ConfigError
@@ -176,10 +184,8 @@ def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
     broker, address = start_broker("tcp://127.0.0.1:0", "--journal", journal)
     try:
         conn = Raw(ctx, address)
-        key = conn.hello().key
-        want = [(key << P.ID_SHIFT) + i for i in range(1, 21)]
-        conn.send_msg(P.Submit(want, [payload.shell_task(f"echo {t} >> {marker}")
-                                      for t in want]))
+        want = submit_markers(conn, marker, 20)
+        key = P.client_key(want[0])
         wait_until(lambda: query_status(address)["submitted"] == 20, 10, message="accepted")
         conn.close()  # gone without BYE: away, not gone
         kill9(broker)
@@ -213,10 +219,7 @@ def test_a_client_that_said_bye_is_forgotten_across_restarts(tmp_path):
     broker, address = start_broker("tcp://127.0.0.1:0", "--journal", journal)
     try:
         conn = Raw(ctx, address)
-        key = conn.hello().key
-        want = [(key << P.ID_SHIFT) + i for i in range(1, 6)]
-        conn.send_msg(P.Submit(want, [payload.shell_task(f"echo {t} >> {marker}")
-                                      for t in want]))
+        submit_markers(conn, marker)
         conn.send_msg(P.Bye("done"))
         wait_until(lambda: query_status(address)["clients"] == 1, 5, message="client left")
         kill9(broker)
