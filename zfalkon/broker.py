@@ -294,6 +294,8 @@ class Broker:
             return
         if type(msg) is P.Hello:
             self._on_hello(ident, peer, msg)
+            if user is not None and ident in self.peers:
+                self.bound[ident] = user  # this routing id is now this key's
             return
         if peer is None:
             self._refuse(ident, ProtocolError(
@@ -321,7 +323,6 @@ class Broker:
                 self._refuse(ident, ProtocolError(
                     f"key {user} may not register as a {msg.role}", "unauthorized"))
                 return False
-            self.bound[ident] = user
         return True
 
     def _refuse(self, ident: bytes, exc: ProtocolError) -> None:
@@ -495,15 +496,14 @@ class Broker:
             self.cancelled.difference_update(ids)
         client = self.clients.get(key)
         journal = self.journal
+        sent = client is not None and self._send(client.ident, P.Deliver(worker, ids, blobs))
         if journal is not None:
             self.known.difference_update(ids)  # type: ignore[union-attr]
-            if client is None and key in self.away:
+            if not sent and key in self.away:  # (a failed send has just made it away)
                 self.held.setdefault(key, []).append((ids, blobs))
                 journal.held(ids, blobs)
-                return
-            journal.done(ids)
-        if client is not None:
-            self._send(client.ident, P.Deliver(worker, ids, blobs))
+            else:
+                journal.done(ids)
 
     def _on_status(self, peer: object, msg: P.StatusRequest) -> None:
         self._send(peer.ident, P.Status(self.status()))  # type: ignore[attr-defined]
