@@ -130,13 +130,31 @@ def test_compaction_keeps_only_what_is_live(tmp_path):
     assert got.held == {BASE + 7: b"held"}
 
 
-def test_compaction_to_empty_truncates(tmp_path):
+def test_compaction_with_nothing_live_keeps_only_key_owners(tmp_path):
     j = Journal(str(tmp_path))
-    j.submit(ids(1), [b"x"])
+    j.key(KEY, "client:alice")
+    j.submit(ids(1), [b"x" * 1000])
+    j.done(ids(1))
     j.flush(time.monotonic())
-    j.compact((), (), empty=True)
+    assert j.grown
+    j.compact((), (), {KEY: "client:alice"})
+    assert not j.grown and 0 < j.size < 50
+    got = Journal(str(tmp_path)).replay()
+    assert got.tasks == {} and got.owners == {KEY: "client:alice"}
+    j.compact((), (), {})
     assert j.size == 0 == os.path.getsize(j.path)
-    assert Journal(str(tmp_path)).replay().tasks == {}
+
+
+def test_gone_forgets_the_key_owner_and_key_records_survive_compaction(tmp_path):
+    j = Journal(str(tmp_path), compact_bytes=0)
+    j.key(KEY, "client:a")
+    j.key(KEY + 1, "client:b")
+    j.gone(KEY)
+    j.flush(time.monotonic())
+    got = j.replay()
+    assert got.owners == {KEY + 1: "client:b"}
+    j.compact([(ids(1), [b"t"])], [], got.owners)
+    assert Journal(str(tmp_path)).replay().owners == {KEY + 1: "client:b"}
 
 
 def test_bad_policy_and_unusable_directory_are_config_errors(tmp_path):
@@ -205,9 +223,9 @@ def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
         back.close()
         assert welcomed and seen == dict.fromkeys(want, 1)
         assert sorted(map(int, marker.read_text().split())) == want  # each ran once
-        # Everything is delivered: the journal is truncated at the next tick.
-        wait_until(lambda: query_status(address)["journal"]["bytes"] == 0, 5,
-                   message="journal compacted to empty")
+        # Everything is delivered: the journal shrinks to the key owner at the next tick.
+        wait_until(lambda: query_status(address)["journal"]["bytes"] < 50, 5,
+                   message="journal compacted")
     finally:
         stop_process(broker)
         ctx.destroy(linger=0)

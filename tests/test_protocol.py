@@ -156,6 +156,10 @@ def test_malformed_frames(frame):
 def test_malformed_message_names_the_problem():
     exc = _decode_error(msgpack.packb([P.Credit.TAG, "5"]))
     assert "Credit.n" in str(exc)
+    # hints came later: a SUBMIT without them is still valid
+    assert P.decode(msgpack.packb([P.Submit.TAG, [1], [b"x"]])) == P.Submit([1], [b"x"], [])
+    exc = _decode_error(msgpack.packb([P.Submit.TAG, [1]]))
+    assert "1 fields, expected 3" in str(exc)
     exc = _decode_error(msgpack.packb([P.Submit.TAG, [1, 2], [b"x"], []]))
     assert "2 ids" in str(exc) and "1 blobs" in str(exc)
     exc = _decode_error(msgpack.packb([P.Submit.TAG, [1, 2], [b"x", b"y"], ["h"]]))

@@ -170,6 +170,64 @@ def test_repeated_launch_failures_pause_and_say_why():
     assert scaler.step(status(10), now=5)["launched"] == 0  # stays paused
 
 
+def test_a_registered_worker_missing_for_a_while_is_not_a_failed_boot():
+    """A broker restart: STATUS lists no workers for a moment. Instances that registered
+    before must not be terminated as failed boots, nor pause scale-out."""
+    prov = FakeProvisioner()
+    prov.now = 0.0
+    scaler = Scaler(prov, Policy(boot_deadline=10, max_failures=1, idle_seconds=1000))
+    prov.launch(2)
+    scaler.step(status(0, {"i-1": 1, "i-2": 1}), now=5)
+    did = scaler.step(status(0, {}), now=100)  # nobody registered, long after launch
+    assert did["expired"] == [] and did["terminated"] == [] and not did["paused"]
+    assert len(prov.live) == 2
+
+
+def test_an_instance_gone_before_registering_counts_as_a_failure():
+    prov = FakeProvisioner()
+    prov.now = 0.0
+    scaler = Scaler(prov, Policy(max_failures=2, boot_deadline=100, slots_per_instance=5))
+    assert scaler.step(status(5), now=0)["launched"] == 1  # i-1
+    assert scaler.step(status(5), now=1)["launched"] == 0  # i-1 listed, booting
+    prov.live.clear()  # its VM powered itself off (say, a version mismatch)
+    assert scaler.step(status(5), now=2)["launched"] == 1  # i-2
+    assert scaler.failures == 1
+    scaler.step(status(5), now=3)  # i-2 listed, booting
+    prov.live.clear()
+    did = scaler.step(status(5), now=4)
+    assert "went away without registering" in did["paused"]
+
+
+def test_launched_but_not_yet_listed_instances_count_against_the_cap():
+    prov = FakeProvisioner()
+    prov.now = 0.0
+    listed = prov.instances
+    prov.instances = lambda: []  # the provider's listing lags
+    scaler = Scaler(prov, Policy(max_instances=3, step=10, slots_per_instance=1))
+    assert scaler.step(status(100), now=0)["launched"] == 3
+    assert scaler.step(status(100), now=1)["launched"] == 0
+    prov.instances = listed
+    assert scaler.step(status(100), now=2)["launched"] == 0
+
+
+def test_the_scaling_loop_survives_a_failing_step():
+    class Flaky:
+        calls = 0
+
+        def step(self, status):
+            Flaky.calls += 1
+            raise RuntimeError("ThrottlingException")
+
+    stop = threading.Event()
+    with broker_process() as (_, address):
+        loop = threading.Thread(target=run_scaler, args=(Flaky(), address),
+                                kwargs=dict(interval=0.05, stop=stop))
+        loop.start()
+        wait_until(lambda: Flaky.calls >= 3, 30, message="steps after a failure")
+        stop.set()
+        loop.join(10)
+
+
 def test_scale_in_after_idle_never_below_minimum():
     prov = FakeProvisioner()
     prov.now = 0.0

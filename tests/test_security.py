@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def test_keys_init_new_list_revoke(tmp_path):
         security.new_key(d, "../evil", "worker")
     with pytest.raises(ConfigError, match="role"):
         security.new_key(d, "x", "admin")
+    with pytest.raises(ConfigError, match="broker's own key"):
+        security.new_key(d, "broker", "client")
 
 
 def test_loose_permissions_are_refused_and_named(tmp_path):
@@ -293,3 +296,36 @@ def test_a_capture_on_the_wire_does_not_show_the_task(secure, with_keys, tmp_pat
         if proc is not None:
             stop_process(proc)
             proc.stdout.close()
+
+
+def test_only_the_submitting_identity_can_claim_a_client_key_back(tmp_path):
+    """After a journaled restart the key of an away client holds its tasks and results:
+    another authorized client asking for that key gets a fresh one instead."""
+    d = str(tmp_path / "keys")
+    security.init_keys(d)
+    alice, mallory = (security.new_key(d, n, "client") for n in ("alice", "mallory"))
+    journal = str(tmp_path / "journal")
+    ctx = zmq.Context()
+    proc, address = start_broker("tcp://127.0.0.1:0", "--keys", d, "--journal", journal)
+    try:
+        sock = curve_dealer(ctx, address, alice, uuid.uuid4().bytes)
+        sock.send(P.encode(P.hello(P.ROLE_CLIENT, {"name": "alice"})))
+        key = answer(sock).key
+        tid = (key << P.ID_SHIFT) + 1
+        sock.send(P.encode(P.Submit([tid], [payload.shell_task("true")])))
+        wait_until(lambda: query_status(address, keys=alice)["queued"] == 1, 10,
+                   message="queued")
+        sock.close()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        proc, _ = start_broker(address, "--keys", d, "--journal", journal)
+        for bundle, granted in ((mallory, False), (alice, True)):
+            sock = curve_dealer(ctx, address, bundle, uuid.uuid4().bytes)
+            sock.send(P.encode(P.hello(P.ROLE_CLIENT, {"name": "x", "key": key})))
+            welcome = answer(sock)
+            assert isinstance(welcome, P.Welcome) and (welcome.key == key) is granted
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+        ctx.destroy(linger=0)

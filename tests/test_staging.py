@@ -194,3 +194,31 @@ def test_data_aware_dispatch_sends_tasks_to_their_data(moto, tmp_path):
     # The control: plain FIFO dispatch on the same workload does worse on one count.
     fifo_home, fifo_downloaded = run_two_inputs(moto, tmp_path, "fifo")
     assert fifo_home < at_home or fifo_downloaded > downloaded, (fifo_home, fifo_downloaded)
+
+
+def test_names_cannot_lead_outside_the_task_directory(tmp_path):
+    """Checked again on the worker: a hand-made task, or a file under a symlinked shared
+    input, must not write outside the task's directory."""
+    from zfalkon.staging import INLINE, PATH, Stager, StagingError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    stager = Stager(None)
+    with pytest.raises(StagingError, match="outside the task's directory"):
+        stager.stage_in([["ref", PATH, str(shared)], ["ref/x", INLINE, b"evil"]], str(work))
+    assert not (shared / "x").exists()
+    for name in ("../up", "/etc/x", "a/../../x"):
+        with pytest.raises(StagingError, match="relative path"):
+            stager.stage_in([[name, INLINE, b""]], str(work))
+    os.symlink(shared / "secret", work / "out")
+    (shared / "secret").write_text("not yours")
+    with pytest.raises(StagingError, match="symbolic link"):
+        stager.stage_out([["out", ""]], str(work))
+
+
+def test_cached_files_are_read_only(tmp_path):
+    cache = DataCache(str(tmp_path))
+    path, _ = cache.get("k", lambda tmp: open(tmp, "wb").close())
+    assert os.stat(path).st_mode & 0o777 == 0o444

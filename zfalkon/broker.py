@@ -169,6 +169,8 @@ class Broker:
         self.held: dict[int, list[tuple[list, list]]] = {}  # key -> results held for it
         self.away: dict[int, float] = {}  # journal only: key -> when its client went away
         self.duplicate_submits = 0
+        self.key_owner: dict[int, str] = {}  # key -> "ROLE:NAME" ("" without keys) of
+        # the client that first submitted under it; only that identity may claim it back
         self._next_key = 1
         self._started = time.monotonic()
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=_RATE_WINDOW + 1)
@@ -194,6 +196,7 @@ class Broker:
         """Queue the journal's unfinished tasks; hold its results for their clients."""
         got = journal.replay()
         self.known = set(got.tasks)
+        self.key_owner = dict(got.owners)
         if got.tasks:
             self.queue.append([list(got.tasks), list(got.tasks.values()), 0])
             self.queued = len(got.tasks)
@@ -206,7 +209,7 @@ class Broker:
         now = time.monotonic()
         keys = {P.client_key(t) for t in got.tasks} | set(by_key)
         self.away = dict.fromkeys(keys, now)
-        self._next_key = max(keys, default=0) + 1
+        self._next_key = max(keys | set(got.owners), default=0) + 1
         log.info("journal %s: %d records; %d unfinished tasks queued, %d results held for "
                  "%d absent clients", journal.path, got.records, len(got.tasks), len(got.held),
                  len(by_key))
@@ -293,7 +296,7 @@ class Broker:
         if user is not None and not self._authorized(ident, msg, user):
             return
         if type(msg) is P.Hello:
-            self._on_hello(ident, peer, msg)
+            self._on_hello(ident, peer, msg, user)
             if user is not None and ident in self.peers:
                 self.bound[ident] = user  # this routing id is now this key's
             return
@@ -352,16 +355,19 @@ class Broker:
 
     # -- handlers ----------------------------------------------------------------------
 
-    def _on_hello(self, ident: bytes, peer: object, msg: P.Hello) -> None:
+    def _on_hello(self, ident: bytes, peer: object, msg: P.Hello,
+                  user: str | None = None) -> None:
         info = msg.info
         if peer is not None:
             self._drop(peer)  # a reconnect under the same id starts afresh
         key = 0
         if msg.role == P.ROLE_CLIENT:
             # A client coming back (this broker restarted) asks for its old key: its task
-            # ids carry it. Granted unless another live client holds it.
+            # ids carry it. Granted unless another live client holds it, or (with keys) the
+            # key's tasks were submitted under another CurveZMQ identity.
             key = info.get("key")
-            if type(key) is not int or not 0 < key < 1 << 23 or key in self.clients:
+            if type(key) is not int or not 0 < key < 1 << 23 or key in self.clients or \
+                    self.key_owner.get(key, user or "") != (user or ""):
                 key = self._next_key
             self._next_key = max(self._next_key, key + 1)
             self.gone_clients.discard(key)
@@ -407,6 +413,10 @@ class Broker:
             self._refuse(client.ident, ProtocolError(
                 "SUBMIT has task ids outside this client's key", "malformed"))
             return
+        if key not in self.key_owner:  # its first tasks: who may claim the key back
+            self.key_owner[key] = self.bound.get(client.ident, "")
+            if self.journal is not None:
+                self.journal.key(key, self.key_owner[key])
         blobs, hints = msg.blobs, msg.hints
         known = self.known
         if known is not None:
@@ -574,10 +584,12 @@ class Broker:
     def _forget_client(self, key: int) -> None:
         """The client is gone for good: skip its queued tasks, drop its held results."""
         self.gone_clients.add(key)
-        if self.journal is not None:
-            self.journal.gone(key)
-            self.held.pop(key, None)
-            self.away.pop(key, None)
+        had_state = self.key_owner.pop(key, None) is not None or key in self.held or \
+            key in self.away
+        if had_state and self.journal is not None:
+            self.journal.gone(key)  # (a status query's key has no records to undo)
+        self.held.pop(key, None)
+        self.away.pop(key, None)
 
     def _journal_tick(self, now: float) -> None:
         """Forget clients away too long; write and fsync; compact the journal if due."""
@@ -591,10 +603,11 @@ class Broker:
         journal.flush(now)
         known = self.known
         if not known and not self.held:
-            if journal.size:
-                journal.compact((), (), empty=True)
+            if journal.grown:  # nothing unfinished: a tiny snapshot of the key owners
+                journal.compact((), (), self.key_owner)
         elif journal.wants_compaction():
-            journal.compact(self._unfinished(), [g for gs in self.held.values() for g in gs])
+            journal.compact(self._unfinished(), [g for gs in self.held.values() for g in gs],
+                            self.key_owner)
 
     def _unfinished(self) -> Iterator[tuple[list[int], list[bytes]]]:
         """Every unfinished task (running, then queued) in (ids, blobs) groups."""
@@ -606,8 +619,8 @@ class Broker:
         groups += list(self.local.values())
         for pairs in groups:
             kept = [(t, b) for t, b in pairs if t in known]
-            if kept:
-                ids, blobs = zip(*kept)
+            for i in range(0, len(kept), MAX_BATCH):  # records of a bounded size
+                ids, blobs = zip(*kept[i:i + MAX_BATCH])
                 yield list(ids), list(blobs)
 
     def _unready(self, slot: Slot) -> None:
@@ -717,21 +730,30 @@ class Broker:
         return ids, blobs
 
     def _take_local(self, held: set[str] | None, n: int) -> tuple[list[int], list[bytes]]:
-        """Pop up to ``n`` data-keyed tasks: of keys in ``held``, or (None) of any key."""
+        """Pop up to ``n`` data-keyed tasks: of keys in ``held``, or (None) of any key,
+        oldest key first. Costs O(tasks taken + min(len(held), keys queued))."""
+        local = self.local
+        if held is None:
+            keys: Iterator[str] = iter(lambda: next(iter(local), ""), "")  # head, until empty
+        elif len(held) < len(local):
+            keys = iter([k for k in held if k in local])
+        else:
+            keys = iter([k for k in local if k in held])
         ids: list[int] = []
         blobs: list[bytes] = []
         size = 0
-        for key in [k for k in self.local if held is None or k in held]:
-            tasks = self.local[key]
+        while len(ids) < n and size < FRAME_SOFT_BYTES:
+            key = next(keys, None)
+            if key is None:
+                break
+            tasks = local[key]
             while tasks and len(ids) < n and size < FRAME_SOFT_BYTES:
                 tid, blob = tasks.popleft()
                 ids.append(tid)
                 blobs.append(blob)
                 size += len(blob)
             if not tasks:
-                del self.local[key]
-            if len(ids) >= n or size >= FRAME_SOFT_BYTES:
-                break
+                del local[key]
         self.queued -= len(ids)
         if self.cancelled or self.gone_clients or self.known is not None:
             ids, blobs = self._without_dropped(ids, blobs)

@@ -5,7 +5,7 @@ when the bucket is not versioned), so a changed object is never served stale. Th
 keeps at most ``limit`` bytes; when a new file pushes it over, the least recently used
 files go (use refreshes a file's mtime). Slots are separate processes: the directory is
 the shared state, writes land by rename, and eviction and the counters file are guarded
-by an ``flock``.
+by an ``flock``. Cached files are read-only: tasks get hard links to them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from typing import Callable, Iterator
 
 #: Default size limit of a worker's cache (``zfalkon worker --cache-bytes``).
 CACHE_BYTES = 10 * 1024**3
+_STALE_PART_SECONDS = 3600  # a partial download this old has no live writer
 
 
 class DataCache:
@@ -59,6 +61,7 @@ class DataCache:
         try:
             fetch(tmp)
             size = os.path.getsize(tmp)
+            os.chmod(tmp, 0o444)  # tasks get hard links to it: none may change it in place
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -71,10 +74,16 @@ class DataCache:
     def _evict(self, keep: str) -> None:
         with self._locked():
             entries = []
+            now = time.time()
             for name in os.listdir(self.root):
+                p = os.path.join(self.root, name)
+                if name.startswith(".part-"):  # a download whose slot was killed
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - os.stat(p).st_mtime > _STALE_PART_SECONDS:
+                            os.unlink(p)
+                    continue
                 if name.startswith("."):
                     continue
-                p = os.path.join(self.root, name)
                 with contextlib.suppress(FileNotFoundError):
                     st = os.stat(p)
                     entries.append((st.st_mtime_ns, st.st_size, p))

@@ -111,6 +111,7 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
         msg = P.decode(sock.recv())
         if not isinstance(msg, P.Status):
             raise ProtocolError(f"broker answered STATUS with {type(msg).__name__}")
+        sock.setsockopt(zmq.LINGER, 1000)  # let the BYE out, or the broker keeps a stale client
         sock.send(P.encode(P.Bye("status done")))
         return msg.info
     finally:

@@ -6,7 +6,10 @@ records, written by the broker's loop in one ``write()`` per pass (group commit)
 * ``[1, ids, blobs]`` SUBMIT: tasks accepted;
 * ``[2, ids]`` DONE: tasks finished and delivered (or failed, or cancelled);
 * ``[3, ids, blobs]`` HELD: finished while their client was away; results kept for it;
-* ``[4, key]`` GONE: the client said BYE; forget its tasks and held results.
+* ``[4, key]`` GONE: the client said BYE; forget its tasks and held results;
+* ``[5, key, owner]`` KEY: a client key's first tasks, and who submitted them (its
+  CurveZMQ ``ROLE:NAME``, or ``""``): only that identity may claim the key back, and a
+  restarted broker never gives the key to another client.
 
 Replaying the records in order gives back every task that was accepted and not finished,
 in submission order, and every result held for an absent client. A record cut short by a
@@ -20,9 +23,10 @@ so a machine crash loses up to a second of accepted tasks (their clients, if ali
 resubmit them); ``never`` leaves it to the OS.
 
 **Compaction**: once the file passes ``compact_bytes`` and twice its size at the last
-compaction, the broker writes a snapshot of what is live (queued, running, held) to
-``journal.log.new``, fsyncs it and renames it over the log. When nothing is live the log
-is simply truncated, which is the common case at the end of a run.
+compaction, the broker writes a snapshot of what is live (key owners, queued and running
+tasks, held results) to ``journal.log.new``, fsyncs it and renames it over the log. When
+no task is unfinished or held, the snapshot is just the key owners of clients still
+known (often nothing at all): the common case at the end of a run.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from zfalkon.protocol import ID_SHIFT
 
 log = logging.getLogger("zfalkon.journal")
 
-SUBMIT, DONE, HELD, GONE = 1, 2, 3, 4
+SUBMIT, DONE, HELD, GONE, KEY = 1, 2, 3, 4, 5
 FSYNC_POLICIES = ("always", "interval", "never")
 #: A log smaller than this is never compacted (except by truncation when nothing is live).
 COMPACT_BYTES = 256 * 1024 * 1024
@@ -53,6 +57,7 @@ class Replayed:
 
     tasks: dict[int, bytes] = field(default_factory=dict)
     held: dict[int, bytes] = field(default_factory=dict)
+    owners: dict[int, str] = field(default_factory=dict)  # client key -> owner
     records: int = 0
 
 
@@ -84,15 +89,14 @@ class Journal:
     def replay(self) -> Replayed:
         """Read the whole log; truncate a torn last record; return what is still live."""
         out = Replayed()
-        tasks, held = out.tasks, out.held
         self._file.seek(0)
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=0)
         good = 0
         while chunk := self._file.read(_READ_CHUNK):
-            unpacker.feed(chunk)
             try:
+                unpacker.feed(chunk)
                 for record in unpacker:
-                    self._apply(record, tasks, held)
+                    self._apply(record, out)
                     out.records += 1
                     good = unpacker.tell()
             except Exception as exc:  # a torn or corrupt record: stop here
@@ -109,7 +113,8 @@ class Journal:
         return out
 
     @staticmethod
-    def _apply(record: list, tasks: dict[int, bytes], held: dict[int, bytes]) -> None:
+    def _apply(record: list, out: Replayed) -> None:
+        tasks, held = out.tasks, out.held
         kind = record[0]
         if kind == SUBMIT:
             for tid, blob in zip(record[1], record[2]):
@@ -125,9 +130,12 @@ class Journal:
                 held[tid] = blob
         elif kind == GONE:
             key = record[1]
+            out.owners.pop(key, None)
             for table in (tasks, held):
                 for tid in [t for t in table if t >> ID_SHIFT == key]:
                     del table[tid]
+        elif kind == KEY:
+            out.owners[record[1]] = record[2]
         else:
             raise ValueError(f"unknown journal record kind {kind!r}")
 
@@ -144,6 +152,9 @@ class Journal:
 
     def gone(self, key: int) -> None:
         self._buffer += self._pack((GONE, key))
+
+    def key(self, key: int, owner: str) -> None:
+        self._buffer += self._pack((KEY, key, owner))
 
     def flush(self, now: float) -> None:
         """Write what this pass recorded; fsync as the policy says."""
@@ -164,19 +175,21 @@ class Journal:
     def wants_compaction(self) -> bool:
         return self._size > max(self.compact_bytes, 2 * self._compacted_size)
 
+    @property
+    def grown(self) -> bool:
+        """Written to since the last compaction (or replay)."""
+        return self._size != self._compacted_size
+
     def compact(self, live_tasks: Iterable[tuple[list[int], list[bytes]]],
-                held: Iterable[tuple[list[int], list[bytes]]], empty: bool = False) -> None:
-        """Replace the log by a snapshot of what is live (``empty``: nothing is)."""
-        if empty:
-            self._file.truncate(0)
-            self._file.seek(0)
-            self._size = self._compacted_size = 0
-            self._buffer.clear()
-            self.compactions += 1
-            return
+                held: Iterable[tuple[list[int], list[bytes]]],
+                owners: dict[int, str] | None = None) -> None:
+        """Replace the log by a snapshot of what is live: key owners, unfinished tasks,
+        held results (an empty snapshot is an empty file)."""
         new_path = self.path + ".new"
         size = 0
         with open(new_path, "wb") as f:
+            for key, owner in (owners or {}).items():
+                size += f.write(self._pack((KEY, key, owner)))
             for ids, blobs in live_tasks:
                 size += f.write(self._pack((SUBMIT, ids, blobs)))
             for ids, blobs in held:

@@ -291,7 +291,9 @@ def decode(frame: bytes) -> Message:
         if len(obj) < 2:
             raise ProtocolError(f"{cls.__name__} without a protocol version", "malformed")
         check_version(obj[1], obj[2] if len(obj) > 2 else "?")
-    if len(obj) != len(fields) + 1:
+    # Fields added to a message later go last, with a default: a peer that predates them
+    # may leave them out (the same protocol version stays compatible).
+    if not len(fields) - len(cls._field_defaults) <= len(obj) - 1 <= len(fields):
         raise ProtocolError(
             f"{cls.__name__} has {len(obj) - 1} fields, expected {len(fields)}", "malformed"
         )

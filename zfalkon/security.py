@@ -119,6 +119,8 @@ def init_keys(directory: str) -> str:
 def new_key(directory: str, name: str, role: str, out: str | None = None) -> str:
     """Create and authorize a key for a worker or client; return its bundle directory."""
     _check_name(name)
+    if name == "broker":
+        raise ConfigError("the name 'broker' is the broker's own key; choose another")
     if role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     BrokerKeys(directory)  # the directory must be a valid, private broker key directory

@@ -118,10 +118,25 @@ class Stager:
     def workdir(self) -> str:
         return tempfile.mkdtemp(prefix="zfalkon-task-", dir=self.scratch)
 
+    @staticmethod
+    def _inside(workdir: str, name: str) -> str:
+        """The path of ``name`` in ``workdir``; StagingError if it would lead outside (a
+        hand-made task, or a name under an input that is a symlink to a shared path)."""
+        try:
+            _check_name(name)
+        except SerializationError as exc:
+            raise StagingError(str(exc)) from None
+        path = os.path.join(workdir, name)
+        parent = os.path.realpath(os.path.dirname(path))
+        if os.path.commonpath([parent, os.path.realpath(workdir)]) != os.path.realpath(workdir):
+            raise StagingError(f"file {name!r} would be outside the task's directory")
+        return path
+
     def stage_in(self, inputs: list[list], workdir: str) -> None:
         for name, kind, value in inputs:
-            dest = os.path.join(workdir, name)
+            dest = self._inside(workdir, name)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
+            dest = self._inside(workdir, name)  # again, now that its directories exist
             if kind == INLINE:
                 with open(dest, "wb") as f:
                     f.write(value)
@@ -147,19 +162,26 @@ class Stager:
             if self.cache is None:
                 self.s3.download_file(bucket, key, dest, ExtraArgs=pin)
                 return
-            path, _ = self.cache.get(f"{url}@{version or head['ETag']}",
-                                     lambda tmp: self.s3.download_file(bucket, key, tmp,
-                                                                       ExtraArgs=pin))
+            identity = f"{url}@{pin.get('VersionId') or head['ETag']}"
+            for attempt in range(3):
+                path, _ = self.cache.get(identity, lambda tmp: self.s3.download_file(
+                    bucket, key, tmp, ExtraArgs=pin))
+                try:
+                    os.link(path, dest)
+                    break
+                except FileNotFoundError:  # evicted by another slot meanwhile: again
+                    if attempt == 2:
+                        raise StagingError(f"input {name!r}: {url} kept being evicted "
+                                           "from the cache (is --cache-bytes too small?)")
+                except OSError:
+                    shutil.copyfile(path, dest)  # the cache is on another file system
+                    break
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             what = "does not exist" if code in ("404", "NoSuchKey", "NotFound") else str(exc)
             raise StagingError(f"input {name!r}: {url} {what}") from None
         except BotoCoreError as exc:
             raise StagingError(f"input {name!r}: {url}: {exc}") from None
-        try:
-            os.link(path, dest)
-        except OSError:
-            shutil.copyfile(path, dest)  # another file system, or evicted meanwhile
         if url not in self.held:
             self.held.add(url)
             self.new_held.append(url)
@@ -169,9 +191,10 @@ class Stager:
 
         files = {}
         for name, dest in outputs:
-            path = os.path.join(workdir, name)
-            if not os.path.isfile(path):
-                raise StagingError(f"output {name!r} was not created by the task")
+            path = self._inside(workdir, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                raise StagingError(f"output {name!r} was not created by the task (or is "
+                                   "a symbolic link)")
             if not dest:
                 size = os.path.getsize(path)
                 if size > INLINE_FILE_BYTES:

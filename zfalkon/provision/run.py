@@ -22,6 +22,8 @@ def run_scaler(scaler: Scaler, broker: str, *, keys: str | None = None,
             did = scaler.step(query_status(broker, timeout=5.0, keys=keys))
         except BrokerUnavailable as exc:
             log.warning("no status from the broker (%s); not scaling", exc)
+        except Exception:  # a provider error (throttling, credentials): try again later
+            log.exception("scaling step failed; trying again in %.0f s", interval)
         else:
             if did["paused"] and did["paused"] != reported:
                 log.error("%s (restart the provisioner to resume)", did["paused"])
