@@ -268,8 +268,7 @@ def image(ec2) -> str:
 
 
 def live(ec2, pool: str) -> list[str]:
-    return [i.id for i in EC2Provisioner(pool, ec2, ami="", instance_type="",
-                                         user_data="").instances()]
+    return [i.id for i in EC2Provisioner(pool, ec2).instances()]
 
 
 def test_queue_launches_instances_that_boot_run_tasks_drain_and_go(cloud):
@@ -302,7 +301,7 @@ def test_queue_launches_instances_that_boot_run_tasks_drain_and_go(cloud):
         finally:
             stop.set()
             loop.join(10)
-    assert EC2Provisioner("e2e", ec2, ami="", instance_type="", user_data="").sweep() == []
+    assert EC2Provisioner("e2e", ec2).sweep() == []
     tagged = ec2.describe_instances(Filters=[{"Name": "tag:" + POOL_TAG, "Values": ["e2e"]}])
     states = {i["State"]["Name"] for r in tagged["Reservations"] for i in r["Instances"]}
     assert states == {"terminated"}
@@ -399,6 +398,8 @@ def test_ec2_down_terminates_the_pool(cloud, moto):
                           env=aws_env(moto), capture_output=True, text=True, timeout=60)
     assert down.returncode == 0 and "terminated 2 instances" in down.stdout, down.stderr
     assert not live(ec2, "downpool")
+    with pytest.raises(ConfigError, match="needs an AMI"):
+        EC2Provisioner("downpool", ec2).launch(1)  # a listing-only provisioner
 
 
 def test_provision_local_follows_the_queue():

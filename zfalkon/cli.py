@@ -15,6 +15,7 @@ from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, O
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import ConfigError, ZfalkonError
+from zfalkon.broker import DISPATCH_POLICIES
 from zfalkon.cache import CACHE_BYTES
 from zfalkon.journal import FSYNC_POLICIES
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "only allow-listed worker and client keys may connect")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without --keys")
-    p.add_argument("--dispatch", choices=["data", "fifo"], default="data",
+    p.add_argument("--dispatch", choices=DISPATCH_POLICIES, default="data",
                    help="data (default): send tasks with an S3 input to workers whose cache "
                         "holds it first; fifo: plain arrival order")
     p.set_defaults(func=_broker)

@@ -48,16 +48,10 @@ def _serve(scaler: Scaler, args: argparse.Namespace) -> None:
     run_scaler(scaler, args.broker, keys=args.keys, interval=args.interval, stop=stop)
 
 
-def _client(args: argparse.Namespace):
-    from zfalkon.provision.ec2 import ec2_client
-
-    return ec2_client(args.region, args.endpoint_url)
-
-
 def ec2_command(args: argparse.Namespace) -> int:
-    from zfalkon.provision.ec2 import EC2Provisioner, sweep_all
+    from zfalkon.provision.ec2 import EC2Provisioner, ec2_client, sweep_all
 
-    client = _client(args)
+    client = ec2_client(args.region, args.endpoint_url)
     if args.ec2_command == "sweep" and not args.pool:
         ids = sweep_all(client)
         print(f"terminated {len(ids)} zfalkon instances: {' '.join(ids)}")
@@ -81,7 +75,7 @@ def ec2_command(args: argparse.Namespace) -> int:
                 ids = prov.sweep()
                 print(f"pool {args.pool}: terminated {len(ids)} instances (--keep keeps them)")
         return 0
-    prov = EC2Provisioner(args.pool, client, ami="", instance_type="", user_data="")
+    prov = EC2Provisioner(args.pool, client)
     if args.ec2_command == "status":
         states = ("pending", "running", "stopping", "stopped", "shutting-down")
         for inst in prov.instances(states):

@@ -30,48 +30,51 @@ def ec2_client(region: str | None = None, endpoint_url: str | None = None) -> An
 
 
 class EC2Provisioner:
-    """Launch, list and terminate one pool's instances."""
+    """Launch, list and terminate one pool's instances.
 
-    def __init__(self, pool: str, client: Any, *, ami: str, instance_type: str,
-                 user_data: str, subnet: str | None = None,
-                 security_groups: Sequence[str] = (), instance_profile: str | None = None,
-                 key_name: str | None = None, spot: bool = False) -> None:
+    Listing, terminating and sweeping need only ``pool`` and ``client``; :meth:`launch`
+    needs ``ami`` and ``user_data`` too.
+    """
+
+    def __init__(self, pool: str, client: Any, *, ami: str | None = None,
+                 instance_type: str = "t3.small", user_data: str | None = None,
+                 subnet: str | None = None, security_groups: Sequence[str] = (),
+                 instance_profile: str | None = None, key_name: str | None = None,
+                 spot: bool = False) -> None:
         self.pool = pool
         self.client = client
-        self.ami = ami
         self.instance_type = instance_type
-        self.user_data = user_data
-        self.subnet = subnet
-        self.security_groups = list(security_groups)
-        self.instance_profile = instance_profile
-        self.key_name = key_name
-        self.spot = spot
+        self._launch: dict[str, Any] | None = None
+        if ami and user_data is not None:
+            tags = [{"Key": POOL_TAG, "Value": pool},
+                    {"Key": "Name", "Value": f"zfalkon-worker-{pool}"}]
+            args: dict[str, Any] = dict(
+                ImageId=ami, InstanceType=instance_type, UserData=user_data,
+                InstanceInitiatedShutdownBehavior="terminate",
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+            if subnet:
+                args["SubnetId"] = subnet
+            if security_groups:
+                args["SecurityGroupIds"] = list(security_groups)
+            if instance_profile:
+                args["IamInstanceProfile"] = {"Name": instance_profile}
+            if key_name:
+                args["KeyName"] = key_name
+            if spot:
+                args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
+                    "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+            self._launch = args
 
     def launch(self, n: int) -> list[Instance]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        tags = [{"Key": POOL_TAG, "Value": self.pool},
-                {"Key": "Name", "Value": f"zfalkon-worker-{self.pool}"}]
-        args: dict[str, Any] = dict(
-            ImageId=self.ami, InstanceType=self.instance_type, MinCount=1, MaxCount=n,
-            UserData=self.user_data, InstanceInitiatedShutdownBehavior="terminate",
-            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
-        if self.subnet:
-            args["SubnetId"] = self.subnet
-        if self.security_groups:
-            args["SecurityGroupIds"] = self.security_groups
-        if self.instance_profile:
-            args["IamInstanceProfile"] = {"Name": self.instance_profile}
-        if self.key_name:
-            args["KeyName"] = self.key_name
-        if self.spot:
-            args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
-                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+        if self._launch is None:
+            raise ConfigError(f"pool {self.pool}: launching needs an AMI and user-data")
         try:
-            reply = self.client.run_instances(**args)
+            reply = self.client.run_instances(MinCount=1, MaxCount=n, **self._launch)
         except (ClientError, BotoCoreError) as exc:
-            raise ProvisionError(f"launching {n} x {self.instance_type} ({self.ami}): {exc}") \
-                from None
+            raise ProvisionError(f"launching {n} x {self.instance_type} "
+                                 f"({self._launch['ImageId']}): {exc}") from None
         return [self._instance(i) for i in reply["Instances"]]
 
     def instances(self, states: Sequence[str] = LIVE_STATES) -> list[Instance]:
