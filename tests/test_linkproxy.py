@@ -136,7 +136,7 @@ def test_bytes_intact_both_ways_concurrently(echo_server: Server) -> None:
         for i in range(3):
             assert received[i] is not None and len(received[i]) == size
             assert hashlib.sha256(received[i]).digest() == hashlib.sha256(payloads[i]).digest()
-        assert proxy.connections == 3
+        assert proxy.accepted == 3
         wait_until(lambda: proxy.open_connections == 0, 5, message="connections closed")
         assert proxy.bytes_up == proxy.bytes_down == 3 * size
     assert not echo_server.errors
@@ -285,7 +285,7 @@ def test_unreachable_target_closes_client() -> None:
                 assert c.recv(10) == b""
         except ConnectionResetError:
             pass
-        assert proxy.connections == 1
+        assert proxy.accepted == 1
         wait_until(lambda: proxy.open_connections == 0, 5, message="connection closed")
 
 
@@ -331,6 +331,256 @@ def test_bad_arguments() -> None:
     proxy.stop()  # stopping an unstarted proxy is harmless
 
 
+# -- fault injection: freeze, thaw, reset -------------------------------------------------
+
+QUIET = 0.5  # how long "nothing moves" is watched for (an absence has to be waited out)
+
+
+def silent(sock: socket.socket, seconds: float = QUIET) -> bool:
+    """True if nothing (no byte, no EOF, no reset) arrives on ``sock`` for ``seconds``."""
+    ready, _, _ = select.select([sock], [], [], seconds)
+    return not ready
+
+
+def lines(count: int, tag: str = "") -> bytes:
+    return b"".join(f"{tag}line {i:06d}\n".encode() for i in range(count))
+
+
+def echo_watch(conn: socket.socket) -> str:
+    """Echo until EOF or a reset; return which ended it."""
+    try:
+        while True:
+            data = conn.recv(262144)
+            if not data:
+                return "eof"
+            conn.sendall(data)
+    except ConnectionResetError:
+        return "reset"
+    finally:
+        conn.close()
+
+
+def echoes(address: str, count: int) -> list[socket.socket]:
+    """``count`` connections through ``address``, each checked with one echo."""
+    socks = []
+    for i in range(count):
+        c = connect(address)
+        c.sendall(b"hello %d\n" % i)
+        assert recv_exactly(c, len(b"hello %d\n" % i)) == b"hello %d\n" % i
+        socks.append(c)
+    return socks
+
+
+def test_freeze_holds_client_bytes_and_thaw_delivers_them_in_order(echo_server: Server) -> None:
+    data = lines(2000)  # ~26 kB: fits in the kernel's buffers while the proxy reads nothing
+    with LinkProxy(echo_server.address) as proxy:
+        (c,) = echoes(proxy.address, 1)
+        assert proxy.connections() == [0]
+        assert proxy.freeze() == [0]
+        assert proxy.connections(frozen=True) == [0]
+        up, down = proxy.bytes_up, proxy.bytes_down
+        c.sendall(data)
+        assert silent(c)
+        assert (proxy.bytes_up, proxy.bytes_down) == (up, down)  # nothing moved either way
+        assert proxy.thaw() == [0]
+        assert proxy.connections(frozen=True) == []
+        assert recv_exactly(c, len(data)) == data
+        c.sendall(b"after\n")  # and the link works as before
+        assert recv_exactly(c, 6) == b"after\n"
+        c.close()
+
+
+def test_freeze_holds_server_bytes_and_thaw_delivers_them_in_order() -> None:
+    data = lines(3000, "down ")
+
+    def answer_late(conn: socket.socket) -> None:
+        assert conn.recv(10) == b"go"
+        time.sleep(0.3)  # by now the test has frozen the link
+        conn.sendall(data)
+        conn.close()
+
+    with Server(answer_late) as server, LinkProxy(server.address) as proxy, \
+            connect(proxy.address) as c:
+        c.sendall(b"go")
+        wait_until(lambda: proxy.bytes_up == 2, IO_TIMEOUT, interval=0.001,
+                   message="the request reached the server")
+        assert proxy.freeze() == [0]
+        down = proxy.bytes_down
+        assert silent(c, 0.3 + QUIET)  # the server's answer (and its EOF) wait at the proxy
+        assert proxy.bytes_down == down
+        proxy.thaw()
+        assert recv_all(c) == data  # every byte, in order, then the EOF
+        assert not server.errors
+
+
+def test_thaw_releases_bytes_the_proxy_held_in_order(echo_server: Server) -> None:
+    """Bytes already read into the proxy's delay queue when the freeze came stay held past
+    their release time, then go out, in order, before anything newer."""
+    with LinkProxy(echo_server.address, delay_ms=400, jitter_ms=20, seed=3) as proxy:
+        (c,) = echoes(proxy.address, 1)
+        first, second = lines(500, "a "), lines(500, "b ")
+        up = proxy.bytes_up
+        c.sendall(first)
+        time.sleep(0.05)  # the proxy reads it at once, and holds it for its 400 ms delay
+        proxy.freeze()
+        assert proxy.bytes_up == up  # still in the proxy's queue
+        c.sendall(second)
+        assert silent(c, 0.42 + QUIET)  # past every release time
+        assert proxy.bytes_up == up
+        proxy.thaw()
+        assert recv_exactly(c, len(first) + len(second)) == first + second
+        c.close()
+
+
+def test_a_frozen_proxy_freezes_new_connections_too(echo_server: Server) -> None:
+    with LinkProxy(echo_server.address) as proxy:
+        assert proxy.freeze() == []  # nothing open yet
+        with connect(proxy.address) as c:  # accepted (and connected to the target) ...
+            wait_until(lambda: proxy.connections() == [0], IO_TIMEOUT, message="accepted")
+            assert proxy.connections(frozen=True) == [0]
+            c.sendall(b"held\n")
+            assert silent(c)  # ... but moves no bytes
+            assert proxy.bytes_up == 0
+            assert proxy.thaw() == [0]
+            assert recv_exactly(c, 5) == b"held\n"
+        with connect(proxy.address) as c:  # thaw() lifted the freeze for new ones as well
+            c.sendall(b"free\n")
+            assert recv_exactly(c, 5) == b"free\n"
+
+
+def test_freeze_only_the_selected_connections(echo_server: Server) -> None:
+    with LinkProxy(echo_server.address) as proxy:
+        socks = echoes(proxy.address, 3)
+        assert proxy.freeze(lambda i: i == 1) == [1]
+        for i in (0, 2):  # the others carry on
+            socks[i].sendall(b"still %d\n" % i)
+            assert recv_exactly(socks[i], 8) == b"still %d\n" % i
+        socks[1].sendall(b"held 1\n")
+        assert silent(socks[1])
+        socks.append(connect(proxy.address))  # index 3: not selected, not frozen
+        socks[3].sendall(b"new 3\n")
+        assert recv_exactly(socks[3], 6) == b"new 3\n"
+        assert proxy.freeze({4, 5}) == []  # indexes to come: frozen at birth
+        socks.append(connect(proxy.address))  # index 4
+        wait_until(lambda: 4 in proxy.connections(), IO_TIMEOUT, message="accepted")
+        assert proxy.connections(frozen=True) == [1, 4]
+        socks[4].sendall(b"held 4\n")
+        assert proxy.thaw([1]) == [1]  # thaw one; the other stays frozen
+        assert recv_exactly(socks[1], 7) == b"held 1\n"
+        assert silent(socks[4])
+        assert proxy.thaw() == [4]
+        assert recv_exactly(socks[4], 7) == b"held 4\n"
+        for s in socks:
+            s.close()
+
+
+def test_reset_sends_rst_to_both_sides_of_the_selected_connections() -> None:
+    with Server(echo_watch) as server, LinkProxy(server.address) as proxy:
+        socks = echoes(proxy.address, 3)
+        assert proxy.reset([1]) == [1]
+        with pytest.raises(ConnectionResetError):  # ECONNRESET, not an orderly EOF
+            socks[1].recv(10)
+        wait_until(lambda: server.results == ["reset"], IO_TIMEOUT, message="server reset")
+        assert proxy.connections() == [0, 2]
+        for i in (0, 2):  # the others are untouched
+            socks[i].sendall(b"ok\n")
+            assert recv_exactly(socks[i], 3) == b"ok\n"
+        proxy.freeze([2])  # a frozen connection can be reset too
+        assert proxy.reset() == [0, 2]
+        for i in (0, 2):
+            with pytest.raises(ConnectionResetError):
+                socks[i].recv(10)
+        wait_until(lambda: len(server.results) == 3, IO_TIMEOUT, message="server resets")
+        assert server.results == ["reset"] * 3
+        assert proxy.connections() == [] and proxy.open_connections == 0
+        socks.append(connect(proxy.address))  # the proxy still accepts: index 3
+        socks[3].sendall(b"again\n")
+        assert recv_exactly(socks[3], 6) == b"again\n"
+        assert proxy.connections() == [3]
+        for s in socks:
+            s.close()
+        assert not server.errors
+
+
+def test_controls_from_many_threads_while_bytes_flow(echo_server: Server) -> None:
+    size = 2 * 1024 * 1024
+    payload = os.urandom(size)
+    errors: list[BaseException] = []
+    rounds: list[int] = []
+    stop = threading.Event()
+
+    with LinkProxy(echo_server.address) as proxy, connect(proxy.address) as c:
+        def fiddle(seed: int) -> None:
+            try:
+                while not stop.is_set():
+                    proxy.freeze(lambda i: i % 2 == seed % 2)
+                    proxy.connections()
+                    proxy.thaw()
+                    rounds.append(seed)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fiddle, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            sender = threading.Thread(target=lambda: (c.sendall(payload),
+                                                      c.shutdown(socket.SHUT_WR)))
+            sender.start()
+            time.sleep(0.5)  # the fault's duration: bytes flow while controls hammer
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(IO_TIMEOUT)
+        proxy.thaw()
+        got = recv_all(c)
+        sender.join(IO_TIMEOUT)
+        assert not errors, errors
+        assert len(rounds) > 40, len(rounds)  # the controls really ran while bytes moved
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+def test_controls_before_start_and_after_stop(echo_server: Server) -> None:
+    proxy = LinkProxy(echo_server.address)
+    assert proxy.freeze() == [] and proxy.connections() == []
+    proxy.start()
+    try:
+        with connect(proxy.address) as c:  # the freeze made before start applies
+            wait_until(lambda: proxy.connections(frozen=True) == [0], IO_TIMEOUT)
+            c.sendall(b"x")
+            assert silent(c)
+            proxy.stop()  # prompt, frozen connections and all
+            assert not proxy.running
+            try:
+                assert c.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        assert proxy.connections() == [] and proxy.thaw() == [] and proxy.reset() == []
+    finally:
+        proxy.stop()
+    with pytest.raises(ConfigError):
+        LinkProxy(echo_server.address).freeze(42)  # type: ignore[arg-type]
+
+
+def test_zfalkon_worker_survives_a_short_freeze() -> None:
+    """A freeze shorter than the heartbeat timeout is only a pause: the worker stays
+    registered and its tasks come back once the link thaws."""
+    with LocalCluster(workers=0) as cluster, \
+            LinkProxy(cluster.address) as proxy, \
+            worker_process(proxy.address, "--slots", "1"):
+        cluster.wait_for_slots(1, timeout=30)
+        with Executor(cluster.address) as ex:
+            assert ex.submit(abs, -1).result(timeout=30) == 1
+            assert proxy.freeze() == proxy.connections()
+            future = ex.submit(abs, -2)
+            assert not future.done() and cluster.status()["done"] == 1
+            time.sleep(1.0)  # the fault's duration (well under HEARTBEAT_SECONDS * MISSES)
+            assert not future.done()
+            proxy.thaw()
+            assert future.result(timeout=30) == 2
+            assert cluster.status()["workers"] == 1
+
+
 # -- zfalkon through the proxy -------------------------------------------------------------
 
 
@@ -339,7 +589,7 @@ def test_worker_behind_proxy_runs_tasks() -> None:
             LinkProxy(cluster.address, delay_ms=20) as proxy, \
             worker_process(proxy.address, "--slots", "1"):
         cluster.wait_for_slots(1, timeout=30)
-        assert proxy.connections >= 1
+        assert proxy.accepted >= 1
         with Executor(cluster.address) as ex:
             assert ex.submit(abs, -7).result(timeout=30) == 7
             start = time.monotonic()

@@ -27,6 +27,22 @@ Everything runs on one background thread: a ``selectors`` loop plus a heap of re
 times; it sleeps until the next socket event or the next due release (no polling). Timer
 resolution is that of ``epoll`` (1 ms, rounded up: releases are never early).
 
+Fault injection (for tests; thread-safe, each call takes effect before it returns). Every
+accepted connection gets an *accept index* (0 for the first the proxy ever accepted);
+``which`` selects connections by it: ``None`` for all, a predicate on the index, or a
+collection of indexes.
+
+* :meth:`LinkProxy.freeze` stops moving bytes both ways on the selected connections: the
+  proxy neither reads nor writes them, so the kernel's buffers fill and each peer sees a
+  stalled path (its keep-alives and heartbeats stop flowing too). The selection also
+  freezes connections accepted later (they are accepted, and connected to the target, but
+  move no bytes) until :meth:`LinkProxy.thaw`, which lets everything held go, in order.
+  Freezes and thaws apply in the order they were made: the last one whose selection
+  matches a new connection decides whether it starts frozen; ``thaw()`` clears them all.
+* :meth:`LinkProxy.reset` closes the selected connections with a reset (RST, SO_LINGER 0)
+  on both sides.
+* :meth:`LinkProxy.connections` lists the accept indexes of the open connections.
+
 ``python -m zfalkon.linkproxy --target tcp://HOST:PORT --delay-ms 25`` runs one in the
 foreground; ``python -m zfalkon.linkproxy --overhead`` measures what the proxy itself adds.
 """
@@ -51,7 +67,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Collection, TypeVar, Union
 
 from zfalkon.errors import ConfigError
 from zfalkon.net import parse_address
@@ -66,6 +82,25 @@ DEFAULT_BUFFER_BYTES = 4 * 1024 * 1024
 STOP_TIMEOUT_SECONDS = 5.0
 _ACCEPTS_PER_EVENT = 64
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+_T = TypeVar("_T")
+#: Which connections a fault applies to: None (all), a predicate on the accept index, or a
+#: collection of accept indexes.
+Selection = Union[None, Callable[[int], bool], Collection[int]]
+
+
+def _selection(which: Selection) -> Callable[[int], bool]:
+    """A predicate on accept indexes for a ``which`` argument."""
+    if which is None:
+        return lambda index: True
+    if callable(which):
+        return which
+    try:
+        chosen = frozenset(which)
+    except TypeError:
+        raise ConfigError("which must be None, a predicate on the accept index, or a "
+                          f"collection of indexes, not {which!r}") from None
+    return chosen.__contains__
 
 
 class _Wire:
@@ -104,10 +139,13 @@ class _Pipe:
 class _Conn:
     """One proxied connection: the accepted client socket and the socket to the target."""
 
-    __slots__ = ("client", "server", "connecting", "up", "down", "closed", "masks")
+    __slots__ = ("index", "frozen", "client", "server", "connecting", "up", "down", "closed",
+                 "masks")
 
-    def __init__(self, client: socket.socket, server: socket.socket, up_wire: _Wire,
-                 down_wire: _Wire) -> None:
+    def __init__(self, index: int, client: socket.socket, server: socket.socket,
+                 up_wire: _Wire, down_wire: _Wire, frozen: bool = False) -> None:
+        self.index = index           # accept index: 0 for the proxy's first connection
+        self.frozen = frozen         # no bytes move either way (see LinkProxy.freeze)
         self.client = client
         self.server = server
         self.connecting = True
@@ -135,6 +173,10 @@ class LinkProxy:
 
     :meth:`start` binds and starts the one background thread; :meth:`stop` (or leaving the
     ``with`` block) closes the listener and every connection and joins the thread.
+
+    Fault injection, from any thread: :meth:`freeze`, :meth:`thaw`, :meth:`reset` and
+    :meth:`connections` (see the module docstring). :attr:`accepted` counts connections
+    accepted so far (the next one's accept index).
     """
 
     def __init__(self, target: str, *, delay_ms: float = 0.0, jitter_ms: float = 0.0,
@@ -177,8 +219,16 @@ class LinkProxy:
         self._down_wire = _Wire()
         self.bytes_up = 0      # bytes written to the target
         self.bytes_down = 0    # bytes written back to clients
-        self.connections = 0   # connections accepted so far
+        self.accepted = 0      # connections accepted so far (= the next accept index)
         self._conns: set[_Conn] = set()
+        # freeze()/thaw() selections still applying to new connections, oldest first:
+        # (freeze?, selection). The last one that matches a new connection decides.
+        self._freeze_rules: list[tuple[bool, Callable[[int], bool]]] = []
+        # Control calls for the relay thread: (function, done, [result or exception]).
+        self._calls: collections.deque[tuple[Callable[[], Any], threading.Event, list]] = (
+            collections.deque())
+        self._calls_lock = threading.Lock()
+        self._loop_done = False  # the relay thread has ended: run control calls directly
         self._heap: list[tuple[float, int, _Pipe]] = []
         self._seq = itertools.count()
         self._listener: socket.socket | None = None
@@ -249,11 +299,7 @@ class LinkProxy:
     def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
         """Close the listener and every connection; join the thread (at most ``timeout`` s)."""
         self._stopping = True
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -272,6 +318,131 @@ class LinkProxy:
         bw = "" if self.bandwidth_bps is None else f" bandwidth={self.bandwidth_bps:g}bps"
         return (f"<LinkProxy {where} -> {self.target} delay={self.delay_ms:g}ms "
                 f"jitter={self.jitter_ms:g}ms{bw}>")
+
+    # -- fault injection ---------------------------------------------------------------
+
+    def freeze(self, which: Selection = None) -> list[int]:
+        """Stop moving bytes, both ways, on the selected connections; return their indexes.
+
+        ``which``: ``None`` for every connection, a predicate on the accept index, or a
+        collection of indexes. The proxy stops reading and writing those sockets, so bytes
+        in flight stay in its buffers and the kernel's, and both peers see a stalled path.
+        Connections accepted later that ``which`` selects are frozen from the start (they
+        are accepted and connected to the target, but move no bytes) until a :meth:`thaw`
+        selecting them. Takes effect before it returns: no byte moves on a selected
+        connection afterwards.
+        """
+        match = _selection(which)
+
+        def apply() -> list[int]:
+            if which is None:
+                self._freeze_rules = [(True, match)]
+            else:
+                self._freeze_rules.append((True, match))
+            hit = []
+            for conn in self._conns:
+                if match(conn.index):
+                    hit.append(conn.index)
+                    if not conn.frozen:
+                        conn.frozen = True
+                        self._update(conn)
+            return sorted(hit)
+
+        return self._control(apply)
+
+    def thaw(self, which: Selection = None) -> list[int]:
+        """Let the selected frozen connections move again; return their indexes.
+
+        Everything held (in the proxy's buffers and the kernel's) goes on, in order, and
+        new connections that ``which`` selects are no longer frozen at birth. ``thaw()``
+        thaws every connection and forgets every freeze.
+        """
+        match = _selection(which)
+
+        def apply() -> list[int]:
+            if which is None:
+                self._freeze_rules = []
+            else:
+                self._freeze_rules.append((False, match))
+            hit = []
+            now = time.monotonic()
+            for conn in list(self._conns):
+                if conn.frozen and match(conn.index):
+                    hit.append(conn.index)
+                    conn.frozen = False
+                    for pipe in (conn.up, conn.down):
+                        if not conn.closed:
+                            self._release_due(pipe, now)  # flushes what is due, re-arms
+                    if not conn.closed:
+                        self._update(conn)
+            return sorted(hit)
+
+        return self._control(apply)
+
+    def reset(self, which: Selection = None) -> list[int]:
+        """Close the selected connections with a reset (RST) on both sides; return their
+        indexes. Bytes the proxy still held for them are dropped."""
+        match = _selection(which)
+
+        def apply() -> list[int]:
+            hit = [conn for conn in self._conns if match(conn.index)]
+            for conn in hit:
+                self._reset(conn)
+            return sorted(conn.index for conn in hit)
+
+        return self._control(apply)
+
+    def connections(self, frozen: bool | None = None) -> list[int]:
+        """Accept indexes of the connections open now, ascending (``frozen``: only the
+        frozen ones, or only the others)."""
+        return self._control(lambda: sorted(
+            c.index for c in self._conns if frozen is None or c.frozen == frozen))
+
+    def _frozen_at_birth(self, index: int) -> bool:
+        for freeze, match in reversed(self._freeze_rules):
+            try:
+                if match(index):
+                    return freeze
+            except Exception:
+                log.exception("linkproxy freeze selection failed on connection %d", index)
+        return False
+
+    def _control(self, fn: Callable[[], _T], timeout: float = STOP_TIMEOUT_SECONDS) -> _T:
+        """Run ``fn`` on the relay thread (directly when there is none) and return its result."""
+        done = threading.Event()
+        box: list = []
+        with self._calls_lock:
+            direct = (self._thread is None or self._loop_done
+                      or self._thread is threading.current_thread())
+            if not direct:
+                self._calls.append((fn, done, box))
+        if direct:
+            return fn()
+        self._wake()
+        if not done.wait(timeout):
+            raise RuntimeError(f"the linkproxy thread did not answer within {timeout} s")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._calls_lock:
+                if not self._calls:
+                    return
+                fn, done, box = self._calls.popleft()
+            try:
+                box.append(fn())
+            except BaseException as exc:  # handed back to the caller
+                box.append(exc)
+            done.set()
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass  # full (a wake-up is pending anyway), or closed by stop()
 
     # -- event loop --------------------------------------------------------------------
 
@@ -292,6 +463,9 @@ class LinkProxy:
             log.exception("linkproxy event loop failed")
         finally:
             self._close_resources()
+            with self._calls_lock:
+                self._loop_done = True  # later control calls run on their caller's thread
+            self._run_calls()
 
     def _dispatch(self, data: Any, sock: Any, events: int) -> None:
         if data == "listen":  # (a _Conn never equals a str)
@@ -301,6 +475,7 @@ class LinkProxy:
                 self._wake_r.recv(4096)  # type: ignore[union-attr]
             except OSError:
                 pass
+            self._run_calls()
         else:
             conn: _Conn = data
             try:
@@ -313,7 +488,7 @@ class LinkProxy:
         now = time.monotonic()
         if self._accept_paused_until is not None and self._accept_paused_until <= now:
             self._accept_paused_until = None
-            assert self._selector is not None
+            assert self._selector is not None and self._listener is not None
             self._selector.register(self._listener, selectors.EVENT_READ, "listen")
         while self._heap and self._heap[0][0] <= now:
             _, _, pipe = heapq.heappop(self._heap)
@@ -349,20 +524,22 @@ class LinkProxy:
                 _hard_close(client)
                 server.close()
                 continue
-            self.connections += 1
-            conn = _Conn(client, server, self._up_wire, self._down_wire)
+            index = self.accepted
+            self.accepted += 1
+            conn = _Conn(index, client, server, self._up_wire, self._down_wire,
+                         frozen=self._frozen_at_birth(index))
             self._conns.add(conn)
             self._update(conn)
 
     def _pause_accepting(self, exc: OSError) -> None:
         """Out of descriptors (or similar): stop accepting for 0.1 s instead of spinning."""
         log.warning("linkproxy cannot accept a connection: %s", exc)
-        assert self._selector is not None
+        assert self._selector is not None and self._listener is not None
         self._selector.unregister(self._listener)
         self._accept_paused_until = time.monotonic() + 0.1
 
     def _on_socket(self, conn: _Conn, sock: socket.socket, events: int) -> None:
-        if conn.closed:
+        if conn.closed or conn.frozen:  # frozen: an event from before the freeze; ignored
             return
         is_server = sock is conn.server
         if is_server and conn.connecting:
@@ -447,7 +624,7 @@ class LinkProxy:
     def _flush(self, pipe: _Pipe) -> None:
         """Write what is due to ``pipe.dst``; pass the EOF on when everything is out."""
         conn = pipe.conn
-        if conn.closed or (pipe.up and conn.connecting):
+        if conn.closed or conn.frozen or (pipe.up and conn.connecting):
             return
         while pipe.out:
             head = pipe.out[0]
@@ -484,7 +661,9 @@ class LinkProxy:
         for sock, src_pipe, dst_pipe in ((conn.client, conn.up, conn.down),
                                          (conn.server, conn.down, conn.up)):
             mask = 0
-            if conn.connecting and sock is conn.server:
+            if conn.frozen:
+                pass  # neither read nor write (nor notice a finished connect) until thawed
+            elif conn.connecting and sock is conn.server:
                 mask = selectors.EVENT_WRITE  # connect() done; the client is read meanwhile
             else:
                 if not src_pipe.eof_read and src_pipe.pending < self._pipe_limit:
