@@ -211,10 +211,12 @@ class Raw:
 
 def submit_markers(conn: Raw, marker, n: int = 5) -> list[int]:
     """Register ``conn`` as a client and queue ``n`` shell tasks that each append their
-    id to the file ``marker``; return the ids."""
+    id to the file ``marker``; return the ids. The SUBMIT is frame 1 of the client's
+    stream (acknowledging no DELIVER): the caller's next stream frame is number 2."""
     base = conn.hello().key << P.ID_SHIFT
     ids = [base + i for i in range(1, n + 1)]
-    conn.send_msg(P.Submit(ids, [payload.shell_task(f"echo {i} >> {marker}") for i in ids]))
+    conn.send_msg(P.Submit(1, 0, ids,
+                           [payload.shell_task(f"echo {i} >> {marker}") for i in ids]))
     return ids
 
 

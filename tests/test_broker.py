@@ -31,12 +31,13 @@ from zfalkon import protocol as P
 from zfalkon._version import __version__
 from zfalkon.constants import PROTOCOL_VERSION
 
-STATUS_KEYS = {"version", "protocol", "uptime", "clients", "workers", "slots", "queued",
-               "running", "submitted", "done", "failed", "tasks_per_second", "worker_list",
-               "journal", "dispatch"}
+STATUS_KEYS = {"version", "protocol", "uptime", "clients", "away_clients", "workers", "slots",
+               "queued", "running", "submitted", "done", "failed", "tasks_per_second",
+               "worker_list", "journal", "dispatch", "expired_leases", "stolen",
+               "unacknowledged_results", "duplicate_submits"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
-               "version", "running", "done", "window", "draining", "idle_seconds",
-               "data_keys"}
+               "version", "running", "done", "window", "stalled_slots", "draining",
+               "idle_seconds", "data_keys"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,50 @@ def raw(served, ctx):
     conn.close()
 
 
+def next_message(conn: Raw, timeout: float = 5.0) -> P.Message:
+    """The next message from the broker other than ACK (the broker acknowledges a client's
+    stream frames on its own, once a tick, when no DELIVER has carried the ack)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = conn.recv(max(0.01, deadline - time.monotonic()))
+        if not isinstance(msg, P.Ack):
+            return msg
+
+
+def expect_error(conn: Raw, code: str, timeout: float = 5.0) -> P.Error:
+    msg = next_message(conn, timeout)
+    assert isinstance(msg, P.Error), msg
+    assert msg.code == code, msg
+    assert msg.message
+    return msg
+
+
+def only_acks(conn: Raw, seconds: float) -> list[P.Ack]:
+    """Read for ``seconds``: every message must be an ACK; return them."""
+    acks = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if conn.sock.poll(left * 1000):
+            msg = conn.recv()
+            assert isinstance(msg, P.Ack), msg
+            acks.append(msg)
+    return acks
+
+
+def deliveries(conn: Raw, want: int, timeout: float = 30.0) -> dict[int, bytes]:
+    """Read DELIVERs (skipping ACKs) until ``want`` results came; return them by id."""
+    got: dict[int, bytes] = {}
+    seqs = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        msg = next_message(conn, timeout=max(0.01, deadline - time.monotonic()))
+        assert isinstance(msg, P.Deliver), msg
+        seqs.append(msg.seq)
+        got.update(zip(msg.ids, msg.blobs))
+    assert seqs == list(range(1, len(seqs) + 1))  # the broker's stream: 1, 2, ...
+    return got
+
+
 def assert_serving(served) -> None:
     """The broker is alive and a real client gets correct results through it."""
     proc, address, _ = served
@@ -87,7 +132,8 @@ def test_sigterm_stops_broker_cleanly(ctx):
     try:
         conn = Raw(ctx, address)
         conn.hello()  # a connected client must not keep the broker alive
-        conn.send_msg(P.Submit([(1 << P.ID_SHIFT) + 1], [payload.python_task("tasks:add", (1, 2), {})]))
+        conn.send_msg(P.Submit(1, 0, [(1 << P.ID_SHIFT) + 1],
+                               [payload.python_task("tasks:add", (1, 2), {})]))
         time.sleep(0.1)
         code, seconds = stop_process(proc, timeout=10)
         assert code == 0
@@ -163,15 +209,19 @@ def test_raw_client_round_trip(raw):
     base = welcome.key << P.ID_SHIFT
     ids = [base + 1, base + 2]
     blobs = [payload.python_task("tasks:add", (20, 22), {}), payload.shell_task("echo raw")]
-    raw.send_msg(P.Submit(ids, blobs))
+    raw.send_msg(P.Submit(1, 0, ids, blobs))
     got = {}
     deadline = time.monotonic() + 30
+    expected_seq = 1
     while len(got) < 2 and time.monotonic() < deadline:
-        msg = raw.recv(timeout=30)
+        msg = next_message(raw, timeout=30)
         assert isinstance(msg, P.Deliver), msg
         assert msg.worker.startswith("broker-test-worker/")
+        assert msg.seq == expected_seq and msg.ack == 1  # it has our SUBMIT, frame 1
+        expected_seq += 1
         got.update(zip(msg.ids, msg.blobs))
     assert set(got) == set(ids)
+    raw.send_msg(P.Ack(expected_seq - 1))  # we have every result: the broker forgets them
     assert payload.result_value(got[ids[0]]) == 42
     assert payload.result_value(got[ids[1]]).stdout == "raw\n"
 
@@ -188,17 +238,22 @@ def test_each_client_gets_its_own_key(served, ctx):
 
 def test_submit_outside_client_key_is_refused(served, raw):
     key = raw.hello().key
-    raw.send_msg(P.Submit([((key + 1) << P.ID_SHIFT) + 1], [payload.python_task("tasks:add", (1, 2), {})]))
-    raw.expect_error("malformed")
-    raw.send_msg(P.Submit([(key << P.ID_SHIFT) + 1, -1], [b"a", b"b"]))
-    raw.expect_error("malformed")
+    raw.send_msg(P.Submit(1, 0, [((key + 1) << P.ID_SHIFT) + 1],
+                          [payload.python_task("tasks:add", (1, 2), {})]))
+    expect_error(raw, "malformed")
+    # the refused frame still took its place in the stream: the next one is frame 2
+    raw.send_msg(P.Submit(2, 0, [(key << P.ID_SHIFT) + 1, -1], [b"a", b"b"]))
+    expect_error(raw, "malformed")
     assert_serving(served)
 
 
 def test_empty_submit_is_ignored(served, raw):
     raw.hello()
-    raw.send_msg(P.Submit([], []))
-    assert raw.silent()
+    before = query_status(served[1])["submitted"]
+    raw.send_msg(P.Submit(1, 0, [], []))
+    # no ERROR and no DELIVER: at most the ACK of the frame (sent on the broker's tick)
+    assert all(a.ack == 1 for a in only_acks(raw, 1.5))
+    assert query_status(served[1])["submitted"] == before
     assert_serving(served)
 
 
@@ -206,7 +261,8 @@ def test_empty_submit_is_ignored(served, raw):
 
 
 def test_wrong_protocol_version(served, raw):
-    raw.send(msgpack.packb([P.Hello.TAG, PROTOCOL_VERSION + 1, "9.9.9", "client", {"name": "x"}]))
+    raw.send(msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION + 1, "9.9.9", "client",
+                            {"name": "x"}]))
     err = raw.expect_error("version")
     assert f"protocol {PROTOCOL_VERSION + 1}" in err.message
     assert f"protocol {PROTOCOL_VERSION}" in err.message
@@ -223,13 +279,14 @@ def test_wrong_protocol_version(served, raw):
     msgpack.packb({"tag": 1}),
     msgpack.packb([]),
     msgpack.packb(["x"]),
-    msgpack.packb([P.Credit.TAG, "1"]),
-    msgpack.packb([P.Submit.TAG, [1, 2], [b"a"]]),
-    msgpack.packb([P.Hello.TAG, PROTOCOL_VERSION, __version__, "client"]),
-    msgpack.packb([P.Hello.TAG, PROTOCOL_VERSION, __version__, "client", {1: 2}]),
-    msgpack.packb([P.Bye.TAG, msgpack.ExtType(1, b"x")]),
+    msgpack.packb([P.TAGS[P.Results], 1, 0, "1", 0, [], []]),
+    msgpack.packb([P.TAGS[P.Submit], 1, 0, [1, 2], [b"a"]]),
+    msgpack.packb([P.TAGS[P.Submit], [1], [b"a"]]),
+    msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, __version__, "client"]),
+    msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, __version__, "client", {1: 2}]),
+    msgpack.packb([P.TAGS[P.Bye], msgpack.ExtType(1, b"x")]),
 ], ids=["bad-byte", "empty", "garbage", "map", "empty-array", "str-tag", "wrong-type",
-        "length-mismatch", "short-hello", "int-keys", "ext-type"])
+        "length-mismatch", "protocol-1-submit", "short-hello", "int-keys", "ext-type"])
 def test_garbage_frames_before_hello(served, raw, frame):
     raw.send(frame)
     raw.expect_error("malformed")
@@ -238,7 +295,7 @@ def test_garbage_frames_before_hello(served, raw, frame):
 
 def test_garbage_frames_after_hello_keep_the_session(served, raw):
     raw.hello()
-    for frame in (b"\xc1", msgpack.packb([P.Cancel.TAG, [True]]), b"x" * 1000):
+    for frame in (b"\xc1", msgpack.packb([P.TAGS[P.Cancel], 1, 0, [True]]), b"x" * 1000):
         raw.send(frame)
         raw.expect_error("malformed")
     raw.send_msg(P.StatusRequest())
@@ -263,10 +320,13 @@ def test_multi_frame_messages(served, raw, nframes):
 
 @pytest.mark.parametrize("msg", [
     P.StatusRequest(),
-    P.Submit([1], [b"x"]),
-    P.Cancel([1]),
+    P.Submit(1, 0, [1], [b"x"]),
+    P.Cancel(1, 0, [1]),
     P.Heartbeat(),
-    P.Credit(5),
+    P.Results(1, 0, 5, 0, [], []),
+    P.Ack(1),
+    P.Resend(0),
+    P.Ping(1.0),
     P.Bye("bye"),
 ], ids=lambda m: type(m).__name__)
 def test_messages_before_hello(served, raw, msg):
@@ -279,13 +339,16 @@ def test_messages_before_hello(served, raw, msg):
 @pytest.mark.parametrize("msg", [
     P.Heartbeat(),
     P.SlotLost(b"slot", 0, "gone"),
-    P.Credit(10),
-    P.Results(5, 0, [1], [b"x"]),
+    P.Results(1, 0, 10, 0, [], []),
+    P.Results(1, 0, 5, 0, [1], [b"x"]),
     P.Welcome(PROTOCOL_VERSION, __version__, 1, 2.0),
-    P.Tasks([1], [b"x"]),
-    P.Deliver("w", [1], [b"x"]),
+    P.Tasks(1, 0, [1], [b"x"]),
+    P.Deliver(1, 0, "w", [1], [b"x"]),
     P.Status({}),
     P.Error("malformed", "x"),
+    P.Pong(1.0),
+    P.Drain("x"),
+    P.Holding(["s3://b/k"]),
 ], ids=lambda m: type(m).__name__)
 def test_client_sends_message_of_another_role(served, raw, msg):
     raw.hello()
@@ -297,10 +360,12 @@ def test_client_sends_message_of_another_role(served, raw, msg):
 
 def test_worker_cannot_submit(served, raw):
     raw.hello(P.ROLE_WORKER, {"worker_id": "raw-worker-1", "slots": 1, "name": "raw-worker-1"})
-    raw.send_msg(P.Submit([1], [payload.python_task("tasks:add", (1, 2), {})]))
+    raw.send_msg(P.Submit(1, 0, [1], [payload.python_task("tasks:add", (1, 2), {})]))
     err = raw.expect_error("not-allowed")
     assert "worker" in err.message
-    raw.send_msg(P.Credit(3))
+    raw.send_msg(P.Results(1, 0, 3, 0, [], []))  # a window is a slot's to announce
+    raw.expect_error("not-allowed")
+    raw.send_msg(P.Ack(1))  # a worker connection has no stream
     raw.expect_error("not-allowed")
     raw.send_msg(P.Bye("done"))
     assert_serving(served)
@@ -437,16 +502,11 @@ def test_cancelled_queued_tasks_do_not_run(ctx, tmp_path):
         conn = Raw(ctx, address)
         try:
             ids = submit_markers(conn, marker)
-            conn.send_msg(P.Cancel(ids[1:4]))
+            conn.send_msg(P.Cancel(2, 0, ids[1:4]))  # frame 2 of the client's stream
             with worker_process(address, "--slots", "1"):
-                got = {}
-                deadline = time.monotonic() + 30
-                while len(got) < 2 and time.monotonic() < deadline:
-                    msg = conn.recv(timeout=30)
-                    assert isinstance(msg, P.Deliver)
-                    got.update(zip(msg.ids, msg.blobs))
+                got = deliveries(conn, 2)
                 assert sorted(got) == [ids[0], ids[4]]
-                assert conn.silent(0.3)
+                only_acks(conn, 0.3)  # nothing more is delivered
         finally:
             conn.close()
     assert marker.read_text().split() == [str(ids[0]), str(ids[4])]

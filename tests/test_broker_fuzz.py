@@ -18,25 +18,30 @@ import tasks
 from conftest import worker_env
 from zfalkon import Executor, LocalCluster
 from zfalkon import protocol as P
+from zfalkon.constants import PROTOCOL_VERSION
 
 FRAMES = 100_000
 
 
 def hostile_frames(rng: random.Random) -> list[list[bytes]]:
     """A mix of malformed and hostile messages (each a list of frames for one send)."""
-    good_submit = P.encode(P.Submit([1], [b"x"]))
+    good_submit = P.encode(P.Submit(1, 0, [1], [b"x"]))
+    submit, results = P.TAGS[P.Submit], P.TAGS[P.Results]
+    unknown = max(P.TAGS.values()) + 1
     kinds = [
         lambda: [rng.randbytes(rng.randint(0, 64))],  # garbage
-        lambda: [msgpack.packb([rng.randint(17, 10**6), "x"])],  # unknown tag
-        lambda: [msgpack.packb([4, "not a list", 5])],  # wrong field types
-        lambda: [msgpack.packb([4, [True], [b""]])],  # bool where an int is expected
+        lambda: [msgpack.packb([rng.randint(unknown, 10**6), "x"])],  # unknown tag
+        lambda: [msgpack.packb([submit, 1, 0, "not a list", 5])],  # wrong field types
+        lambda: [msgpack.packb([submit, 1, 0, [True], [b""]])],  # bool where an int is expected
         lambda: [msgpack.packb([1, 999, "9.9", "worker", {}])],  # wrong protocol version
-        lambda: [msgpack.packb([1, 1, "0.1.0", "slot", {"worker_id": [1, 2], "slot": 0}])],
+        lambda: [msgpack.packb([1, PROTOCOL_VERSION, "0.1.0", "slot",
+                                {"worker_id": [1, 2], "slot": 0}])],
         lambda: [msgpack.packb({"a": 1})],  # not an array
         lambda: [msgpack.packb(msgpack.ExtType(5, b"xx"))],  # extension type
         lambda: [good_submit],  # valid frame, but before HELLO
         lambda: [b"a", b"b", b"c"],  # too many frames
-        lambda: [msgpack.packb([6, 10**6, 0, [1], [b"r"]])],  # RESULTS from nobody
+        lambda: [msgpack.packb([results, rng.randint(1, 10**6), 0, 10**6, 0, [1], [b"r"]])],
+        # ... RESULTS from nobody (and a huge window)
         lambda: [good_submit[:-1]],  # truncated
     ]
     return [rng.choice(kinds)() for _ in range(FRAMES)]

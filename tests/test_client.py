@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import concurrent.futures as cf
 import itertools
 import os
@@ -554,3 +555,53 @@ def test_executor_leaves_no_thread_or_fds(cluster):
         ex.shutdown()
     wait_until(lambda: threading.active_count() <= threads_before, 5, message="threads ended")
     assert fds() <= fds_before
+
+
+# -- session rules: callbacks, abandoned maps, leaving early -----------------------------
+
+
+def test_a_done_callback_that_waits_on_another_future_does_not_deadlock(executor):
+    """Callbacks run with no lock held: one may wait for another task's result."""
+    later = executor.submit(tasks.sleep_then, "later", 0.2)
+    first = executor.submit(tasks.add, 1, 1)
+    seen: list = []
+    first.add_done_callback(lambda f: seen.append((f.result(), later.result(timeout=20))))
+    assert first.result(timeout=20) == 2
+    wait_until(lambda: seen, 25, message="the callback finished")
+    assert seen == [(2, "later")]
+
+
+def test_an_abandoned_map_iterator_cancels_its_tasks(executor, cluster):
+    before = query_status(cluster.address)["done"]
+    it = executor.map(tasks.sleep_then, range(400), [0.02] * 400, buffersize=400)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    del it  # abandoned: nothing refers to it any more
+    gc.collect()
+    status = wait_until(lambda: (lambda s: s if s["queued"] == 0 and s["running"] == 0
+                                 else None)(query_status(cluster.address)), 30,
+                        message="the broker idle")
+    ran = status["done"] - before
+    assert ran < 100, f"{ran} of 400 tasks ran after their map was abandoned"
+
+
+def test_leaving_with_by_an_exception_cancels_and_does_not_wait(cluster):
+    start = time.monotonic()
+    with pytest.raises(KeyError):
+        with Executor(cluster.address) as ex:
+            futures = [ex.submit(tasks.sleep_then, i, 1.0) for i in range(20)]
+            raise KeyError("the caller's own error")
+    assert time.monotonic() - start < 1.0  # not 10 s of queued work
+    assert all(f.done() for f in futures)
+    assert sum(f.cancelled() for f in futures) >= 15
+
+
+def test_shutdown_with_a_timeout_cancels_what_is_left(cluster):
+    ex = Executor(cluster.address)
+    futures = [ex.submit(tasks.sleep_then, i, 1.0) for i in range(20)]
+    start = time.monotonic()
+    ex.shutdown(timeout=0.3)
+    assert time.monotonic() - start < 2.0
+    assert all(f.done() for f in futures)
+    assert sum(f.cancelled() for f in futures) >= 15
+    with pytest.raises(RuntimeError):
+        ex.submit(tasks.add, 1, 1)

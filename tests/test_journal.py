@@ -175,22 +175,25 @@ def kill9(proc) -> None:
     proc.stdout.close()
 
 
-def collect(conn: Raw, want: set[int], timeout: float) -> tuple[dict[int, int], bool]:
-    """Read DELIVERs until every id in ``want`` came; return counts and whether a WELCOME
-    came too."""
+def collect(conn: Raw, want: set[int], timeout: float) -> tuple[dict[int, int], bool, int]:
+    """Read DELIVERs until every id in ``want`` came; return counts, whether a WELCOME
+    came too, and the last DELIVER seq (what the client acknowledges)."""
     seen: dict[int, int] = {}
     welcomed = False
+    last = 0
     deadline = time.monotonic() + timeout
     while not (welcomed and want <= set(seen)) and time.monotonic() < deadline:
         if not conn.sock.poll(200):
             continue
         msg = P.decode(conn.sock.recv())
         if isinstance(msg, P.Deliver):
+            assert msg.seq == last + 1  # the new session's stream, in order
+            last = msg.seq
             for tid, blob in zip(msg.ids, msg.blobs):
                 assert payload.unpack(blob)[0] == 2  # a shell result
                 seen[tid] = seen.get(tid, 0) + 1
         welcomed |= isinstance(msg, P.Welcome)
-    return seen, welcomed
+    return seen, welcomed, last
 
 
 def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
@@ -210,19 +213,25 @@ def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
         broker, again = start_broker(address, "--journal", journal)
         assert again == address
         status = query_status(address)
-        assert status["queued"] == 20 and status["journal"]["away_clients"] == 1
+        assert status["queued"] == 20 and status["away_clients"] == 1
         with worker_process(address, "--slots", "2"):
-            wait_until(lambda: query_status(address)["journal"]["held_results"] == 20, 30,
+            wait_until(lambda: query_status(address)["unacknowledged_results"] == 20, 30,
                        message="results held for the absent client")
         kill9(broker)  # the held results are in the journal too
         broker, _ = start_broker(address, "--journal", journal)
-        assert query_status(address)["journal"]["held_results"] == 20
+        status = query_status(address)
+        assert status["unacknowledged_results"] == 20 and status["away_clients"] == 1
         back = Raw(ctx, address)
         back.send_msg(P.hello(P.ROLE_CLIENT, {"name": "back", "key": key}))
-        seen, welcomed = collect(back, set(want), 10)
-        back.close()
+        seen, welcomed, last = collect(back, set(want), 10)
         assert welcomed and seen == dict.fromkeys(want, 1)
         assert sorted(map(int, marker.read_text().split())) == want  # each ran once
+        # Results stay the broker's until the client acknowledges them.
+        assert query_status(address)["unacknowledged_results"] == 20
+        back.send_msg(P.Ack(last))
+        wait_until(lambda: query_status(address)["unacknowledged_results"] == 0, 5,
+                   message="results acknowledged")
+        back.close()
         # Everything is delivered: the journal shrinks to the key owner at the next tick.
         wait_until(lambda: query_status(address)["journal"]["bytes"] < 50, 5,
                    message="journal compacted")
@@ -264,15 +273,17 @@ def test_kill_9_mid_run_with_journal_every_result_once_workers_untouched(tmp_pat
         status = cluster.status()
         # The new broker had the tasks from its journal: what the client sent again
         # was recognised, not queued twice.
-        assert status["journal"]["duplicate_submits"] > 0
+        assert status["duplicate_submits"] > 0
         assert [p.pid for p in cluster.worker_procs] == agents
         assert all(p.poll() is None for p in cluster.worker_procs)
 
 
-def test_results_finished_while_the_broker_was_away_are_not_run_again(tmp_path):
+def test_tasks_finished_while_the_broker_was_away_run_again_after_restart(tmp_path):
     """One slot, 0.6 s tasks: kill -9 the broker while the slot works through the two it
-    holds; restart. The slot sends those results again and the journaled broker takes
-    them: every task ran exactly once."""
+    holds; restart. The slot registers again in a new session and drops what it held (its
+    results from the old session are not taken: a result is accepted only from the slot
+    holding the task), so the restarted broker runs those two tasks again from its
+    journal; the client still gets every result exactly once."""
     runs = tmp_path / "runs.txt"
     with LocalCluster(workers=1, env=worker_env(),
                       broker_args=["--journal", str(tmp_path / "j")]) as cluster, \
@@ -286,12 +297,16 @@ def test_results_finished_while_the_broker_was_away_are_not_run_again(tmp_path):
         time.sleep(0.9)  # ... and finished
         cluster.restart_broker(kill=True)
         assert [f.result(timeout=30).returncode for f in futures] == [0] * 5
-    assert runs.read_text().split() == [str(i) for i in range(5)]
+        status = cluster.status()
+        assert status["done"] == 5 and status["queued"] == status["running"] == 0
+    # 0 and 1 ran before the restart, then every task once more, in order
+    assert runs.read_text().split() == ["0", "1"] + [str(i) for i in range(5)]
 
 
 def test_a_client_away_too_long_is_forgotten(tmp_path):
-    """In-process broker (never bound): an away client's tasks and results go after
-    CLIENT_HOLD_SECONDS, and the journal records it."""
+    """In-process broker (never bound), its core driven with a clock the test passes in:
+    an away client's tasks and results go after CLIENT_HOLD_SECONDS, and the journal
+    records it."""
     from zfalkon.broker import Broker
     from zfalkon.constants import CLIENT_HOLD_SECONDS
 
@@ -301,14 +316,31 @@ def test_a_client_away_too_long_is_forgotten(tmp_path):
     j.flush(time.monotonic())
     j.close()
     broker = Broker("tcp://127.0.0.1:0", Journal(str(tmp_path)))
+    core = broker.core
     try:
-        assert broker.away.keys() == {KEY} and broker.queued == 2
         now = time.monotonic()
-        broker._journal_tick(now)  # not away long enough yet
-        assert broker.held and KEY not in broker.gone_clients
-        broker._journal_tick(now + CLIENT_HOLD_SECONDS + 1)
-        assert not broker.held and not broker.away and KEY in broker.gone_clients
-        assert broker._take(10) == ([], [])  # its queued tasks are skipped
+        assert core.hold_seconds == CLIENT_HOLD_SECONDS  # with a journal
+        status = core.status(now)
+        assert core.clients.keys() == {KEY} and status["queued"] == 2
+        assert status["away_clients"] == 1 and status["unacknowledged_results"] == 1
+        core.tick(now + 1)  # not away long enough yet
+        status = core.status(now + 1)
+        assert status["away_clients"] == 1 and status["unacknowledged_results"] == 1
+        assert KEY in core.clients and KEY not in core.gone
+        later = now + CLIENT_HOLD_SECONDS + 1
+        core.tick(later)
+        status = core.status(later)
+        assert status["away_clients"] == 0 and status["unacknowledged_results"] == 0
+        assert not core.clients and KEY in core.gone
+        # Its queued tasks are skipped: a slot asking for work gets none of them.
+        core.message(b"worker", P.hello(P.ROLE_WORKER, {"worker_id": "w1", "slots": 1,
+                                                        "name": "w1"}), None, later)
+        core.message(b"slot", P.hello(P.ROLE_SLOT, {"worker_id": "w1", "slot": 0}), None,
+                     later)
+        core.message(b"slot", P.Results(1, 0, 10, 0, [], []), None, later)
+        core.dispatch(later)
+        assert not [m for _, m in core.outbox if isinstance(m, P.Tasks)]
+        assert core.status(later)["queued"] == 0 and core.running == 0
     finally:
         broker.close()
     got = Journal(str(tmp_path)).replay()

@@ -312,7 +312,7 @@ def test_only_the_submitting_identity_can_claim_a_client_key_back(tmp_path):
         sock.send(P.encode(P.hello(P.ROLE_CLIENT, {"name": "alice"})))
         key = answer(sock).key
         tid = (key << P.ID_SHIFT) + 1
-        sock.send(P.encode(P.Submit([tid], [payload.shell_task("true")])))
+        sock.send(P.encode(P.Submit(1, 0, [tid], [payload.shell_task("true")])))
         wait_until(lambda: query_status(address, keys=alice)["queued"] == 1, 10,
                    message="queued")
         sock.close()

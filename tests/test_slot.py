@@ -1,4 +1,4 @@
-"""The slot's credit window: Little's law over measured task length and round trip."""
+"""The slot's window: Little's law over measured task length and round trip."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 
 from zfalkon.constants import MAX_WINDOW, PREFETCH_SECONDS
-from zfalkon.slot import window_for
+from zfalkon.slotcore import window_for
 
 LAN = 0.0003  # seconds: a loopback round trip
 
@@ -27,7 +27,7 @@ def test_window_shrinks_for_long_tasks(rtt):
 
 
 def test_window_covers_the_round_trip_for_short_tasks():
-    # 1 ms tasks behind a 100 ms round trip: ~105 tasks finish per credit round trip.
+    # 1 ms tasks behind a 100 ms round trip: ~105 tasks finish per round trip.
     assert window_for(0.001, 0.1) >= 2 * 105
     # no-op tasks behind 50 ms: tens of thousands in flight, capped
     assert window_for(3e-6, 0.05) > 30_000

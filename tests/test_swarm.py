@@ -79,8 +79,35 @@ def _recv(sock: zmq.Socket, timeout: float = 10.0) -> tuple[bytes, P.Message]:
     return ident, P.decode(frame)
 
 
+class RouterStreams:
+    """The broker's side of each slot's two streams, for a raw ROUTER: TASKS numbered
+    1, 2, ... per slot, RESULTS checked to arrive in order, each once."""
+
+    def __init__(self, router: zmq.Socket) -> None:
+        self.router = router
+        self.sent: dict[bytes, int] = {}  # last TASKS seq sent to each slot
+        self.got: dict[bytes, int] = {}  # last RESULTS seq received from each slot
+
+    def tasks(self, ident: bytes, ids: list[int], blobs: list[bytes],
+              revoke: list[int] | None = None) -> None:
+        seq = self.sent[ident] = self.sent.get(ident, 0) + 1
+        self.router.send_multipart([ident, P.encode(
+            P.Tasks(seq, self.got.get(ident, 0), ids, blobs, revoke or []))])
+
+    def results(self, ident: bytes, msg: P.Results) -> None:
+        assert msg.seq == self.got.get(ident, 0) + 1, (msg.seq, self.got.get(ident))
+        assert msg.ack == self.sent.get(ident, 0)  # it has every TASKS frame sent so far
+        self.got[ident] = msg.seq
+
+    def pong(self, ident: bytes, ping: P.Ping) -> None:
+        assert ping.ack <= self.sent.get(ident, 0)  # (TASKS may be on their way)
+        self.router.send_multipart([ident, P.encode(
+            P.Pong(ping.sent, self.got.get(ident, 0), self.sent.get(ident, 0)))])
+
+
 def test_wire_protocol_against_a_raw_router():
-    """One simulated worker with 2 slots: HELLOs, CREDIT window, RESULTS, timers, BYEs."""
+    """One simulated worker with 2 slots: HELLOs, the window announced on RESULTS, PINGs,
+    numbered TASKS and RESULTS, revoked tasks, timers, heartbeats naming busy slots, BYEs."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -91,6 +118,7 @@ def test_wire_protocol_against_a_raw_router():
     proc = subprocess.Popen([sys.executable, "-m", "zfalkon.swarm", json.dumps(config)],
                             env=child_env())
     welcome = P.encode(P.Welcome(PROTOCOL_VERSION, __version__, 0, 0.2))
+    streams = RouterStreams(router)
     try:
         worker_ident, hello = _recv(router)
         assert isinstance(hello, P.Hello) and hello.role == P.ROLE_WORKER
@@ -103,61 +131,96 @@ def test_wire_protocol_against_a_raw_router():
         router.send_multipart([worker_ident, welcome])
 
         slots: dict[int, bytes] = {}
-        credits = 0
-        while len(slots) < 2 or credits < 2:
+        windows = 0
+        pinged: set[bytes] = set()
+        while len(slots) < 2 or windows < 2 or len(pinged) < 2:
             ident, msg = _recv(router)
             if isinstance(msg, P.Hello):
                 assert msg.role == P.ROLE_SLOT
                 assert msg.info == {"worker_id": info["worker_id"], "slot": msg.info["slot"]}
                 slots[msg.info["slot"]] = ident
                 router.send_multipart([ident, welcome])
-            elif isinstance(msg, P.Credit):
-                assert msg.n == 5 and ident in slots.values()
-                credits += 1
+            elif isinstance(msg, P.Results):
+                # after WELCOME: a RESULTS with no ids announces the window (no CREDIT)
+                assert ident in slots.values()
+                assert msg.window == 5 and msg.ids == [] and msg.failed == 0
+                assert (msg.seq, msg.ack) == (1, 0)
+                streams.results(ident, msg)
+                windows += 1
+            elif isinstance(msg, P.Ping):
+                assert ident in slots.values() and msg.ack == 0
+                streams.pong(ident, msg)
+                pinged.add(ident)
             else:
                 assert isinstance(msg, P.Heartbeat) and ident == worker_ident
+                assert msg.busy == []  # no slot runs a task yet
         assert sorted(slots) == [0, 1]
+
+        beats: list[tuple[float, list[bytes]]] = []
 
         def results(ident_wanted: bytes) -> P.Results:
             while True:
                 ident, msg = _recv(router)
                 if isinstance(msg, P.Heartbeat):
                     assert ident == worker_ident
-                    beats.append(time.monotonic())
+                    beats.append((time.monotonic(), msg.busy))
+                    continue
+                if isinstance(msg, P.Ping):
+                    streams.pong(ident, msg)
                     continue
                 assert ident == ident_wanted and isinstance(msg, P.Results), msg
+                streams.results(ident, msg)
                 return msg
 
-        beats: list[float] = []
-        # Immediate tasks come back in one batch, with their credit.
+        # Immediate tasks come back in one batch, with the window.
         blobs = [payload.python_task("builtins:abs", [-i], {}) for i in range(3)]
-        router.send_multipart([slots[0], P.encode(P.Tasks([11, 12, 13], blobs))])
+        streams.tasks(slots[0], [11, 12, 13], blobs)
         msg = results(slots[0])
-        assert msg.ids == [11, 12, 13] and msg.credit == 3 and msg.failed == 0
+        assert msg.ids == [11, 12, 13] and msg.window == 5 and msg.failed == 0
+        assert (msg.seq, msg.ack) == (2, 1)
         assert [payload.result_value(b) for b in msg.blobs] == [0, 1, 2]
 
         # A sleeping task holds its slot: the task behind it waits for the timer.
         sleep = payload.python_task("time:sleep", [0.5], {})
         shell = payload.shell_task("true")
         start = time.monotonic()
-        router.send_multipart([slots[1], P.encode(P.Tasks([21, 22], [sleep, shell]))])
-        msg = results(slots[1])
-        assert time.monotonic() - start >= 0.5
-        assert msg.ids == [21, 22] and msg.credit == 2
-        assert payload.result_value(msg.blobs[0]) is None
-        assert payload.result_value(msg.blobs[1]).returncode == 0
-        # The WELCOME said heartbeat 0.2 s: the worker connection beat meanwhile.
+        streams.tasks(slots[1], [21, 22], [sleep, shell])
+        got: dict[int, bytes] = {}
+        while len(got) < 2:
+            msg = results(slots[1])
+            assert time.monotonic() - start >= 0.5
+            assert msg.window == 5 and msg.failed == 0
+            got.update(zip(msg.ids, msg.blobs))
+        assert list(got) == [21, 22]
+        assert payload.result_value(got[21]) is None
+        assert payload.result_value(got[22]).returncode == 0
+        # The WELCOME said heartbeat 0.2 s: the worker connection beat meanwhile, naming
+        # the slot that ran the sleeping task as busy.
         assert len(beats) >= 2
+        assert any(busy == [slots[1]] for _, busy in beats), beats
 
         # A failing task is counted in ``failed``.
-        router.send_multipart([slots[0], P.encode(P.Tasks(
-            [31], [payload.python_task("builtins:abs", ["x"], {})]))])
+        streams.tasks(slots[0], [31], [payload.python_task("builtins:abs", ["x"], {})])
         msg = results(slots[0])
-        assert msg.ids == [31] and msg.failed == 1 and msg.credit == 1
+        assert msg.ids == [31] and msg.failed == 1 and msg.window == 5
+
+        # A revoked task that has not started is dropped: only the running one returns.
+        streams.tasks(slots[1], [51, 52], [payload.python_task("time:sleep", [0.3], {}),
+                                           shell])
+        streams.tasks(slots[1], [], [], revoke=[52])
+        msg = results(slots[1])
+        assert msg.ids == [51] and msg.window == 5
+        deadline = time.monotonic() + 0.5  # and nothing else comes back for the slot
+        while router.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            ident, other = _recv(router)
+            if isinstance(other, P.Ping):
+                streams.pong(ident, other)
+            else:
+                assert isinstance(other, P.Heartbeat), other
 
         # SIGTERM: each slot says BYE, the process asks STATUS until its slots are gone,
         # then the worker says BYE and the process exits.
-        router.send_multipart([slots[1], P.encode(P.Tasks([41], [sleep]))])
+        streams.tasks(slots[1], [41], [sleep])
         time.sleep(0.05)
         os.kill(proc.pid, signal.SIGTERM)
         byes: set[bytes] = set()
@@ -173,8 +236,11 @@ def test_wire_protocol_against_a_raw_router():
                 status_requests += 1
                 listed = {"name": "raw-0", "connected_slots": 2 - len(byes)}
                 router.send_multipart([ident, P.encode(P.Status({"worker_list": [listed]}))])
+            elif isinstance(msg, P.Ping):
+                streams.pong(ident, msg)
             else:
-                assert isinstance(msg, P.Heartbeat), msg  # the sleeping task is abandoned
+                # the sleeping task is abandoned, not returned
+                assert isinstance(msg, P.Heartbeat), msg
         # The worker's BYE came only once its slots had said BYE and STATUS showed them gone.
         assert byes == set(slots.values()) and status_requests >= 1
         assert proc.wait(10) == 0

@@ -60,7 +60,7 @@ def run_workload(ex: Executor, kind: str, tasks: int, task_seconds: float,
     elif kind == "shell":
         command = f"sleep {task_seconds:g}" if task_seconds > 0 else "true"
 
-        def results() -> Iterator:
+        def shell_results() -> Iterator:
             window: collections.deque = collections.deque()
             for _ in range(tasks):
                 window.append(ex.shell(command))
@@ -69,7 +69,7 @@ def run_workload(ex: Executor, kind: str, tasks: int, task_seconds: float,
             while window:
                 yield window.popleft().result()
 
-        for result in _progress(results(), tasks, progress):
+        for result in _progress(shell_results(), tasks, progress):
             errors += result.returncode != 0
     else:
         raise ConfigError(f"unknown bench kind {kind!r}; choose from {', '.join(KINDS)}")

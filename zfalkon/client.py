@@ -18,7 +18,8 @@ import select
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, cast
 
 import zmq
 
@@ -40,16 +41,16 @@ from zfalkon.errors import (
     SerializationError,
     VersionMismatch,
 )
-from zfalkon.net import Waker, broker_endpoint, make_socket
+from zfalkon.net import Waker, broker_endpoint, make_socket, readable
 from zfalkon.payload import ShellResult
 from zfalkon.security import PeerKeys, peer_keys
+from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
 
 log = logging.getLogger("zfalkon.client")
 
 _SUBMIT = 0
 _CANCEL = 1
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
+_ACK_EVERY = 8  # DELIVER frames received before an ACK goes out alone
 
 
 def _resolve_address(address: str | None) -> str:
@@ -63,7 +64,7 @@ def _handshake(sock: zmq.Socket, address: str, role_info: dict, timeout: float,
                keys: PeerKeys | None) -> P.Welcome:
     """Send HELLO and wait for WELCOME; raise a clear error for anything else."""
     sock.send(P.encode(P.hello(P.ROLE_CLIENT, role_info)))
-    if not sock.poll(timeout * 1000):
+    if not sock.poll(int(timeout * 1000)):
         raise BrokerUnavailable(
             f"no answer from a zfalkon broker at {address} within {timeout:g} s" + (
                 f" (with keys {keys.directory}: is the key {keys.name!r} authorized as a "
@@ -106,7 +107,7 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
         sock.connect(endpoint)
         _handshake(sock, endpoint, {"name": "status"}, timeout, bundle)
         sock.send(P.encode(P.StatusRequest()))
-        if not sock.poll(timeout * 1000):
+        if not sock.poll(int(timeout * 1000)):
             raise BrokerUnavailable(f"broker at {endpoint} did not answer STATUS")
         msg = P.decode(sock.recv())
         if not isinstance(msg, P.Status):
@@ -166,8 +167,26 @@ class TaskFuture(cf.Future):
                 pass
 
 
+class _MapSink:
+    """Where one ``map`` call's results land (the executor's ``_pending`` points here, not
+    at the iterator, so an abandoned iterator can be collected and cancel its tasks)."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, tuple[bytes, str]] = {}
+        self.cond = threading.Condition()
+        self.waiting = False
+
+    def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
+        self.results[tid] = (blob, worker)
+
+    def wake(self) -> None:
+        if self.waiting:
+            with self.cond:
+                self.cond.notify_all()
+
+
 class _MapStream:
-    """The state behind one ``Executor.map`` call: tasks in order, results as they come."""
+    """The iterator behind one ``Executor.map`` call: tasks in order, results as they come."""
 
     def __init__(self, executor: "Executor", ref: str, items: Iterator[tuple],
                  chunksize: int, buffersize: int, deadline: float | None) -> None:
@@ -178,9 +197,7 @@ class _MapStream:
         self.buffersize = buffersize
         self.deadline = deadline
         self.order: collections.deque[int] = collections.deque()
-        self.results: dict[int, tuple[bytes, str]] = {}
-        self.cond = threading.Condition()
-        self.waiting = False
+        self.sink = _MapSink()
         self.exhausted = False
         self.refill_at = max(0, buffersize - chunksize)
 
@@ -196,20 +213,12 @@ class _MapStream:
                 self.exhausted = True
             if not batch:
                 return
-            blobs = [_check_size(encode(ref, args, None)) for args in batch]
+            blobs = [_check_size(encode(ref, args, {})) for args in batch]
             ids = ex._new_ids(len(blobs))
-            ex._pending.update(zip(ids, itertools.repeat(self)))
             ex._blobs.update(zip(ids, blobs))
+            ex._pending.update(zip(ids, itertools.repeat(self.sink)))
             self.order.extend(ids)
             ex._enqueue((_SUBMIT, ids, blobs))
-
-    def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
-        self.results[tid] = (blob, worker)
-
-    def wake(self) -> None:
-        if self.waiting:
-            with self.cond:
-                self.cond.notify_all()
 
     def __iter__(self) -> "_MapStream":
         return self
@@ -219,7 +228,7 @@ class _MapStream:
             self.close()
             raise StopIteration
         tid = self.order[0]
-        item = self.results.pop(tid, None)
+        item = self.sink.results.pop(tid, None)
         try:
             if item is None:
                 item = self._wait_for(tid)
@@ -234,33 +243,34 @@ class _MapStream:
     def close(self) -> None:
         """Stop: cancel the tasks still in flight (their results are not wanted)."""
         ex = self.executor
-        ex._streams.discard(self)
+        ex._sinks.discard(self.sink)
         self.exhausted = True
         if self.order:
             left = [t for t in self.order if ex._pending.pop(t, None) is not None]
             self.order.clear()
-            self.results.clear()
+            self.sink.results.clear()
             if left and not ex._closed:
                 ex._cancel(left)
 
     def __del__(self) -> None:
-        self.close()
+        self.close()  # an abandoned iterator cancels what it left in flight
 
     def _wait_for(self, tid: int) -> tuple[bytes, str]:
-        with self.cond:
-            self.waiting = True
+        sink = self.sink
+        with sink.cond:
+            sink.waiting = True
             try:
-                while tid not in self.results:
+                while tid not in sink.results:
                     self.executor._raise_if_broken()
                     remaining = None
                     if self.deadline is not None:
                         remaining = self.deadline - time.monotonic()
                         if remaining <= 0:
                             raise cf.TimeoutError()
-                    self.cond.wait(remaining if remaining is not None else 1.0)
+                    sink.cond.wait(remaining if remaining is not None else 1.0)
             finally:
-                self.waiting = False
-        return self.results.pop(tid)
+                sink.waiting = False
+        return sink.results.pop(tid)
 
 
 class Executor(cf.Executor):
@@ -293,7 +303,7 @@ class Executor(cf.Executor):
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.connect(self.address)
-        self._sock_fd = self._sock.getsockopt(zmq.FD)
+        self._sock_fd = cast(int, self._sock.getsockopt(zmq.FD))
         self._name = name or f"{os.uname().nodename}-{os.getpid()}"
         try:
             welcome = _handshake(self._sock, self.address, {"name": self._name},
@@ -304,14 +314,23 @@ class Executor(cf.Executor):
             raise
         self.key = welcome.key
         self._ids = itertools.count((welcome.key << P.ID_SHIFT) + 1)
-        self._pending: dict[int, TaskFuture | _MapStream] = {}
+        self._pending: dict[int, TaskFuture | _MapSink] = {}
         # Blobs of pending tasks, to submit again to a broker that restarted.
         self._blobs: dict[int, bytes] = {}
         self._hints: dict[int, str] = {}  # data keys of pending tasks that have one
-        self._rejoining = False
+        self._rejoining = False  # HELLO sent again, WELCOME not yet here
+        self._rejoin_at = 0.0
         self._last_heard = time.monotonic()
-        self._streams: set[_MapStream] = set()
+        self._sinks: weakref.WeakSet[_MapSink] = weakref.WeakSet()  # of live map calls
+        # Streams (zfalkon.stream): SUBMIT/CANCEL frames out, kept as (kind, ids) until the
+        # broker acknowledges them; DELIVER frames in. Used under self._lock only.
+        self._tx: Outbound[tuple[int, list[int]]] = Outbound()
+        self._rx = Inbound()
+        self._told = 0  # the last DELIVER seq we acknowledged
+        self._pings: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
+        self._next_ping = 0.0
         self._outbox: collections.deque[tuple] = collections.deque()
+        self._unsent: collections.deque[bytes] = collections.deque()  # frames zmq refused
         self._waker = Waker()
         self._idle = False
         self._lock = threading.Lock()  # guards every use of self._sock after __init__
@@ -363,7 +382,7 @@ class Executor(cf.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = _MapStream(self, payload.callable_ref(fn), zip(*iterables),
                             min(chunksize, buffersize), buffersize, deadline)
-        self._streams.add(stream)
+        self._sinks.add(stream.sink)
         stream.fill()
         return stream
 
@@ -371,25 +390,51 @@ class Executor(cf.Executor):
         """The broker's status: counters and the worker list."""
         return query_status(self.address, timeout, self._keys.directory if self._keys else None)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
+                 timeout: float | None = None) -> None:
         """Stop accepting tasks; optionally cancel the pending ones; optionally wait.
 
         With ``wait`` (the default) this returns when every submitted task that was not
-        cancelled has its result, then closes the connection.
+        cancelled has its result, then closes the connection. ``timeout``: wait at most
+        this long; tasks still pending then are cancelled (their futures raise
+        ``CancelledError``) and the connection is closed.
         """
         if self._closing:  # already shut down (or shutting down): just wait if asked
             if wait:
-                self._thread.join()
+                self._thread.join(timeout)
             return
         self._shutdown = True
         if cancel_futures:
-            for owner in list(self._pending.values()):
-                if isinstance(owner, TaskFuture):
-                    owner.cancel()
+            self._cancel_futures()
         self._closing = True
         self._wake()
         if wait:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # timed out: give up on what is left
+                self._cancel_futures(streams=True)
+                self._wake()
+                self._thread.join()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Leaving ``with`` normally waits for every task; leaving it by an exception
+        cancels what has not finished and closes without waiting."""
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:
+            self.shutdown(wait=True, cancel_futures=True, timeout=0)
+
+    def _cancel_futures(self, streams: bool = False) -> None:
+        """Cancel every pending future (``streams``: and every map's remaining tasks)."""
+        owners = self._pending.copy()  # (user threads may be adding to it)
+        for owner in owners.values():
+            if isinstance(owner, TaskFuture):
+                owner.cancel()
+        if streams:
+            left = [t for t, o in owners.items() if isinstance(o, _MapSink)]
+            if left:
+                self._cancel(left)
+            for sink in list(self._sinks):
+                sink.wake()
 
     # -- used by futures and map streams -----------------------------------------------
 
@@ -415,18 +460,21 @@ class Executor(cf.Executor):
         self._blobs[tid] = blob
         if hint:
             self._hints[tid] = hint
-        if idle and self._lock.acquire(blocking=False):
+        if idle and not self._rejoining and self._lock.acquire(blocking=False):
             # Nothing in flight: send now rather than hand over to the I/O thread (one
             # thread switch less on the latency path; bursts still batch in the outbox).
+            done: list = []
             try:
-                self._sock.send(P.encode(P.Submit([tid], [blob], [hint] if hint else [])),
-                                zmq.NOBLOCK)
-                self._receive()  # the send may have consumed the fd's edge: drain now
-                return fut
+                if not self._sock.closed:
+                    self._sock.send(self._submit_frame([tid], [blob]), zmq.NOBLOCK)
+                    done = self._receive()  # the send may have consumed the fd's edge
+                    return fut
             except zmq.Again:
-                pass
+                self._tx.unacked.pop()  # not sent: it goes through the outbox instead
+                self._tx.seq -= 1
             finally:
                 self._lock.release()
+                self._complete(done)
         self._enqueue((_SUBMIT, [tid], [blob]))
         return fut
 
@@ -440,7 +488,7 @@ class Executor(cf.Executor):
         may still take the message first; the done-callback's pipe then wakes us.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not fut.done() and threading.current_thread() is not self._thread:
+        if not fut.done():  # (on the I/O thread too: a done-callback may wait on a future)
             self._drive_until(fut, deadline)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -455,7 +503,8 @@ class Executor(cf.Executor):
                 with self._lock:
                     if self._sock.closed:
                         return
-                    self._receive()
+                    done = self._pump()
+                self._complete(done)  # user callbacks run with no lock held
                 if fut.done():
                     return
                 wait_ms = -1 if deadline is None else (deadline - time.monotonic()) * 1000
@@ -482,11 +531,11 @@ class Executor(cf.Executor):
     # -- the I/O thread ----------------------------------------------------------------
 
     def _break(self, exc: BaseException) -> None:
-        """The connection is unusable: fail every pending task with ``exc``."""
+        """The connection is unusable: the I/O thread stops and fails every pending task
+        with ``exc`` (outside the lock: failing a future runs its callbacks)."""
         if self._broken is None:
             log.error("zfalkon client: %s", exc)
             self._broken = exc
-        self._fail_all(exc)
         self._wake()
 
     def _io_main(self) -> None:
@@ -496,6 +545,8 @@ class Executor(cf.Executor):
             log.exception("zfalkon client I/O thread failed")
             self._break(BrokerUnavailable(f"client connection failed: {exc}"))
         finally:
+            if self._broken is not None:
+                self._fail_all(self._broken)
             with self._lock:
                 self._closed = True
                 self._sock.close()
@@ -503,47 +554,75 @@ class Executor(cf.Executor):
             self._ctx.term()
 
     def _io_loop(self) -> None:
-        """Wait on the socket's fd and the wake-up pipe; under the lock, move messages.
+        """Wait on the socket's fd and the wake-up pipe; under the lock, move messages;
+        with no lock held, complete futures (their callbacks are user code).
 
         The socket is used only under ``self._lock`` (callers send on it directly when
-        nothing is in flight), so this thread waits with ``select.poll`` on zmq's
+        nothing is in flight, and receive on it while they wait for a result: one thread
+        switch less per result), so this thread waits with ``select.poll`` on zmq's
         edge-triggered fd and then drains ``ZMQ_EVENTS``, as zmq's docs prescribe.
         """
         sock = self._sock
         poller = select.poll()
         poller.register(self._sock_fd, select.POLLIN)
         poller.register(self._waker.fd, select.POLLIN)
-        unsent: collections.deque[bytes] = collections.deque()
         while True:
             with self._lock:
-                self._receive()
-                unsent.extend(self._frames())
-                while unsent:
-                    try:
-                        sock.send(unsent[0], zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    unsent.popleft()
-                self._receive()  # sending may have consumed the fd's edge
-                if self._broken is not None:
-                    return
-                if self._closing and not self._pending and not unsent and not self._outbox:
+                done = self._pump()
+                finished = self._broken is not None or (
+                    self._closing and not self._pending and not self._unsent
+                    and not self._outbox)
+                if finished and self._broken is None:
+                    if self._rx.last != self._told:
+                        self._send(P.Ack(self._rx.last))
                     sock.send(P.encode(P.Bye("client shutdown")))
-                    return
+            self._complete(done)
+            if finished:
+                return
             self._idle = True
             if not self._outbox:
-                poller.poll(10 if unsent else 1000)
+                poller.poll(10 if self._unsent else int(PING_SECONDS * 1000))
             self._idle = False
-            if self._pending and time.monotonic() - self._last_heard > PING_SECONDS:
-                # Work is pending and the broker has been quiet: is it still the same one?
-                # (A restarted broker answers hello-required.) A re-HELLO that went
-                # unanswered this long is tried again on that answer.
-                self._rejoining = False
-                with self._lock:
-                    if not self._sock.closed:
-                        self._sock.send(P.encode(P.Ping(time.monotonic())), zmq.NOBLOCK)
-                self._last_heard = time.monotonic()
             self._waker.drain()
+
+    def _pump(self) -> list:
+        """One turn of the connection (under the lock): receive, send what is queued,
+        keep the session alive; return the deliveries to complete (with no lock held)."""
+        done = self._receive()
+        unsent = self._unsent
+        if not self._rejoining:  # (between HELLO and WELCOME nothing is sent)
+            unsent.extend(self._frames())
+        while unsent:
+            try:
+                self._sock.send(unsent[0], zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            unsent.popleft()
+        now = time.monotonic()
+        if self._rejoining:
+            if now - self._rejoin_at > 2 * PING_SECONDS:  # unanswered: again
+                self._rejoining = False
+                self._rejoin()
+        elif now >= self._next_ping and (self._pending or self._tx.unacked):
+            # Work is pending: is the broker still there, and has it every frame we sent
+            # (and we every frame it sent)? A restarted broker answers hello-required; a
+            # replaced connection shows in the PONG.
+            self._ping(now)
+        elif self._rx.last - self._told >= _ACK_EVERY:
+            self._send(P.Ack(self._rx.last))
+            self._told = self._rx.last
+        done += self._receive()  # sending may have consumed the fd's edge
+        return done
+
+    def _send(self, msg: P.Message) -> None:
+        self._sock.send(P.encode(msg), zmq.NOBLOCK)
+
+    def _ping(self, now: float) -> None:
+        """PING with our place in the broker's stream; remember our place in ours."""
+        self._pings.append((now, self._tx.seq))
+        self._send(P.Ping(now, self._rx.last))
+        self._told = self._rx.last
+        self._next_ping = now + PING_SECONDS
 
     def _frames(self) -> Iterator[bytes]:
         """Encode the outbox as SUBMIT and CANCEL frames, in order, each within limits."""
@@ -557,7 +636,7 @@ class Executor(cf.Executor):
                 if ids:
                     yield self._submit_frame(ids, blobs)
                     ids, blobs, size = [], [], 0
-                yield P.encode(P.Cancel(item[1]))
+                yield self._cancel_frame(item[1])
                 continue
             for tid, blob in zip(item[1], item[2]):
                 ids.append(tid)
@@ -570,69 +649,139 @@ class Executor(cf.Executor):
             yield self._submit_frame(ids, blobs)
 
     def _submit_frame(self, ids: list[int], blobs: list[bytes]) -> bytes:
+        """A SUBMIT frame, numbered in our stream and kept until acknowledged."""
+        seq = self._tx.push((_SUBMIT, ids))
         hints = self._hints
-        return P.encode(P.Submit(ids, blobs, [hints.get(t, "") for t in ids] if hints else []))
+        self._told = self._rx.last
+        return P.encode(P.Submit(seq, self._rx.last, ids, blobs,
+                                 [hints.get(t, "") for t in ids] if hints else []))
 
-    def _receive(self) -> None:
+    def _cancel_frame(self, ids: list[int]) -> bytes:
+        seq = self._tx.push((_CANCEL, ids))
+        self._told = self._rx.last
+        return P.encode(P.Cancel(seq, self._rx.last, ids))
+
+    def _resend_after(self, ack: int) -> None:
+        """The broker lacks our frames after ``ack``: send them again, as they were
+        numbered (tasks already delivered are left out of their SUBMIT)."""
+        self._tx.ack(ack)
+        hints, blobs = self._hints, self._blobs
+        for seq, (kind, ids) in self._tx.unacked:
+            if kind == _SUBMIT:
+                ids = [t for t in ids if t in blobs]
+                msg: P.Message = P.Submit(seq, self._rx.last, ids, [blobs[t] for t in ids],
+                                          [hints.get(t, "") for t in ids] if hints else [])
+            else:
+                msg = P.Cancel(seq, self._rx.last, ids)
+            self._send(msg)
+        if self._tx.unacked:
+            log.warning("sent %d frames again to broker %s (a connection was replaced)",
+                        len(self._tx.unacked), self.address)
+
+    def _receive(self) -> list:
+        """Take every message waiting (under the lock); return the deliveries, to be
+        completed by :meth:`_complete` once the lock is released."""
         sock = self._sock
         pending = self._pending
         blobs = self._blobs
-        while sock.getsockopt(_EVENTS) & _POLLIN:
+        rx = self._rx
+        done: list = []
+        while readable(sock):
             try:
                 msg = P.decode(sock.recv())
             except ProtocolError as exc:
                 log.error("bad message from broker: %s", exc)
                 continue
             self._last_heard = time.monotonic()
-            if type(msg) is P.Deliver:
-                worker = msg.worker
-                for tid, blob in zip(msg.ids, msg.blobs):
-                    owner = pending.pop(tid, None)
-                    if owner is not None:
-                        blobs.pop(tid, None)
-                        if self._hints:
-                            self._hints.pop(tid, None)
-                        owner._deliver(tid, blob, worker)
-                for stream in list(self._streams):
-                    stream.wake()
-            elif type(msg) is P.Error and msg.code == "hello-required":
+            if isinstance(msg, P.Deliver):
+                self._tx.ack(msg.ack)
+                verdict = rx.accept(msg.seq)
+                if verdict == ACCEPT:
+                    worker = msg.worker
+                    for tid, blob in zip(msg.ids, msg.blobs):
+                        owner = pending.pop(tid, None)
+                        if owner is not None:
+                            blobs.pop(tid, None)
+                            if self._hints:
+                                self._hints.pop(tid, None)
+                            done.append((owner, tid, blob, worker))
+                elif verdict == GAP and rx.should_ask():
+                    self._send(P.Resend(rx.last))
+            elif isinstance(msg, P.Ack):
+                self._tx.ack(msg.ack)
+            elif isinstance(msg, P.Pong):
+                self._on_pong(msg)
+            elif isinstance(msg, P.Resend):
+                self._resend_after(msg.ack)
+            elif isinstance(msg, P.Error) and msg.code == "hello-required":
                 self._rejoin()
-            elif type(msg) is P.Welcome:
+            elif isinstance(msg, P.Welcome):
                 self._resubmit(msg)
-            elif type(msg) is P.Error:
+            elif isinstance(msg, P.Error):
                 if msg.code == "version":
                     self._break(error_from(msg, f"broker at {self.address}"))
-                    return
+                    break
                 log.error("broker says: %s (%s)", msg.message, msg.code)
+        return done
+
+    def _on_pong(self, msg: P.Pong) -> None:
+        """Frames sent before the PING (or the PONG) that have not arrived died with a
+        replaced connection: send ours again, ask for theirs."""
+        self._tx.ack(msg.ack)
+        pings = self._pings
+        while pings and pings[0][0] < msg.sent:
+            pings.popleft()
+        if pings and pings[0][0] == msg.sent and msg.ack < pings.popleft()[1]:
+            self._resend_after(msg.ack)
+        if self._rx.last < msg.seq:
+            self._send(P.Resend(self._rx.last))
+
+    def _complete(self, done: list) -> None:
+        """Complete futures and feed map streams (no lock held: callbacks are user code)."""
+        if done:
+            for owner, tid, blob, worker in done:
+                owner._deliver(tid, blob, worker)
+            for sink in list(self._sinks):
+                sink.wake()
 
     def _rejoin(self) -> None:
-        """The broker does not know us (it restarted): register again, asking for our key."""
+        """The broker does not know us (it restarted, or forgot us): register again, asking
+        for our key. Both streams start again; nothing is sent until WELCOME."""
         if not self._rejoining:
             self._rejoining = True
-            log.warning("broker at %s restarted; registering again", self.address)
-            self._sock.send(P.encode(P.hello(P.ROLE_CLIENT, {"name": self._name, "key": self.key})))
+            self._rejoin_at = time.monotonic()
+            log.warning("broker at %s does not know this client; registering again",
+                        self.address)
+            self._rx.reset()
+            self._tx.reset()
+            self._told = 0
+            self._send(P.hello(P.ROLE_CLIENT, {"name": self._name, "key": self.key}))
 
     def _resubmit(self, welcome: P.Welcome) -> None:
-        """Registered again: submit every pending task again (task ids are idempotency keys)."""
+        """Registered again: submit every pending task again (task ids are idempotency keys;
+        results the broker held for us arrived before WELCOME and are no longer pending)."""
         self._rejoining = False
         if welcome.key != self.key:
             self._break(BrokerUnavailable(
                 f"broker at {self.address} restarted and gave this client another key; "
                 "its pending tasks cannot be resubmitted"))
             return
-        ids = [t for t in self._pending if t in self._blobs]
+        blobs = self._blobs.copy()
+        ids = [t for t in self._pending.copy() if t in blobs]
         log.warning("registered again; submitting %d pending tasks again", len(ids))
-        self._outbox.appendleft((_SUBMIT, ids, [self._blobs[t] for t in ids]))
+        self._outbox.clear()  # (everything in it is pending, so in ``ids``)
+        self._outbox.appendleft((_SUBMIT, ids, [blobs[t] for t in ids]))
         self._wake()
 
     def _fail_all(self, exc: BaseException) -> None:
-        for owner in list(self._pending.values()):
+        owners = self._pending.copy()
+        self._pending.clear()
+        for owner in owners.values():
             if isinstance(owner, TaskFuture):
                 owner._fail(exc)
-        self._pending.clear()
-        for stream in list(self._streams):
-            stream.waiting = True
-            stream.wake()
+        for sink in list(self._sinks):
+            sink.waiting = True
+            sink.wake()
 
 
 __all__ = ["Executor", "TaskFuture", "ShellResult", "query_status"]

@@ -6,7 +6,7 @@ to these names.
 
 #: Wire protocol version. Peers must speak the same protocol version; the package version
 #: is informational only (a 0.1.3 worker serves a 0.1.4 broker if the protocol matches).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: TCP port the broker listens on when ``--listen`` gives none.
 DEFAULT_PORT = 7450
@@ -38,15 +38,26 @@ HEARTBEAT_SECONDS = 2.0
 HEARTBEAT_MISSES = 3
 #: A task exposed to this many lost workers fails with WorkerLost instead of a new try.
 MAX_ATTEMPTS = 3
+#: A slot's lease on the tasks it holds. Anything the slot sends renews it, and so does its
+#: agent's HEARTBEAT while the slot runs a task (a 10-hour task keeps its lease). A slot
+#: silent this long loses its tasks back to the queue (each counts an attempt).
+LEASE_SECONDS = HEARTBEAT_SECONDS * HEARTBEAT_MISSES
+#: A slot that has returned nothing for this long while holding prefetched tasks has them
+#: taken back (work stealing) when the queue is empty and another slot idles.
+STEAL_SECONDS = 1.0
+#: Client keys are below this, so task ids (``key << 40 | seq``) stay below 2**63. Keys are
+#: reused once every key below it has been handed out.
+MAX_CLIENT_KEY = 1 << 23
 
 #: How long a client or slot waits for the broker's welcome before it gives up (a worker
 #: agent waits as long as it takes, saying so every 10 s).
 CONNECT_TIMEOUT_SECONDS = 10.0
 
 #: A slot keeps at least this much measured work (seconds) requested ahead of itself, and
-#: enough more to cover its measured round trip to the broker (see ``slot.window_for``).
+#: enough more to cover its measured round trip to the broker (see ``slotcore.window_for``).
 PREFETCH_SECONDS = 0.1
-#: Bounds of a slot's credit window (tasks requested but not yet finished).
+#: Bounds of a slot's window (tasks it asks to hold: running, queued, or returned and not
+#: yet received by the broker).
 MIN_WINDOW = 1
 MAX_WINDOW = 65536
 #: A slot measures its round trip to the broker (PING/PONG) this often while it works.
@@ -62,9 +73,12 @@ INLINE_FILE_BYTES = 1024 * 1024
 #: Client: tasks ``Executor.map`` keeps submitted ahead of the consumer.
 MAP_BUFFER = 65536
 
-#: With a journal, a client that vanished without BYE may come back (with its key) for
-#: this long: its tasks keep running and their results are held for it.
+#: A client whose connection is gone (it vanished without BYE, or its link stalls) may
+#: come back for this long: its tasks keep running and their results are held for it
+#: (with a journal, in the journal too); then its tasks and results are dropped.
 CLIENT_HOLD_SECONDS = 3600.0
+#: The same without a journal (results are held in the broker's memory only).
+CLIENT_AWAY_SECONDS = 300.0
 
 #: Seconds a process being stopped gets between SIGTERM and SIGKILL.
 STOP_GRACE_SECONDS = 10.0

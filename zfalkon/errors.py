@@ -123,8 +123,9 @@ class WorkerCrashed(TaskError):
 class WorkerLost(TaskError):
     """The workers holding this task were lost ``attempts`` times; it was not retried again.
 
-    ``worker`` names the last one. A lost worker stopped sending heartbeats (machine gone,
-    network cut) while holding the task, running or prefetched.
+    ``worker`` names the last one. A task is lost with a worker that stopped sending
+    heartbeats (machine gone, network cut), or with a slot whose lease lapsed (it stopped
+    answering while its agent lived on), while it held the task, running or prefetched.
     """
 
     def __init__(self, remote_message: str, worker: str | None = None, attempts: int = 0) -> None:

@@ -4,15 +4,18 @@
 records, written by the broker's loop in one ``write()`` per pass (group commit):
 
 * ``[1, ids, blobs]`` SUBMIT: tasks accepted;
-* ``[2, ids]`` DONE: tasks finished and delivered (or failed, or cancelled);
-* ``[3, ids, blobs]`` HELD: finished while their client was away; results kept for it;
-* ``[4, key]`` GONE: the client said BYE; forget its tasks and held results;
+* ``[2, ids]`` DONE: finished for good: the client acknowledged their results, or
+  cancelled them;
+* ``[3, ids, blobs]`` HELD: finished, the results not yet acknowledged by a client that
+  has gone quiet; kept for it;
+* ``[4, key]`` GONE: the client said BYE or was forgotten; forget its tasks and results;
 * ``[5, key, owner]`` KEY: a client key's first tasks, and who submitted them (its
   CurveZMQ ``ROLE:NAME``, or ``""``): only that identity may claim the key back, and a
   restarted broker never gives the key to another client.
 
-Replaying the records in order gives back every task that was accepted and not finished,
-in submission order, and every result held for an absent client. A record cut short by a
+Replaying the records in order gives back exactly the broker core's live tasks
+(:attr:`zfalkon.core.BrokerCore.live`): every task accepted and not finished for good, in
+submission order, with the results held for quiet clients. A record cut short by a
 machine crash ends the replay there (the file is truncated to the last whole record).
 
 **Durability** (``--fsync``): a ``kill -9`` of the broker loses nothing the broker has
@@ -38,6 +41,7 @@ from typing import Iterable
 
 import msgpack
 
+from zfalkon.core import Recorder
 from zfalkon.errors import ConfigError
 from zfalkon.protocol import ID_SHIFT
 
@@ -218,3 +222,33 @@ class Journal:
         if self._dirty:
             os.fsync(self._file.fileno())
         self._file.close()
+
+
+class JournalRecorder(Recorder):
+    """The broker core's recorder with a journal: every fact goes to the log, so that a
+    replay gives back the core's live tasks and the results it held."""
+
+    durable = True
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def submit(self, ids: list[int], blobs: list[bytes]) -> None:
+        self.journal.submit(ids, blobs)
+
+    def done(self, ids: list[int]) -> None:
+        self.journal.done(ids)
+
+    def held(self, ids: list[int], blobs: list[bytes]) -> None:
+        self.journal.held(ids, blobs)
+
+    def gone(self, key: int) -> None:
+        self.journal.gone(key)
+
+    def key(self, key: int, owner: str) -> None:
+        self.journal.key(key, owner)
+
+    def stats(self) -> dict:
+        j = self.journal
+        return {"path": j.path, "bytes": j.size, "fsync": j.fsync, "writes": j.writes,
+                "syncs": j.syncs, "compactions": j.compactions}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import zmq
 
@@ -111,3 +111,9 @@ class Waker:
                 os.close(self.fd)
                 os.close(self._w)
                 self._w = -1
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """True if a message is waiting on ``sock`` (``ZMQ_EVENTS`` has ``POLLIN``): how a
+    loop drains an edge-triggered ZeroMQ socket."""
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)

@@ -93,13 +93,14 @@ def callable_ref(fn: Callable[..., Any] | str) -> str:
         if not (module and sep and qualname):
             raise SerializationError(f"callable reference {fn!r} is not 'module:qualname'")
         return fn
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str):
+    fn_module = getattr(fn, "__module__", None)
+    fn_qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(fn_module, str) or not isinstance(fn_qualname, str):
         raise SerializationError(
             f"{fn!r} has no module and qualified name; zfalkon sends callables by "
             "reference (module:qualname), so pass a module-level function"
         )
+    module, qualname = fn_module, fn_qualname
     if "<" in qualname:
         raise SerializationError(
             f"{module}.{qualname} is a lambda or nested function; zfalkon sends callables "

@@ -43,7 +43,6 @@ class Hello(NamedTuple):
     version: str
     role: str
     info: dict
-    TAG = 1
 
 
 class Welcome(NamedTuple):
@@ -53,7 +52,6 @@ class Welcome(NamedTuple):
     version: str
     key: int
     heartbeat: float
-    TAG = 2
 
 
 class Error(NamedTuple):
@@ -61,90 +59,94 @@ class Error(NamedTuple):
 
     code: str
     message: str
-    TAG = 3
 
 
 class Submit(NamedTuple):
-    """Client -> broker: tasks to run. ``ids[i]`` names the task in ``blobs[i]``.
+    """Client -> broker (stream): tasks to run. ``ids[i]`` names the task in ``blobs[i]``.
 
-    ``hints``: empty, or one data key per task (``""`` for none): the S3 input the
-    broker's data-aware dispatch sends the task towards (see HOLDING).
+    ``seq``: this frame's number in the client's stream; ``ack``: the last DELIVER seq the
+    client has (see :mod:`zfalkon.stream`). ``hints``: empty, or one data key per task
+    (``""`` for none): the S3 input the broker's data-aware dispatch sends the task
+    towards (see HOLDING).
     """
 
+    seq: int
+    ack: int
     ids: list[int]
     blobs: list[bytes]
     hints: list[str] = []
-    TAG = 4
 
 
 class Tasks(NamedTuple):
-    """Broker -> slot: tasks to run, never more than the slot's credit."""
+    """Broker -> slot (stream): tasks to run, never more than the slot's window allows.
 
+    ``revoke``: tasks sent earlier that the broker has taken back (lease expired, or
+    stolen for an idle slot): the slot drops them unless it has started them.
+    """
+
+    seq: int
+    ack: int
     ids: list[int]
     blobs: list[bytes]
-    TAG = 5
+    revoke: list[int] = []
 
 
 class Results(NamedTuple):
-    """Slot -> broker: finished tasks, plus ``credit`` more tasks the slot asks for.
+    """Slot -> broker (stream): finished tasks, and the slot's ``window``: how many tasks
+    it wants to hold (running, queued, or results not yet received by the broker).
 
     ``failed`` counts the results in the batch that are errors (for the broker's counters).
+    A RESULTS with no ids just announces the window.
     """
 
-    credit: int
+    seq: int
+    ack: int
+    window: int
     failed: int
     ids: list[int]
     blobs: list[bytes]
-    TAG = 6
 
 
 class Deliver(NamedTuple):
-    """Broker -> client: results of its tasks, all run by ``worker``."""
+    """Broker -> client (stream): results of its tasks, all run by ``worker``."""
 
+    seq: int
+    ack: int
     worker: str
     ids: list[int]
     blobs: list[bytes]
-    TAG = 7
-
-
-class Credit(NamedTuple):
-    """Slot -> broker: the slot may be sent ``n`` more tasks."""
-
-    n: int
-    TAG = 8
 
 
 class Cancel(NamedTuple):
-    """Client -> broker: drop these tasks if they have not been dispatched yet."""
+    """Client -> broker (stream): drop these tasks if they have not been dispatched yet."""
 
+    seq: int
+    ack: int
     ids: list[int]
-    TAG = 9
 
 
 class StatusRequest(NamedTuple):
     """Client -> broker: ask for a STATUS."""
 
-    TAG = 10
 
 
 class Status(NamedTuple):
     """Broker -> client: counters and the worker list (see ``Broker.status``)."""
 
     info: dict
-    TAG = 11
 
 
 class Heartbeat(NamedTuple):
-    """Worker agent -> broker, periodically: the machine is alive."""
+    """Worker agent -> broker, periodically: the machine is alive, and ``busy`` lists the
+    routing ids of its slots running a task now (their leases are renewed)."""
 
-    TAG = 12
+    busy: list[bytes] = []
 
 
 class Bye(NamedTuple):
     """Any peer -> broker: I am leaving; requeue whatever I held."""
 
     reason: str
-    TAG = 13
 
 
 class SlotLost(NamedTuple):
@@ -157,41 +159,79 @@ class SlotLost(NamedTuple):
     slot: bytes
     task: int
     reason: str
-    TAG = 14
 
 
 class Ping(NamedTuple):
-    """Any registered peer -> broker: answer with PONG at once. ``sent``: the peer's clock."""
+    """Any registered peer -> broker: answer with PONG at once. ``sent``: the peer's clock;
+    ``ack``: the last frame of the broker's stream the peer has (0 without a stream)."""
 
     sent: float
-    TAG = 15
+    ack: int = 0
 
 
 class Pong(NamedTuple):
-    """Broker -> peer: the PING's ``sent``, echoed (the peer measures its round trip)."""
+    """Broker -> peer: the PING's ``sent``, echoed (the peer measures its round trip), with
+    the broker's side of the peer's streams: ``ack``, the last frame it has from the
+    peer, and ``seq``, the last frame it has sent to the peer. Frames sent before the
+    PING (PONG) and still missing when the PONG arrives died with an older connection."""
 
     sent: float
-    TAG = 16
+    ack: int = 0
+    seq: int = 0
 
 
 class Holding(NamedTuple):
     """Slot -> broker: its machine's cache now holds these data keys (S3 URLs)."""
 
     keys: list[str]
-    TAG = 18
 
 
 class Drain(NamedTuple):
     """Worker agent -> broker: stopping; send my slots nothing more (they finish what runs)."""
 
     reason: str
-    TAG = 17
+
+
+class Ack(NamedTuple):
+    """Either way: I have every frame of your stream up to ``ack``; forget them."""
+
+    ack: int
+
+
+class Resend(NamedTuple):
+    """Either way: I have your stream up to ``ack`` and missed what follows (a gap, or a
+    replaced connection): send every frame after ``ack`` again."""
+
+    ack: int
 
 
 Message = Union[
-    Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Credit, Cancel,
-    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain, Holding,
+    Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Cancel,
+    StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain, Holding, Ack, Resend,
 ]
+
+TAGS: dict[type, int] = {
+    Hello: 1,
+    Welcome: 2,
+    Error: 3,
+    Submit: 4,
+    Tasks: 5,
+    Results: 6,
+    Deliver: 7,
+    Cancel: 9,
+    StatusRequest: 10,
+    Status: 11,
+    Heartbeat: 12,
+    Bye: 13,
+    SlotLost: 14,
+    Ping: 15,
+    Pong: 16,
+    Holding: 18,
+    Drain: 17,
+    Ack: 19,
+    Resend: 20,
+}
+"""Each message type's tag: field 0 of its frame. Tags are never reused."""
 
 MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)
 
@@ -245,15 +285,15 @@ def _plain_dict(value: Any) -> bool:
     return type(value) is dict and _plain(value)
 
 
-_BY_TAG: dict[int, tuple[type, list]] = {}
-for _cls in MESSAGE_TYPES:
+_BY_TAG: dict[int, tuple[Any, list]] = {}
+for _cls, _tag in TAGS.items():
     _hints = typing.get_type_hints(_cls)
-    _BY_TAG[_cls.TAG] = (_cls, [(f, _checker(_hints[f])) for f in _cls._fields])
+    _BY_TAG[_tag] = (_cls, [(f, _checker(_hints[f])) for f in _cls._fields])  # type: ignore[attr-defined]
 
 
 def encode(msg: Message) -> bytes:
     """Encode a message as one frame."""
-    return msgpack.packb((msg.TAG, *msg))
+    return msgpack.packb((TAGS[type(msg)], *msg))
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

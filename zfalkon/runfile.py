@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import queue
 import sys
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
@@ -100,6 +102,11 @@ def record(line: int, command: str, future) -> dict:
     return rec
 
 
+def _put_done(finished: queue.SimpleQueue, line: int, command: str, future: Future) -> None:
+    """Done-callback of a task future: queue ``(line, command, future)`` for the writer."""
+    finished.put((line, command, future))
+
+
 def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str, dict]], out: IO[str], *,
               timeout: float | None = None, total: int | None = None,
               progress: bool = False, window: int = RUN_WINDOW) -> RunSummary:
@@ -122,7 +129,7 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str, dict]], out: I
     try:
         for line, command, files in tasks:
             future = executor.shell(command, timeout=timeout, **files)
-            future.add_done_callback(lambda f, l=line, c=command: finished.put((l, c, f)))
+            future.add_done_callback(functools.partial(_put_done, finished, line, command))
             summary.total += 1
             in_flight += 1
             while in_flight >= window or not finished.empty():

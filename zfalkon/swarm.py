@@ -53,7 +53,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import msgpack
 import psutil
@@ -63,14 +63,13 @@ from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon.client import query_status
 from zfalkon.constants import (
-    FRAME_SOFT_BYTES,
     HEARTBEAT_SECONDS,
-    RESULT_FLUSH_COUNT,
     STOP_GRACE_SECONDS,
 )
 from zfalkon.errors import BrokerUnavailable, ConfigError, ProtocolError, ZfalkonError
-from zfalkon.net import Waker, broker_endpoint, make_socket
-from zfalkon.slot import _die_with_parent, window_for
+from zfalkon.net import Waker, broker_endpoint, make_socket, readable
+from zfalkon.slot import _die_with_parent
+from zfalkon.slotcore import SlotSession
 
 log = logging.getLogger("zfalkon.swarm")
 
@@ -83,8 +82,6 @@ SWARM_TAGS = ["swarm"]
 FDS_PER_CONNECTION = 2
 _FD_RESERVE = 128  # stdio, the ZeroMQ context, the selector, the wake-up pipe, slack
 
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _LINGER_MS = 5000  # a closing socket keeps trying to deliver its BYE this long
 _PPID_CHECK_SECONDS = 1.0
@@ -155,7 +152,7 @@ class _Peer:
         sock = self.sock
         assert sock is not None
         sock.send(P.encode(msg), flags)
-        if sock.getsockopt(_EVENTS) & _POLLIN:  # a send may have consumed the FD's wake-up
+        if readable(sock):  # a send may have consumed the FD's wake-up
             self.engine.recheck(self)
 
     def service(self) -> None:
@@ -163,7 +160,7 @@ class _Peer:
         sock = self.sock
         if sock is None:
             return
-        while sock.getsockopt(_EVENTS) & _POLLIN:
+        while readable(sock):
             try:
                 frame = sock.recv(_NOBLOCK)
             except zmq.Again:
@@ -207,97 +204,63 @@ class _SimWorker(_Peer):
 
 
 class _SimSlot(_Peer):
-    """One simulated slot: a credit window, a task queue, one task running at a time."""
+    """One simulated slot: a real :class:`SlotSession`, tasks simulated by timers."""
 
-    __slots__ = ("worker", "index", "queue", "busy", "result_ids", "result_blobs",
-                 "result_bytes", "failed", "owed", "hello_at", "rtt", "mean")
+    __slots__ = ("worker", "index", "session", "busy")
     role = P.ROLE_SLOT
 
     def __init__(self, engine: "_Engine", worker: _SimWorker, index: int) -> None:
         super().__init__(engine)
         self.worker = worker
         self.index = index
-        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
-        self.busy: tuple[int, bytes, bool] | None = None  # the task on a timer
-        self.result_ids: list[int] = []
-        self.result_blobs: list[bytes] = []
-        self.result_bytes = 0
-        self.failed = 0
-        self.owed = 0  # credit granted and not yet used up by a finished task
-        self.hello_at = 0.0
-        self.rtt = 0.0  # HELLO -> WELCOME, for the adaptive window
-        self.mean = -1.0  # running mean of simulated task seconds (-1: none yet)
+        self.session = SlotSession()
+        self.session.fixed_window = engine.window  # 0: adaptive, as a real slot
+        self.busy: tuple[int, bytes, bool, float] | None = None  # the task on a timer
 
     def hello_info(self) -> dict:
-        self.hello_at = time.monotonic()
         return {"worker_id": self.worker.worker_id, "slot": self.index}
 
-    def window(self) -> int:
-        """The engine's fixed window, or (window 0) the real slots' adaptive one."""
-        return self.engine.window or window_for(max(self.mean, 0.0), self.rtt)
-
     def on_message(self, msg: Any) -> None:
-        if type(msg) is P.Tasks:
-            self.queue.extend(zip(msg.ids, msg.blobs))
-        else:
+        if not self.session.receive(msg, time.monotonic()):
             super().on_message(msg)
 
     def service(self) -> None:
         super().service()
-        self.run()
+        if self.welcomed:
+            self.run()
 
     def run(self) -> None:
-        """Run queued tasks until the queue is empty or one sleeps; return results."""
-        queue = self.queue
-        if queue and self.busy is None:
-            ids, blobs = self.result_ids, self.result_blobs
-            done = 0
-            while queue:
-                tid, blob = queue.popleft()
-                result, seconds, failed = simulate(blob)
-                self.mean = seconds if self.mean < 0 else self.mean + 0.2 * (seconds - self.mean)
-                if seconds > 0:
-                    self.busy = (tid, result, failed)
-                    self.engine.call_later(seconds, self.finish_busy)
-                    break
-                ids.append(tid)
-                blobs.append(result)
-                self.result_bytes += len(result)
-                self.failed += failed
-                done += 1
-                if len(ids) >= RESULT_FLUSH_COUNT or self.result_bytes >= FRAME_SOFT_BYTES:
-                    self.owed -= done
-                    done = 0
-                    self.flush()
-                    ids, blobs = self.result_ids, self.result_blobs
-            self.owed -= done
-        if self.result_ids:
-            self.flush()
+        """Run queued tasks until the queue is empty or one sleeps; send what is due."""
+        session = self.session
+        now = time.monotonic()
+        while self.busy is None:
+            task = session.next_task(now)
+            if task is None:
+                break
+            tid, blob = task
+            result, seconds, failed = simulate(blob)
+            if seconds > 0:
+                self.busy = (tid, result, failed, seconds)
+                self.engine.call_later(seconds, self.finish_busy)
+                break
+            session.finished(tid, result, failed, 0.0, now)
+        session.poll(now)
+        self.send_out()
+
+    def send_out(self) -> None:
+        out = self.session.out
+        if out and self.sock is not None:
+            self.session.out = []
+            for msg in out:
+                self.send(msg)
 
     def finish_busy(self) -> None:
         if self.busy is None or self.sock is None or self.engine.stopping:
             return
-        tid, result, failed = self.busy
+        tid, result, failed, seconds = self.busy
         self.busy = None
-        self._add_result(tid, result, failed)
+        self.session.finished(tid, result, failed, seconds, time.monotonic())
         self.run()
-
-    def _add_result(self, tid: int, result: bytes, failed: bool) -> None:
-        self.result_ids.append(tid)
-        self.result_blobs.append(result)
-        self.result_bytes += len(result)
-        self.failed += failed
-        self.owed -= 1
-
-    def flush(self) -> None:
-        """Send finished results with the credit that keeps the window full."""
-        credit = max(0, self.window() - self.owed)
-        self.owed += credit
-        self.send(P.Results(credit, self.failed, self.result_ids, self.result_blobs))
-        self.result_ids = []
-        self.result_blobs = []
-        self.result_bytes = 0
-        self.failed = 0
 
 
 class _Engine:
@@ -357,9 +320,8 @@ class _Engine:
             self._slots_to_connect.extend(peer.slots)
         else:
             assert isinstance(peer, _SimSlot)
-            peer.rtt = time.monotonic() - peer.hello_at
-            peer.owed = self.window or 2  # adaptive: start shallow, like a real slot
-            peer.send(P.Credit(peer.owed))
+            peer.session.start(time.monotonic())
+            peer.send_out()
 
     def refused(self, peer: _Peer, msg: P.Error) -> None:
         if peer.welcomed:
@@ -391,7 +353,7 @@ class _Engine:
         sock.setsockopt(zmq.LINGER, _LINGER_MS)
         sock.connect(self.broker)
         peer.sock = sock
-        self.selector.register(sock.getsockopt(zmq.FD), selectors.EVENT_READ, peer)
+        self.selector.register(cast(int, sock.getsockopt(zmq.FD)), selectors.EVENT_READ, peer)
         self._handshaking += 1
         peer.send(P.hello(peer.role, peer.hello_info()))
 
@@ -430,9 +392,8 @@ class _Engine:
             if self._handshaking < self.max_pending and (self._to_connect
                                                          or self._slots_to_connect):
                 self._connect_more()
-            if self._pending:
-                timeout = 0.0
-            else:
+            timeout: float | None = 0.0
+            if not self._pending:
                 timeout = max(0.0, timers[0][0] - monotonic()) if timers else None
             for key, _ in select(timeout):
                 peer = key.data
@@ -461,7 +422,8 @@ class _Engine:
         for worker in self.workers[self._beat_slice::_HEARTBEAT_SLICES]:
             if worker.welcomed:
                 try:
-                    worker.send(P.Heartbeat(), _NOBLOCK)
+                    busy = [s.ident for s in worker.slots if s.busy is not None]
+                    worker.send(P.Heartbeat(busy), _NOBLOCK)
                 except zmq.Again:
                     pass  # the broker is not reading: a lost heartbeat is harmless
         self._beat_slice = (self._beat_slice + 1) % _HEARTBEAT_SLICES
@@ -477,8 +439,8 @@ class _Engine:
             for slot in worker.slots:
                 if slot.sock is None:
                     continue
-                if slot.result_ids:
-                    slot.flush()
+                slot.session.flush(time.monotonic())
+                slot.send_out()
                 slot.send(P.Bye("stopping"))
                 slots_said_bye = True
         if slots_said_bye:
@@ -502,7 +464,7 @@ class _Engine:
             status = None
             while status is None:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(left * 1000):
+                if left <= 0 or not sock.poll(int(left * 1000)):
                     return
                 try:
                     msg = P.decode(sock.recv())
@@ -567,8 +529,8 @@ class Swarm:
             more than :data:`CONNECTIONS_PER_PROCESS` connections (a worker costs
             ``1 + slots_per_worker``).
         window: each slot's fixed credit window (tasks requested and not yet finished);
-            0 sizes it like a real slot (``slot.window_for`` over the simulated task length
-            and the slot's HELLO -> WELCOME round trip).
+            0 sizes it like a real slot (the same :class:`~zfalkon.slotcore.SlotSession`
+            over the simulated task length and the measured round trip).
         heartbeat: send HEARTBEAT from every simulated worker, as real agents do.
         max_pending: handshakes each process keeps in flight while connecting.
         log_level: log level of the swarm processes (they log to this stderr).

@@ -143,7 +143,7 @@ class WorkerAgent:
             for name in os.listdir(self._dir):
                 os.unlink(os.path.join(self._dir, name))
             os.rmdir(self._dir)
-            if own_cache:
+            if own_cache and self.cache_dir:
                 shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def _register(self) -> bool:
@@ -203,18 +203,19 @@ class WorkerAgent:
             timeout = max(0.0, next_beat - time.monotonic())
             if any(p.pidfd is None for p in self._procs.values()):
                 timeout = min(timeout, 0.2)
-            poller.poll(timeout * 1000)
+            poller.poll(int(timeout * 1000))
             for fd in fds:
                 poller.unregister(fd)
             self._reap()
             self._receive()
             now = time.monotonic()
             if now >= next_beat:
-                self.sock.send(P.encode(P.Heartbeat()))
-                next_beat = now + self.heartbeat
                 # Sampled at each heartbeat from the slots' state files: a slot running a
-                # task shows its id there.
-                if any(slot.state.get() for slot in self._procs.values()):
+                # task shows its id there (the broker renews those slots' leases).
+                busy = [slot.ident for slot in self._procs.values() if slot.state.get()]
+                self.sock.send(P.encode(P.Heartbeat(busy)))
+                next_beat = now + self.heartbeat
+                if busy:
                     last_busy = now
                 elif self.idle_exit and now - last_busy >= self.idle_exit:
                     log.warning("worker %s idle for %.0f s: draining and exiting", self.name,
@@ -239,10 +240,9 @@ class WorkerAgent:
                             self.broker)
                 self.sock.send(P.encode(P.hello(P.ROLE_WORKER, self.info())))
             elif isinstance(msg, P.Welcome):
+                # (its slots notice by themselves: even an idle slot PINGs every second, and
+                # is told hello-required)
                 log.warning("worker %s registered again with %s", self.name, self.broker)
-                for slot in self._procs.values():  # idle slots would not notice by themselves
-                    if slot.proc.poll() is None:
-                        slot.proc.send_signal(signal.SIGUSR1)
             elif isinstance(msg, P.Error):
                 log.error("broker says: %s (%s)", msg.message, msg.code)
 

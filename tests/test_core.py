@@ -1,0 +1,768 @@
+"""The broker core as a machine-checked state machine (hypothesis), plus targeted unit tests.
+
+:class:`FabricMachine` drives a real :class:`BrokerCore` (with a real journal on disk)
+and real :class:`SlotSession` slots through a simulated network in which every connection
+can lose what it carries, be stalled, or be replaced; clients are a small model of the
+client session (``zfalkon.client`` follows the same rules). Rules: submit (with and
+without data hints), credit (including absurd credit from a hostile slot), results
+(duplicates, forged, for tasks not held, on a stale session), slot crash, slot stall,
+worker lost and back, connection replaced, partition and heal, cancel, client leave and
+return, broker restart from the journal. Invariants: no task id reaches a user twice, and
+every result that reaches a user is that task's own; no id is held by two slots; the
+core's counters equal its queues; at quiescence every accepted, non-cancelled task of a
+live client is delivered exactly once; a journal replay gives back exactly what the core
+had unfinished.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from zfalkon import payload
+from zfalkon import protocol as P
+from zfalkon.constants import (
+    HEARTBEAT_MISSES,
+    HEARTBEAT_SECONDS,
+    LEASE_SECONDS,
+    MAX_CLIENT_KEY,
+    PING_SECONDS,
+)
+from zfalkon.core import BrokerCore
+from zfalkon.journal import Journal, JournalRecorder
+from zfalkon.slotcore import SlotSession
+from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+from zfalkon.taskqueue import make_queue
+
+FORGED = b"forged"
+
+
+def result_for(tid: int) -> bytes:
+    """The result a well-behaved slot returns for ``tid``: the id itself."""
+    return msgpack.packb((payload.RESULT_VALUE, tid))
+
+
+class Conn:
+    """One peer's connection: frames in flight each way. Replacing it loses them."""
+
+    def __init__(self) -> None:
+        self.up: collections.deque[P.Message] = collections.deque()  # peer -> broker
+        self.down: collections.deque[P.Message] = collections.deque()  # broker -> peer
+        self.stalled = False
+
+    def replace(self) -> None:
+        self.up.clear()
+        self.down.clear()
+
+
+class ClientModel:
+    """A client session: the rules zfalkon.client follows, without sockets."""
+
+    def __init__(self, ident: bytes) -> None:
+        self.ident = ident
+        self.conn = Conn()
+        self.key = 0
+        self.next_seq = 1
+        self.pending: dict[int, bytes] = {}  # id -> blob
+        self.hints: dict[int, str] = {}
+        self.tx: Outbound[tuple[str, list[int]]] = Outbound()
+        self.rx = Inbound()
+        self.pings: collections.deque[tuple[float, int]] = collections.deque()
+        self.welcomed = False
+        self.left = False
+        self.got: collections.Counter[int] = collections.Counter()  # delivered to the user
+        self.cancelled: set[int] = set()
+        #: Tasks the broker handed to the hostile slot: only their results may be forged.
+        self.given_to_evil: set[int] = set()
+
+    def send(self, msg: P.Message) -> None:
+        self.conn.up.append(msg)
+
+    def hello(self) -> None:
+        self.rx.reset()
+        self.tx.reset()
+        self.welcomed = False
+        info = {"name": "model"}
+        if self.key:
+            info["key"] = self.key
+        self.send(P.hello(P.ROLE_CLIENT, info))
+
+    def submit(self, n: int, hinted: bool) -> None:
+        ids = [(self.key << P.ID_SHIFT) + self.next_seq + i for i in range(n)]
+        self.next_seq += n
+        blobs = [payload.python_task("builtins:abs", (tid,), {}) for tid in ids]
+        hints = [f"s3://b/{tid % 3}" for tid in ids] if hinted else []
+        self.pending.update(zip(ids, blobs))
+        if hinted:
+            self.hints.update(zip(ids, hints))
+        seq = self.tx.push(("submit", ids))
+        self.send(P.Submit(seq, self.rx.last, ids, blobs, hints))
+
+    def cancel(self, ids: list[int]) -> None:
+        for tid in ids:
+            self.pending.pop(tid, None)
+        self.cancelled.update(ids)
+        seq = self.tx.push(("cancel", ids))
+        self.send(P.Cancel(seq, self.rx.last, ids))
+
+    def resend_after(self, ack: int) -> None:
+        self.tx.ack(ack)
+        for seq, (kind, ids) in self.tx.unacked:
+            if kind == "submit":
+                ids = [t for t in ids if t in self.pending]
+                hints = [self.hints.get(t, "") for t in ids] if self.hints else []
+                self.send(P.Submit(seq, self.rx.last, ids, [self.pending[t] for t in ids], hints))
+            else:
+                self.send(P.Cancel(seq, self.rx.last, ids))
+
+    def ping(self, now: float) -> None:
+        self.pings.append((now, self.tx.seq))
+        self.send(P.Ping(now, self.rx.last))
+
+    def receive(self, msg: P.Message, now: float) -> None:
+        kind = type(msg)
+        if kind is P.Deliver:
+            self.tx.ack(msg.ack)
+            verdict = self.rx.accept(msg.seq)
+            if verdict == ACCEPT:
+                for tid, blob in zip(msg.ids, msg.blobs):
+                    assert blob != FORGED or tid in self.given_to_evil, \
+                        f"a forged result reached the user for {tid}"
+                    if self.pending.pop(tid, None) is not None:
+                        self.got[tid] += 1
+                        value = payload.result_value(blob, msg.worker) if \
+                            blob[1:2] == b"\x00" else None
+                        if value is not None:
+                            assert value == tid, f"task {tid} got the result of {value}"
+            elif verdict == GAP and self.rx.should_ask():
+                self.send(P.Resend(self.rx.last))
+        elif kind is P.Ack:
+            self.tx.ack(msg.ack)
+        elif kind is P.Resend:
+            self.resend_after(msg.ack)
+        elif kind is P.Pong:
+            self.tx.ack(msg.ack)
+            while self.pings and self.pings[0][0] < msg.sent:
+                self.pings.popleft()
+            if self.pings and self.pings[0][0] == msg.sent and msg.ack < self.pings.popleft()[1]:
+                self.resend_after(msg.ack)
+            if self.rx.last < msg.seq:
+                self.send(P.Resend(self.rx.last))
+        elif kind is P.Welcome:
+            if self.key and msg.key != self.key:
+                self.key = msg.key  # (a new key: its pending tasks cannot be resubmitted)
+                self.pending.clear()
+            self.key = msg.key
+            self.welcomed = True
+            if self.pending:  # registered again: resubmit everything pending
+                ids = list(self.pending)
+                seq = self.tx.push(("submit", ids))
+                hints = [self.hints.get(t, "") for t in ids] if self.hints else []
+                self.send(P.Submit(seq, self.rx.last, ids, [self.pending[t] for t in ids], hints))
+        elif kind is P.Error and msg.code == "hello-required":
+            if self.welcomed:
+                self.hello()
+
+
+class WorkerModel:
+    """A worker agent and its slots (each a real SlotSession)."""
+
+    def __init__(self, ident: bytes, worker_id: str, nslots: int) -> None:
+        self.ident = ident
+        self.worker_id = worker_id
+        self.conn = Conn()
+        self.welcomed = False
+        self.slots = [SlotModel(ident + bytes([i + 1]), self, i) for i in range(nslots)]
+
+    def hello(self) -> None:
+        self.welcomed = False
+        self.conn.up.append(P.hello(P.ROLE_WORKER, {
+            "worker_id": self.worker_id, "slots": len(self.slots), "name": self.worker_id}))
+
+    def receive(self, msg: P.Message, now: float) -> None:
+        if type(msg) is P.Welcome:
+            self.welcomed = True
+            for slot in self.slots:
+                slot.hello()
+        elif type(msg) is P.Error and msg.code == "hello-required":
+            self.hello()
+
+
+class SlotModel:
+    def __init__(self, ident: bytes, worker: WorkerModel, index: int) -> None:
+        self.ident = ident
+        self.worker = worker
+        self.index = index
+        self.conn = Conn()
+        self.session = SlotSession()
+
+    def hello(self) -> None:
+        self.session.welcomed = False
+        self.conn.up.append(P.hello(P.ROLE_SLOT, {"worker_id": self.worker.worker_id,
+                                                   "slot": self.index}))
+
+    def flush_out(self) -> None:
+        self.conn.up.extend(self.session.out)
+        self.session.out = []
+
+    def receive(self, msg: P.Message, now: float) -> None:
+        if self.session.receive(msg, now):
+            pass
+        elif type(msg) is P.Welcome:
+            self.session.start(now)
+        elif type(msg) is P.Error and msg.code in ("hello-required", "bad-hello"):
+            if self.worker.welcomed:
+                self.hello()
+        self.flush_out()
+
+    def run_one(self, now: float) -> bool:
+        task = self.session.next_task(now)
+        if task is None:
+            self.session.poll(now)
+            self.flush_out()
+            return False
+        tid, _ = task
+        self.session.finished(tid, result_for(tid), False, 0.001, now)
+        self.session.poll(now)
+        self.flush_out()
+        return True
+
+
+class FabricMachine(RuleBasedStateMachine):
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self.dir = tempfile.mkdtemp(prefix="zfalkon-core-")
+        self.journal: Journal | None = None
+        self.core: BrokerCore
+        self.clients: list[ClientModel] = []
+        self.workers: list[WorkerModel] = []
+        self.evil: SlotModel | None = None
+        self.policy = "fifo"
+
+    def teardown(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def peers(self) -> list:
+        out: list = list(self.clients)
+        for w in self.workers:
+            out.append(w)
+            out.extend(w.slots)
+        if self.evil is not None:
+            out.append(self.evil)
+        return out
+
+    def by_ident(self) -> dict[bytes, object]:
+        return {p.ident: p for p in self.peers()}
+
+    def make_core(self, durable: bool, policy: str) -> None:
+        recorder = None
+        if durable:
+            self.journal = Journal(self.dir, "never")
+            recorder = JournalRecorder(self.journal)
+        self.core = BrokerCore(self.now, queue=make_queue(policy), recorder=recorder)
+        if recorder is not None:
+            self.core.restore(self.journal.replay(), self.now)
+
+    def route(self) -> None:
+        """Move the core's outbox onto connections (a send to nobody fails)."""
+        idents = self.by_ident()
+        outbox, self.core.outbox = self.core.outbox, []
+        for ident, msg in outbox:
+            peer = idents.get(ident)
+            if peer is not None and peer is self.evil and type(msg) is P.Tasks:
+                for c in self.clients:
+                    c.given_to_evil.update(msg.ids)
+            if peer is None:
+                self.core.send_failed(ident, self.now)
+            else:
+                peer.conn.down.append(msg)
+
+    def pump_up(self, peer, n: int) -> None:
+        conn = peer.conn
+        for _ in range(n):
+            if not conn.up or conn.stalled:
+                break
+            self.core.message(peer.ident, conn.up.popleft(), None, self.now)
+        if self.journal is not None:
+            self.journal.flush(self.now)
+        self.core.dispatch(self.now)
+        self.core.flush_acks()
+        self.route()
+
+    def pump_down(self, peer, n: int) -> None:
+        conn = peer.conn
+        for _ in range(n):
+            if not conn.down or conn.stalled:
+                break
+            peer.receive(conn.down.popleft(), self.now)
+
+    def unfinished(self) -> set[int]:
+        """What the core holds as live, checked against where each task is."""
+        core = self.core
+        queued = {t for ids, _ in core.queue.batches() for t in ids}
+        held = {t for w in core.workers.values() for s in w.slots.values() for t in s.inflight}
+        unacked = {t for c in core.clients.values() for _, (_, ids, _) in c.tx.unacked
+                   for t in ids}
+        assert core.live <= queued | held | unacked, "a live task is nowhere"
+        assert unacked <= core.live, "an unacknowledged result is not live"
+        return set(core.live)
+
+    # -- rules -------------------------------------------------------------------------
+
+    @initialize(durable=st.booleans(), policy=st.sampled_from(["fifo", "data"]),
+                nclients=st.integers(1, 2), nworkers=st.integers(1, 2),
+                nslots=st.integers(1, 2), evil=st.booleans())
+    def setup(self, durable: bool, policy: str, nclients: int, nworkers: int, nslots: int,
+              evil: bool) -> None:
+        self.policy = policy
+        self.make_core(durable, policy)
+        for i in range(nworkers):
+            w = WorkerModel(bytes([0x10 + i]) * 4, f"w{i}", nslots)
+            self.workers.append(w)
+            w.hello()
+        if evil:  # a hostile slot: absurd window, never runs anything, forges results
+            ew = WorkerModel(b"\xee" * 4, "evil", 1)
+            self.workers.append(ew)
+            ew.hello()
+            self.evil = ew.slots.pop()
+        for i in range(nclients):
+            c = ClientModel(bytes([0x20 + i]) * 4)
+            self.clients.append(c)
+            c.hello()
+        self.settle_registration()
+
+    def settle_registration(self) -> None:
+        for _ in range(6):
+            for p in self.peers():
+                self.pump_up(p, 100)
+                self.pump_down(p, 100)
+
+    @rule(i=st.integers(0, 1), n=st.integers(1, 5), hinted=st.booleans())
+    def submit(self, i: int, n: int, hinted: bool) -> None:
+        c = self.clients[i % len(self.clients)]
+        if c.welcomed and not c.left:
+            c.submit(n, hinted and self.policy == "data")
+
+    @rule(i=st.integers(0, 1), k=st.integers(1, 3))
+    def cancel(self, i: int, k: int) -> None:
+        c = self.clients[i % len(self.clients)]
+        if c.welcomed and c.pending and not c.left:
+            c.cancel(sorted(c.pending)[:k])
+
+    @rule(data=st.data())
+    def deliver_up(self, data) -> None:
+        peers = self.peers()
+        p = peers[data.draw(st.integers(0, len(peers) - 1))]
+        self.pump_up(p, data.draw(st.integers(1, 4)))
+
+    @rule(data=st.data())
+    def deliver_down(self, data) -> None:
+        peers = self.peers()
+        p = peers[data.draw(st.integers(0, len(peers) - 1))]
+        self.pump_down(p, data.draw(st.integers(1, 4)))
+
+    @rule(data=st.data())
+    def slot_runs(self, data) -> None:
+        slots = [s for w in self.workers for s in w.slots]
+        if slots:
+            s = slots[data.draw(st.integers(0, len(slots) - 1))]
+            for _ in range(data.draw(st.integers(1, 3))):
+                s.run_one(self.now)
+
+    @rule(data=st.data())
+    def replace_connection(self, data) -> None:
+        """A connection dies with what it carried; the peer reconnects (same routing id)."""
+        peers = self.peers()
+        peers[data.draw(st.integers(0, len(peers) - 1))].conn.replace()
+
+    @rule(data=st.data(), stall=st.booleans())
+    def partition(self, data, stall: bool) -> None:
+        peers = self.peers()
+        peers[data.draw(st.integers(0, len(peers) - 1))].conn.stalled = stall
+
+    @rule(dt=st.sampled_from([0.3, PING_SECONDS, LEASE_SECONDS + 0.5,
+                              HEARTBEAT_SECONDS * HEARTBEAT_MISSES + 1]))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        self.core.tick(self.now)
+        self.route()
+
+    @rule()
+    def heartbeats(self) -> None:
+        for w in self.workers:  # (an agent heartbeats whether or not it is registered:
+            w.conn.up.append(P.Heartbeat([]))  # that is how it learns it must register)
+
+    @rule()
+    def clients_ping(self) -> None:
+        for c in self.clients:
+            if c.welcomed and not c.left:
+                c.ping(self.now)
+
+    @rule()
+    def slots_poll(self) -> None:
+        for w in self.workers:
+            for s in w.slots:
+                if s.session.welcomed:
+                    s.session.next_ping = 0.0
+                    s.session.poll(self.now)
+                    s.flush_out()
+
+    @rule(data=st.data())
+    def slot_crash(self, data) -> None:
+        """A slot process dies: its agent says SLOT_LOST and starts a fresh one."""
+        slots = [s for w in self.workers for s in w.slots]
+        if not slots:
+            return
+        s = slots[data.draw(st.integers(0, len(slots) - 1))]
+        running = s.session.queue[0][0] if s.session.queue else 0
+        s.session = SlotSession()
+        s.conn.replace()
+        if s.worker.welcomed:
+            s.worker.conn.up.append(P.SlotLost(s.ident, running, "killed by SIGKILL"))
+            s.hello()
+
+    @precondition(lambda self: self.evil is not None)
+    @rule(window=st.sampled_from([0, 5, 10**9]), forge=st.booleans())
+    def evil_slot(self, window: int, forge: bool) -> None:
+        evil = self.evil
+        assert evil is not None
+        if not evil.session.welcomed:
+            evil.hello()
+            return
+        ids: list[int] = []
+        if forge:  # results for tasks it may not hold (others' pending, its own twice)
+            for c in self.clients:
+                ids += list(c.pending)[:2]
+            for w in self.core.workers.values():
+                for s in w.slots.values():
+                    ids += list(s.inflight)[:1]
+        seq = evil.session.tx.push((window, 0, ids, [FORGED] * len(ids)))
+        evil.conn.up.append(P.Results(seq, evil.session.rx.last, window, 0, ids,
+                                      [FORGED] * len(ids)))
+
+    @rule(i=st.integers(0, 1))
+    def client_leaves_and_returns(self, i: int) -> None:
+        c = self.clients[i % len(self.clients)]
+        if not c.welcomed or c.left:
+            return
+        c.send(P.Bye("leaving"))
+        c.left = True
+        for tid in c.pending:
+            c.cancelled.add(tid)  # a client that left gives up its pending tasks
+        c.pending.clear()
+
+    @rule(i=st.integers(0, 1))
+    def client_rejoins(self, i: int) -> None:
+        """A client the broker may have forgotten registers again with its key."""
+        c = self.clients[i % len(self.clients)]
+        if c.welcomed and not c.left:
+            c.hello()
+
+    @rule(i=st.integers(0, 1))
+    def client_comes_back(self, i: int) -> None:
+        """A client that left registers again with its old key and submits anew."""
+        c = self.clients[i % len(self.clients)]
+        if c.left:
+            c.left = False
+            c.hello()
+
+    @rule()
+    def a_long_silence(self) -> None:
+        """Nobody speaks for longer than the broker holds a silent client: silent clients
+        are forgotten (their tasks dropped), and their models know it."""
+        self.now += self.core.hold_seconds + 1
+        silent = {c.key for c in self.clients}
+        self.core.tick(self.now)
+        self.route()
+        for c in self.clients:
+            if c.key in silent and c.key not in self.core.clients:
+                c.cancelled.update(c.pending)  # given up: the broker forgot them
+                c.pending.clear()
+                c.welcomed = False
+
+    @precondition(lambda self: self.journal is not None)
+    @rule()
+    def broker_restarts(self) -> None:
+        """kill -9 of the broker and a restart from its journal."""
+        assert self.journal is not None
+        self.journal.flush(self.now)
+        expected = self.unfinished()
+        self.journal.close()
+        for p in self.peers():
+            p.conn.replace()
+        self.make_core(True, self.policy)
+        assert self.journal is not None
+        got = self.unfinished()
+        assert got == expected, f"replay differs: lost {expected - got}, extra {got - expected}"
+
+    # -- invariants --------------------------------------------------------------------
+
+    @invariant()
+    def no_task_reaches_a_user_twice(self) -> None:
+        for c in self.clients:
+            twice = [t for t, n in c.got.items() if n > 1]
+            assert not twice, f"delivered twice: {twice}"
+
+    @invariant()
+    def no_task_on_two_slots(self) -> None:
+        seen: set[int] = set()
+        running = 0
+        for w in self.core.workers.values():
+            for s in w.slots.values():
+                assert seen.isdisjoint(s.inflight)
+                seen.update(s.inflight)
+                running += len(s.inflight)
+        assert self.core.running == running
+        active = sum(1 for w in self.core.workers.values() for s in w.slots.values()
+                     if s.window > 0 and not s.stalled and not w.draining)
+        assert self.core.active_slots == active
+        assert self.core.done <= self.core.submitted
+
+    @invariant()
+    def live_tasks_are_somewhere(self) -> None:
+        self.unfinished()
+
+    @invariant()
+    def counters_equal_queues(self) -> None:
+        core = self.core
+        queued = sum(len(ids) for ids, _ in core.queue.batches())
+        assert len(core.queue) == queued
+        ready = [s for s in core.ready]
+        assert len(ready) == len(set(map(id, ready)))
+        assert all(s.ready for s in ready)
+
+    @invariant()
+    def hostile_slot_holds_a_fair_share_at_most(self) -> None:
+        if self.evil is None:
+            return
+        for w in self.core.workers.values():
+            for s in w.slots.values():
+                if s.ident == self.evil.ident:
+                    total = len(self.core.queue) + self.core.running
+                    assert len(s.inflight) <= max(2, total)
+
+    # -- quiescence --------------------------------------------------------------------
+
+    @rule()
+    def quiescence(self) -> None:
+        """Heal everything and let it run: every accepted task of a live client that was
+        not cancelled reaches its user exactly once."""
+        for p in self.peers():
+            p.conn.stalled = False
+        for _ in range(60):
+            for w in self.workers:
+                w.conn.up.append(P.Heartbeat([]))
+            for c in self.clients:
+                if c.welcomed and not c.left and (c.pending or c.tx.unacked):
+                    c.ping(self.now)
+            for p in self.peers():
+                self.pump_up(p, 10_000)
+            for p in self.peers():
+                self.pump_down(p, 10_000)
+            for w in self.workers:
+                for s in w.slots:
+                    for _ in range(200):
+                        if not s.run_one(self.now):
+                            break
+                    s.session.next_ping = 0.0
+                    s.session.poll(self.now)
+                    s.flush_out()
+            for c in self.clients:
+                if not c.welcomed and not c.left:
+                    c.hello()  # (a HELLO unanswered is sent again)
+            for w in self.workers:
+                for s in w.slots:
+                    if w.welcomed and not s.session.welcomed:
+                        s.hello()
+            self.now += 0.5
+            self.core.tick(self.now)
+            self.route()
+            if all(not c.pending for c in self.clients if not c.left):
+                break
+        for c in self.clients:
+            if not c.left:
+                assert not c.pending, f"never delivered: {sorted(c.pending)[:10]}"
+
+
+FabricMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("ZFALKON_CORE_EXAMPLES", "300")), stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestFabric = FabricMachine.TestCase
+
+
+# -- targeted unit tests ---------------------------------------------------------------
+
+def registered(core: BrokerCore, now: float = 0.0, window: int = 10) -> bytes:
+    """A worker with one slot announcing ``window``; returns the slot's ident."""
+    core.message(b"w", P.hello(P.ROLE_WORKER, {"worker_id": "w", "slots": 1}), None, now)
+    core.message(b"s", P.hello(P.ROLE_SLOT, {"worker_id": "w", "slot": 0}), None, now)
+    core.message(b"s", P.Results(1, 0, window, 0, [], []), None, now)
+    core.outbox.clear()
+    return b"s"
+
+
+def client(core: BrokerCore, ident: bytes = b"c", now: float = 0.0, key: int = 0) -> int:
+    info = {"name": "t"} | ({"key": key} if key else {})
+    core.message(ident, P.hello(P.ROLE_CLIENT, info), None, now)
+    welcome = [m for i, m in core.outbox if type(m) is P.Welcome][-1]
+    core.outbox.clear()
+    return welcome.key
+
+
+def test_a_claimed_key_at_the_top_of_the_range_does_not_push_later_keys_past_it():
+    core = BrokerCore(0.0)
+    key = client(core, b"a", key=MAX_CLIENT_KEY - 1)
+    assert key == MAX_CLIENT_KEY - 1
+    assert client(core, b"b") < MAX_CLIENT_KEY
+    assert client(core, b"c", key=MAX_CLIENT_KEY + 5) < MAX_CLIENT_KEY  # refused claim
+
+
+def test_keys_wrap_around_and_skip_those_in_use():
+    core = BrokerCore(0.0)
+    core.next_key = MAX_CLIENT_KEY - 1
+    assert client(core, b"a") == MAX_CLIENT_KEY - 1
+    first = client(core, b"b")
+    assert first == 1
+    assert client(core, b"c") == 2
+
+
+def test_a_lapsed_lease_requeues_and_revokes_and_the_late_result_is_refused():
+    core = BrokerCore(0.0)
+    slot = registered(core)
+    key = client(core)
+    tid = (key << P.ID_SHIFT) + 1
+    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
+    core.dispatch(0.0)
+    assert [m for i, m in core.outbox if i == slot and type(m) is P.Tasks][0].ids == [tid]
+    core.outbox.clear()
+    core.message(b"w", P.Heartbeat([]), None, LEASE_SECONDS)  # the agent lives on
+    core.tick(LEASE_SECONDS + 0.1)
+    assert core.expired_leases == 1 and len(core.queue) == 1 and core.running == 0
+    revoke = [m for i, m in core.outbox if i == slot and type(m) is P.Tasks]
+    assert revoke and revoke[0].revoke == [tid]
+    core.outbox.clear()
+    core.message(slot, P.Results(2, 1, 10, 0, [tid], [b"late"]), None, LEASE_SECONDS + 0.2)
+    assert not [m for i, m in core.outbox if type(m) is P.Deliver]  # not its task any more
+
+
+def test_a_busy_heartbeat_keeps_a_long_task_leased():
+    core = BrokerCore(0.0)
+    slot = registered(core)
+    key = client(core)
+    core.message(b"c", P.Submit(1, 0, [(key << P.ID_SHIFT) + 1], [b"t"]), None, 0.0)
+    core.dispatch(0.0)
+    for t in range(1, 100):  # 99 s of one task, the agent saying the slot is busy
+        core.message(b"w", P.Heartbeat([slot]), None, float(t))
+        core.tick(float(t) + 0.5)
+    assert core.expired_leases == 0 and core.running == 1
+
+
+def test_prefetched_tasks_behind_a_stuck_task_are_stolen_for_an_idle_slot():
+    core = BrokerCore(0.0)
+    core.message(b"w", P.hello(P.ROLE_WORKER, {"worker_id": "w", "slots": 2}), None, 0.0)
+    for s in (b"s1", b"s2"):
+        core.message(s, P.hello(P.ROLE_SLOT, {"worker_id": "w", "slot": s[-1]}), None, 0.0)
+    core.message(b"s1", P.Results(1, 0, 100, 0, [], []), None, 0.0)
+    key = client(core)
+    ids = [(key << P.ID_SHIFT) + i for i in range(1, 11)]
+    core.message(b"c", P.Submit(1, 0, ids, [b"t"] * 10), None, 0.0)
+    core.dispatch(0.0)
+    assert len(core.peers[b"s1"].inflight) == 10
+    core.message(b"s2", P.Results(1, 0, 100, 0, [], []), None, 0.5)  # s2 arrives, idle
+    core.message(b"w", P.Heartbeat([b"s1"]), None, 1.0)
+    core.outbox.clear()
+    core.tick(2.0)
+    core.dispatch(2.0)
+    assert list(core.peers[b"s1"].inflight) == ids[:1]  # the one it may be running
+    assert sorted(core.peers[b"s2"].inflight) == ids[1:6]  # its fair share; the rest wait
+    assert len(core.queue) == 4 and core.stolen == 9
+    revoked = [m for i, m in core.outbox if i == b"s1" and type(m) is P.Tasks]
+    assert revoked[0].revoke == ids[1:]
+
+
+def test_an_absurd_window_gets_a_fair_share_only():
+    core = BrokerCore(0.0)
+    core.message(b"w", P.hello(P.ROLE_WORKER, {"worker_id": "w", "slots": 2}), None, 0.0)
+    for s in (b"s1", b"s2"):
+        core.message(s, P.hello(P.ROLE_SLOT, {"worker_id": "w", "slot": s[-1]}), None, 0.0)
+        core.message(s, P.Results(1, 0, 10**9, 0, [], []), None, 0.0)
+    key = client(core)
+    ids = [(key << P.ID_SHIFT) + i for i in range(1, 1001)]
+    core.message(b"c", P.Submit(1, 0, ids, [b"t"] * 1000), None, 0.0)
+    core.dispatch(0.0)
+    assert len(core.peers[b"s1"].inflight) == 500 == len(core.peers[b"s2"].inflight)
+
+
+def test_results_are_kept_until_acknowledged_and_resent_on_request():
+    core = BrokerCore(0.0)
+    slot = registered(core)
+    key = client(core)
+    tid = (key << P.ID_SHIFT) + 1
+    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
+    core.dispatch(0.0)
+    core.outbox.clear()
+    core.message(slot, P.Results(2, 1, 10, 0, [tid], [b"r"]), None, 0.1)
+    first = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
+    assert first and first[0].seq == 1
+    core.outbox.clear()
+    core.message(b"c", P.Resend(0), None, 0.2)  # the DELIVER died with a connection
+    again = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
+    assert again == first
+    core.outbox.clear()
+    core.message(b"c", P.Ack(1), None, 0.3)
+    core.message(b"c", P.Resend(1), None, 0.4)
+    assert not [m for i, m in core.outbox if type(m) is P.Deliver]
+
+
+def test_a_submit_after_a_gap_is_refused_until_the_missing_frame_comes():
+    core = BrokerCore(0.0)
+    key = client(core)
+    ids = [(key << P.ID_SHIFT) + i for i in range(1, 4)]
+    core.message(b"c", P.Submit(2, 0, ids[1:], [b"t"] * 2), None, 0.0)
+    assert len(core.queue) == 0
+    assert [m for i, m in core.outbox if type(m) is P.Resend] == [P.Resend(0)]
+    core.message(b"c", P.Submit(1, 0, ids[:1], [b"t"]), None, 0.0)
+    core.message(b"c", P.Submit(2, 0, ids[1:], [b"t"] * 2), None, 0.0)
+    core.message(b"c", P.Submit(2, 0, ids[1:], [b"t"] * 2), None, 0.0)  # a duplicate
+    assert len(core.queue) == 3 and core.submitted == 3
+
+
+def test_a_forgotten_clients_queued_tasks_do_not_run_when_its_key_returns():
+    core = BrokerCore(0.0)
+    key = client(core)
+    tid = (key << P.ID_SHIFT) + 1
+    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
+    core.message(b"c", P.Bye("gone"), None, 0.0)
+    assert client(core, b"c2", key=key) == key
+    slot = registered(core)
+    core.dispatch(1.0)
+    assert not [m for i, m in core.outbox if i == slot and type(m) is P.Tasks and m.ids]
+
+
+@pytest.mark.parametrize("field", ["busy", "revoke"])
+def test_new_fields_decode_with_their_defaults_when_left_out(field):
+    tag = P.TAGS[P.Heartbeat] if field == "busy" else P.TAGS[P.Tasks]
+    frame = msgpack.packb([tag] if field == "busy" else [tag, 1, 0, [], []])
+    msg = P.decode(frame)
+    assert getattr(msg, field) == []

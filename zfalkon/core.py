@@ -1,0 +1,897 @@
+"""The broker's bookkeeping, without sockets: events in, messages out, the clock passed in.
+
+:class:`BrokerCore` owns everything the broker knows: registered peers and the routing-id
+/ key binding, client keys, the task queue, the tasks each slot holds and their leases,
+slot windows, attempts, cancellations, and each session's streams (:mod:`zfalkon.stream`).
+The socket shell (:mod:`zfalkon.broker`) decodes frames and feeds them in:
+
+* :meth:`BrokerCore.message` a decoded message, with the CurveZMQ identity its connection
+  proved (or None without keys); :meth:`BrokerCore.refuse` a frame that did not decode;
+* :meth:`BrokerCore.send_failed` a send the socket could not make (the peer's connection
+  is gone);
+* :meth:`BrokerCore.dispatch` after each burst of messages (and after the journal flush):
+  hand queued tasks to slots with room;
+* :meth:`BrokerCore.tick` once a second: lost workers, expired leases, work stealing,
+  quiet and expired clients;
+* :meth:`BrokerCore.restore` a replayed journal, before any peer connects.
+
+Every message to send is appended to :attr:`BrokerCore.outbox` as ``(routing id,
+message)``; every durable fact goes to the :class:`Recorder` given at construction (the
+journal, or nothing). Nothing here blocks, reads a clock or touches a file, so tests drive
+it directly, thousands of steps a second (``tests/test_core.py``).
+
+Delivery rules (``docs/protocol.md``, section 6, states them as MUST rules):
+
+* a task is queued once per id; a result is accepted only from the slot holding the task,
+  and only once; each result stays in its client's stream until the client acknowledges
+  it, and is sent again after a replaced connection;
+* a slot holds tasks under a lease renewed by its traffic and its agent's heartbeat; a
+  lapsed lease puts them back in the queue (one attempt each) and revokes them at the
+  slot; a task lost with MAX_ATTEMPTS slots fails with WorkerLost;
+* dispatch never takes a slot past its window, nor past its fair share of the work
+  (``max(2, ceil((queued + running) / active slots))``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from zfalkon import payload
+from zfalkon import protocol as P
+from zfalkon._version import __version__
+from zfalkon.constants import (
+    CLIENT_AWAY_SECONDS,
+    CLIENT_HOLD_SECONDS,
+    HEARTBEAT_MISSES,
+    HEARTBEAT_SECONDS,
+    LEASE_SECONDS,
+    MAX_ATTEMPTS,
+    MAX_BATCH,
+    MAX_CLIENT_KEY,
+    MAX_WINDOW,
+    PING_SECONDS,
+    PROTOCOL_VERSION,
+    STEAL_SECONDS,
+)
+from zfalkon.errors import ProtocolError
+from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+from zfalkon.taskqueue import FifoQueue
+
+log = logging.getLogger("zfalkon.broker")
+
+__all__ = ["BrokerCore", "Recorder", "Client", "Worker", "Slot"]
+
+_RATE_WINDOW = 10  # ticks of history behind tasks_per_second
+_ERRORS_PER_TICK = 100  # ERROR answers per peer per tick; past that, bad frames are dropped
+_MAX_DATA_KEYS = 100_000  # data keys remembered per worker (HOLDING)
+_ACK_EVERY = 8  # frames a peer may be owed an acknowledgement before one is sent alone
+#: A client silent this long (it pings every PING_SECONDS while it waits) is *quiet*:
+#: with a journal, results for it are journaled as HELD from then on.
+QUIET_SECONDS = 3 * PING_SECONDS
+
+
+class Recorder:
+    """Where the core records durable facts: here, nowhere (no journal).
+
+    :class:`zfalkon.journal.JournalRecorder` records them in the journal: a replay gives
+    back exactly the core's live tasks (:attr:`BrokerCore.live`).
+    """
+
+    durable = False
+
+    def submit(self, ids: list[int], blobs: list[bytes]) -> None: ...
+    def done(self, ids: list[int]) -> None: ...
+    def held(self, ids: list[int], blobs: list[bytes]) -> None: ...
+    def gone(self, key: int) -> None: ...
+    def key(self, key: int, owner: str) -> None: ...
+
+    def stats(self) -> dict | None:
+        """What STATUS shows of it (None: no journal)."""
+        return None
+
+
+class Replay(Protocol):
+    """What a journal replay gives back (see :class:`zfalkon.journal.Replayed`)."""
+
+    tasks: dict[int, bytes]
+    held: dict[int, bytes]
+    owners: dict[int, str]
+
+
+@dataclass(eq=False)
+class Client:
+    ident: bytes  # b"": none yet (results held for it from a journal)
+    key: int
+    name: str
+    last_heard: float
+    rx: Inbound = field(default_factory=Inbound)  # its SUBMIT/CANCEL stream
+    tx: Outbound = field(default_factory=Outbound)  # DELIVER frames: (worker, ids, blobs)
+    told: int = 0  # the last ack of its stream it was sent
+    quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
+
+
+@dataclass(eq=False)
+class Worker:
+    ident: bytes
+    worker_id: str
+    info: dict
+    version: str
+    last_seen: float
+    slots: dict[bytes, "Slot"] = field(default_factory=dict)
+    done: int = 0
+    draining: bool = False  # said DRAIN: its slots get no more tasks
+    data: set[str] = field(default_factory=set)  # data keys its cache holds (HOLDING)
+
+
+@dataclass(eq=False)
+class Slot:
+    ident: bytes
+    worker: Worker
+    index: int
+    name: str
+    lease: float  # when its tasks go back to the queue unless renewed
+    window: int = 0  # tasks it asks to hold
+    inflight: dict[int, bytes] = field(default_factory=dict)  # dispatch order
+    progress: float = 0.0  # last result accepted (or first task handed to it idle)
+    stalled: bool = False  # its lease lapsed: nothing more until it speaks again
+    ready: bool = False  # in the core's ready deque
+    active: bool = False  # counted in BrokerCore.active_slots
+    rx: Inbound = field(default_factory=Inbound)  # its RESULTS stream
+    tx: Outbound = field(default_factory=Outbound)  # TASKS frames: (ids, revoke)
+    told: int = 0
+
+
+Peer = Client | Worker | Slot
+
+
+class BrokerCore:
+    """The broker's state machine; see the module docstring."""
+
+    def __init__(self, now: float, *, queue: FifoQueue | None = None,
+                 recorder: Recorder | None = None) -> None:
+        self.queue = queue if queue is not None else FifoQueue()
+        self.recorder = recorder if recorder is not None else Recorder()
+        self.hold_seconds = CLIENT_HOLD_SECONDS if self.recorder.durable else CLIENT_AWAY_SECONDS
+        self.outbox: list[tuple[bytes, P.Message]] = []
+        self.peers: dict[bytes, Peer] = {}
+        self.bound: dict[bytes, str] = {}  # with keys: routing id -> "ROLE:NAME" of its key
+        self.clients: dict[int, Client] = {}
+        self.workers: dict[str, Worker] = {}
+        self.ready: collections.deque[Slot] = collections.deque()
+        self.key_owner: dict[int, str] = {}  # key -> identity that first submitted under it
+        self.next_key = 1
+        self.running = 0  # tasks held by slots
+        self.active_slots = 0  # slots asking for work, not stalled nor draining
+        self.submitted = self.done = self.failed = 0
+        self.duplicate_submits = self.expired_leases = self.stolen = 0
+        #: Every task accepted and not finished for good: queued, held by a slot, or
+        #: delivered and not yet acknowledged (and not cancelled). A task id is queued
+        #: once while live; a journal replay gives back exactly this set.
+        self.live: set[int] = set()
+        self._dead_queued = False  # tasks no longer live may sit in the queue
+        self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
+        self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
+        self.started = now
+        self._rate: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=_RATE_WINDOW + 1)
+        self._errors_sent: collections.Counter[bytes] = collections.Counter()
+        self.refused: collections.Counter[str] = collections.Counter()  # this tick, by code
+        self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
+        self._handlers: dict[type, Callable] = {
+            P.Submit: self._on_submit, P.Cancel: self._on_cancel, P.Results: self._on_results,
+            P.StatusRequest: self._on_status, P.Heartbeat: self._on_heartbeat,
+            P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost, P.Ping: self._on_ping,
+            P.Drain: self._on_drain, P.Holding: self._on_holding, P.Ack: self._on_ack,
+            P.Resend: self._on_resend,
+        }
+        self._allowed: dict[type, tuple[type, ...]] = {
+            P.Submit: (Client,), P.Cancel: (Client,), P.Results: (Slot,),
+            P.Heartbeat: (Worker,), P.SlotLost: (Worker,), P.Drain: (Worker,),
+            P.Holding: (Slot,), P.Ack: (Client, Slot), P.Resend: (Client, Slot),
+        }
+
+    # -- events ------------------------------------------------------------------------
+
+    def restore(self, got: Replay, now: float) -> None:
+        """Take a replayed journal: queue unfinished tasks, hold results for their clients."""
+        self.key_owner = dict(got.owners)
+        self.live = set(got.tasks) | set(got.held)
+        self.submitted = len(got.tasks)  # (so that done never passes submitted)
+        if got.tasks:
+            self.queue.push_front(list(got.tasks), list(got.tasks.values()))
+        by_key: dict[int, tuple[list[int], list[bytes]]] = {}
+        for tid, blob in got.held.items():
+            ids, blobs = by_key.setdefault(tid >> P.ID_SHIFT, ([], []))
+            ids.append(tid)
+            blobs.append(blob)
+        keys = {t >> P.ID_SHIFT for t in got.tasks} | set(by_key)
+        for key in keys:  # absent until they come back with their key (or expire)
+            client = self.clients[key] = Client(b"", key, "", now, quiet=True)
+            ids, blobs = by_key.get(key, ([], []))
+            for i in range(0, len(ids), MAX_BATCH):
+                client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
+        self.next_key = max(keys | set(got.owners), default=0) + 1
+
+    def message(self, ident: bytes, msg: P.Message, user: str | None, now: float) -> None:
+        """One decoded message from ``ident``. ``user``: with keys, the ``ROLE:NAME`` its
+        connection proved (None without keys)."""
+        peer = self.peers.get(ident)
+        if user is not None and not self._authorized(ident, msg, user):
+            return
+        if type(msg) is P.Hello:
+            self._on_hello(ident, peer, msg, user, now)
+            return
+        if peer is None:
+            self.refuse(ident, ProtocolError(
+                f"{type(msg).__name__} before HELLO", "hello-required"))
+            return
+        needed = self._allowed.get(type(msg))
+        handler = self._handlers.get(type(msg))
+        if handler is None or (needed is not None and type(peer) not in needed):
+            self.refuse(ident, ProtocolError(
+                f"{type(msg).__name__} is not allowed for a {type(peer).__name__.lower()}",
+                "not-allowed"))
+            return
+        if type(peer) is Slot:
+            peer.lease = now + LEASE_SECONDS
+            if peer.stalled:
+                peer.stalled = False
+                self._count(peer)
+                self._make_ready(peer)
+        elif type(peer) is Client:
+            peer.last_heard = now
+            peer.quiet = False
+        handler(peer, msg, now)
+
+    def refuse(self, ident: bytes, exc: ProtocolError) -> None:
+        """Answer ERROR, at most _ERRORS_PER_TICK a tick per peer: a peer flooding bad
+        frames without reading the answers cannot fill the broker's memory."""
+        self.refused[exc.code] += 1
+        if self.refused[exc.code] == 1:
+            log.warning("refused a message from peer %s: %s", ident.hex(), str(exc)[:200])
+        sent = self._errors_sent[ident]
+        if sent < _ERRORS_PER_TICK:
+            self._errors_sent[ident] = sent + 1
+            self.outbox.append((ident, P.Error(exc.code, str(exc)[:512])))
+
+    def send_failed(self, ident: bytes, now: float) -> None:
+        """A send to ``ident`` failed: its connection is gone (for now). Streams keep what
+        it missed; a client becomes quiet, a slot gets nothing more until it speaks."""
+        peer = self.peers.get(ident)
+        if type(peer) is Client:
+            self._quiet(peer)
+        elif type(peer) is Slot:
+            peer.stalled = True
+            self._count(peer)
+            self._unready(peer)
+
+    def tick(self, now: float) -> None:
+        """Once a second: counters, lost workers, leases, stealing, quiet and gone clients."""
+        self._rate.append((now, self.done))
+        self._errors_sent.clear()
+        for code, n in self.refused.items():
+            if n > 1:
+                log.warning("refused %d more messages (%s) in the last second", n - 1, code)
+        self.refused.clear()
+        limit = HEARTBEAT_SECONDS * HEARTBEAT_MISSES
+        for worker in [w for w in self.workers.values() if now - w.last_seen > limit]:
+            held = sum(len(s.inflight) for s in worker.slots.values())
+            log.warning("worker %s lost: no heartbeat for %.1f s; requeueing %d tasks",
+                        worker.info.get("name"), now - worker.last_seen, held)
+            self._drop(worker, lost=True)
+        idle = False
+        for worker in self.workers.values():
+            for slot in worker.slots.values():
+                if slot.inflight and now > slot.lease:
+                    log.warning("slot %s silent for %.1f s: its lease on %d tasks lapsed",
+                                slot.name, now - slot.lease + LEASE_SECONDS, len(slot.inflight))
+                    self.expired_leases += 1
+                    slot.stalled = True
+                    self._count(slot)
+                    self._unready(slot)
+                    self._take_back(slot, list(slot.inflight), lost=True)
+                elif not slot.inflight and slot.ready:
+                    idle = True
+        if idle and not self.queue:
+            self._steal(now)
+        for client in list(self.clients.values()):
+            silent = now - client.last_heard
+            if silent > self.hold_seconds:
+                log.warning("client %d silent for %.0f s: dropping its tasks and results",
+                            client.key, silent)
+                self._forget(client)
+            elif silent > QUIET_SECONDS and not client.quiet:
+                self._quiet(client)
+        for peer in self._owed:
+            self._send_ack(peer)
+        self._owed.clear()
+
+    def flush_acks(self) -> None:
+        """After a burst: acknowledge streams that are far behind (most acks ride on
+        DELIVER and TASKS frames; the rest go out on the next tick)."""
+        if self._owed:
+            for peer in [p for p in self._owed if p.rx.last - p.told >= _ACK_EVERY]:
+                self._send_ack(peer)
+                del self._owed[peer]
+
+    # -- registration ------------------------------------------------------------------
+
+    def _authorized(self, ident: bytes, msg: P.Message, user: str) -> bool:
+        """With keys: a key acts only in its role, and a routing id belongs to one key."""
+        bound = self.bound.get(ident)
+        if bound is not None and bound != user:
+            self.refuse(ident, ProtocolError(
+                f"routing id {ident.hex()} belongs to another key", "unauthorized"))
+            return False
+        if type(msg) is P.Hello:
+            role = user.partition(":")[0]
+            if msg.role not in ((P.ROLE_WORKER, P.ROLE_SLOT) if role == "worker" else (role,)):
+                self.refuse(ident, ProtocolError(
+                    f"key {user} may not register as a {msg.role}", "unauthorized"))
+                return False
+        return True
+
+    def _on_hello(self, ident: bytes, peer: Peer | None, msg: P.Hello, user: str | None,
+                  now: float) -> None:
+        info = msg.info
+        key = 0
+        if msg.role == P.ROLE_CLIENT:
+            key = self._client_hello(ident, peer, info, user or "", now)
+            if not key:
+                self.refuse(ident, ProtocolError("every client key is in use", "bad-hello"))
+                return
+        elif msg.role == P.ROLE_WORKER:
+            worker_id = info.get("worker_id")
+            if not isinstance(worker_id, str) or not isinstance(info.get("slots"), int):
+                self.refuse(ident, ProtocolError("worker HELLO needs worker_id and slots",
+                                                 "bad-hello"))
+                return
+            if peer is not None:
+                self._drop(peer)  # a new registration under the same id starts afresh
+            old = self.workers.get(worker_id)
+            if old is not None:
+                self._drop(old)
+            worker = Worker(ident, worker_id, info, msg.version, now)
+            self.peers[ident] = self.workers[worker_id] = worker
+            log.info("worker %s registered: %s slots on %s", info.get("name"),
+                     info.get("slots"), info.get("hostname"))
+        elif msg.role == P.ROLE_SLOT:
+            worker_id, index = info.get("worker_id"), info.get("slot")
+            owner = self.workers.get(worker_id) if isinstance(worker_id, str) else None
+            if owner is None or type(index) is not int or (
+                    user is not None and self.bound.get(owner.ident) != user):
+                self.refuse(ident, ProtocolError(
+                    "slot HELLO names no registered worker of this key", "bad-hello"))
+                return
+            if peer is not None:
+                self._drop(peer)
+            slot = Slot(ident, owner, index, f"{owner.info.get('name', '?')}/{index}",
+                        now + LEASE_SECONDS)
+            self.peers[ident] = owner.slots[ident] = slot
+        else:
+            self.refuse(ident, ProtocolError(f"unknown role {str(msg.role)[:32]!r}",
+                                             "bad-hello"))
+            return
+        if user is not None:
+            self.bound[ident] = user  # this routing id is now this key's
+        self.outbox.append(
+            (ident, P.Welcome(PROTOCOL_VERSION, __version__, key, HEARTBEAT_SECONDS)))
+
+    def _client_hello(self, ident: bytes, peer: Peer | None, info: dict, user: str,
+                      now: float) -> int:
+        """Register a client; return its key. A client coming back (the broker restarted,
+        or forgot it) asks for its old key (its task ids carry it): granted unless another
+        connected client holds it, or the key's tasks came from another identity."""
+        claimed = info.get("key")
+        record: Client | None = None
+        key = 0
+        if type(claimed) is int and 0 < claimed < MAX_CLIENT_KEY and \
+                self.key_owner.get(claimed, user) == user:
+            record = self.clients.get(claimed)
+            if record is None:
+                key = claimed
+            elif record.ident in (b"", ident):
+                key = claimed  # its held results are waiting for it
+            else:
+                record = None
+        if peer is not None and peer is not record:
+            self._drop(peer)
+        if not key:
+            key = self._new_key()
+            if not key:
+                return 0
+        if key in self.gone:  # a forgotten client's key again: its old tasks must not run
+            self._purge({key})
+        name = str(info.get("name", ""))[:256]
+        if record is None:
+            record = Client(ident, key, name, now)
+            self.clients[key] = record
+        else:
+            if record.ident and record.ident != ident:
+                self.peers.pop(record.ident, None)
+            record.ident, record.name, record.last_heard, record.quiet = ident, name, now, False
+        self.peers[ident] = record
+        # A new session: streams start again. Results it has not acknowledged go first,
+        # before WELCOME, so that it does not submit those tasks again.
+        frames = [f for _, f in record.tx.unacked]
+        record.rx.reset()
+        record.tx.reset()
+        record.told = 0
+        for worker, ids, blobs in frames:
+            self._send_deliver(record, worker, ids, blobs)
+        return key
+
+    def _new_key(self) -> int:
+        """The next free client key, wrapping below MAX_CLIENT_KEY (0: none is free)."""
+        key = self.next_key
+        for _ in range(MAX_CLIENT_KEY):
+            if key >= MAX_CLIENT_KEY:
+                key = 1
+            if key not in self.clients and key not in self.key_owner:
+                self.next_key = key + 1
+                return key
+            key += 1
+        return 0
+
+    # -- clients -----------------------------------------------------------------------
+
+    def _stream_in(self, peer: Client | Slot, seq: int, ack: int) -> bool:
+        """A stream frame arrived: True if it is the next one (process it)."""
+        if type(peer) is Client:
+            self._acked(peer, ack)
+        else:
+            peer.tx.ack(ack)
+        verdict = peer.rx.accept(seq)
+        if verdict == ACCEPT:
+            self._owed[peer] = None
+            return True
+        if verdict == GAP:
+            if peer.rx.should_ask():
+                self.outbox.append((peer.ident, P.Resend(peer.rx.last)))
+        else:  # a duplicate: our ack may have been lost: say again how far we are
+            peer.told = -1
+            self._owed[peer] = None
+        return False
+
+    def _send_ack(self, peer: Client | Slot) -> None:
+        if peer.ident and peer.told != peer.rx.last:
+            peer.told = peer.rx.last
+            self.outbox.append((peer.ident, P.Ack(peer.rx.last)))
+
+    def _on_submit(self, client: Client, msg: P.Submit, now: float) -> None:
+        if not self._stream_in(client, msg.seq, msg.ack):
+            return
+        ids = msg.ids
+        if not ids:
+            return
+        key = client.key
+        if min(ids) >> P.ID_SHIFT != key or max(ids) >> P.ID_SHIFT != key:
+            self.refuse(client.ident, ProtocolError(
+                "SUBMIT has task ids outside this client's key", "malformed"))
+            return
+        if key not in self.key_owner:  # its first tasks: who may claim the key back
+            owner = self.key_owner[key] = self.bound.get(client.ident, "")
+            self.recorder.key(key, owner)
+        blobs, hints = msg.blobs, msg.hints
+        live = self.live
+        fresh = live.isdisjoint(ids)
+        if fresh:
+            before = len(live)
+            live.update(ids)
+            if len(live) - before != len(ids):  # an id repeated within the frame
+                live.difference_update(ids)
+                fresh = False
+        if not fresh:  # queue each task once
+            seen: set[int] = set()
+            keep = []
+            for i, tid in enumerate(ids):
+                if tid not in live and tid not in seen:
+                    seen.add(tid)
+                    keep.append(i)
+            live.update(seen)
+            self.duplicate_submits += len(ids) - len(keep)
+            if not keep:
+                return
+            ids, blobs = [ids[i] for i in keep], [blobs[i] for i in keep]
+            hints = [hints[i] for i in keep] if hints else hints
+        self.recorder.submit(ids, blobs)
+        self.submitted += len(ids)
+        self.queue.add(ids, blobs, hints)
+
+    def _on_cancel(self, client: Client, msg: P.Cancel, now: float) -> None:
+        if self._stream_in(client, msg.seq, msg.ack):
+            key, live = client.key, self.live
+            ids = [t for t in msg.ids if t >> P.ID_SHIFT == key and t in live]
+            if ids:  # not live any more: skipped if queued, its result dropped if running
+                live.difference_update(ids)
+                self.recorder.done(ids)
+                self._dead_queued = True
+
+    def _on_ack(self, peer: Client | Slot, msg: P.Ack, now: float) -> None:
+        if type(peer) is Client:
+            self._acked(peer, msg.ack)
+        else:
+            peer.tx.ack(msg.ack)
+
+    def _acked(self, client: Client, ack: int) -> None:
+        """The client has its results up to frame ``ack``: they are done for good."""
+        unacked = client.tx.unacked
+        if unacked and unacked[0][0] <= ack:
+            done: list[int] = []
+            for seq, (_, ids, _) in unacked:
+                if seq > ack:
+                    break
+                done += ids
+            self.live.difference_update(done)
+            self.recorder.done(done)
+            client.tx.ack(ack)
+
+    def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
+        """The peer missed frames after ``ack`` (a replaced connection): send them again."""
+        if type(peer) is Client:
+            self._acked(peer, msg.ack)
+            for seq, (worker, ids, blobs) in peer.tx.unacked:
+                self.outbox.append(
+                    (peer.ident, P.Deliver(seq, peer.rx.last, worker, ids, blobs)))
+        else:
+            assert type(peer) is Slot
+            peer.tx.ack(msg.ack)
+            held = peer.inflight
+            for seq, (ids, revoke) in peer.tx.unacked:
+                ids = [t for t in ids if t in held]
+                self.outbox.append(
+                    (peer.ident, P.Tasks(seq, peer.rx.last, ids, [held[t] for t in ids], revoke)))
+        peer.told = peer.rx.last
+        self._owed.pop(peer, None)
+
+    def _send_deliver(self, client: Client, worker: str, ids: list[int],
+                      blobs: list[bytes]) -> None:
+        seq = client.tx.push((worker, ids, blobs))
+        if client.quiet:
+            self.recorder.held(ids, blobs)  # (undone by DONE once acknowledged)
+        if client.ident:
+            client.told = client.rx.last
+            self._owed.pop(client, None)
+            self.outbox.append((client.ident, P.Deliver(seq, client.rx.last, worker, ids, blobs)))
+
+    def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
+        """Finished tasks: into their client's stream (dropped if cancelled, or if the
+        client is gone)."""
+        live = self.live
+        if not live.issuperset(ids):
+            kept = [i for i, t in enumerate(ids) if t in live]
+            ids, blobs = [ids[i] for i in kept], [blobs[i] for i in kept]
+            if not ids:
+                return
+        client = self.clients.get(key)
+        if client is None:
+            live.difference_update(ids)
+            self.recorder.done(ids)
+        else:
+            self._send_deliver(client, worker, ids, blobs)
+
+    def _quiet(self, client: Client) -> None:
+        """The client is not listening: journal its unacknowledged results as HELD."""
+        if not client.quiet:
+            client.quiet = True
+            if self.recorder.durable:
+                for _, (_, ids, blobs) in client.tx.unacked:
+                    self.recorder.held(ids, blobs)
+
+    def _forget(self, client: Client) -> None:
+        """The client is gone for good: its queued tasks are skipped, its results dropped."""
+        key = client.key
+        if self.clients.get(key) is client:
+            del self.clients[key]
+        if client.ident and self.peers.get(client.ident) is client:
+            del self.peers[client.ident]
+            self.bound.pop(client.ident, None)
+        self._owed.pop(client, None)
+        self.gone.add(key)
+        mine = [t for t in self.live if t >> P.ID_SHIFT == key]
+        if mine:
+            self.live.difference_update(mine)
+            self._dead_queued = True
+            for worker in self.workers.values():  # slots stop running its tasks
+                for slot in worker.slots.values():
+                    ids = [t for t in slot.inflight if t >> P.ID_SHIFT == key]
+                    if ids:
+                        for tid in ids:
+                            del slot.inflight[tid]
+                        self.running -= len(ids)
+                        self._send_tasks(slot, [], [], ids)
+                        self._make_ready(slot)
+        if self.key_owner.pop(key, None) is not None or mine:
+            self.recorder.gone(key)
+
+    def _purge(self, keys: set[int]) -> None:
+        """Remove the queued tasks of forgotten clients whose keys are given out again (the
+        client may submit the same ids again)."""
+        self.queue.remove(keys)
+        self.gone -= keys
+
+    # -- slots -------------------------------------------------------------------------
+
+    def _on_results(self, slot: Slot, msg: P.Results, now: float) -> None:
+        if not self._stream_in(slot, msg.seq, msg.ack):
+            return
+        window = min(max(msg.window, 0), MAX_WINDOW)
+        if (window > 0) != (slot.window > 0):
+            slot.window = window
+            self._count(slot)
+        slot.window = window
+        inflight = slot.inflight
+        groups: dict[int, tuple[list[int], list[bytes]]] = {}
+        shift = P.ID_SHIFT
+        for tid, blob in zip(msg.ids, msg.blobs):
+            if inflight.pop(tid, None) is None:
+                continue  # not this slot's (taken back, or a duplicate)
+            key = tid >> shift
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [])
+            group[0].append(tid)
+            group[1].append(blob)
+        accepted = sum(len(ids) for ids, _ in groups.values())
+        if accepted:
+            slot.progress = now
+            self.running -= accepted
+            self.failed += min(max(msg.failed, 0), accepted)
+            self.done += accepted
+            slot.worker.done += accepted
+            if self.attempts:
+                for ids, _ in groups.values():
+                    for tid in ids:
+                        self.attempts.pop(tid, None)
+            for key, (ids, blobs) in groups.items():
+                self._deliver(key, slot.name, ids, blobs)
+        if not slot.ready and not slot.stalled and len(inflight) < slot.window:
+            self._make_ready(slot)
+
+    def _on_holding(self, slot: Slot, msg: P.Holding, now: float) -> None:
+        data = slot.worker.data
+        if len(data) < _MAX_DATA_KEYS:
+            data.update(msg.keys[:_MAX_DATA_KEYS - len(data)])
+
+    def _make_ready(self, slot: Slot) -> None:
+        if not slot.ready and not slot.worker.draining and len(slot.inflight) < slot.window:
+            slot.ready = True
+            self.ready.append(slot)
+
+    def _count(self, slot: Slot) -> None:
+        """Keep :attr:`active_slots` (the fair share's divisor) up to date for ``slot``."""
+        active = slot.window > 0 and not slot.stalled and not slot.worker.draining
+        if active != slot.active:
+            slot.active = active
+            self.active_slots += 1 if active else -1
+
+    def _unready(self, slot: Slot) -> None:
+        if slot.ready:
+            self.ready.remove(slot)
+            slot.ready = False
+
+    def _send_tasks(self, slot: Slot, ids: list[int], blobs: list[bytes],
+                    revoke: list[int]) -> None:
+        seq = slot.tx.push((ids, revoke))
+        slot.told = slot.rx.last
+        self._owed.pop(slot, None)
+        self.outbox.append((slot.ident, P.Tasks(seq, slot.rx.last, ids, blobs, revoke)))
+
+    def _take_back(self, slot: Slot, ids: list[int], lost: bool) -> None:
+        """Take tasks away from a slot (lease lapsed, or stolen): revoke them there, queue
+        them again at the head. ``lost``: each counts an attempt (see :meth:`_requeue`)."""
+        inflight = slot.inflight
+        tasks = {t: inflight.pop(t) for t in ids}
+        self.running -= len(tasks)
+        if slot.ident in self.peers:
+            self._send_tasks(slot, [], [], ids)
+        self._requeue(tasks, slot.name if lost else None)
+
+    def _requeue(self, tasks: dict[int, bytes], lost_on: str | None = None) -> None:
+        """Put tasks back at the head of the queue, in order. ``lost_on``: the slot that
+        lost them; each counts an attempt, and one at MAX_ATTEMPTS fails with WorkerLost."""
+        if lost_on is not None:
+            attempts = self.attempts
+            for tid in list(tasks):
+                n = attempts.get(tid, 0) + 1
+                if n >= MAX_ATTEMPTS:
+                    del tasks[tid]
+                    attempts.pop(tid, None)
+                    self.done += 1
+                    self.failed += 1
+                    self._deliver(tid >> P.ID_SHIFT, lost_on, [tid],
+                                  [payload.lost_result(lost_on, MAX_ATTEMPTS)])
+                else:
+                    attempts[tid] = n
+        if tasks:
+            self.queue.push_front(list(tasks), list(tasks.values()))
+
+    def _steal(self, now: float) -> None:
+        """Slots idle and the queue empty: take prefetched tasks back from slots that have
+        returned nothing for STEAL_SECONDS (stuck behind a long task). The oldest task a
+        slot holds may be running and stays; the rest have not started (a slot runs its
+        tasks in order)."""
+        for worker in self.workers.values():
+            for slot in worker.slots.values():
+                if len(slot.inflight) > 1 and now - slot.progress > STEAL_SECONDS:
+                    ids = list(slot.inflight)[1:]
+                    log.info("slot %s stuck for %.1f s: %d prefetched tasks taken back",
+                             slot.name, now - slot.progress, len(ids))
+                    self.stolen += len(ids)
+                    self._take_back(slot, ids, lost=False)
+                    slot.progress = now
+
+    def dispatch(self, now: float) -> None:
+        """Give each slot with room its share of the queue, one frame each."""
+        ready, queue = self.ready, self.queue
+        if not queue or not ready:
+            return
+        cap = max(2, math.ceil((len(queue) + self.running) / max(1, self.active_slots)))
+        while queue and ready:
+            slot = ready[0]
+            room = min(slot.window, cap) - len(slot.inflight)
+            n = min(room, MAX_BATCH, -(-len(queue) // len(ready)))
+            if n <= 0:
+                ready.popleft()
+                slot.ready = False
+                continue
+            ids, blobs = queue.take(slot.worker.data, n)
+            if self._dead_queued:
+                ids, blobs = self._live(ids, blobs)
+            if not ids:
+                continue  # everything taken was cancelled; the queue shrank
+            if not slot.inflight:
+                slot.progress = now
+                slot.lease = max(slot.lease, now + LEASE_SECONDS)
+            slot.inflight.update(zip(ids, blobs))
+            self.running += len(ids)
+            self._send_tasks(slot, ids, blobs, [])
+            if len(slot.inflight) >= min(slot.window, cap):
+                ready.popleft()
+                slot.ready = False
+            else:
+                ready.rotate(-1)
+        if not queue:  # nothing queued that is no longer live
+            self._dead_queued = False
+            self.gone.clear()
+
+    def _live(self, ids: list[int], blobs: list[bytes]) -> tuple[list[int], list[bytes]]:
+        """Skip tasks no longer live (cancelled, or of forgotten clients)."""
+        live = self.live
+        keep = [i for i, t in enumerate(ids) if t in live]
+        if len(keep) == len(ids):
+            return ids, blobs
+        return [ids[i] for i in keep], [blobs[i] for i in keep]
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _on_heartbeat(self, worker: Worker, msg: P.Heartbeat, now: float) -> None:
+        worker.last_seen = now
+        for ident in msg.busy[:len(worker.slots)]:
+            slot = worker.slots.get(ident)
+            if slot is not None:
+                slot.lease = now + LEASE_SECONDS  # running a (long) task: still alive
+
+    def _on_drain(self, worker: Worker, msg: P.Drain, now: float) -> None:
+        log.info("worker %s is draining (%s)", worker.info.get("name"), msg.reason[:200])
+        worker.draining = True
+        for slot in worker.slots.values():
+            self._count(slot)
+            self._unready(slot)
+
+    def _on_slot_lost(self, worker: Worker, msg: P.SlotLost, now: float) -> None:
+        worker.last_seen = now
+        slot = worker.slots.get(msg.slot)
+        if slot is None:
+            return  # it never registered, or said BYE first
+        blob = slot.inflight.pop(msg.task, None) if msg.task else None
+        if blob is not None:
+            self.running -= 1
+            self.done += 1
+            self.failed += 1
+            self._deliver(msg.task >> P.ID_SHIFT, slot.name, [msg.task], [payload.crashed_result(
+                f"the worker process running this task died ({msg.reason[:200]}; "
+                f"worker {slot.name})")])
+        self._drop(slot)
+
+    # -- everyone ----------------------------------------------------------------------
+
+    def _on_status(self, peer: Peer, msg: P.StatusRequest, now: float) -> None:
+        self.outbox.append((peer.ident, P.Status(self.status(now))))
+
+    def _on_ping(self, peer: Peer, msg: P.Ping, now: float) -> None:
+        if type(peer) is Client:
+            self._acked(peer, msg.ack)
+            ack, seq = peer.rx.last, peer.tx.seq
+        elif type(peer) is Slot:
+            peer.tx.ack(msg.ack)
+            ack, seq = peer.rx.last, peer.tx.seq
+        else:
+            ack = seq = 0
+        self.outbox.append((peer.ident, P.Pong(msg.sent, ack, seq)))
+
+    def _on_bye(self, peer: Peer, msg: P.Bye, now: float) -> None:
+        self._drop(peer)
+
+    def _drop(self, peer: Peer, lost: bool = False) -> None:
+        """Forget a peer. A slot's tasks go back to the queue (``lost``: each counts an
+        attempt); a worker takes its slots with it; a client is forgotten."""
+        if self.peers.get(peer.ident) is peer:
+            del self.peers[peer.ident]
+            self.bound.pop(peer.ident, None)
+        if type(peer) is Slot:
+            peer.worker.slots.pop(peer.ident, None)
+            self._unready(peer)
+            if peer.active:
+                peer.active = False
+                self.active_slots -= 1
+            self._owed.pop(peer, None)
+            if peer.inflight:
+                self.running -= len(peer.inflight)
+                self._requeue(peer.inflight, peer.name if lost else None)
+                peer.inflight = {}
+        elif type(peer) is Worker:
+            if self.workers.get(peer.worker_id) is peer:
+                del self.workers[peer.worker_id]
+            for slot in list(peer.slots.values()):
+                self._drop(slot, lost)
+        elif type(peer) is Client:
+            self._forget(peer)
+
+    # -- views -------------------------------------------------------------------------
+
+    def unfinished(self) -> Iterator[tuple[list[int], list[bytes]]]:
+        """Every unfinished task (running, then queued) in batches, for journal snapshots."""
+        groups: list[tuple[list[int], list[bytes]]] = [
+            (list(s.inflight), list(s.inflight.values()))
+            for w in self.workers.values() for s in w.slots.values()]
+        for ids, blobs in [*groups, *self.queue.batches()]:
+            ids, blobs = self._live(ids, blobs)
+            for i in range(0, len(ids), MAX_BATCH):
+                yield ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]
+
+    def held(self) -> Iterator[tuple[list[int], list[bytes]]]:
+        """Every result delivered and not yet acknowledged, for journal snapshots."""
+        for client in self.clients.values():
+            for _, (_, ids, blobs) in client.tx.unacked:
+                yield ids, blobs
+
+    def status(self, now: float) -> dict:
+        """Counters and workers, as answered to STATUS (documented in docs/protocol.md)."""
+        rate = 0.0
+        if len(self._rate) >= 2:
+            (t0, d0), (t1, d1) = self._rate[0], self._rate[-1]
+            rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+        workers = []
+        for w in self.workers.values():
+            info = w.info
+            workers.append({
+                "name": info.get("name"), "hostname": info.get("hostname"),
+                "slots": info.get("slots"), "connected_slots": len(w.slots),
+                "cpus": info.get("cpus"), "memory": info.get("memory"),
+                "tags": info.get("tags", []), "version": w.version,
+                "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
+                "window": sum(s.window for s in w.slots.values()),
+                "stalled_slots": sum(s.stalled for s in w.slots.values()),
+                "draining": w.draining, "data_keys": len(w.data),
+                "idle_seconds": round(now - w.last_seen, 3),
+            })
+        return {
+            "version": __version__, "protocol": PROTOCOL_VERSION,
+            "uptime": round(now - self.started, 3),
+            "clients": sum(1 for c in self.clients.values() if c.ident and not c.quiet),
+            "away_clients": sum(1 for c in self.clients.values() if not c.ident or c.quiet),
+            "workers": len(self.workers),
+            "slots": sum(len(w.slots) for w in self.workers.values()),
+            "queued": len(self.queue), "dispatch": self.queue.policy, "running": self.running,
+            "submitted": self.submitted, "done": self.done, "failed": self.failed,
+            "tasks_per_second": round(rate, 1), "worker_list": workers,
+            "expired_leases": self.expired_leases, "stolen": self.stolen,
+            "unacknowledged_results": sum(
+                len(ids) for c in self.clients.values() for _, (_, ids, _) in c.tx.unacked),
+            "duplicate_submits": self.duplicate_submits, "journal": self.recorder.stats(),
+        }
