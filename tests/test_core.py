@@ -605,8 +605,9 @@ class FabricMachine(RuleBasedStateMachine):
                 assert not c.pending, f"never delivered: {sorted(c.pending)[:10]}"
 
 
-FabricMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("ZFALKON_CORE_EXAMPLES", "300")), stateful_step_count=40, deadline=None,
+FabricMachine.TestCase.settings = settings(  # (tox -e core-deep runs 20,000)
+    max_examples=int(os.environ.get("ZFALKON_CORE_EXAMPLES", "2000")),
+    stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestFabric = FabricMachine.TestCase
 
