@@ -307,7 +307,6 @@ class FabricMachine(RuleBasedStateMachine):
         if self.journal is not None:
             self.journal.flush(self.now)
         self.core.dispatch(self.now)
-        self.core.flush_acks()
         self.route()
 
     def pump_down(self, peer, n: int) -> None:

@@ -36,6 +36,7 @@ from zfalkon.net import Waker, is_loopback, listen_endpoint, make_socket, readab
 from zfalkon.security import BrokerAuthenticator, BrokerKeys
 from zfalkon.taskqueue import DISPATCH_POLICIES, make_queue
 
+_NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 log = logging.getLogger("zfalkon.broker")
 
 _RECV_BURST = 4096  # messages handled before dispatching again
@@ -145,7 +146,6 @@ class Broker:
             if journal is not None:
                 journal.flush(now)  # before sending: tasks are logged before acknowledged
             core.dispatch(now)
-            core.flush_acks()
             self._send_outbox(now)
             if now >= next_tick:
                 core.tick(now)
@@ -193,7 +193,7 @@ class Broker:
         encode = P.encode
         for ident, msg in outbox:
             try:
-                send((ident, encode(msg)), zmq.NOBLOCK)
+                send((ident, encode(msg)), _NOBLOCK)
             except zmq.ZMQError:  # EHOSTUNREACH: the peer's connection is gone
                 self.core.send_failed(ident, now)
 

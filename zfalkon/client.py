@@ -46,6 +46,7 @@ from zfalkon.payload import ShellResult
 from zfalkon.security import PeerKeys, peer_keys
 from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
 
+_NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 log = logging.getLogger("zfalkon.client")
 
 _SUBMIT = 0
@@ -466,7 +467,7 @@ class Executor(cf.Executor):
             done: list = []
             try:
                 if not self._sock.closed:
-                    self._sock.send(self._submit_frame([tid], [blob]), zmq.NOBLOCK)
+                    self._sock.send(self._submit_frame([tid], [blob]), _NOBLOCK)
                     done = self._receive()  # the send may have consumed the fd's edge
                     return fut
             except zmq.Again:
@@ -493,6 +494,7 @@ class Executor(cf.Executor):
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _drive_until(self, fut: TaskFuture, deadline: float | None) -> None:
+        io_thread = threading.current_thread() is self._thread
         poke = Waker()  # the future's done-callback wakes us if another thread delivers it
         fut.add_done_callback(lambda _f: poke.wake())
         poller = select.poll()
@@ -503,7 +505,8 @@ class Executor(cf.Executor):
                 with self._lock:
                     if self._sock.closed:
                         return
-                    done = self._pump()
+                    # (the I/O thread, waiting in a done-callback, must also send and ping)
+                    done = self._pump() if io_thread else self._receive()
                 self._complete(done)  # user callbacks run with no lock held
                 if fut.done():
                     return
@@ -594,7 +597,7 @@ class Executor(cf.Executor):
             unsent.extend(self._frames())
         while unsent:
             try:
-                self._sock.send(unsent[0], zmq.NOBLOCK)
+                self._sock.send(unsent[0], _NOBLOCK)
             except zmq.Again:
                 break
             unsent.popleft()
@@ -615,7 +618,7 @@ class Executor(cf.Executor):
         return done
 
     def _send(self, msg: P.Message) -> None:
-        self._sock.send(P.encode(msg), zmq.NOBLOCK)
+        self._sock.send(P.encode(msg), _NOBLOCK)
 
     def _ping(self, now: float) -> None:
         """PING with our place in the broker's stream; remember our place in ours."""

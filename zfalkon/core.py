@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -296,7 +295,7 @@ class BrokerCore:
                     self._take_back(slot, list(slot.inflight), lost=True)
                 elif not slot.inflight and slot.ready:
                     idle = True
-        if idle and not self.queue:
+        if idle and not self.queue.count:
             self._steal(now)
         for client in list(self.clients.values()):
             silent = now - client.last_heard
@@ -309,14 +308,6 @@ class BrokerCore:
         for peer in self._owed:
             self._send_ack(peer)
         self._owed.clear()
-
-    def flush_acks(self) -> None:
-        """After a burst: acknowledge streams that are far behind (most acks ride on
-        DELIVER and TASKS frames; the rest go out on the next tick)."""
-        if self._owed:
-            for peer in [p for p in self._owed if p.rx.last - p.told >= _ACK_EVERY]:
-                self._send_ack(peer)
-                del self._owed[peer]
 
     # -- registration ------------------------------------------------------------------
 
@@ -447,7 +438,11 @@ class BrokerCore:
             peer.tx.ack(ack)
         verdict = peer.rx.accept(seq)
         if verdict == ACCEPT:
-            self._owed[peer] = None
+            if seq - peer.told >= _ACK_EVERY:  # far behind: acknowledge now
+                self._send_ack(peer)
+                self._owed.pop(peer, None)
+            else:  # (most acks ride on DELIVER and TASKS frames; the rest go on the tick)
+                self._owed[peer] = None
             return True
         if verdict == GAP:
             if peer.rx.should_ask():
@@ -627,16 +622,17 @@ class BrokerCore:
         inflight = slot.inflight
         groups: dict[int, tuple[list[int], list[bytes]]] = {}
         shift = P.ID_SHIFT
+        accepted = 0
         for tid, blob in zip(msg.ids, msg.blobs):
             if inflight.pop(tid, None) is None:
                 continue  # not this slot's (taken back, or a duplicate)
+            accepted += 1
             key = tid >> shift
             group = groups.get(key)
             if group is None:
                 group = groups[key] = ([], [])
             group[0].append(tid)
             group[1].append(blob)
-        accepted = sum(len(ids) for ids, _ in groups.values())
         if accepted:
             slot.progress = now
             self.running -= accepted
@@ -728,13 +724,13 @@ class BrokerCore:
     def dispatch(self, now: float) -> None:
         """Give each slot with room its share of the queue, one frame each."""
         ready, queue = self.ready, self.queue
-        if not queue or not ready:
+        if not queue.count or not ready:
             return
-        cap = max(2, math.ceil((len(queue) + self.running) / max(1, self.active_slots)))
-        while queue and ready:
+        cap = max(2, -(-(queue.count + self.running) // max(1, self.active_slots)))
+        while queue.count and ready:
             slot = ready[0]
             room = min(slot.window, cap) - len(slot.inflight)
-            n = min(room, MAX_BATCH, -(-len(queue) // len(ready)))
+            n = min(room, MAX_BATCH, -(-queue.count // len(ready)))
             if n <= 0:
                 ready.popleft()
                 slot.ready = False
@@ -755,7 +751,7 @@ class BrokerCore:
                 slot.ready = False
             else:
                 ready.rotate(-1)
-        if not queue:  # nothing queued that is no longer live
+        if not queue.count:  # nothing queued that is no longer live
             self._dead_queued = False
             self.gone.clear()
 

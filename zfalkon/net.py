@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -113,7 +113,12 @@ class Waker:
                 self._w = -1
 
 
+_EVENTS = int(zmq.EVENTS)  # plain ints: pyzmq's enums cost microseconds per operation
+_POLLIN = int(zmq.POLLIN)
+
+
 def readable(sock: zmq.Socket) -> bool:
     """True if a message is waiting on ``sock`` (``ZMQ_EVENTS`` has ``POLLIN``): how a
     loop drains an edge-triggered ZeroMQ socket."""
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+    events: int = sock.getsockopt(_EVENTS)  # type: ignore[assignment]  # (an int option)
+    return events & _POLLIN != 0
