@@ -766,3 +766,26 @@ def test_new_fields_decode_with_their_defaults_when_left_out(field):
     frame = msgpack.packb([tag] if field == "busy" else [tag, 1, 0, [], []])
     msg = P.decode(frame)
     assert getattr(msg, field) == []
+
+
+def test_a_key_held_by_a_connected_client_is_not_given_to_another_claimant():
+    core = BrokerCore(0.0)
+    key = client(core, b"a")
+    core.message(b"a", P.Submit(1, 0, [(key << P.ID_SHIFT) + 1], [b"t"]), None, 0.0)
+    assert client(core, b"b", key=key) != key  # a is connected and holds it
+    core.message(b"a", P.Bye("done"), None, 1.0)
+    assert client(core, b"c", key=key) == key  # free again once a has left
+
+
+def test_with_keys_only_the_first_submitter_may_claim_a_key_back():
+    core = BrokerCore(0.0)
+    core.message(b"a", P.hello(P.ROLE_CLIENT, {"name": "a"}), "client:alice", 0.0)
+    key = [m for i, m in core.outbox if type(m) is P.Welcome][-1].key
+    core.message(b"a", P.Submit(1, 0, [(key << P.ID_SHIFT) + 1], [b"t"]), "client:alice", 0.0)
+    core.message(b"a", P.Bye("gone"), "client:alice", 0.0)
+    core.key_owner[key] = "client:alice"  # (as a journal would remember it)
+    core.outbox.clear()
+    core.message(b"m", P.hello(P.ROLE_CLIENT, {"name": "m", "key": key}), "client:mallory", 0.0)
+    assert [m for i, m in core.outbox if type(m) is P.Welcome][-1].key != key
+    core.message(b"a2", P.hello(P.ROLE_CLIENT, {"name": "a", "key": key}), "client:alice", 0.0)
+    assert [m for i, m in core.outbox if type(m) is P.Welcome][-1].key == key
