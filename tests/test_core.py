@@ -45,7 +45,7 @@ from zfalkon.constants import (
 from zfalkon.core import BrokerCore
 from zfalkon.journal import Journal, JournalRecorder
 from zfalkon.slotcore import SlotSession
-from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+from zfalkon.clientcore import ClientSession
 from zfalkon.taskqueue import make_queue
 
 FORGED = b"forged"
@@ -70,112 +70,77 @@ class Conn:
 
 
 class ClientModel:
-    """A client session: the rules zfalkon.client follows, without sockets."""
+    """A client: the real :class:`ClientSession` (as the Executor drives it) plus what a
+    user of it sees."""
 
     def __init__(self, ident: bytes) -> None:
         self.ident = ident
         self.conn = Conn()
-        self.key = 0
-        self.next_seq = 1
-        self.pending: dict[int, bytes] = {}  # id -> blob
+        self.pending: dict[int, bytes] = {}  # id -> blob, as the Executor's _blobs
         self.hints: dict[int, str] = {}
-        self.tx: Outbound[tuple[str, list[int]]] = Outbound()
-        self.rx = Inbound()
-        self.pings: collections.deque[tuple[float, int]] = collections.deque()
-        self.welcomed = False
+        self.session = ClientSession(0, "model", self.pending, self.hints)
+        self.next_seq = 1
         self.left = False
         self.got: collections.Counter[int] = collections.Counter()  # delivered to the user
         self.cancelled: set[int] = set()
         #: Tasks the broker handed to the hostile slot: only their results may be forged.
         self.given_to_evil: set[int] = set()
 
+    @property
+    def key(self) -> int:
+        return self.session.key
+
+    @property
+    def welcomed(self) -> bool:
+        return self.session.key != 0 and not self.session.rejoining
+
+    def flush_out(self) -> None:
+        self.conn.up.extend(self.session.out)
+        self.session.out = []
+
     def send(self, msg: P.Message) -> None:
+        self.flush_out()
         self.conn.up.append(msg)
 
-    def hello(self) -> None:
-        self.rx.reset()
-        self.tx.reset()
-        self.welcomed = False
-        info = {"name": "model"}
-        if self.key:
-            info["key"] = self.key
-        self.send(P.hello(P.ROLE_CLIENT, info))
+    def hello(self, now: float = 0.0) -> None:
+        self.session.hello(now)
+        self.flush_out()
 
     def submit(self, n: int, hinted: bool) -> None:
         ids = [(self.key << P.ID_SHIFT) + self.next_seq + i for i in range(n)]
         self.next_seq += n
         blobs = [payload.python_task("builtins:abs", (tid,), {}) for tid in ids]
-        hints = [f"s3://b/{tid % 3}" for tid in ids] if hinted else []
         self.pending.update(zip(ids, blobs))
         if hinted:
-            self.hints.update(zip(ids, hints))
-        seq = self.tx.push(("submit", ids))
-        self.send(P.Submit(seq, self.rx.last, ids, blobs, hints))
+            self.hints.update((t, f"s3://b/{t % 3}") for t in ids)
+        self.send(self.session.submit(ids, blobs))
 
     def cancel(self, ids: list[int]) -> None:
         for tid in ids:
             self.pending.pop(tid, None)
+            self.hints.pop(tid, None)
         self.cancelled.update(ids)
-        seq = self.tx.push(("cancel", ids))
-        self.send(P.Cancel(seq, self.rx.last, ids))
-
-    def resend_after(self, ack: int) -> None:
-        self.tx.ack(ack)
-        for seq, (kind, ids) in self.tx.unacked:
-            if kind == "submit":
-                ids = [t for t in ids if t in self.pending]
-                hints = [self.hints.get(t, "") for t in ids] if self.hints else []
-                self.send(P.Submit(seq, self.rx.last, ids, [self.pending[t] for t in ids], hints))
-            else:
-                self.send(P.Cancel(seq, self.rx.last, ids))
+        self.send(self.session.cancel(ids))
 
     def ping(self, now: float) -> None:
-        self.pings.append((now, self.tx.seq))
-        self.send(P.Ping(now, self.rx.last))
+        self.session.next_ping = 0.0
+        self.session.tick(now, waiting=True)
+        self.flush_out()
 
     def receive(self, msg: P.Message, now: float) -> None:
-        kind = type(msg)
-        if kind is P.Deliver:
-            self.tx.ack(msg.ack)
-            verdict = self.rx.accept(msg.seq)
-            if verdict == ACCEPT:
-                for tid, blob in zip(msg.ids, msg.blobs):
-                    assert blob != FORGED or tid in self.given_to_evil, \
-                        f"a forged result reached the user for {tid}"
-                    if self.pending.pop(tid, None) is not None:
-                        self.got[tid] += 1
-                        value = payload.result_value(blob, msg.worker) if \
-                            blob[1:2] == b"\x00" else None
-                        if value is not None:
-                            assert value == tid, f"task {tid} got the result of {value}"
-            elif verdict == GAP and self.rx.should_ask():
-                self.send(P.Resend(self.rx.last))
-        elif kind is P.Ack:
-            self.tx.ack(msg.ack)
-        elif kind is P.Resend:
-            self.resend_after(msg.ack)
-        elif kind is P.Pong:
-            self.tx.ack(msg.ack)
-            while self.pings and self.pings[0][0] < msg.sent:
-                self.pings.popleft()
-            if self.pings and self.pings[0][0] == msg.sent and msg.ack < self.pings.popleft()[1]:
-                self.resend_after(msg.ack)
-            if self.rx.last < msg.seq:
-                self.send(P.Resend(self.rx.last))
-        elif kind is P.Welcome:
-            if self.key and msg.key != self.key:
-                self.key = msg.key  # (a new key: its pending tasks cannot be resubmitted)
-                self.pending.clear()
-            self.key = msg.key
-            self.welcomed = True
-            if self.pending:  # registered again: resubmit everything pending
-                ids = list(self.pending)
-                seq = self.tx.push(("submit", ids))
-                hints = [self.hints.get(t, "") for t in ids] if self.hints else []
-                self.send(P.Submit(seq, self.rx.last, ids, [self.pending[t] for t in ids], hints))
-        elif kind is P.Error and msg.code == "hello-required":
-            if self.welcomed:
-                self.hello()
+        for tid, blob, worker in self.session.receive(msg, now):
+            assert blob != FORGED or tid in self.given_to_evil, \
+                f"a forged result reached the user for {tid}"
+            if self.pending.pop(tid, None) is not None:
+                self.hints.pop(tid, None)
+                self.got[tid] += 1
+                if blob != FORGED and blob[1:2] == b"\x00":
+                    value = payload.result_value(blob, worker)
+                    assert value == tid, f"task {tid} got the result of {value}"
+        if isinstance(msg, P.Welcome) and self.session.broken:
+            self.cancelled.update(self.pending)  # (the Executor fails them: given up)
+            self.pending.clear()
+        self.flush_out()
 
 
 class WorkerModel:
@@ -348,7 +313,7 @@ class FabricMachine(RuleBasedStateMachine):
         for i in range(nclients):
             c = ClientModel(bytes([0x20 + i]) * 4)
             self.clients.append(c)
-            c.hello()
+            c.hello(self.now)
         self.settle_registration()
 
     def settle_registration(self) -> None:
@@ -476,7 +441,7 @@ class FabricMachine(RuleBasedStateMachine):
         """A client the broker may have forgotten registers again with its key."""
         c = self.clients[i % len(self.clients)]
         if c.welcomed and not c.left:
-            c.hello()
+            c.hello(self.now)
 
     @rule(i=st.integers(0, 1))
     def client_comes_back(self, i: int) -> None:
@@ -484,7 +449,7 @@ class FabricMachine(RuleBasedStateMachine):
         c = self.clients[i % len(self.clients)]
         if c.left:
             c.left = False
-            c.hello()
+            c.hello(self.now)
 
     @rule()
     def a_long_silence(self) -> None:
@@ -498,7 +463,6 @@ class FabricMachine(RuleBasedStateMachine):
             if c.key in silent and c.key not in self.core.clients:
                 c.cancelled.update(c.pending)  # given up: the broker forgot them
                 c.pending.clear()
-                c.welcomed = False
 
     @precondition(lambda self: self.journal is not None)
     @rule()
@@ -573,8 +537,9 @@ class FabricMachine(RuleBasedStateMachine):
             for w in self.workers:
                 w.conn.up.append(P.Heartbeat([]))
             for c in self.clients:
-                if c.welcomed and not c.left and (c.pending or c.tx.unacked):
-                    c.ping(self.now)
+                if not c.left:  # (as the Executor's I/O thread: PING, HELLO again, ACK)
+                    c.session.tick(self.now, waiting=bool(c.pending))
+                    c.flush_out()
             for p in self.peers():
                 self.pump_up(p, 10_000)
             for p in self.peers():
@@ -587,9 +552,6 @@ class FabricMachine(RuleBasedStateMachine):
                     s.session.next_ping = 0.0
                     s.session.poll(self.now)
                     s.flush_out()
-            for c in self.clients:
-                if not c.welcomed and not c.left:
-                    c.hello()  # (a HELLO unanswered is sent again)
             for w in self.workers:
                 for s in w.slots:
                     if w.welcomed and not s.session.welcomed:

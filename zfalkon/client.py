@@ -44,14 +44,13 @@ from zfalkon.errors import (
 from zfalkon.net import Waker, broker_endpoint, make_socket, readable
 from zfalkon.payload import ShellResult
 from zfalkon.security import PeerKeys, peer_keys
-from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+from zfalkon.clientcore import ClientSession
 
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 log = logging.getLogger("zfalkon.client")
 
 _SUBMIT = 0
 _CANCEL = 1
-_ACK_EVERY = 8  # DELIVER frames received before an ACK goes out alone
 
 
 def _resolve_address(address: str | None) -> str:
@@ -319,17 +318,10 @@ class Executor(cf.Executor):
         # Blobs of pending tasks, to submit again to a broker that restarted.
         self._blobs: dict[int, bytes] = {}
         self._hints: dict[int, str] = {}  # data keys of pending tasks that have one
-        self._rejoining = False  # HELLO sent again, WELCOME not yet here
-        self._rejoin_at = 0.0
         self._last_heard = time.monotonic()
         self._sinks: weakref.WeakSet[_MapSink] = weakref.WeakSet()  # of live map calls
-        # Streams (zfalkon.stream): SUBMIT/CANCEL frames out, kept as (kind, ids) until the
-        # broker acknowledges them; DELIVER frames in. Used under self._lock only.
-        self._tx: Outbound[tuple[int, list[int]]] = Outbound()
-        self._rx = Inbound()
-        self._told = 0  # the last DELIVER seq we acknowledged
-        self._pings: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
-        self._next_ping = 0.0
+        # The session's rules (streams, resends, registering again): used under the lock.
+        self._session = ClientSession(welcome.key, self._name, self._blobs, self._hints)
         self._outbox: collections.deque[tuple] = collections.deque()
         self._unsent: collections.deque[bytes] = collections.deque()  # frames zmq refused
         self._waker = Waker()
@@ -461,18 +453,17 @@ class Executor(cf.Executor):
         self._blobs[tid] = blob
         if hint:
             self._hints[tid] = hint
-        if idle and not self._rejoining and self._lock.acquire(blocking=False):
+        if idle and not self._session.rejoining and self._lock.acquire(blocking=False):
             # Nothing in flight: send now rather than hand over to the I/O thread (one
             # thread switch less on the latency path; bursts still batch in the outbox).
             done: list = []
             try:
                 if not self._sock.closed:
-                    self._sock.send(self._submit_frame([tid], [blob]), _NOBLOCK)
+                    self._sock.send(P.encode(self._session.submit([tid], [blob])), _NOBLOCK)
                     done = self._receive()  # the send may have consumed the fd's edge
                     return fut
             except zmq.Again:
-                self._tx.unacked.pop()  # not sent: it goes through the outbox instead
-                self._tx.seq -= 1
+                self._session.unsubmit()  # not sent: it goes through the outbox instead
             finally:
                 self._lock.release()
                 self._complete(done)
@@ -576,8 +567,8 @@ class Executor(cf.Executor):
                     self._closing and not self._pending and not self._unsent
                     and not self._outbox)
                 if finished and self._broken is None:
-                    if self._rx.last != self._told:
-                        self._send(P.Ack(self._rx.last))
+                    self._session.ack()
+                    self._send_session()
                     sock.send(P.encode(P.Bye("client shutdown")))
             self._complete(done)
             if finished:
@@ -593,7 +584,7 @@ class Executor(cf.Executor):
         keep the session alive; return the deliveries to complete (with no lock held)."""
         done = self._receive()
         unsent = self._unsent
-        if not self._rejoining:  # (between HELLO and WELCOME nothing is sent)
+        if not self._session.rejoining:  # (between HELLO and WELCOME nothing is sent)
             unsent.extend(self._frames())
         while unsent:
             try:
@@ -601,35 +592,23 @@ class Executor(cf.Executor):
             except zmq.Again:
                 break
             unsent.popleft()
-        now = time.monotonic()
-        if self._rejoining:
-            if now - self._rejoin_at > 2 * PING_SECONDS:  # unanswered: again
-                self._rejoining = False
-                self._rejoin()
-        elif now >= self._next_ping and (self._pending or self._tx.unacked):
-            # Work is pending: is the broker still there, and has it every frame we sent
-            # (and we every frame it sent)? A restarted broker answers hello-required; a
-            # replaced connection shows in the PONG.
-            self._ping(now)
-        elif self._rx.last - self._told >= _ACK_EVERY:
-            self._send(P.Ack(self._rx.last))
-            self._told = self._rx.last
+        self._session.tick(time.monotonic(), waiting=bool(self._pending))
+        self._send_session()
         done += self._receive()  # sending may have consumed the fd's edge
         return done
 
-    def _send(self, msg: P.Message) -> None:
-        self._sock.send(P.encode(msg), _NOBLOCK)
-
-    def _ping(self, now: float) -> None:
-        """PING with our place in the broker's stream; remember our place in ours."""
-        self._pings.append((now, self._tx.seq))
-        self._send(P.Ping(now, self._rx.last))
-        self._told = self._rx.last
-        self._next_ping = now + PING_SECONDS
+    def _send_session(self) -> None:
+        """Send what the session has to say (under the lock)."""
+        out = self._session.out
+        if out:
+            self._session.out = []
+            for msg in out:
+                self._sock.send(P.encode(msg), _NOBLOCK)
 
     def _frames(self) -> Iterator[bytes]:
         """Encode the outbox as SUBMIT and CANCEL frames, in order, each within limits."""
         outbox = self._outbox
+        session = self._session
         ids: list[int] = []
         blobs: list[bytes] = []
         size = 0
@@ -637,49 +616,19 @@ class Executor(cf.Executor):
             item = outbox.popleft()
             if item[0] == _CANCEL:
                 if ids:
-                    yield self._submit_frame(ids, blobs)
+                    yield P.encode(session.submit(ids, blobs))
                     ids, blobs, size = [], [], 0
-                yield self._cancel_frame(item[1])
+                yield P.encode(session.cancel(item[1]))
                 continue
             for tid, blob in zip(item[1], item[2]):
                 ids.append(tid)
                 blobs.append(blob)
                 size += len(blob)
                 if len(ids) >= MAX_BATCH or size >= FRAME_SOFT_BYTES:
-                    yield self._submit_frame(ids, blobs)
+                    yield P.encode(session.submit(ids, blobs))
                     ids, blobs, size = [], [], 0
         if ids:
-            yield self._submit_frame(ids, blobs)
-
-    def _submit_frame(self, ids: list[int], blobs: list[bytes]) -> bytes:
-        """A SUBMIT frame, numbered in our stream and kept until acknowledged."""
-        seq = self._tx.push((_SUBMIT, ids))
-        hints = self._hints
-        self._told = self._rx.last
-        return P.encode(P.Submit(seq, self._rx.last, ids, blobs,
-                                 [hints.get(t, "") for t in ids] if hints else []))
-
-    def _cancel_frame(self, ids: list[int]) -> bytes:
-        seq = self._tx.push((_CANCEL, ids))
-        self._told = self._rx.last
-        return P.encode(P.Cancel(seq, self._rx.last, ids))
-
-    def _resend_after(self, ack: int) -> None:
-        """The broker lacks our frames after ``ack``: send them again, as they were
-        numbered (tasks already delivered are left out of their SUBMIT)."""
-        self._tx.ack(ack)
-        hints, blobs = self._hints, self._blobs
-        for seq, (kind, ids) in self._tx.unacked:
-            if kind == _SUBMIT:
-                ids = [t for t in ids if t in blobs]
-                msg: P.Message = P.Submit(seq, self._rx.last, ids, [blobs[t] for t in ids],
-                                          [hints.get(t, "") for t in ids] if hints else [])
-            else:
-                msg = P.Cancel(seq, self._rx.last, ids)
-            self._send(msg)
-        if self._tx.unacked:
-            log.warning("sent %d frames again to broker %s (a connection was replaced)",
-                        len(self._tx.unacked), self.address)
+            yield P.encode(session.submit(ids, blobs))
 
     def _receive(self) -> list:
         """Take every message waiting (under the lock); return the deliveries, to be
@@ -687,7 +636,8 @@ class Executor(cf.Executor):
         sock = self._sock
         pending = self._pending
         blobs = self._blobs
-        rx = self._rx
+        hints = self._hints
+        session = self._session
         done: list = []
         while readable(sock):
             try:
@@ -695,49 +645,27 @@ class Executor(cf.Executor):
             except ProtocolError as exc:
                 log.error("bad message from broker: %s", exc)
                 continue
-            self._last_heard = time.monotonic()
-            if isinstance(msg, P.Deliver):
-                self._tx.ack(msg.ack)
-                verdict = rx.accept(msg.seq)
-                if verdict == ACCEPT:
-                    worker = msg.worker
-                    for tid, blob in zip(msg.ids, msg.blobs):
-                        owner = pending.pop(tid, None)
-                        if owner is not None:
-                            blobs.pop(tid, None)
-                            if self._hints:
-                                self._hints.pop(tid, None)
-                            done.append((owner, tid, blob, worker))
-                elif verdict == GAP and rx.should_ask():
-                    self._send(P.Resend(rx.last))
-            elif isinstance(msg, P.Ack):
-                self._tx.ack(msg.ack)
-            elif isinstance(msg, P.Pong):
-                self._on_pong(msg)
-            elif isinstance(msg, P.Resend):
-                self._resend_after(msg.ack)
-            elif isinstance(msg, P.Error) and msg.code == "hello-required":
-                self._rejoin()
-            elif isinstance(msg, P.Welcome):
-                self._resubmit(msg)
-            elif isinstance(msg, P.Error):
+            now = self._last_heard = time.monotonic()
+            for tid, blob, worker in session.receive(msg, now):
+                owner = pending.pop(tid, None)
+                if owner is not None:
+                    blobs.pop(tid, None)
+                    if hints:
+                        hints.pop(tid, None)
+                    done.append((owner, tid, blob, worker))
+            if isinstance(msg, P.Welcome):  # registered again: the session resubmitted
+                self._outbox.clear()  # every pending task, those queued here included
+                if session.broken:
+                    self._break(BrokerUnavailable(f"broker at {self.address}: {session.broken}"))
+                    break
+            elif isinstance(msg, P.Error) and msg.code != "hello-required":
                 if msg.code == "version":
                     self._break(error_from(msg, f"broker at {self.address}"))
                     break
                 log.error("broker says: %s (%s)", msg.message, msg.code)
+            if session.out:
+                self._send_session()
         return done
-
-    def _on_pong(self, msg: P.Pong) -> None:
-        """Frames sent before the PING (or the PONG) that have not arrived died with a
-        replaced connection: send ours again, ask for theirs."""
-        self._tx.ack(msg.ack)
-        pings = self._pings
-        while pings and pings[0][0] < msg.sent:
-            pings.popleft()
-        if pings and pings[0][0] == msg.sent and msg.ack < pings.popleft()[1]:
-            self._resend_after(msg.ack)
-        if self._rx.last < msg.seq:
-            self._send(P.Resend(self._rx.last))
 
     def _complete(self, done: list) -> None:
         """Complete futures and feed map streams (no lock held: callbacks are user code)."""
@@ -746,35 +674,6 @@ class Executor(cf.Executor):
                 owner._deliver(tid, blob, worker)
             for sink in list(self._sinks):
                 sink.wake()
-
-    def _rejoin(self) -> None:
-        """The broker does not know us (it restarted, or forgot us): register again, asking
-        for our key. Both streams start again; nothing is sent until WELCOME."""
-        if not self._rejoining:
-            self._rejoining = True
-            self._rejoin_at = time.monotonic()
-            log.warning("broker at %s does not know this client; registering again",
-                        self.address)
-            self._rx.reset()
-            self._tx.reset()
-            self._told = 0
-            self._send(P.hello(P.ROLE_CLIENT, {"name": self._name, "key": self.key}))
-
-    def _resubmit(self, welcome: P.Welcome) -> None:
-        """Registered again: submit every pending task again (task ids are idempotency keys;
-        results the broker held for us arrived before WELCOME and are no longer pending)."""
-        self._rejoining = False
-        if welcome.key != self.key:
-            self._break(BrokerUnavailable(
-                f"broker at {self.address} restarted and gave this client another key; "
-                "its pending tasks cannot be resubmitted"))
-            return
-        blobs = self._blobs.copy()
-        ids = [t for t in self._pending.copy() if t in blobs]
-        log.warning("registered again; submitting %d pending tasks again", len(ids))
-        self._outbox.clear()  # (everything in it is pending, so in ``ids``)
-        self._outbox.appendleft((_SUBMIT, ids, [blobs[t] for t in ids]))
-        self._wake()
 
     def _fail_all(self, exc: BaseException) -> None:
         owners = self._pending.copy()

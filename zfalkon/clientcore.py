@@ -1,0 +1,183 @@
+"""A client's side of its session with the broker, without sockets, threads or clocks.
+
+:class:`ClientSession` numbers and keeps the client's SUBMIT and CANCEL frames until the
+broker acknowledges them, accepts DELIVER frames in order and once, acknowledges them,
+sends again what the broker lacks (after RESEND, or a PONG proving a replaced
+connection), asks for what it lacks, and registers again (with its key) when the broker
+no longer knows it, submitting every pending task again after WELCOME. The rules are the
+ones in ``docs/protocol.md`` ("Sessions and streams").
+
+The :class:`~zfalkon.client.Executor` drives one under its lock and sends
+:attr:`ClientSession.out`; ``tests/test_core.py`` drives the same class through a
+simulated network. The session reads the owner's dict of pending tasks' blobs (a task is
+pending while its id is in it) and never changes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Iterator, Mapping
+
+from zfalkon import protocol as P
+from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH, PING_SECONDS
+from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+
+__all__ = ["ClientSession", "SUBMIT", "CANCEL", "ACK_EVERY"]
+
+log = logging.getLogger("zfalkon.client")
+
+SUBMIT = 0  #: a kept frame of tasks
+CANCEL = 1  #: a kept frame of cancellations
+ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
+_REHELLO_SECONDS = 2 * PING_SECONDS  # a HELLO unanswered this long is sent again
+
+
+class ClientSession:
+    """One client's session state; see the module docstring."""
+
+    def __init__(self, key: int, name: str, blobs: Mapping[int, bytes],
+                 hints: Mapping[int, str]) -> None:
+        self.key = key
+        self.name = name
+        self.blobs = blobs  # pending tasks' blobs (the owner's)
+        self.hints = hints  # data hints of pending tasks that have one (the owner's)
+        self.tx: Outbound[tuple[int, list[int]]] = Outbound()  # SUBMIT/CANCEL: (kind, ids)
+        self.rx = Inbound()  # DELIVER
+        self.told = 0  # the last DELIVER seq the broker was told we have
+        self.out: list[P.Message] = []  #: messages to send, in order
+        self.rejoining = False  #: HELLO sent again, WELCOME not yet here: send nothing else
+        self.broken = ""  #: why the session cannot go on ("": it can)
+        self.next_ping = 0.0
+        self._hello_at = 0.0
+        self._pings: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
+
+    # -- frames out --------------------------------------------------------------------
+
+    def submit(self, ids: list[int], blobs: list[bytes]) -> P.Submit:
+        """The next SUBMIT frame (kept until acknowledged)."""
+        seq = self.tx.push((SUBMIT, ids))
+        self.told = self.rx.last
+        hints = self.hints
+        return P.Submit(seq, self.rx.last, ids, blobs,
+                        [hints.get(t, "") for t in ids] if hints else [])
+
+    def unsubmit(self) -> None:
+        """The frame just made was not sent after all (it goes out later, renumbered)."""
+        self.tx.unacked.pop()
+        self.tx.seq -= 1
+
+    def cancel(self, ids: list[int]) -> P.Cancel:
+        """The next CANCEL frame (kept until acknowledged)."""
+        seq = self.tx.push((CANCEL, ids))
+        self.told = self.rx.last
+        return P.Cancel(seq, self.rx.last, ids)
+
+    def chunks(self, ids: list[int], blobs: list[bytes]) -> Iterator[P.Submit]:
+        """SUBMIT frames for these tasks, each within MAX_BATCH and FRAME_SOFT_BYTES."""
+        start, size = 0, 0
+        for i, blob in enumerate(blobs):
+            size += len(blob)
+            if i + 1 - start >= MAX_BATCH or size >= FRAME_SOFT_BYTES:
+                yield self.submit(ids[start:i + 1], blobs[start:i + 1])
+                start, size = i + 1, 0
+        if start < len(ids):
+            yield self.submit(ids[start:], blobs[start:])
+
+    def hello(self, now: float) -> None:
+        """Register (again): both streams start over; nothing else goes out until WELCOME."""
+        self.rejoining = True
+        self._hello_at = now
+        self.rx.reset()
+        self.tx.reset()
+        self.told = 0
+        info: dict = {"name": self.name}
+        if self.key:
+            info["key"] = self.key
+        self.out.append(P.hello(P.ROLE_CLIENT, info))
+
+    # -- the broker's messages ---------------------------------------------------------
+
+    def receive(self, msg: P.Message, now: float) -> list[tuple[int, bytes, str]]:
+        """Handle one message; return the results it delivers, ``(id, blob, worker)``, for
+        the owner to match against its pending tasks (each arrives once per session)."""
+        if isinstance(msg, P.Deliver):
+            self.tx.ack(msg.ack)
+            verdict = self.rx.accept(msg.seq)
+            if verdict == ACCEPT:
+                worker = msg.worker
+                return [(tid, blob, worker) for tid, blob in zip(msg.ids, msg.blobs)]
+            if verdict == GAP and self.rx.should_ask():
+                self.out.append(P.Resend(self.rx.last))
+        elif isinstance(msg, P.Ack):
+            self.tx.ack(msg.ack)
+        elif isinstance(msg, P.Pong):
+            self._on_pong(msg)
+        elif isinstance(msg, P.Resend):
+            self._resend_after(msg.ack)
+        elif isinstance(msg, P.Error) and msg.code == "hello-required":
+            if not self.rejoining:
+                log.warning("the broker does not know this client; registering again")
+                self.hello(now)
+        elif isinstance(msg, P.Welcome) and self.rejoining:
+            self.rejoining = False
+            if self.key and msg.key != self.key:
+                self.broken = ("the broker gave this client another key: its pending tasks "
+                               "cannot be submitted again")
+                return []
+            self.key = msg.key
+            pending = dict(self.blobs)
+            if pending:
+                log.warning("registered again; submitting %d pending tasks again", len(pending))
+                self.out.extend(self.chunks(list(pending), list(pending.values())))
+        return []
+
+    def _resend_after(self, ack: int) -> None:
+        """The broker lacks our frames after ``ack``: send them again, as numbered (tasks
+        delivered meanwhile are left out of their SUBMIT)."""
+        self.tx.ack(ack)
+        blobs, hints = self.blobs, self.hints
+        for seq, (kind, ids) in self.tx.unacked:
+            if kind == SUBMIT:
+                ids = [t for t in ids if t in blobs]
+                self.out.append(P.Submit(seq, self.rx.last, ids, [blobs[t] for t in ids],
+                                         [hints.get(t, "") for t in ids] if hints else []))
+            else:
+                self.out.append(P.Cancel(seq, self.rx.last, ids))
+        self.told = self.rx.last
+
+    def _on_pong(self, msg: P.Pong) -> None:
+        """Frames sent before the PING (or the PONG) that have not arrived died with a
+        replaced connection: send ours again, ask for theirs."""
+        self.tx.ack(msg.ack)
+        pings = self._pings
+        while pings and pings[0][0] < msg.sent:
+            pings.popleft()
+        if pings and pings[0][0] == msg.sent and msg.ack < pings.popleft()[1]:
+            log.warning("a connection to the broker was replaced; sending %d frames again",
+                        len(self.tx))
+            self._resend_after(msg.ack)
+        if self.rx.last < msg.seq:
+            self.out.append(P.Resend(self.rx.last))
+
+    # -- time --------------------------------------------------------------------------
+
+    def tick(self, now: float, waiting: bool) -> None:
+        """Between messages: HELLO again if unanswered; PING while ``waiting`` for results
+        (or while frames are unacknowledged); acknowledge deliveries far behind."""
+        if self.rejoining:
+            if now - self._hello_at > _REHELLO_SECONDS:
+                self.hello(now)
+        elif now >= self.next_ping and (waiting or self.tx.unacked):
+            self._pings.append((now, self.tx.seq))
+            self.out.append(P.Ping(now, self.rx.last))
+            self.told = self.rx.last
+            self.next_ping = now + PING_SECONDS
+        elif self.rx.last - self.told >= ACK_EVERY:
+            self.ack()
+
+    def ack(self) -> None:
+        """Acknowledge every delivery received (if not already)."""
+        if self.rx.last != self.told:
+            self.told = self.rx.last
+            self.out.append(P.Ack(self.rx.last))
