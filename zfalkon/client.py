@@ -672,8 +672,9 @@ class Executor(cf.Executor):
         if done:
             for owner, tid, blob, worker in done:
                 owner._deliver(tid, blob, worker)
-            for sink in list(self._sinks):
-                sink.wake()
+            if self._sinks:
+                for sink in list(self._sinks):
+                    sink.wake()
 
     def _fail_all(self, exc: BaseException) -> None:
         owners = self._pending.copy()
