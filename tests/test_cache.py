@@ -40,13 +40,13 @@ def test_another_version_is_another_entry(tmp_path):
 def test_least_recently_used_go_first_at_the_limit(tmp_path):
     cache = DataCache(str(tmp_path), limit=250)
     paths = {}
-    for name in "abc":
+    past = time.time() - 100
+    for age, name in enumerate("abc"):
         paths[name], _ = cache.get(name, filler(b"." * 100))
-        time.sleep(0.01)  # distinct mtimes
+        os.utime(paths[name], (past + age, past + age))  # distinct mtimes, a the oldest
     # 300 bytes > 250: the oldest (a) went when c came in
     assert not os.path.exists(paths["a"]) and cache.size() == 200
-    cache.get("b", filler(b"never"))  # b is used: now c is the oldest
-    time.sleep(0.01)
+    cache.get("b", filler(b"never"))  # b is used (its mtime now): now c is the oldest
     cache.get("d", filler(b"." * 100))
     assert os.path.exists(paths["b"]) and not os.path.exists(paths["c"])
     assert cache.stats()["evicted"] == 2

@@ -494,7 +494,7 @@ def test_context_manager_waits(cluster):
 def test_shutdown_cancel_futures(cluster):
     ex = Executor(cluster.address)
     futures = [ex.submit(tasks.sleep_then, i, 0.05) for i in range(60)]
-    time.sleep(0.12)  # let a few start
+    wait_until(futures[0].done, 30, message="the first task finished")  # the run is under way
     start = time.monotonic()
     ex.shutdown(wait=True, cancel_futures=True)
     assert time.monotonic() - start < 5
@@ -502,16 +502,20 @@ def test_shutdown_cancel_futures(cluster):
     cancelled = [f for f in futures if f.cancelled()]
     finished = [f for f in futures if not f.cancelled()]
     assert len(cancelled) >= 30
+    assert futures[0] in finished
     for f in finished:
         assert f.result(timeout=0) == futures.index(f)
-    time.sleep(0.5)  # results of tasks that were already running arrive now, or never
+    # the cancelled tasks do not linger on the broker, and those that were already running
+    # have finished (their results came back, or were dropped) ...
+    def idle() -> bool:
+        status = query_status(cluster.address)
+        return status["queued"] == 0 and status["running"] == 0
+    wait_until(idle, 10, message="broker queue drained")
+    # ... without changing the cancelled futures
     assert all(f.cancelled() for f in cancelled)
     for f in cancelled:
         with pytest.raises(cf.CancelledError):
             f.result(timeout=0)
-    # the cancelled tasks do not linger on the broker
-    wait_until(lambda: query_status(cluster.address)["queued"] == 0, 10,
-               message="broker queue drained")
 
 
 def test_submit_after_shutdown_raises(cluster):

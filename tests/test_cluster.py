@@ -60,9 +60,9 @@ def test_workers_zero_is_a_broker_alone():
         ex = Executor(cluster.address)
         try:
             f = ex.submit(tasks.add, 2, 3)
-            time.sleep(0.3)
+            wait_until(lambda: cluster.status()["queued"] == 1, 10,
+                       message="the task queued at the broker")
             assert not f.done()  # nobody to run it
-            assert cluster.status()["queued"] == 1
             proc = cluster.add_worker(slots=1)
             assert proc in cluster.worker_procs
             assert f.result(timeout=30) == 5

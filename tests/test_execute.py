@@ -280,11 +280,14 @@ def test_shell_background_child_does_not_hang(runner):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_shell_escaped_child_holding_pipe_does_not_hang(runner):
+def test_shell_escaped_child_holding_pipe_does_not_hang(runner, tmp_path):
     """A child in its own session survives the group kill and keeps stdout open: the
     runner must still return (after its grace read), not wait for the child."""
+    ready = tmp_path / "ready"
     start = time.monotonic()
-    r = shell(runner, "setsid sh -c 'echo $$; exec sleep 30' & sleep 0.3")
+    # the task ends once the child has printed its PID (it touches `ready` after that)
+    r = shell(runner, f"setsid sh -c 'echo $$; touch {ready}; exec sleep 30' & "
+                      f"while [ ! -e {ready} ]; do sleep 0.01; done", timeout=20)
     elapsed = time.monotonic() - start
     pid = int(r.stdout.strip())
     try:

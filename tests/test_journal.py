@@ -284,23 +284,26 @@ def test_tasks_finished_while_the_broker_was_away_run_again_after_restart(tmp_pa
     results from the old session are not taken: a result is accepted only from the slot
     holding the task), so the restarted broker runs those two tasks again from its
     journal; the client still gets every result exactly once."""
-    runs = tmp_path / "runs.txt"
+    runs, ended = tmp_path / "runs.txt", tmp_path / "ended.txt"
     with LocalCluster(workers=1, env=worker_env(),
                       broker_args=["--journal", str(tmp_path / "j")]) as cluster, \
             Executor(cluster.address) as ex:
-        futures = [ex.shell(f"echo {i} >> {runs}; sleep 0.6") for i in range(5)]
+        futures = [ex.shell(f"echo {i} >> {runs}; sleep 0.6; echo {i} >> {ended}")
+                   for i in range(5)]
         wait_until(lambda: runs.exists() and runs.read_text().split() == ["0"], 10,
                    message="first task started")
         cluster.broker.kill()
         wait_until(lambda: runs.read_text().split() == ["0", "1"], 10,
                    message="second (prefetched) task started with the broker down")
-        time.sleep(0.9)  # ... and finished
+        wait_until(lambda: ended.exists() and ended.read_text().split() == ["0", "1"], 10,
+                   message="... and finished")
         cluster.restart_broker(kill=True)
         assert [f.result(timeout=30).returncode for f in futures] == [0] * 5
         status = cluster.status()
         assert status["done"] == 5 and status["queued"] == status["running"] == 0
     # 0 and 1 ran before the restart, then every task once more, in order
     assert runs.read_text().split() == ["0", "1"] + [str(i) for i in range(5)]
+    assert ended.read_text().split() == ["0", "1"] + [str(i) for i in range(5)]
 
 
 def test_a_client_away_too_long_is_forgotten(tmp_path):

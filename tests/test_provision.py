@@ -334,7 +334,12 @@ def test_spot_interruption_drains_and_the_tasks_finish_elsewhere(cloud, worker_b
         with Executor(address, keys=client) as ex:
             wait_until(lambda: ex.status()["workers"] == 2, 60, message="both registered")
             futures = [ex.submit(tasks.sleep_then, i, 0.3) for i in range(30)]
-            time.sleep(1.0)
+
+            def running_on_first() -> int:
+                return sum(w["running"] for w in ex.status()["worker_list"]
+                           if w["name"] == first.id)
+            wait_until(lambda: running_on_first() >= 1, 30,
+                       message="the first VM is running a task")  # interrupted mid-task
             meta.interrupt(first.id)
             wait_until(lambda: first.id in sim.exits, 60, message="interrupted VM powered off")
             assert [f.result(timeout=60) for f in futures] == list(range(30))

@@ -221,7 +221,14 @@ def test_wire_protocol_against_a_raw_router():
         # SIGTERM: each slot says BYE, the process asks STATUS until its slots are gone,
         # then the worker says BYE and the process exits.
         streams.tasks(slots[1], [41], [sleep])
-        time.sleep(0.05)
+        while True:  # until a heartbeat names the slot busy: the sleeping task has started
+            ident, msg = _recv(router)
+            if isinstance(msg, P.Ping):
+                streams.pong(ident, msg)
+                continue
+            assert isinstance(msg, P.Heartbeat) and ident == worker_ident, msg
+            if msg.busy == [slots[1]]:
+                break
         os.kill(proc.pid, signal.SIGTERM)
         byes: set[bytes] = set()
         status_requests = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -16,7 +17,6 @@ from conftest import (
     broker_process,
     descendants,
     FakeBroker,
-    free_port,
     kill_tree,
     start_worker,
     stop_process,
@@ -95,16 +95,17 @@ def test_sigint_also_stops_a_worker(broker):
         stop_process(proc)
 
 
-def test_sigterm_lets_the_running_task_finish(broker):
+def test_sigterm_lets_the_running_task_finish(broker, tmp_path):
+    started = tmp_path / "started"
     with worker_process(broker, "--slots", "1", "--name", "wk-drain") as proc:
         wait_until(lambda: registered(broker, "wk-drain", 1), 30)
         with Executor(broker) as ex:
-            f = ex.submit(tasks.sleep_then, "drained", 1.0)
+            f = ex.shell(f"echo go > {started}; sleep 1; echo drained")
             wait_until(lambda: workers_named(broker)["wk-drain"]["running"] == 1, 10)
-            time.sleep(0.2)  # the slot has started the task
+            wait_until(started.exists, 10, message="the slot has started the task")
             code, seconds = stop_process(proc, timeout=15)
             assert code == 0 and seconds < 5
-            assert f.result(timeout=10) == "drained"
+            assert f.result(timeout=10).stdout == "drained\n"
 
 
 def test_killed_slot_is_replaced(broker):
@@ -118,18 +119,26 @@ def test_killed_slot_is_replaced(broker):
         wait_until(lambda: registered(broker, "wk-restart", 1), 10)
         with Executor(broker) as ex:
             assert ex.submit(tasks.add, 20, 1).result(timeout=30) == 21
+            # (the wait above may see the old slot's entry: this shows the new one serves)
+            assert ex.submit(tasks.getpid).result(timeout=30) in new
 
 
 def test_worker_without_broker_stops_on_sigterm():
-    proc = start_worker(f"tcp://127.0.0.1:{free_port()}", "--slots", "1")
-    try:
-        time.sleep(0.5)
-        assert proc.poll() is None  # still waiting for a broker
-        assert not slot_pids(proc)  # no slot starts before registration
-        code, seconds = stop_process(proc, timeout=10)
-        assert code == 0 and seconds < 5
-    finally:
-        stop_process(proc)
+    # A plain TCP listener, not a broker: it accepts the worker's connection and never
+    # answers, so the test can see the worker is up and trying to register.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        proc = start_worker(f"tcp://127.0.0.1:{listener.getsockname()[1]}", "--slots", "1")
+        try:
+            conn, _ = listener.accept()  # the worker is connecting (raises on timeout)
+            with conn:
+                time.sleep(0.5)  # a bounded window in which nothing may happen:
+                assert proc.poll() is None  # still waiting for a broker
+                assert not slot_pids(proc)  # no slot starts before registration
+                code, seconds = stop_process(proc, timeout=10)
+                assert code == 0 and seconds < 5
+        finally:
+            stop_process(proc)
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:7450", "tcp://127.0.0.1:0", "tcp://h:70000"])
@@ -207,13 +216,19 @@ def test_crashing_task_is_not_rerun_when_broker_sees_the_slot_go_first(broker, t
         with Executor(broker) as ex:
             assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2  # slot has credit now
             (slot,) = slot_pids(proc)
+            leases_before = query_status(broker)["expired_leases"]
             os.kill(proc.pid, signal.SIGSTOP)
             try:
                 crash = ex.submit(tasks.segfault_logged, str(log))
                 wait_until(lambda: not alive(slot), 10, message="slot died")
-                time.sleep(0.3)  # the broker's socket sees the connection close
+                time.sleep(0.3)  # the broker's socket sees the connection close (no
+                # observable state for this inside libzmq; the wait below checks it happened)
                 after = ex.submit(tasks.add, 2, 2)
-                time.sleep(0.3)
+                # the broker's send of `after` to the dead slot failed: it marks it stalled
+                # (before the slot's lease or the agent's heartbeats could lapse)
+                wait_until(lambda: workers_named(broker)["wk-race"]["stalled_slots"] == 1, 5,
+                           message="the broker saw the dead slot")
+                assert query_status(broker)["expired_leases"] == leases_before
             finally:
                 os.kill(proc.pid, signal.SIGCONT)
             with pytest.raises(WorkerCrashed):
