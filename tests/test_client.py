@@ -609,3 +609,15 @@ def test_shutdown_with_a_timeout_cancels_what_is_left(cluster):
     assert sum(f.cancelled() for f in futures) >= 15
     with pytest.raises(RuntimeError):
         ex.submit(tasks.add, 1, 1)
+
+
+def test_a_cancelled_future_counts_as_done_for_wait_and_as_completed(cluster):
+    with Executor(cluster.address) as ex:
+        blockers = [ex.submit(tasks.sleep_then, i, 1.0) for i in range(6)]
+        queued = ex.submit(tasks.add, 1, 1)
+        assert queued.cancel()
+        done, not_done = cf.wait([queued], timeout=5)
+        assert done == {queued} and not not_done
+        assert list(cf.as_completed([queued], timeout=5)) == [queued]
+        for f in blockers:
+            f.result(timeout=30)

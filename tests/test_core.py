@@ -290,7 +290,8 @@ class FabricMachine(RuleBasedStateMachine):
                    for t in ids}
         assert core.live <= queued | held | unacked, "a live task is nowhere"
         assert unacked <= core.live, "an unacknowledged result is not live"
-        return set(core.live)
+        # (a forgotten client's queued tasks leave ``live`` as they are taken)
+        return {t for t in core.live if t >> P.ID_SHIFT not in core.gone}
 
     # -- rules -------------------------------------------------------------------------
 
@@ -333,6 +334,17 @@ class FabricMachine(RuleBasedStateMachine):
         c = self.clients[i % len(self.clients)]
         if c.welcomed and c.pending and not c.left:
             c.cancel(sorted(c.pending)[:k])
+
+    @rule(i=st.integers(0, 1))
+    def submit_cancelled_ids_again(self, i: int) -> None:
+        """A client (not the Executor, which never reuses an id) submits ids it cancelled."""
+        c = self.clients[i % len(self.clients)]
+        again = sorted(c.cancelled - set(c.got))[:3]
+        if c.welcomed and not c.left and again and all(t >> P.ID_SHIFT == c.key for t in again):
+            blobs = [payload.python_task("builtins:abs", (t,), {}) for t in again]
+            c.cancelled.difference_update(again)
+            c.pending.update(zip(again, blobs))
+            c.send(c.session.submit(again, blobs))
 
     @rule(data=st.data())
     def deliver_up(self, data) -> None:

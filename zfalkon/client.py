@@ -140,6 +140,7 @@ class TaskFuture(cf.Future):
         """Cancel if no result has arrived; the broker drops the task if still queued."""
         if super().cancel():
             self._executor._cancel([self.task_id])
+            self.set_running_or_notify_cancel()  # (so that wait() and as_completed() see it)
             return True
         return False
 
@@ -329,6 +330,7 @@ class Executor(cf.Executor):
         self._lock = threading.Lock()  # guards every use of self._sock after __init__
         self._shutdown = False
         self._closing = False
+        self._abandon = False  # shutdown timed out: close without waiting for anything
         self._closed = False  # set by the I/O thread when the socket is closed
         self._broken: BaseException | None = None
         self._thread = threading.Thread(target=self._io_main, name="zfalkon-io", daemon=True)
@@ -405,6 +407,7 @@ class Executor(cf.Executor):
             self._thread.join(timeout)
             if self._thread.is_alive():  # timed out: give up on what is left
                 self._cancel_futures(streams=True)
+                self._abandon = True  # (even if the broker cannot be told: it is away)
                 self._wake()
                 self._thread.join()
 
@@ -563,9 +566,8 @@ class Executor(cf.Executor):
         while True:
             with self._lock:
                 done = self._pump()
-                finished = self._broken is not None or (
-                    self._closing and not self._pending and not self._unsent
-                    and not self._outbox)
+                finished = self._broken is not None or (self._closing and (self._abandon or (
+                    not self._pending and not self._unsent and not self._outbox)))
                 if finished and self._broken is None:
                     self._session.ack()
                     self._send_session()
@@ -646,6 +648,11 @@ class Executor(cf.Executor):
                 log.error("bad message from broker: %s", exc)
                 continue
             now = self._last_heard = time.monotonic()
+            if isinstance(msg, P.Welcome) and session.rejoining:
+                # Registered again: the session submits every pending task again, those
+                # queued here included (cleared first: a task submitted from now on is
+                # queued here after its blob is pending, so it is sent at least once).
+                self._outbox.clear()
             for tid, blob, worker in session.receive(msg, now):
                 owner = pending.pop(tid, None)
                 if owner is not None:
@@ -653,11 +660,9 @@ class Executor(cf.Executor):
                     if hints:
                         hints.pop(tid, None)
                     done.append((owner, tid, blob, worker))
-            if isinstance(msg, P.Welcome):  # registered again: the session resubmitted
-                self._outbox.clear()  # every pending task, those queued here included
-                if session.broken:
-                    self._break(BrokerUnavailable(f"broker at {self.address}: {session.broken}"))
-                    break
+            if isinstance(msg, P.Welcome) and session.broken:
+                self._break(BrokerUnavailable(f"broker at {self.address}: {session.broken}"))
+                break
             elif isinstance(msg, P.Error) and msg.code != "hello-required":
                 if msg.code == "version":
                     self._break(error_from(msg, f"broker at {self.address}"))

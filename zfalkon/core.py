@@ -68,6 +68,9 @@ _RATE_WINDOW = 10  # ticks of history behind tasks_per_second
 _ERRORS_PER_TICK = 100  # ERROR answers per peer per tick; past that, bad frames are dropped
 _MAX_DATA_KEYS = 100_000  # data keys remembered per worker (HOLDING)
 _ACK_EVERY = 8  # frames a peer may be owed an acknowledgement before one is sent alone
+_COSTLY_PER_TICK = 8  # STATUS_REQUESTs answered per peer per tick (each answer is large)
+#: A peer's stream is sent again (RESEND) at most once in this many seconds.
+RESEND_SECONDS = 2.0
 #: A client silent this long (it pings every PING_SECONDS while it waits) is *quiet*:
 #: with a journal, results for it are journaled as HELD from then on.
 QUIET_SECONDS = 3 * PING_SECONDS
@@ -111,6 +114,8 @@ class Client:
     tx: Outbound = field(default_factory=Outbound)  # DELIVER frames: (worker, ids, blobs)
     told: int = 0  # the last ack of its stream it was sent
     quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
+    submitted: bool = False  # has had tasks accepted (forgetting it has work to do)
+    resent_at: float = -1e9  # when its stream was last sent again (RESEND)
 
 
 @dataclass(eq=False)
@@ -142,6 +147,7 @@ class Slot:
     rx: Inbound = field(default_factory=Inbound)  # its RESULTS stream
     tx: Outbound = field(default_factory=Outbound)  # TASKS frames: (ids, revoke)
     told: int = 0
+    resent_at: float = -1e9  # when its stream was last sent again (RESEND)
 
 
 Peer = Client | Worker | Slot
@@ -172,12 +178,14 @@ class BrokerCore:
         #: once while live; a journal replay gives back exactly this set.
         self.live: set[int] = set()
         self._dead_queued = False  # tasks no longer live may sit in the queue
+        self.cancelled: set[int] = set()  # cancelled while queued or running (not live)
         self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
         self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
         self.started = now
         self._rate: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=_RATE_WINDOW + 1)
         self._errors_sent: collections.Counter[bytes] = collections.Counter()
+        self._costly: collections.Counter[bytes] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()  # this tick, by code
         self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
         self._handlers: dict[type, Callable] = {
@@ -209,7 +217,7 @@ class BrokerCore:
             blobs.append(blob)
         keys = {t >> P.ID_SHIFT for t in got.tasks} | set(by_key)
         for key in keys:  # absent until they come back with their key (or expire)
-            client = self.clients[key] = Client(b"", key, "", now, quiet=True)
+            client = self.clients[key] = Client(b"", key, "", now, quiet=True, submitted=True)
             ids, blobs = by_key.get(key, ([], []))
             for i in range(0, len(ids), MAX_BATCH):
                 client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
@@ -272,6 +280,7 @@ class BrokerCore:
         """Once a second: counters, lost workers, leases, stealing, quiet and gone clients."""
         self._rate.append((now, self.done))
         self._errors_sent.clear()
+        self._costly.clear()
         for code, n in self.refused.items():
             if n > 1:
                 log.warning("refused %d more messages (%s) in the last second", n - 1, code)
@@ -360,6 +369,10 @@ class BrokerCore:
                 return
             if peer is not None:
                 self._drop(peer)
+                if owner is peer:  # a worker's own routing id cannot be one of its slots
+                    self.refuse(ident, ProtocolError(
+                        "a worker's routing id cannot register a slot", "bad-hello"))
+                    return
             slot = Slot(ident, owner, index, f"{owner.info.get('name', '?')}/{index}",
                         now + LEASE_SECONDS)
             self.peers[ident] = owner.slots[ident] = slot
@@ -472,8 +485,8 @@ class BrokerCore:
             owner = self.key_owner[key] = self.bound.get(client.ident, "")
             self.recorder.key(key, owner)
         blobs, hints = msg.blobs, msg.hints
-        live = self.live
-        fresh = live.isdisjoint(ids)
+        live, cancelled = self.live, self.cancelled
+        fresh = live.isdisjoint(ids) and (not cancelled or cancelled.isdisjoint(ids))
         if fresh:
             before = len(live)
             live.update(ids)
@@ -484,7 +497,11 @@ class BrokerCore:
             seen: set[int] = set()
             keep = []
             for i, tid in enumerate(ids):
-                if tid not in live and tid not in seen:
+                if tid in cancelled:  # submitted again after a cancel: its copy still
+                    cancelled.discard(tid)  # queued (or running) is wanted again
+                    live.add(tid)
+                    self.recorder.submit([tid], [blobs[i]])
+                elif tid not in live and tid not in seen:
                     seen.add(tid)
                     keep.append(i)
             live.update(seen)
@@ -495,6 +512,7 @@ class BrokerCore:
             hints = [hints[i] for i in keep] if hints else hints
         self.recorder.submit(ids, blobs)
         self.submitted += len(ids)
+        client.submitted = True
         self.queue.add(ids, blobs, hints)
 
     def _on_cancel(self, client: Client, msg: P.Cancel, now: float) -> None:
@@ -503,6 +521,7 @@ class BrokerCore:
             ids = [t for t in msg.ids if t >> P.ID_SHIFT == key and t in live]
             if ids:  # not live any more: skipped if queued, its result dropped if running
                 live.difference_update(ids)
+                self.cancelled.update(ids)
                 self.recorder.done(ids)
                 self._dead_queued = True
 
@@ -522,11 +541,19 @@ class BrokerCore:
                     break
                 done += ids
             self.live.difference_update(done)
+            if self.cancelled:
+                self.cancelled.difference_update(done)
             self.recorder.done(done)
             client.tx.ack(ack)
 
     def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
-        """The peer missed frames after ``ack`` (a replaced connection): send them again."""
+        """The peer missed frames after ``ack`` (a replaced connection): send them again,
+        at most once per RESEND_SECONDS (a peer that asks again without reading must not
+        make the broker copy its stream into the socket's buffers without bound)."""
+        if now - peer.resent_at < RESEND_SECONDS:
+            peer.tx.ack(msg.ack)
+            return
+        peer.resent_at = now
         if type(peer) is Client:
             self._acked(peer, msg.ack)
             for seq, (worker, ids, blobs) in peer.tx.unacked:
@@ -558,6 +585,7 @@ class BrokerCore:
         client is gone)."""
         live = self.live
         if not live.issuperset(ids):
+            self.cancelled.difference_update(ids)
             kept = [i for i, t in enumerate(ids) if t in live]
             ids, blobs = [ids[i] for i in kept], [blobs[i] for i in kept]
             if not ids:
@@ -586,27 +614,30 @@ class BrokerCore:
             del self.peers[client.ident]
             self.bound.pop(client.ident, None)
         self._owed.pop(client, None)
-        self.gone.add(key)
-        mine = [t for t in self.live if t >> P.ID_SHIFT == key]
-        if mine:
-            self.live.difference_update(mine)
+        if client.submitted:  # its queued tasks die as they are taken (``gone``), its
+            self.gone.add(key)  # running ones are revoked, its results are dropped
             self._dead_queued = True
-            for worker in self.workers.values():  # slots stop running its tasks
+            live = self.live
+            live.difference_update([t for _, (_, ids, _) in client.tx.unacked for t in ids])
+            for worker in self.workers.values():
                 for slot in worker.slots.values():
                     ids = [t for t in slot.inflight if t >> P.ID_SHIFT == key]
                     if ids:
                         for tid in ids:
                             del slot.inflight[tid]
+                        live.difference_update(ids)
                         self.running -= len(ids)
                         self._send_tasks(slot, [], [], ids)
                         self._make_ready(slot)
-        if self.key_owner.pop(key, None) is not None or mine:
+        if self.key_owner.pop(key, None) is not None or client.submitted:
             self.recorder.gone(key)
 
     def _purge(self, keys: set[int]) -> None:
         """Remove the queued tasks of forgotten clients whose keys are given out again (the
         client may submit the same ids again)."""
-        self.queue.remove(keys)
+        removed = self.queue.remove(keys)
+        self.live.difference_update(removed)
+        self.cancelled.difference_update(removed)
         self.gone -= keys
 
     # -- slots -------------------------------------------------------------------------
@@ -651,7 +682,7 @@ class BrokerCore:
     def _on_holding(self, slot: Slot, msg: P.Holding, now: float) -> None:
         data = slot.worker.data
         if len(data) < _MAX_DATA_KEYS:
-            data.update(msg.keys[:_MAX_DATA_KEYS - len(data)])
+            data.update(k for k in msg.keys[:_MAX_DATA_KEYS - len(data)] if len(k) <= 1024)
 
     def _make_ready(self, slot: Slot) -> None:
         if not slot.ready and not slot.worker.draining and len(slot.inflight) < slot.window:
@@ -756,11 +787,14 @@ class BrokerCore:
             self.gone.clear()
 
     def _live(self, ids: list[int], blobs: list[bytes]) -> tuple[list[int], list[bytes]]:
-        """Skip tasks no longer live (cancelled, or of forgotten clients)."""
-        live = self.live
-        keep = [i for i, t in enumerate(ids) if t in live]
+        """Skip tasks no longer live (cancelled, or of forgotten clients: ``gone``)."""
+        live, gone, shift = self.live, self.gone, P.ID_SHIFT
+        keep = [i for i, t in enumerate(ids) if t in live and t >> shift not in gone]
         if len(keep) == len(ids):
             return ids, blobs
+        dead = [ids[i] for i in set(range(len(ids))) - set(keep)]
+        live.difference_update(dead)
+        self.cancelled.difference_update(dead)
         return [ids[i] for i in keep], [blobs[i] for i in keep]
 
     # -- workers -----------------------------------------------------------------------
@@ -797,7 +831,18 @@ class BrokerCore:
     # -- everyone ----------------------------------------------------------------------
 
     def _on_status(self, peer: Peer, msg: P.StatusRequest, now: float) -> None:
-        self.outbox.append((peer.ident, P.Status(self.status(now))))
+        if self._afford(peer.ident):
+            self.outbox.append((peer.ident, P.Status(self.status(now))))
+
+    def _afford(self, ident: bytes) -> bool:
+        """A costly answer (STATUS): at most _COSTLY_PER_TICK per peer per tick, so that a
+        peer that asks without reading cannot make the broker buffer without bound."""
+        n = self._costly[ident]
+        self._costly[ident] = n + 1
+        if n == _COSTLY_PER_TICK:
+            log.warning("peer %s asks for more than %d statuses a second; "
+                        "ignoring the rest", ident.hex(), _COSTLY_PER_TICK)
+        return n < _COSTLY_PER_TICK
 
     def _on_ping(self, peer: Peer, msg: P.Ping, now: float) -> None:
         if type(peer) is Client:

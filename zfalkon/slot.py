@@ -146,6 +146,7 @@ class Slot:
             if self.sock.poll(200):
                 msg = P.decode(self.sock.recv())
                 if isinstance(msg, P.Welcome):
+                    self.hello_sent = 0.0
                     self.session.start(time.monotonic())
                     self._send_out()
                     return 0
@@ -169,6 +170,8 @@ class Slot:
             now = monotonic()
             session.poll(now)
             self._send_out()  # (results go out before a HELLO that would end the session)
+            if self.hello_sent and now - self.hello_sent > _HELLO_RETRY_SECONDS:
+                self.hello_due = now  # the HELLO or its WELCOME was lost: again
             if self.hello_due and now >= self.hello_due:
                 self._hello()
             if not session.queue:
