@@ -128,7 +128,9 @@ class ClientModel:
         self.flush_out()
 
     def receive(self, msg: P.Message, now: float) -> None:
-        for tid, blob, worker in self.session.receive(msg, now):
+        delivered = self.session.receive(msg, now)
+        for tid, blob in zip(delivered.ids, delivered.blobs) if delivered else ():
+            worker = delivered.worker if delivered else ""
             assert blob != FORGED or tid in self.given_to_evil, \
                 f"a forged result reached the user for {tid}"
             if self.pending.pop(tid, None) is not None:

@@ -653,13 +653,20 @@ class Executor(cf.Executor):
                 # queued here included (cleared first: a task submitted from now on is
                 # queued here after its blob is pending, so it is sent at least once).
                 self._outbox.clear()
-            for tid, blob, worker in session.receive(msg, now):
-                owner = pending.pop(tid, None)
-                if owner is not None:
-                    blobs.pop(tid, None)
-                    if hints:
-                        hints.pop(tid, None)
-                    done.append((owner, tid, blob, worker))
+            delivered = session.receive(msg, now)
+            if delivered is not None:
+                worker = delivered.worker
+                for tid, blob in zip(delivered.ids, delivered.blobs):
+                    owner = pending.pop(tid, None)
+                    if owner is not None:
+                        blobs.pop(tid, None)
+                        if hints:
+                            hints.pop(tid, None)
+                        if type(owner) is _MapSink:  # (no user code: stored at once)
+                            owner.results[tid] = (blob, worker)
+                            done.append(None)
+                        else:
+                            done.append((owner, tid, blob, worker))
             if isinstance(msg, P.Welcome) and session.broken:
                 self._break(BrokerUnavailable(f"broker at {self.address}: {session.broken}"))
                 break
@@ -675,8 +682,9 @@ class Executor(cf.Executor):
     def _complete(self, done: list) -> None:
         """Complete futures and feed map streams (no lock held: callbacks are user code)."""
         if done:
-            for owner, tid, blob, worker in done:
-                owner._deliver(tid, blob, worker)
+            for item in done:
+                if item is not None:  # a future: its callbacks run here, no lock held
+                    item[0]._deliver(*item[1:])
             if self._sinks:
                 for sink in list(self._sinks):
                     sink.wake()

@@ -98,15 +98,14 @@ class ClientSession:
 
     # -- the broker's messages ---------------------------------------------------------
 
-    def receive(self, msg: P.Message, now: float) -> list[tuple[int, bytes, str]]:
-        """Handle one message; return the results it delivers, ``(id, blob, worker)``, for
-        the owner to match against its pending tasks (each arrives once per session)."""
+    def receive(self, msg: P.Message, now: float) -> P.Deliver | None:
+        """Handle one message; return it if it is a DELIVER to act on (its results are for
+        the owner to match against its pending tasks: each arrives once per session)."""
         if isinstance(msg, P.Deliver):
             self.tx.ack(msg.ack)
             verdict = self.rx.accept(msg.seq)
             if verdict == ACCEPT:
-                worker = msg.worker
-                return [(tid, blob, worker) for tid, blob in zip(msg.ids, msg.blobs)]
+                return msg
             if verdict == GAP and self.rx.should_ask():
                 self.out.append(P.Resend(self.rx.last))
         elif isinstance(msg, P.Ack):
@@ -124,13 +123,13 @@ class ClientSession:
             if self.key and msg.key != self.key:
                 self.broken = ("the broker gave this client another key: its pending tasks "
                                "cannot be submitted again")
-                return []
+                return None
             self.key = msg.key
             pending = dict(self.blobs)
             if pending:
                 log.warning("registered again; submitting %d pending tasks again", len(pending))
                 self.out.extend(self.chunks(list(pending), list(pending.values())))
-        return []
+        return None
 
     def _resend_after(self, ack: int) -> None:
         """The broker lacks our frames after ``ack``: send them again, as numbered (tasks
