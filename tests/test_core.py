@@ -606,6 +606,19 @@ def client(core: BrokerCore, ident: bytes = b"c", now: float = 0.0, key: int = 0
     return welcome.key
 
 
+def one_task_dispatched(core: BrokerCore) -> tuple[bytes, int]:
+    """A registered slot, a client, and one task of the client's dispatched to the slot;
+    returns (slot ident, task id), with the outbox cleared."""
+    slot = registered(core)
+    key = client(core)
+    tid = (key << P.ID_SHIFT) + 1
+    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
+    core.dispatch(0.0)
+    assert [m for i, m in core.outbox if i == slot and type(m) is P.Tasks][0].ids == [tid]
+    core.outbox.clear()
+    return slot, tid
+
+
 def test_a_claimed_key_at_the_top_of_the_range_does_not_push_later_keys_past_it():
     core = BrokerCore(0.0)
     key = client(core, b"a", key=MAX_CLIENT_KEY - 1)
@@ -625,13 +638,7 @@ def test_keys_wrap_around_and_skip_those_in_use():
 
 def test_a_lapsed_lease_requeues_and_revokes_and_the_late_result_is_refused():
     core = BrokerCore(0.0)
-    slot = registered(core)
-    key = client(core)
-    tid = (key << P.ID_SHIFT) + 1
-    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
-    core.dispatch(0.0)
-    assert [m for i, m in core.outbox if i == slot and type(m) is P.Tasks][0].ids == [tid]
-    core.outbox.clear()
+    slot, tid = one_task_dispatched(core)
     core.message(b"w", P.Heartbeat([]), None, LEASE_SECONDS)  # the agent lives on
     core.tick(LEASE_SECONDS + 0.1)
     assert core.expired_leases == 1 and len(core.queue) == 1 and core.running == 0
@@ -692,12 +699,7 @@ def test_an_absurd_window_gets_a_fair_share_only():
 
 def test_results_are_kept_until_acknowledged_and_resent_on_request():
     core = BrokerCore(0.0)
-    slot = registered(core)
-    key = client(core)
-    tid = (key << P.ID_SHIFT) + 1
-    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
-    core.dispatch(0.0)
-    core.outbox.clear()
+    slot, tid = one_task_dispatched(core)
     core.message(slot, P.Results(2, 1, 10, 0, [tid], [b"r"]), None, 0.1)
     first = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
     assert first and first[0].seq == 1
