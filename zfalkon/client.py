@@ -44,13 +44,11 @@ from zfalkon.errors import (
 from zfalkon.net import Waker, broker_endpoint, make_socket, readable
 from zfalkon.payload import ShellResult
 from zfalkon.security import PeerKeys, peer_keys
-from zfalkon.clientcore import ClientSession
+from zfalkon.clientcore import CANCEL as _CANCEL, SUBMIT as _SUBMIT, ClientSession
 
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 log = logging.getLogger("zfalkon.client")
 
-_SUBMIT = 0
-_CANCEL = 1
 
 
 def _resolve_address(address: str | None) -> str:

@@ -15,13 +15,12 @@ pending while its id is in it) and never changes it.
 
 from __future__ import annotations
 
-import collections
 import logging
 from typing import Iterator, Mapping
 
 from zfalkon import protocol as P
 from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH, PING_SECONDS
-from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound, Pings
 
 __all__ = ["ClientSession", "SUBMIT", "CANCEL", "ACK_EVERY"]
 
@@ -50,7 +49,7 @@ class ClientSession:
         self.broken = ""  #: why the session cannot go on ("": it can)
         self.next_ping = 0.0
         self._hello_at = 0.0
-        self._pings: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
+        self._pings = Pings()
 
     # -- frames out --------------------------------------------------------------------
 
@@ -149,10 +148,7 @@ class ClientSession:
         """Frames sent before the PING (or the PONG) that have not arrived died with a
         replaced connection: send ours again, ask for theirs."""
         self.tx.ack(msg.ack)
-        pings = self._pings
-        while pings and pings[0][0] < msg.sent:
-            pings.popleft()
-        if pings and pings[0][0] == msg.sent and msg.ack < pings.popleft()[1]:
+        if self._pings.lost_ours(msg.sent, msg.ack):
             log.warning("a connection to the broker was replaced; sending %d frames again",
                         len(self.tx))
             self._resend_after(msg.ack)
@@ -168,7 +164,7 @@ class ClientSession:
             if now - self._hello_at > _REHELLO_SECONDS:
                 self.hello(now)
         elif now >= self.next_ping and (waiting or self.tx.unacked):
-            self._pings.append((now, self.tx.seq))
+            self._pings.sent(now, self.tx.seq)
             self.out.append(P.Ping(now, self.rx.last))
             self.told = self.rx.last
             self.next_ping = now + PING_SECONDS

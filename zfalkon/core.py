@@ -445,10 +445,7 @@ class BrokerCore:
 
     def _stream_in(self, peer: Client | Slot, seq: int, ack: int) -> bool:
         """A stream frame arrived: True if it is the next one (process it)."""
-        if type(peer) is Client:
-            self._acked(peer, ack)
-        else:
-            peer.tx.ack(ack)
+        self._peer_has(peer, ack)
         verdict = peer.rx.accept(seq)
         if verdict == ACCEPT:
             if seq - peer.told >= _ACK_EVERY:  # far behind: acknowledge now
@@ -526,10 +523,15 @@ class BrokerCore:
                 self._dead_queued = True
 
     def _on_ack(self, peer: Client | Slot, msg: P.Ack, now: float) -> None:
+        self._peer_has(peer, msg.ack)
+
+    def _peer_has(self, peer: Client | Slot, ack: int) -> None:
+        """The peer has our stream up to ``ack``: forget it (a client's results are then
+        done for good)."""
         if type(peer) is Client:
-            self._acked(peer, msg.ack)
+            self._acked(peer, ack)
         else:
-            peer.tx.ack(msg.ack)
+            peer.tx.ack(ack)
 
     def _acked(self, client: Client, ack: int) -> None:
         """The client has its results up to frame ``ack``: they are done for good."""
@@ -623,11 +625,8 @@ class BrokerCore:
                 for slot in worker.slots.values():
                     ids = [t for t in slot.inflight if t >> P.ID_SHIFT == key]
                     if ids:
-                        for tid in ids:
-                            del slot.inflight[tid]
                         live.difference_update(ids)
-                        self.running -= len(ids)
-                        self._send_tasks(slot, [], [], ids)
+                        self._revoke(slot, ids)
                         self._make_ready(slot)
         if self.key_owner.pop(key, None) is not None or client.submitted:
             self.recorder.gone(key)
@@ -711,12 +710,17 @@ class BrokerCore:
     def _take_back(self, slot: Slot, ids: list[int], lost: bool) -> None:
         """Take tasks away from a slot (lease lapsed, or stolen): revoke them there, queue
         them again at the head. ``lost``: each counts an attempt (see :meth:`_requeue`)."""
+        self._requeue(self._revoke(slot, ids), slot.name if lost else None)
+
+    def _revoke(self, slot: Slot, ids: list[int]) -> dict[int, bytes]:
+        """Take tasks away from a slot and tell it (it drops them unless started); return
+        them, in order."""
         inflight = slot.inflight
         tasks = {t: inflight.pop(t) for t in ids}
         self.running -= len(tasks)
         if slot.ident in self.peers:
             self._send_tasks(slot, [], [], ids)
-        self._requeue(tasks, slot.name if lost else None)
+        return tasks
 
     def _requeue(self, tasks: dict[int, bytes], lost_on: str | None = None) -> None:
         """Put tasks back at the head of the queue, in order. ``lost_on``: the slot that
@@ -845,14 +849,11 @@ class BrokerCore:
         return n < _COSTLY_PER_TICK
 
     def _on_ping(self, peer: Peer, msg: P.Ping, now: float) -> None:
-        if type(peer) is Client:
-            self._acked(peer, msg.ack)
-            ack, seq = peer.rx.last, peer.tx.seq
-        elif type(peer) is Slot:
-            peer.tx.ack(msg.ack)
-            ack, seq = peer.rx.last, peer.tx.seq
-        else:
+        if isinstance(peer, Worker):
             ack = seq = 0
+        else:
+            self._peer_has(peer, msg.ack)
+            ack, seq = peer.rx.last, peer.tx.seq
         self.outbox.append((peer.ident, P.Pong(msg.sent, ack, seq)))
 
     def _on_bye(self, peer: Peer, msg: P.Bye, now: float) -> None:

@@ -34,7 +34,7 @@ from zfalkon.constants import (
     RESULT_FLUSH_COUNT,
     RESULT_FLUSH_SECONDS,
 )
-from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound
+from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound, Pings
 
 __all__ = ["SlotSession", "window_for", "FIRST_WINDOW"]
 
@@ -77,8 +77,7 @@ class SlotSession:
         self.mean = -1.0  #: running estimate of one task's seconds (-1: none yet)
         self.rtt = 0.0  #: smoothed round trip to the broker (0 until the first PONG)
         self.next_ping = 0.0
-        self._pings: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
-        # (sent, our RESULTS seq then) of each PING not yet answered
+        self._pings = Pings()
         self.welcomed = False
         self.fixed_window = 0  #: a window to use instead of the adaptive one (0: adaptive)
 
@@ -118,12 +117,8 @@ class SlotSession:
         elif kind is P.Pong:
             assert isinstance(msg, P.Pong)
             self.tx.ack(msg.ack)
-            pings = self._pings
-            while pings and pings[0][0] < msg.sent:
-                pings.popleft()  # its PONG was lost with a connection
-            if pings and pings[0][0] == msg.sent:
-                if msg.ack < pings.popleft()[1]:  # sent before the PING, yet not there: lost
-                    self._resend_after(msg.ack)
+            if self._pings.lost_ours(msg.sent, msg.ack):
+                self._resend_after(msg.ack)
             if self.rx.last < msg.seq:  # sent before the PONG, yet not here: lost
                 self.out.append(P.Resend(self.rx.last))
             sample = now - msg.sent
@@ -193,6 +188,6 @@ class SlotSession:
             self._ping(now)
 
     def _ping(self, now: float) -> None:
-        self._pings.append((now, self.tx.seq))
+        self._pings.sent(now, self.tx.seq)
         self.out.append(P.Ping(now, self.rx.last))
         self.next_ping = now + PING_SECONDS

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 from typing import Generic, TypeVar
 
-__all__ = ["Outbound", "Inbound", "ACCEPT", "DUPLICATE", "GAP"]
+__all__ = ["Outbound", "Inbound", "Pings", "ACCEPT", "DUPLICATE", "GAP"]
 
 T = TypeVar("T")
 
@@ -96,3 +96,30 @@ class Inbound:
     def reset(self) -> None:
         self.last = 0
         self._asked = -1
+
+
+class Pings:
+    """A peer's outstanding PINGs, to find frames that died with a replaced connection.
+
+    Frames sent before a PING arrive before it on one connection. So a PONG whose ``ack``
+    is below the stream position the PING was sent at proves those frames lost (send
+    them again); likewise frames the other side sent before its PONG and that have not
+    arrived (ask with RESEND).
+    """
+
+    __slots__ = ("_sent",)
+
+    def __init__(self) -> None:
+        self._sent: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
+
+    def sent(self, when: float, seq: int) -> None:
+        """A PING stamped ``when`` left after our frame ``seq``."""
+        self._sent.append((when, seq))
+
+    def lost_ours(self, pong_sent: float, pong_ack: int) -> bool:
+        """The PONG to the PING stamped ``pong_sent`` acknowledges ``pong_ack``: True if
+        frames we sent before that PING are missing on the other side."""
+        sent = self._sent
+        while sent and sent[0][0] < pong_sent:
+            sent.popleft()  # their PONGs were lost with a connection
+        return bool(sent) and sent[0][0] == pong_sent and pong_ack < sent.popleft()[1]
