@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zfalkon import protocol as P
 from zfalkon._version import __version__
@@ -314,3 +316,40 @@ def test_protocol_error_default_code():
     assert ProtocolError("x").code == "protocol"
     assert ProtocolError("x", "malformed").code == "malformed"
     assert VersionMismatch("x").code == "version"
+
+
+# Values of every type the fields use, and some they never do.
+_VALUES = st.one_of(
+    st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False), st.text(max_size=3),
+    st.binary(max_size=3), st.none(), st.booleans(),
+    st.lists(st.one_of(st.integers(0, 9), st.binary(max_size=2), st.text(max_size=2)),
+             max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(0, 3), max_size=2))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(list(P.TAGS.items())), st.data())
+def test_generated_validator_agrees_with_field_predicates(entry, data):
+    """decode's one generated test per message type accepts exactly what the per-field
+    predicates (and the ids/blobs/hints length rules) accept."""
+    cls, tag = entry
+    values = [data.draw(_VALUES) for _ in cls._fields]
+    if values and data.draw(st.booleans()):  # well-typed frames, to reach the length rules
+        values = list(EXAMPLES[cls])
+        for i in data.draw(st.lists(st.integers(0, len(values) - 1), max_size=2)):
+            values[i] = data.draw(_VALUES)
+    _, fields, valid, _ = P._BY_TAG[tag]
+    by_field = all(ok(v) for (_, ok), v in zip(fields, values))
+    if by_field and "blobs" in cls._fields:
+        named = dict(zip(cls._fields, values))
+        by_field = len(named["ids"]) == len(named["blobs"]) and (
+            cls is not P.Submit or not named["hints"]
+            or len(named["hints"]) == len(named["ids"]))
+    assert bool(valid([tag, *values])) == by_field
+    if cls not in (P.Hello, P.Welcome):  # (their version field is checked first)
+        frame = msgpack.packb([tag, *values])
+        if by_field:
+            assert P.decode(frame) == cls(*values)
+        else:
+            with pytest.raises(ProtocolError):
+                P.decode(frame)

@@ -36,7 +36,8 @@ from zfalkon.net import Waker, is_loopback, listen_endpoint, make_socket, readab
 from zfalkon.security import BrokerAuthenticator, BrokerKeys
 from zfalkon.taskqueue import DISPATCH_POLICIES, make_queue
 
-_NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
+_NOBLOCK = int(zmq.NOBLOCK)  # (plain ints: pyzmq enums are slow)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 log = logging.getLogger("zfalkon.broker")
 
 _RECV_BURST = 4096  # messages handled before dispatching again
@@ -158,42 +159,42 @@ class Broker:
     # -- moving frames -----------------------------------------------------------------
 
     def _receive(self, now: float) -> None:
+        # Frame by frame with plain-int flags: recv_multipart and send_multipart turn
+        # every flag into a pyzmq enum, several microseconds a message.
         sock = self.sock
+        recv = sock.recv
         secure = self.keys is not None
-        handle = self._handle
+        core = self.core
         for _ in range(_RECV_BURST):
             if not readable(sock):
                 return
-            if secure:
-                parts = sock.recv_multipart(copy=False)
-                handle([p.bytes for p in parts], str(parts[-1].get("User-Id")), now)
-            else:
-                handle(sock.recv_multipart(), None, now)
-
-    def _handle(self, frames: list[bytes], user: str | None, now: float) -> None:
-        """One message. ``user``: with keys, the ``ROLE:NAME`` its connection proved."""
-        ident = frames[0]
-        if len(frames) != 2:
-            self.core.refuse(ident, ProtocolError(
-                f"expected one body frame, got {len(frames) - 1}", "malformed"))
-            return
-        try:
-            msg = P.decode(frames[1])
-        except ProtocolError as exc:
-            self.core.refuse(ident, exc)
-            return
-        self.core.message(ident, msg, user, now)
+            ident = recv(_NOBLOCK)  # (a ROUTER message is the routing id, then the body)
+            body = recv(_NOBLOCK, copy=False)
+            if body.more:
+                extra = 1
+                while recv(_NOBLOCK, copy=False).more:  # (the rest arrived with it)
+                    extra += 1
+                core.refuse(ident, ProtocolError(
+                    f"expected one body frame, got {extra + 1}", "malformed"))
+                continue
+            try:
+                msg = P.decode(body.buffer)
+            except ProtocolError as exc:
+                core.refuse(ident, exc)
+                continue
+            core.message(ident, msg, str(body.get("User-Id")) if secure else None, now)
 
     def _send_outbox(self, now: float) -> None:
         outbox = self.core.outbox
         if not outbox:
             return
         self.core.outbox = []
-        send = self.sock.send_multipart
+        send = self.sock.send
         encode = P.encode
         for ident, msg in outbox:
             try:
-                send((ident, encode(msg)), _NOBLOCK)
+                send(ident, _SNDMORE_NOBLOCK)  # (fails at once if the route is gone)
+                send(encode(msg), _NOBLOCK)
             except zmq.ZMQError:  # EHOSTUNREACH: the peer's connection is gone
                 self.core.send_failed(ident, now)
 
