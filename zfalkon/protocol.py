@@ -346,7 +346,7 @@ def check_version(protocol: Any, version: Any) -> None:
         )
 
 
-def decode(frame: bytes) -> Message:
+def decode(frame: bytes | memoryview) -> Message:
     """Decode and validate one frame; raise :class:`ProtocolError` if it is not a message.
 
     A HELLO or WELCOME with another protocol version raises :class:`VersionMismatch`
@@ -378,7 +378,7 @@ def decode(frame: bytes) -> Message:
         obj.extend(defaults[len(defaults) - missing:])
     if not valid(obj):
         _explain(cls, fields, obj)
-    return _new_tuple(cls, obj[1:])  # type: ignore[no-any-return]
+    return _new_tuple(cls, obj[1:])
 
 
 _new_tuple = tuple.__new__
