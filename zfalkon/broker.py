@@ -43,6 +43,10 @@ log = logging.getLogger("zfalkon.broker")
 _RECV_BURST = 4096  # messages handled before dispatching again
 _TICK_SECONDS = 1.0
 _LISTEN_BACKLOG = 4096  # pending TCP connections (capped by the kernel's somaxconn)
+#: Frames queued in the broker for one peer (ZeroMQ's per-connection send high-water
+#: mark); a peer that lets more pile up is treated as not listening (docs/protocol.md,
+#: "Limits").
+SEND_HWM = 256
 
 __all__ = ["Broker", "run_broker", "DISPATCH_POLICIES"]
 
@@ -91,7 +95,9 @@ class Broker:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
+        # A peer that does not read: past SEND_HWM frames queued for it, sends fail
+        # (EAGAIN) and the core stops sending to it until it speaks again.
+        self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.setsockopt(zmq.LINGER, 0)
         self._stopping = False
         self._waker = Waker()
@@ -195,7 +201,7 @@ class Broker:
             try:
                 send(ident, _SNDMORE_NOBLOCK)  # (fails at once if the route is gone)
                 send(encode(msg), _NOBLOCK)
-            except zmq.ZMQError:  # EHOSTUNREACH: the peer's connection is gone
+            except zmq.ZMQError:  # EHOSTUNREACH: connection gone; EAGAIN: not reading
                 self.core.send_failed(ident, now)
 
     def _journal_tick(self, now: float) -> None:

@@ -29,6 +29,9 @@ log = logging.getLogger("zfalkon.client")
 SUBMIT = 0  #: a kept frame of tasks
 CANCEL = 1  #: a kept frame of cancellations
 ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
+#: Result bytes received before an ACK goes out at once (the broker sends a client at
+#: most core.SEND_WINDOW_BYTES ahead of its acknowledgements).
+ACK_BYTES = 1024 * 1024
 _REHELLO_SECONDS = 2 * PING_SECONDS  # a HELLO unanswered this long is sent again
 
 
@@ -44,6 +47,7 @@ class ClientSession:
         self.tx: Outbound[tuple[int, list[int]]] = Outbound()  # SUBMIT/CANCEL: (kind, ids)
         self.rx = Inbound()  # DELIVER
         self.told = 0  # the last DELIVER seq the broker was told we have
+        self._unacked_bytes = 0  # result bytes received since the last ACK
         self.out: list[P.Message] = []  #: messages to send, in order
         self.rejoining = False  #: HELLO sent again, WELCOME not yet here: send nothing else
         self.broken = ""  #: why the session cannot go on ("": it can)
@@ -56,7 +60,7 @@ class ClientSession:
     def submit(self, ids: list[int], blobs: list[bytes]) -> P.Submit:
         """The next SUBMIT frame (kept until acknowledged)."""
         seq = self.tx.push((SUBMIT, ids))
-        self.told = self.rx.last
+        self.told, self._unacked_bytes = self.rx.last, 0
         hints = self.hints
         return P.Submit(seq, self.rx.last, ids, blobs,
                         [hints.get(t, "") for t in ids] if hints else [])
@@ -69,7 +73,7 @@ class ClientSession:
     def cancel(self, ids: list[int]) -> P.Cancel:
         """The next CANCEL frame (kept until acknowledged)."""
         seq = self.tx.push((CANCEL, ids))
-        self.told = self.rx.last
+        self.told, self._unacked_bytes = self.rx.last, 0
         return P.Cancel(seq, self.rx.last, ids)
 
     def chunks(self, ids: list[int], blobs: list[bytes]) -> Iterator[P.Submit]:
@@ -104,6 +108,9 @@ class ClientSession:
             self.tx.ack(msg.ack)
             verdict = self.rx.accept(msg.seq)
             if verdict == ACCEPT:
+                self._unacked_bytes += sum(map(len, msg.blobs))
+                if self._unacked_bytes >= ACK_BYTES:
+                    self.ack()
                 return msg
             if verdict == GAP and self.rx.should_ask():
                 self.out.append(P.Resend(self.rx.last))
@@ -142,7 +149,7 @@ class ClientSession:
                                          [hints.get(t, "") for t in ids] if hints else []))
             else:
                 self.out.append(P.Cancel(seq, self.rx.last, ids))
-        self.told = self.rx.last
+        self.told, self._unacked_bytes = self.rx.last, 0
 
     def _on_pong(self, msg: P.Pong) -> None:
         """Frames sent before the PING (or the PONG) that have not arrived died with a
@@ -166,13 +173,14 @@ class ClientSession:
         elif now >= self.next_ping and (waiting or self.tx.unacked):
             self._pings.sent(now, self.tx.seq)
             self.out.append(P.Ping(now, self.rx.last))
-            self.told = self.rx.last
+            self.told, self._unacked_bytes = self.rx.last, 0
             self.next_ping = now + PING_SECONDS
         elif self.rx.last - self.told >= ACK_EVERY:
             self.ack()
 
     def ack(self) -> None:
         """Acknowledge every delivery received (if not already)."""
+        self._unacked_bytes = 0
         if self.rx.last != self.told:
             self.told = self.rx.last
             self.out.append(P.Ack(self.rx.last))

@@ -62,11 +62,32 @@ from zfalkon.taskqueue import FifoQueue
 
 log = logging.getLogger("zfalkon.broker")
 
+#: What a result dropped by :meth:`BrokerCore._shed` becomes.
+_DROPPED = payload.error_result(
+    "ResultDropped", "the broker dropped this result: the client was not listening and "
+    "more results were waiting for it than the broker keeps for one client")
+
 __all__ = ["BrokerCore", "Recorder", "Client", "Worker", "Slot"]
 
 _RATE_WINDOW = 10  # ticks of history behind tasks_per_second
 _ERRORS_PER_TICK = 100  # ERROR answers per peer per tick; past that, bad frames are dropped
-_MAX_DATA_KEYS = 100_000  # data keys remembered per worker (HOLDING)
+#: Per-peer limits: what one peer can make the broker keep (documented in
+#: docs/protocol.md, "Limits"). HELLO fields past these are cut, unknown ones dropped.
+MAX_NAME_CHARS = 128  # a worker's id, name and hostname; a client's name; a version
+MAX_TAGS = 64  # tags of a worker
+MAX_TAG_CHARS = 64
+MAX_WORKER_SLOTS = 4096  # slots one worker agent may register
+MAX_DATA_KEYS = 10_000  # data keys remembered per worker (HOLDING); later ones ignored
+MAX_DATA_KEY_CHARS = 512
+#: Result bytes the broker sends a client ahead of its acknowledgements.
+SEND_WINDOW_BYTES = 8 * 1024 * 1024
+#: Results kept in full for a client that is not listening (quiet: silent, or its
+#: connection refused more frames); past either bound the oldest are replaced by a short
+#: ResultDropped error (logged, and journaled), so its futures still complete.
+MAX_HELD_BYTES = 32 * 1024 * 1024
+MAX_HELD_RESULTS = 50_000
+_PURGE_SECONDS = 30.0
+_PINGS_PER_TICK = 32  # PINGs answered per peer per tick; past that, they are dropped
 _ACK_EVERY = 8  # frames a peer may be owed an acknowledgement before one is sent alone
 _COSTLY_PER_TICK = 8  # STATUS_REQUESTs answered per peer per tick (each answer is large)
 #: A peer's stream is sent again (RESEND) at most once in this many seconds.
@@ -116,6 +137,10 @@ class Client:
     quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
     submitted: bool = False  # has had tasks accepted (forgetting it has work to do)
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
+    sent: int = 0  # the last frame of its stream sent to it (none is sent while quiet)
+    in_flight: int = 0  # result bytes sent to it and not acknowledged
+    held_bytes: int = 0  # result bytes in its stream kept in full (not yet dropped)
+    held_results: int = 0
 
 
 @dataclass(eq=False)
@@ -153,6 +178,28 @@ class Slot:
 Peer = Client | Worker | Slot
 
 
+def worker_info(info: dict) -> dict | None:
+    """What the broker keeps of a worker's HELLO ``info``: the known fields, each checked
+    and cut to its limit (unknown fields are dropped, so a HELLO cannot make the broker
+    keep more than a few kilobytes); None if ``worker_id`` or ``slots`` is missing or
+    wrong."""
+    worker_id, slots = info.get("worker_id"), info.get("slots")
+    if type(worker_id) is not str or not 0 < len(worker_id) <= MAX_NAME_CHARS \
+            or type(slots) is not int or not 0 < slots <= MAX_WORKER_SLOTS:
+        return None
+    tags = info.get("tags")
+    kept: dict = {"worker_id": worker_id, "slots": slots,
+                  "tags": [t[:MAX_TAG_CHARS] for t in tags[:MAX_TAGS] if type(t) is str]
+                  if type(tags) is list else []}
+    for name in ("name", "hostname"):
+        value = info.get(name)
+        kept[name] = value[:MAX_NAME_CHARS] if type(value) is str else None
+    for name in ("cpus", "memory", "pid"):
+        value = info.get(name)
+        kept[name] = value if type(value) is int else None
+    return kept
+
+
 class BrokerCore:
     """The broker's state machine; see the module docstring."""
 
@@ -173,6 +220,7 @@ class BrokerCore:
         self.active_slots = 0  # slots asking for work, not stalled nor draining
         self.submitted = self.done = self.failed = 0
         self.duplicate_submits = self.expired_leases = self.stolen = 0
+        self.dropped_results = 0  # replaced by ResultDropped for clients not listening
         #: Every task accepted and not finished for good: queued, held by a slot, or
         #: delivered and not yet acknowledged (and not cancelled). A task id is queued
         #: once while live; a journal replay gives back exactly this set.
@@ -182,10 +230,13 @@ class BrokerCore:
         self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
         self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
         self.started = now
+        self._purged_at = now
         self._rate: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=_RATE_WINDOW + 1)
         self._errors_sent: collections.Counter[bytes] = collections.Counter()
         self._costly: collections.Counter[bytes] = collections.Counter()
+        self._pings: collections.Counter[bytes] = collections.Counter()
+        self._dropped: collections.Counter[int] = collections.Counter()  # this tick, by key
         self.refused: collections.Counter[str] = collections.Counter()  # this tick, by code
         self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
         self._handlers: dict[type, Callable] = {
@@ -251,7 +302,9 @@ class BrokerCore:
                 self._make_ready(peer)
         elif type(peer) is Client:
             peer.last_heard = now
-            peer.quiet = False
+            if peer.quiet:  # listening again: what it was not sent meanwhile goes now
+                peer.quiet = False
+                self._send_unsent(peer)
         handler(peer, msg, now)
 
     def refuse(self, ident: bytes, exc: ProtocolError) -> None:
@@ -281,6 +334,12 @@ class BrokerCore:
         self._rate.append((now, self.done))
         self._errors_sent.clear()
         self._costly.clear()
+        self._pings.clear()
+        for key, n in self._dropped.items():
+            log.warning("client %d is not listening and more than %d results or %d MiB wait "
+                        "for it: replaced its %d oldest results by ResultDropped errors",
+                        key, MAX_HELD_RESULTS, MAX_HELD_BYTES >> 20, n)
+        self._dropped.clear()
         for code, n in self.refused.items():
             if n > 1:
                 log.warning("refused %d more messages (%s) in the last second", n - 1, code)
@@ -306,6 +365,12 @@ class BrokerCore:
                     idle = True
         if idle and not self.queue.count:
             self._steal(now)
+        if self.gone and (not self.ready or now - self._purged_at >= _PURGE_SECONDS):
+            # Forgotten clients' queued tasks leave memory within a tick when no slot
+            # waits for work (dispatch skips them anyway), else every _PURGE_SECONDS: a
+            # purge walks the whole queue.
+            self._purge(set(self.gone))
+            self._purged_at = now
         for client in list(self.clients.values()):
             silent = now - client.last_heard
             if silent > self.hold_seconds:
@@ -324,6 +389,9 @@ class BrokerCore:
         """With keys: a key acts only in its role, and a routing id belongs to one key."""
         bound = self.bound.get(ident)
         if bound is not None and bound != user:
+            # Another key's connection took this routing id over (ROUTER_HANDOVER): send
+            # its owner nothing more until the owner speaks again on its own connection.
+            self.send_failed(ident, 0.0)
             self.refuse(ident, ProtocolError(
                 f"routing id {ident.hex()} belongs to another key", "unauthorized"))
             return False
@@ -345,23 +413,24 @@ class BrokerCore:
                 self.refuse(ident, ProtocolError("every client key is in use", "bad-hello"))
                 return
         elif msg.role == P.ROLE_WORKER:
-            worker_id = info.get("worker_id")
-            if not isinstance(worker_id, str) or not isinstance(info.get("slots"), int):
-                self.refuse(ident, ProtocolError("worker HELLO needs worker_id and slots",
-                                                 "bad-hello"))
+            kept = worker_info(info)
+            if kept is None:
+                self.refuse(ident, ProtocolError(
+                    f"worker HELLO needs worker_id (a string of at most {MAX_NAME_CHARS}) and "
+                    f"slots (1 to {MAX_WORKER_SLOTS})", "bad-hello"))
                 return
             if peer is not None:
                 self._drop(peer)  # a new registration under the same id starts afresh
-            old = self.workers.get(worker_id)
+            old = self.workers.get(kept["worker_id"])
             if old is not None:
                 self._drop(old)
-            worker = Worker(ident, worker_id, info, msg.version, now)
-            self.peers[ident] = self.workers[worker_id] = worker
-            log.info("worker %s registered: %s slots on %s", info.get("name"),
-                     info.get("slots"), info.get("hostname"))
+            worker = Worker(ident, kept["worker_id"], kept, msg.version[:MAX_NAME_CHARS], now)
+            self.peers[ident] = self.workers[worker.worker_id] = worker
+            log.info("worker %s registered: %s slots on %s", kept["name"], kept["slots"],
+                     kept["hostname"])
         elif msg.role == P.ROLE_SLOT:
             worker_id, index = info.get("worker_id"), info.get("slot")
-            owner = self.workers.get(worker_id) if isinstance(worker_id, str) else None
+            owner = self.workers.get(worker_id) if type(worker_id) is str else None
             if owner is None or type(index) is not int or (
                     user is not None and self.bound.get(owner.ident) != user):
                 self.refuse(ident, ProtocolError(
@@ -373,11 +442,15 @@ class BrokerCore:
                     self.refuse(ident, ProtocolError(
                         "a worker's routing id cannot register a slot", "bad-hello"))
                     return
+            if len(owner.slots) >= 2 * owner.info["slots"]:  # (room for restarted slots
+                self.refuse(ident, ProtocolError(  # whose old registration lingers)
+                    "the worker has registered twice as many slots as it has", "limit"))
+                return
             slot = Slot(ident, owner, index, f"{owner.info.get('name', '?')}/{index}",
                         now + LEASE_SECONDS)
             self.peers[ident] = owner.slots[ident] = slot
         else:
-            self.refuse(ident, ProtocolError(f"unknown role {str(msg.role)[:32]!r}",
+            self.refuse(ident, ProtocolError(f"unknown role {P.short(msg.role, 32)}",
                                              "bad-hello"))
             return
         if user is not None:
@@ -410,7 +483,8 @@ class BrokerCore:
                 return 0
         if key in self.gone:  # a forgotten client's key again: its old tasks must not run
             self._purge({key})
-        name = str(info.get("name", ""))[:256]
+        name = info.get("name")
+        name = name[:MAX_NAME_CHARS] if type(name) is str else ""
         if record is None:
             record = Client(ident, key, name, now)
             self.clients[key] = record
@@ -424,7 +498,8 @@ class BrokerCore:
         frames = [f for _, f in record.tx.unacked]
         record.rx.reset()
         record.tx.reset()
-        record.told = 0
+        record.told = record.sent = record.in_flight = 0
+        record.held_bytes = record.held_results = 0
         for worker, ids, blobs in frames:
             self._send_deliver(record, worker, ids, blobs)
         return key
@@ -538,15 +613,23 @@ class BrokerCore:
         unacked = client.tx.unacked
         if unacked and unacked[0][0] <= ack:
             done: list[int] = []
-            for seq, (_, ids, _) in unacked:
+            for seq, (_, ids, blobs) in unacked:
                 if seq > ack:
                     break
                 done += ids
+                if blobs[0] is not _DROPPED:
+                    size = sum(map(len, blobs))
+                    client.held_bytes -= size
+                    client.held_results -= len(ids)
+                    if seq <= client.sent:
+                        client.in_flight -= size
             self.live.difference_update(done)
             if self.cancelled:
                 self.cancelled.difference_update(done)
             self.recorder.done(done)
             client.tx.ack(ack)
+            if client.sent < client.tx.seq:
+                self._send_unsent(client)  # (its window opened)
 
     def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
         """The peer missed frames after ``ack`` (a replaced connection): send them again,
@@ -559,8 +642,11 @@ class BrokerCore:
         if type(peer) is Client:
             self._acked(peer, msg.ack)
             for seq, (worker, ids, blobs) in peer.tx.unacked:
+                if seq > peer.sent:
+                    break
                 self.outbox.append(
                     (peer.ident, P.Deliver(seq, peer.rx.last, worker, ids, blobs)))
+            self._send_unsent(peer)
         else:
             assert type(peer) is Slot
             peer.tx.ack(msg.ack)
@@ -574,13 +660,61 @@ class BrokerCore:
 
     def _send_deliver(self, client: Client, worker: str, ids: list[int],
                       blobs: list[bytes]) -> None:
-        seq = client.tx.push((worker, ids, blobs))
+        client.tx.push((worker, ids, blobs))
+        if blobs[0] is not _DROPPED:
+            client.held_bytes += sum(map(len, blobs))
+            client.held_results += len(ids)
         if client.quiet:
             self.recorder.held(ids, blobs)  # (undone by DONE once acknowledged)
-        if client.ident:
-            client.told = client.rx.last
-            self._owed.pop(client, None)
-            self.outbox.append((client.ident, P.Deliver(seq, client.rx.last, worker, ids, blobs)))
+        else:
+            self._send_unsent(client)
+        if client.sent < client.tx.seq:  # not listening, or not acknowledging
+            self._shed(client)
+
+    def _send_unsent(self, client: Client) -> None:
+        """Send the frames of the client's stream it has not been sent: while it listens
+        (not quiet), and while what it was sent and has not acknowledged stays within
+        SEND_WINDOW_BYTES (a client that does not read cannot make the broker buffer more;
+        the rest goes as it acknowledges)."""
+        unacked = client.tx.unacked
+        if client.quiet or not client.ident or client.sent >= client.tx.seq:
+            return
+        rx_last = client.rx.last
+        for i in range(max(0, client.sent + 1 - unacked[0][0]), len(unacked)):
+            seq, (worker, ids, blobs) = unacked[i]
+            size = 0 if blobs[0] is _DROPPED else sum(map(len, blobs))
+            if client.in_flight and client.in_flight + size > SEND_WINDOW_BYTES:
+                break
+            client.in_flight += size
+            client.sent = seq
+            self.outbox.append((client.ident, P.Deliver(seq, rx_last, worker, ids, blobs)))
+        client.told = rx_last
+        self._owed.pop(client, None)
+
+    def _shed(self, client: Client) -> None:
+        """Keep the results of a client that is not listening (or not acknowledging)
+        within MAX_HELD_BYTES and MAX_HELD_RESULTS: the oldest kept in full and not yet
+        sent are replaced by a short ResultDropped error (journaled, so a restart keeps
+        the replacement); the count is logged on the tick."""
+        if client.held_bytes <= MAX_HELD_BYTES and client.held_results <= MAX_HELD_RESULTS:
+            return
+        unacked, dropped = client.tx.unacked, 0
+        # (frames already sent are left alone: the socket holds them until acknowledged,
+        # and they are within SEND_WINDOW_BYTES)
+        for i in range(max(0, client.sent + 1 - unacked[0][0]), len(unacked)):
+            seq, (worker, ids, blobs) = unacked[i]
+            if blobs[0] is _DROPPED:
+                continue
+            client.held_bytes -= sum(map(len, blobs))
+            client.held_results -= len(ids)
+            dropped += len(ids)
+            blobs = [_DROPPED] * len(ids)
+            unacked[i] = (seq, (worker, ids, blobs))
+            self.recorder.held(ids, blobs)
+            if client.held_bytes <= MAX_HELD_BYTES and client.held_results <= MAX_HELD_RESULTS:
+                break
+        self.dropped_results += dropped
+        self._dropped[client.key] += dropped
 
     def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
         """Finished tasks: into their client's stream (dropped if cancelled, or if the
@@ -600,12 +734,15 @@ class BrokerCore:
             self._send_deliver(client, worker, ids, blobs)
 
     def _quiet(self, client: Client) -> None:
-        """The client is not listening: journal its unacknowledged results as HELD."""
+        """The client is not listening: nothing more is sent to it until it speaks (then
+        its stream is sent again); its unacknowledged results are journaled as HELD, and
+        kept within bounds."""
         if not client.quiet:
             client.quiet = True
             if self.recorder.durable:
                 for _, (_, ids, blobs) in client.tx.unacked:
                     self.recorder.held(ids, blobs)
+            self._shed(client)
 
     def _forget(self, client: Client) -> None:
         """The client is gone for good: its queued tasks are skipped, its results dropped."""
@@ -616,8 +753,10 @@ class BrokerCore:
             del self.peers[client.ident]
             self.bound.pop(client.ident, None)
         self._owed.pop(client, None)
-        if client.submitted:  # its queued tasks die as they are taken (``gone``), its
+        if client.submitted:  # its queued tasks are purged on the tick (``gone``), its
             self.gone.add(key)  # running ones are revoked, its results are dropped
+            if self.cancelled:
+                self.cancelled = {t for t in self.cancelled if t >> P.ID_SHIFT != key}
             self._dead_queued = True
             live = self.live
             live.difference_update([t for _, (_, ids, _) in client.tx.unacked for t in ids])
@@ -680,8 +819,9 @@ class BrokerCore:
 
     def _on_holding(self, slot: Slot, msg: P.Holding, now: float) -> None:
         data = slot.worker.data
-        if len(data) < _MAX_DATA_KEYS:
-            data.update(k for k in msg.keys[:_MAX_DATA_KEYS - len(data)] if len(k) <= 1024)
+        if len(data) < MAX_DATA_KEYS:
+            data.update(k for k in msg.keys[:MAX_DATA_KEYS - len(data)]
+                        if len(k) <= MAX_DATA_KEY_CHARS)
 
     def _make_ready(self, slot: Slot) -> None:
         if not slot.ready and not slot.worker.draining and len(slot.inflight) < slot.window:
@@ -849,6 +989,10 @@ class BrokerCore:
         return n < _COSTLY_PER_TICK
 
     def _on_ping(self, peer: Peer, msg: P.Ping, now: float) -> None:
+        n = self._pings[peer.ident]
+        self._pings[peer.ident] = n + 1
+        if n >= _PINGS_PER_TICK:
+            return  # (a peer pinging without reading the PONGs must not fill our buffers)
         if isinstance(peer, Worker):
             ack = seq = 0
         else:
@@ -935,5 +1079,6 @@ class BrokerCore:
             "expired_leases": self.expired_leases, "stolen": self.stolen,
             "unacknowledged_results": sum(
                 len(ids) for c in self.clients.values() for _, (_, ids, _) in c.tx.unacked),
-            "duplicate_submits": self.duplicate_submits, "journal": self.recorder.stats(),
+            "duplicate_submits": self.duplicate_submits, "dropped_results": self.dropped_results,
+            "journal": self.recorder.stats(),
         }

@@ -244,6 +244,8 @@ ERROR_CODES = {
     "not-allowed": "the message is not valid for the peer's role",
     "bad-hello": "HELLO's info is missing fields or has wrong types",
     "unauthorized": "the peer's key may not do this (wrong role, or another key's routing id)",
+    "too-large": "a control frame (HELLO, PING, ...) over its size limit",
+    "limit": "the peer asked for more than the broker keeps for one peer (see docs/protocol.md)",
 }
 
 
@@ -332,6 +334,35 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb((TAGS[type(msg)], *msg))
 
 
+#: Largest frame of each message a peer sends the broker (bytes), checked before the frame
+#: is unpacked: a control message never needs more, and unpacking and validating a frame
+#: costs time and memory in proportion to its size. Batch messages (SUBMIT, RESULTS,
+#: CANCEL, and what the broker sends) may use the whole MAX_FRAME_BYTES.
+MAX_HELLO_BYTES = 16 * 1024
+MAX_CONTROL_BYTES = 4 * 1024
+MAX_HOLDING_BYTES = 256 * 1024
+#: Heartbeats list the agent's busy slots (a routing id of ~17 bytes each).
+MAX_HEARTBEAT_BYTES = 64 * 1024
+_FRAME_CAPS: dict[int, int] = {
+    TAGS[Hello]: MAX_HELLO_BYTES, TAGS[Heartbeat]: MAX_HEARTBEAT_BYTES,
+    TAGS[Holding]: MAX_HOLDING_BYTES,
+    **{TAGS[c]: MAX_CONTROL_BYTES for c in (StatusRequest, Bye, SlotLost, Ping, Pong, Drain,
+                                            Ack, Resend, Error, Welcome)},
+}
+
+
+def short(value: Any, limit: int = 64) -> str:
+    """``repr`` of a peer's value for a log line or an ERROR, never more than ~``limit``
+    characters, and never computed over the whole value (a peer's string may be
+    megabytes long)."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, (int, float, bool)) or value is None:
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit] + "..."
+    return f"<{type(value).__name__}>"
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
@@ -340,8 +371,8 @@ def check_version(protocol: Any, version: Any) -> None:
     """Raise :class:`VersionMismatch`, naming both sides, if ``protocol`` is not ours."""
     if protocol != PROTOCOL_VERSION:
         raise VersionMismatch(
-            f"protocol version mismatch: peer speaks zfalkon protocol {protocol!r} "
-            f"(package {version!r}), this side speaks protocol {PROTOCOL_VERSION} "
+            f"protocol version mismatch: peer speaks zfalkon protocol {short(protocol)} "
+            f"(package {short(version)}), this side speaks protocol {PROTOCOL_VERSION} "
             f"(package {__version__}); install matching zfalkon versions"
         )
 
@@ -352,6 +383,16 @@ def decode(frame: bytes | memoryview) -> Message:
     A HELLO or WELCOME with another protocol version raises :class:`VersionMismatch`
     before its other fields are looked at.
     """
+    # The tag, without unpacking: every message is a fixarray (under 16 fields) whose
+    # first item is a positive fixint; a frame of any other shape is not a message, and
+    # only a small one is unpacked to say why.
+    if len(frame) > 1 and 0x90 <= frame[0] <= 0x9f and frame[1] < 0x80:
+        cap = _FRAME_CAPS.get(frame[1])
+    else:
+        cap = MAX_CONTROL_BYTES
+    if cap is not None and len(frame) > cap:
+        raise ProtocolError(f"a frame of this message type may be at most {cap} bytes, "
+                            f"not {len(frame)}", "too-large")
     try:
         obj = msgpack.unpackb(frame, ext_hook=_refuse_ext, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
