@@ -206,7 +206,7 @@ def test_names_cannot_lead_outside_the_task_directory(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     stager = Stager(None)
-    with pytest.raises(StagingError, match="outside the task's directory"):
+    with pytest.raises(StagingError, match="'ref/x' would be inside input 'ref'"):
         stager.stage_in([["ref", PATH, str(shared)], ["ref/x", INLINE, b"evil"]], str(work))
     assert not (shared / "x").exists()
     for name in ("../up", "/etc/x", "a/../../x"):
@@ -222,3 +222,143 @@ def test_cached_files_are_read_only(tmp_path):
     cache = DataCache(str(tmp_path))
     path, _ = cache.get("k", lambda tmp: open(tmp, "wb").close())
     assert os.stat(path).st_mode & 0o777 == 0o444
+
+
+# -- links: nothing staged in or out goes through a symbolic link (issue 12) -----------
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """A task directory, and outside it a shared file, a shared directory and a secret."""
+    from zfalkon.staging import Stager
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "file").write_bytes(b"shared")
+    (tmp_path / "secret").write_bytes(b"secret")
+    work = tmp_path / "work"
+    work.mkdir()
+    return Stager(None), work, shared, tmp_path / "secret"
+
+
+def untouched(shared) -> bool:
+    return sorted(p.name for p in shared.iterdir()) == ["file"] and \
+        (shared / "file").read_bytes() == b"shared"
+
+
+@pytest.mark.parametrize("first,second,message", [
+    ("a", "./a", "inputs 'a' and './a' are the same file"),
+    ("a", "a/", "inputs 'a' and 'a/' are the same file"),
+    ("d/a", "d//./a", "inputs 'd/a' and 'd//./a' are the same file"),
+    ("d", "./d/a", "input './d/a' would be inside input 'd'"),
+])
+def test_inputs_that_are_one_file_are_refused_by_client_and_slot(dirs, first, second, message):
+    from zfalkon.staging import INLINE, PATH, StagingError
+
+    stager, work, shared, _ = dirs
+    with pytest.raises(SerializationError, match=message):
+        payload.shell_task("true", inputs={first: str(shared / "file"), second: b"evil"})
+    # The slot checks again (a hand-made task), in either order, before placing anything.
+    for inputs in ([[first, PATH, str(shared / "file")], [second, INLINE, b"evil"]],
+                   [[second, INLINE, b"evil"], [first, PATH, str(shared / "file")]]):
+        with pytest.raises(StagingError) as info:
+            stager.stage_in(inputs, str(work))
+        assert first in str(info.value) and second in str(info.value)
+        assert list(work.iterdir()) == []
+    assert untouched(shared)
+
+
+def test_dot_dot_and_the_directory_itself_are_not_file_names():
+    for name in ("x/../a", ".", "./", "a/.."):
+        with pytest.raises(SerializationError, match="relative path"):
+            payload.shell_task("true", inputs={name: b""})
+
+
+def test_an_input_never_writes_through_a_link_in_the_task_directory(dirs):
+    """Links already there (made by an earlier input, or planted): no input replaces one,
+    writes through one, or creates its directories through one."""
+    from zfalkon.staging import INLINE, PATH, StagingError
+
+    stager, work, shared, _ = dirs
+    os.symlink(shared / "file", work / "a")
+    os.symlink(shared, work / "d")
+    (work / "x").mkdir()
+    os.symlink(shared, work / "x" / "y")
+    cases = [("a", "already in the task's directory"),
+             ("d/new", "'d' is a symbolic link"),
+             ("d/file", "'d' is a symbolic link"),
+             ("x/y/z/new", "'x/y' is a symbolic link")]
+    for name, message in cases:
+        for kind, value in ((INLINE, b"evil"), (PATH, str(work / "x"))):
+            with pytest.raises(StagingError, match=message):
+                stager.stage_in([[name, kind, value]], str(work))
+    assert untouched(shared)
+    assert (work / "x").exists() and sorted(os.listdir(work / "x")) == ["y"]
+
+
+def test_stage_in_places_nested_inputs_in_real_directories(dirs):
+    from zfalkon.staging import INLINE, PATH
+
+    stager, work, shared, _ = dirs
+    stager.stage_in([["p/q/in.txt", INLINE, b"hi"], ["p/link", PATH, str(shared / "file")],
+                     ["p/r/", INLINE, b"r"]], str(work))
+    assert (work / "p" / "q" / "in.txt").read_bytes() == b"hi"
+    assert os.readlink(work / "p" / "link") == str(shared / "file")
+    assert (work / "p" / "r").read_bytes() == b"r"
+    assert not os.path.islink(work / "p") and not os.path.islink(work / "p" / "q")
+
+
+def test_stage_out_follows_no_link_the_task_made(dirs):
+    from zfalkon.staging import StagingError
+
+    stager, work, shared, secret = dirs
+    os.symlink(secret, work / "out.txt")  # ln -s /etc/passwd out.txt
+    os.symlink(secret.parent, work / "up")  # ln -s .. up; outputs=["up/secret"]
+    (work / "sub").mkdir()
+    os.symlink(secret.parent, work / "sub" / "up")
+    os.mkfifo(work / "fifo")  # would block a plain open
+    (work / "dir").mkdir()
+    cases = [("out.txt", "'out.txt' is a symbolic link"),
+             ("up/secret", "'up' is a symbolic link"),
+             ("sub/up/secret", "'sub/up' is a symbolic link"),
+             ("fifo", "'fifo' is not a regular file"),
+             ("dir", "'dir' is not a regular file"),
+             ("none/x", "'none/x' was not created by the task")]
+    for name, message in cases:
+        for dest in ("", "s3://bucket/never-used"):
+            with pytest.raises(StagingError, match=message):
+                stager.stage_out([[name, dest]], str(work))
+    (work / "real.txt").write_bytes(b"mine")
+    assert stager.stage_out([["real.txt", ""], ["./real.txt", ""]], str(work)) == {
+        "real.txt": b"mine", "./real.txt": b"mine"}
+
+
+def test_links_on_a_real_worker_fail_the_task_and_leave_the_slot_working(executor, tmp_path):
+    """End to end: the attacks as tasks on a LocalCluster's worker."""
+    import msgpack
+
+    from zfalkon.staging import INLINE, PATH
+
+    shared = tmp_path / "shared.txt"
+    shared.write_bytes(b"shared")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"secret")
+    with pytest.raises(SerializationError, match="same file"):
+        executor.shell("true", inputs={"a": str(shared), "./a": b"evil"})
+    # A hand-made task, as a client without that check would send it.
+    blob = msgpack.packb((payload.TASK_SHELL, "cat a", None, None, None,
+                          [[["a", PATH, str(shared)], ["./a", INLINE, b"evil"]], []]))
+    with pytest.raises(TaskError, match="are the same file") as info:
+        executor._submit_blob(blob).result(timeout=30)
+    assert info.value.remote_type == "StagingError"
+    for command, output, message in [
+            (f"ln -s {secret} out.txt", "out.txt", "symbolic link"),
+            (f"ln -s {tmp_path} d", "d/secret.txt", "'d' is a symbolic link"),
+            ("mkfifo out.txt", "out.txt", "not a regular file")]:
+        with pytest.raises(TaskError, match=message) as info:
+            executor.shell(command, outputs=[output]).result(timeout=30)
+        assert info.value.remote_type == "StagingError"
+    assert shared.read_bytes() == b"shared"
+    r = executor.shell("cat in.txt > out.txt", inputs={"in.txt": b"still fine"},
+                       outputs=["out.txt"]).result(timeout=30)
+    assert r.files == {"out.txt": b"still fine"}

@@ -102,28 +102,44 @@ def _executor(broker: str | None, workers: int | None, keys: str | None) -> Iter
 
 
 def _run(args: argparse.Namespace) -> int:
-    from zfalkon.runfile import describe_failures, read_tasks, run_tasks
+    from zfalkon import runfile
 
-    if args.taskfile == "-":
-        source, total = sys.stdin, None
-    else:
-        try:
-            source = open(args.taskfile, encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read task file: {exc}") from None
-        with source:
-            total = sum(1 for _ in read_tasks(source))
-        source = open(args.taskfile, encoding="utf-8")
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError("--timeout must be a positive number of seconds")
+    name = "standard input" if args.taskfile == "-" else args.taskfile
     try:
-        with source, _executor(args.broker, args.workers, args.keys) as ex:
-            summary = run_tasks(ex, read_tasks(source), out, timeout=args.timeout,
-                                total=total, progress=sys.stderr.isatty())
-    finally:
-        if out is not sys.stdout:
-            out.close()
+        source = runfile.spool(sys.stdin.buffer) if args.taskfile == "-" else \
+            open(args.taskfile, "rb")
+    except OSError as exc:
+        raise ConfigError(f"cannot read task file: {exc}") from None
+    with source:
+        checked = runfile.check_task_file(source)  # every line, before anything runs
+        if checked.bad:
+            print("\n".join(checked.report(name)), file=sys.stderr)
+            return runfile.EXIT_BAD_TASKFILE
+        source.seek(0)
+        summary = runfile.RunSummary()
+        try:
+            out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        except OSError as exc:
+            raise ConfigError(f"cannot write the output: {exc}") from None
+        try:
+            with _executor(args.broker, args.workers, args.keys) as ex:
+                runfile.run_tasks(ex, runfile.iter_tasks(source), out, timeout=args.timeout,
+                                  total=checked.tasks, progress=sys.stderr.isatty(),
+                                  summary=summary)
+        except ZfalkonError as exc:
+            if not summary.total:
+                raise  # nothing submitted: the usual error and status
+            print(f"zfalkon run: stopped after submitting {summary.total} of {checked.tasks} "
+                  f"tasks: {exc}\nzfalkon run: the {summary.written} results received are "
+                  f"written to {args.output or 'standard output'}", file=sys.stderr)
+            return runfile.EXIT_STOPPED
+        finally:
+            if out is not sys.stdout:
+                out.close()
     if not summary.ok or sys.stderr.isatty():
-        print(describe_failures(summary), file=sys.stderr)
+        print(runfile.describe_failures(summary), file=sys.stderr)
     return 0 if summary.ok else 1
 
 
