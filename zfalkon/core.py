@@ -116,6 +116,7 @@ class Client:
     quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
     submitted: bool = False  # has had tasks accepted (forgetting it has work to do)
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
+    refused_at: float = -1e9  # when it was last told its SUBMIT was refused
 
 
 @dataclass(eq=False)
@@ -187,6 +188,10 @@ class BrokerCore:
         self._errors_sent: collections.Counter[bytes] = collections.Counter()
         self._costly: collections.Counter[bytes] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()  # this tick, by code
+        #: Set by the shell while new tasks cannot be taken (why: the journal cannot be
+        #: written): a SUBMIT frame is then not accepted into the client's stream (not
+        #: acknowledged: the client sends it again later) and the client is told so.
+        self.submits_refused: str | None = None
         self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
         self._handlers: dict[type, Callable] = {
             P.Submit: self._on_submit, P.Cancel: self._on_cancel, P.Results: self._on_results,
@@ -467,7 +472,19 @@ class BrokerCore:
             peer.told = peer.rx.last
             self.outbox.append((peer.ident, P.Ack(peer.rx.last)))
 
+    def _refuse_submit(self, client: Client, msg: P.Submit, now: float) -> None:
+        """New tasks cannot be taken (:attr:`submits_refused`): the frame is dropped, not
+        acknowledged; the client is told at most once per RESEND_SECONDS."""
+        self._peer_has(client, msg.ack)
+        if now - client.refused_at >= RESEND_SECONDS:
+            client.refused_at = now
+            self.outbox.append((client.ident, P.Error(
+                "journal-unavailable", str(self.submits_refused)[:512])))
+
     def _on_submit(self, client: Client, msg: P.Submit, now: float) -> None:
+        if self.submits_refused is not None and msg.seq > client.rx.last:
+            self._refuse_submit(client, msg, now)
+            return
         if not self._stream_in(client, msg.seq, msg.ack):
             return
         ids = msg.ids

@@ -244,6 +244,9 @@ ERROR_CODES = {
     "not-allowed": "the message is not valid for the peer's role",
     "bad-hello": "HELLO's info is missing fields or has wrong types",
     "unauthorized": "the peer's key may not do this (wrong role, or another key's routing id)",
+    "journal-unavailable": "the broker cannot write its journal (disk full or failing): the "
+                           "SUBMIT was not accepted; the client keeps the tasks and its stream "
+                           "sends them again",
 }
 
 
