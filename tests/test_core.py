@@ -191,9 +191,11 @@ class SlotModel:
             pass
         elif type(msg) is P.Welcome:
             self.session.start(now)
-        elif type(msg) is P.Error and msg.code in ("hello-required", "bad-hello"):
-            if self.worker.welcomed:
-                self.hello()
+        elif type(msg) is P.Error and msg.code == "hello-required":
+            self.hello()  # (as zfalkon.slot: whether or not its agent saw a WELCOME)
+        elif type(msg) is P.Error and msg.code == "bad-hello":
+            if self.worker.welcomed:  # (zfalkon.slot waits a second: its agent may not
+                self.hello()  # have registered again yet)
         self.flush_out()
 
     def run_one(self, now: float) -> bool:

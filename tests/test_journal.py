@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import resource
 import signal
+import stat
+import struct
+import subprocess
+import sys
 import time
+import zlib
 
 import msgpack
 import pytest
@@ -13,6 +21,9 @@ import zmq
 import tasks
 from conftest import (
     Raw,
+    broker_process,
+    child_env,
+    read_ready_line,
     start_broker,
     stop_process,
     submit_markers,
@@ -23,7 +34,7 @@ from conftest import (
 from zfalkon import Executor, LocalCluster, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.errors import ConfigError
-from zfalkon.journal import Journal
+from zfalkon.journal import HEADER, RECORD_MARK, Journal, Replayed
 
 KEY = 5
 BASE = KEY << P.ID_SHIFT
@@ -35,6 +46,21 @@ def ids(*seqs: int) -> list[int]:
 
 def blobs(n: int) -> list[bytes]:
     return [b"task-%d" % i for i in range(n)]
+
+
+def frame(record) -> bytes:
+    """One record as the journal frames it (docs/protocol.md, section 10)."""
+    data = msgpack.packb(record)
+    return RECORD_MARK + struct.pack("<II", len(data), zlib.crc32(data)) + data
+
+
+def replayed(directory, **kw) -> Replayed:
+    """What a broker starting on ``directory`` replays (the journal closed again)."""
+    j = Journal(str(directory), **kw)
+    try:
+        return j.replay()
+    finally:
+        j.close()
 
 
 # -- the log ---------------------------------------------------------------------------
@@ -49,7 +75,7 @@ def test_replay_keeps_unfinished_tasks_in_order_and_held_results(tmp_path):
     j.submit(ids(1), [b"again"])  # a resubmission changes nothing
     j.flush(time.monotonic())
     j.close()
-    got = Journal(str(tmp_path)).replay()
+    got = replayed(tmp_path)
     assert list(got.tasks.items()) == [(BASE + 1, b"task-0"), (BASE + 4, b"task-3"),
                                        (BASE + 5, b"five")]
     assert got.held == {BASE + 3: b"result-3"}
@@ -70,7 +96,7 @@ def test_gone_client_forgets_its_tasks_and_results_only(tmp_path):
 def test_nothing_is_written_before_flush_and_everything_after(tmp_path):
     j = Journal(str(tmp_path), fsync="never")
     j.submit(ids(1), [b"x"])
-    assert os.path.getsize(j.path) == 0
+    assert os.path.getsize(j.path) == len(HEADER)  # a new file holds just its header
     j.flush(time.monotonic())
     assert os.path.getsize(j.path) == j.size > 0
     assert j.syncs == 0
@@ -92,7 +118,7 @@ def test_a_torn_last_record_is_cut_off(tmp_path):
     j.flush(time.monotonic())
     j.close()
     whole = os.path.getsize(j.path)
-    record = msgpack.packb((1, ids(3), [b"y" * 100]))
+    record = frame((1, ids(3), [b"y" * 100]))
     with open(j.path, "ab") as f:
         f.write(record[: len(record) // 2])  # a machine crash in the middle of a write
     j2 = Journal(str(tmp_path))
@@ -101,16 +127,21 @@ def test_a_torn_last_record_is_cut_off(tmp_path):
     assert os.path.getsize(j.path) == whole  # cut back to the last whole record
     j2.submit(ids(4), [b"z"])  # and appending works after the cut
     j2.flush(time.monotonic())
-    assert list(Journal(str(tmp_path)).replay().tasks) == ids(1, 2, 4)
+    j2.close()
+    assert list(replayed(tmp_path).tasks) == ids(1, 2, 4)
 
 
-def test_a_corrupt_record_ends_the_replay(tmp_path):
+def test_a_whole_record_this_version_cannot_read_is_refused_even_last(tmp_path):
     j = Journal(str(tmp_path))
     j.submit(ids(1), [b"x"])
     j.flush(time.monotonic())
+    j.close()
     with open(j.path, "ab") as f:
-        f.write(msgpack.packb((99, [1])))  # a record kind no version writes
-    assert list(Journal(str(tmp_path)).replay().tasks) == ids(1)
+        f.write(frame((99, [1])))  # a record kind no version writes (its checksum is fine)
+    before = open(j.path, "rb").read()
+    with pytest.raises(ConfigError, match=r"cannot read.*--journal-repair"):
+        replayed(tmp_path)
+    assert open(j.path, "rb").read() == before
 
 
 def test_compaction_keeps_only_what_is_live(tmp_path):
@@ -125,7 +156,8 @@ def test_compaction_keeps_only_what_is_live(tmp_path):
     assert j.size < 100 and not j.wants_compaction()
     j.submit(ids(101), [b"new"])  # appends go to the compacted file
     j.flush(time.monotonic())
-    got = Journal(str(tmp_path)).replay()
+    j.close()
+    got = replayed(tmp_path)
     assert got.tasks == {BASE + 100: b"live", BASE + 101: b"new"}
     assert got.held == {BASE + 7: b"held"}
 
@@ -139,10 +171,13 @@ def test_compaction_with_nothing_live_keeps_only_key_owners(tmp_path):
     assert j.grown
     j.compact((), (), {KEY: "client:alice"})
     assert not j.grown and 0 < j.size < 50
-    got = Journal(str(tmp_path)).replay()
+    j.close()
+    got = replayed(tmp_path)
     assert got.tasks == {} and got.owners == {KEY: "client:alice"}
+    j = Journal(str(tmp_path))
     j.compact((), (), {})
-    assert j.size == 0 == os.path.getsize(j.path)
+    assert j.size == len(HEADER) == os.path.getsize(j.path)
+    j.close()
 
 
 def test_gone_forgets_the_key_owner_and_key_records_survive_compaction(tmp_path):
@@ -154,7 +189,8 @@ def test_gone_forgets_the_key_owner_and_key_records_survive_compaction(tmp_path)
     got = j.replay()
     assert got.owners == {KEY + 1: "client:b"}
     j.compact([(ids(1), [b"t"])], [], got.owners)
-    assert Journal(str(tmp_path)).replay().owners == {KEY + 1: "client:b"}
+    j.close()
+    assert replayed(tmp_path).owners == {KEY + 1: "client:b"}
 
 
 def test_bad_policy_and_unusable_directory_are_config_errors(tmp_path):
@@ -164,6 +200,189 @@ def test_bad_policy_and_unusable_directory_are_config_errors(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot open the journal"):
         Journal(str(blocker / "sub"))
+
+
+# -- damage: torn tails are cut, anything else refused (or repaired) --------------------
+
+
+def three_records(tmp_path) -> tuple[str, list[int]]:
+    """A closed journal of three SUBMIT records; return its path and each record's offset."""
+    j = Journal(str(tmp_path))
+    for i in (1, 2, 3):
+        j.submit(ids(i), [b"blob-%d" % i * 20])
+    j.flush(time.monotonic())
+    j.close()
+    data = open(j.path, "rb").read()
+    offsets, pos = [], len(HEADER)
+    while pos < len(data):
+        offsets.append(pos)
+        pos += 12 + struct.unpack_from("<I", data, pos + 4)[0]
+    assert len(offsets) == 3 and pos == len(data)
+    return j.path, offsets
+
+
+def flip(path: str, offset: int) -> bytes:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return open(path, "rb").read()
+
+
+@pytest.mark.parametrize("where", ["header", "first record", "middle record"])
+def test_damage_before_valid_records_refuses_to_start_and_changes_nothing(tmp_path, where):
+    path, offsets = three_records(tmp_path)
+    bad = {"header": 0, "first record": offsets[0], "middle record": offsets[1]}[where]
+    damaged = flip(path, bad + (0 if where == "header" else 20))  # (20: in the msgpack)
+    with pytest.raises(ConfigError) as err:
+        replayed(tmp_path)
+    text = str(err.value)
+    assert path in text and f"byte {bad}" in text and "--journal-repair" in text
+    assert open(path, "rb").read() == damaged  # not truncated, not rewritten
+    assert sorted(os.listdir(tmp_path)) == ["journal.log", "lock"]  # nothing set aside
+
+
+def test_a_damaged_last_record_is_a_torn_tail_and_cut_with_a_warning(tmp_path, caplog):
+    path, offsets = three_records(tmp_path)
+    flip(path, offsets[2] + 20)  # the last record fails its checksum: nothing valid after
+    got = replayed(tmp_path)
+    assert list(got.tasks) == ids(1, 2)
+    assert os.path.getsize(path) == offsets[2]
+    assert f"at byte {offsets[2]}" in caplog.text and "cutting off" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["header", "middle record"])
+def test_repair_keeps_every_valid_record_and_the_damaged_file(tmp_path, caplog, where):
+    path, offsets = three_records(tmp_path)
+    damaged = flip(path, 3 if where == "header" else offsets[1] + 20)
+    got = replayed(tmp_path, repair=True)
+    assert list(got.tasks) == (ids(1, 2, 3) if where == "header" else ids(1, 3))
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("journal.log.corrupt-")]
+    assert len(aside) == 1 and open(tmp_path / aside[0], "rb").read() == damaged
+    assert "repaired" in caplog.text and "skipped" in caplog.text
+    assert list(replayed(tmp_path).tasks) == list(got.tasks)  # a sound journal now
+
+
+def test_an_unframed_journal_of_an_older_version_is_refused_then_converted(tmp_path):
+    old = msgpack.packb((5, KEY, "client:a")) + msgpack.packb((1, ids(1, 2), blobs(2)))
+    (tmp_path / "journal.log").write_bytes(old)
+    with pytest.raises(ConfigError, match="unframed journal written by an older zfalkon"):
+        replayed(tmp_path)
+    assert (tmp_path / "journal.log").read_bytes() == old
+    got = replayed(tmp_path, repair=True)
+    assert list(got.tasks) == ids(1, 2) and got.owners == {KEY: "client:a"}
+
+
+# -- ownership: one broker per directory, private files ----------------------------------
+
+
+def test_a_second_journal_on_the_directory_is_refused_naming_the_holder(tmp_path):
+    first = Journal(str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by another broker "
+                                              rf"\(pid {os.getpid()}\)"):
+            Journal(str(tmp_path))
+    finally:
+        first.close()
+    Journal(str(tmp_path)).close()  # free again once the first is closed
+
+
+def test_files_are_0600_in_a_0700_directory_whatever_the_umask(tmp_path, caplog):
+    loose = tmp_path / "loose"
+    old = os.umask(0)
+    try:
+        loose.mkdir(0o755)
+        (loose / "journal.log").write_bytes(b"")
+        os.chmod(loose / "journal.log", 0o644)
+        j = Journal(str(loose))
+        j.compact([(ids(1), [b"x"])], [])
+        j.close()
+        fresh = Journal(str(tmp_path / "fresh" / "j"))
+        fresh.close()
+    finally:
+        os.umask(old)
+    for d in (loose, tmp_path / "fresh" / "j"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        for name in os.listdir(d):
+            assert stat.S_IMODE(os.stat(d / name).st_mode) == 0o600, name
+    assert "was mode 0755" in caplog.text and "was mode 0644" in caplog.text
+
+
+# -- disk errors: nothing lost, nothing twice -------------------------------------------
+
+
+class FullDisk:
+    """os.write in zfalkon.journal: takes ``room`` more bytes, then fails with ENOSPC."""
+
+    def __init__(self, monkeypatch, room: int) -> None:
+        self.room = room
+        self._write = os.write
+        monkeypatch.setattr("zfalkon.journal.os.write", self.write)
+
+    def write(self, fd: int, data) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), self.room)
+        self.room -= n
+        return self._write(fd, bytes(data[:n]))
+
+
+def test_a_full_disk_keeps_the_backlog_and_writes_it_once_when_space_returns(
+        tmp_path, monkeypatch, caplog):
+    j = Journal(str(tmp_path))
+    disk = FullDisk(monkeypatch, room=50)  # the first record is cut short on disk
+    j.submit(ids(1), [b"a" * 100])
+    j.flush(1.0)
+    assert j.failure and "No space left" in j.failure and j.backlog > 0
+    j.submit(ids(2), [b"b" * 100])  # later passes keep recording, in memory
+    j.flush(2.0)
+    assert not j.retry(3.0) and j.failure
+    assert caplog.text.count("JOURNAL UNAVAILABLE") == 1  # once per state change
+    disk.room = 10 ** 6
+    assert j.retry(4.0) and j.failure is None and j.backlog == 0
+    assert "writable again" in caplog.text
+    j.close()
+    got = replayed(tmp_path)
+    assert got.tasks == {BASE + 1: b"a" * 100, BASE + 2: b"b" * 100} and got.records == 2
+
+
+def test_a_backlog_past_its_bound_is_mended_by_a_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr("zfalkon.journal.MAX_BACKLOG_BYTES", 1000)
+    j = Journal(str(tmp_path))
+    disk = FullDisk(monkeypatch, room=0)
+    for i in range(20):
+        j.submit(ids(i), [b"x" * 100])
+        j.flush(float(i))
+    assert j.needs_snapshot and j.backlog < 1000
+    disk.room = 10 ** 6
+    assert not j.retry(30.0)  # appending cannot mend it: records were dropped
+    assert j.compact([(ids(*range(20)), [b"x" * 100] * 20)], [], {}, 31.0)
+    assert j.failure is None and not j.needs_snapshot
+    j.close()
+    assert list(replayed(tmp_path).tasks) == ids(*range(20))
+
+
+def test_the_core_refuses_submits_while_told_and_takes_the_resent_frame_after():
+    from zfalkon.core import BrokerCore
+
+    core = BrokerCore(0.0)
+    key = 0
+    core.message(b"c", P.hello(P.ROLE_CLIENT, {"name": "c"}), None, 0.0)
+    key = core.outbox[-1][1].key
+    tid = key << P.ID_SHIFT | 1
+    core.outbox.clear()
+    core.submits_refused = "the journal is full"
+    for t in (1.0, 1.5):  # the client's frame, then the same frame sent again
+        core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, t)
+    errors = [m for _, m in core.outbox if isinstance(m, P.Error)]
+    assert [(e.code, e.message) for e in errors] == [("journal-unavailable",
+                                                      "the journal is full")]  # once a while
+    assert "journal-unavailable" in P.ERROR_CODES
+    assert core.clients[key].rx.last == 0 and core.submitted == 0 and not core.live
+    core.submits_refused = None
+    core.message(b"c", P.Submit(1, 0, [tid], [b"t"]), None, 2.0)
+    assert core.clients[key].rx.last == 1 and core.submitted == 1 and core.live == {tid}
 
 
 # -- real brokers, killed and restarted -------------------------------------------------
@@ -346,5 +565,87 @@ def test_a_client_away_too_long_is_forgotten(tmp_path):
         assert core.status(later)["queued"] == 0 and core.running == 0
     finally:
         broker.close()
-    got = Journal(str(tmp_path)).replay()
+    got = replayed(tmp_path)
     assert got.tasks == {} and got.held == {}
+
+
+# -- real brokers: a second one refused, a full disk survived ----------------------------
+
+
+def test_a_second_broker_on_the_journal_directory_refuses_to_start(tmp_path):
+    journal = str(tmp_path / "j")
+    with broker_process("--journal", journal) as (first, address):
+        second = subprocess.run(
+            [sys.executable, "-m", "zfalkon", "broker", "--listen", "tcp://127.0.0.1:0",
+             "--journal", journal], capture_output=True, text=True, env=child_env(),
+            timeout=60)
+        assert second.returncode == 2
+        assert f"{journal} is in use by another broker (pid {first.pid})" in second.stderr
+        assert query_status(address)["journal"]["unavailable"] is None  # first one unharmed
+
+
+def test_a_corrupt_journal_stops_the_broker_until_repaired(tmp_path):
+    path, offsets = three_records(tmp_path)
+    damaged = flip(path, offsets[0] + 20)
+    argv = [sys.executable, "-m", "zfalkon", "broker", "--listen", "tcp://127.0.0.1:0",
+            "--journal", str(tmp_path)]
+    refused = subprocess.run(argv, capture_output=True, text=True, env=child_env(), timeout=60)
+    assert refused.returncode == 2
+    assert f"{path} is damaged at byte {offsets[0]}" in refused.stderr
+    assert "--journal-repair" in refused.stderr and open(path, "rb").read() == damaged
+    with broker_process("--journal", str(tmp_path), "--journal-repair") as (_, address):
+        assert query_status(address)["queued"] == 2  # records 2 and 3
+
+
+def test_a_full_disk_refuses_new_tasks_keeps_the_broker_up_and_loses_nothing(
+        tmp_path, caplog):
+    """The broker runs with RLIMIT_FSIZE low (soft limit; SIGXFSZ ignored: writes past it
+    fail with EFBIG, as on a full disk). Tasks fill the journal: the broker stays up and
+    refuses further SUBMITs; the Executor warns once and keeps them. The test then raises
+    the running broker's limit (prlimit): the backlog is written, the refused frames are
+    sent again by the client's stream, and every task runs exactly once."""
+    journal, marker = str(tmp_path / "j"), tmp_path / "ran.txt"
+    limit = 16 * 1024
+
+    def low_fsize() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zfalkon", "broker", "--listen", "tcp://127.0.0.1:0",
+         "--journal", journal], stdout=subprocess.PIPE, text=True, env=child_env(),
+        preexec_fn=low_fsize)
+    pad = "x" * 3000
+
+    def journal_status() -> dict:
+        return query_status(address)["journal"]
+
+    try:
+        address = read_ready_line(proc)
+        with Executor(address) as ex:
+            with caplog.at_level(logging.INFO, logger="zfalkon.client"):
+                first = [ex.shell(f"echo {i} >> {marker} # {pad}") for i in range(10)]
+                wait_until(lambda: journal_status()["unavailable"], 20,
+                           message="journal write failed")
+                assert "File too large" in journal_status()["unavailable"]
+                accepted = query_status(address)["submitted"]
+                later = [ex.shell(f"echo {i} >> {marker} # {pad}") for i in range(10, 20)]
+                wait_until(lambda: "refuses new tasks" in caplog.text, 20,
+                           message="the client told of the refusal")
+                assert proc.poll() is None  # still up
+                assert query_status(address)["submitted"] == accepted  # nothing more taken
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+                                 (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                wait_until(lambda: journal_status()["unavailable"] is None, 20,
+                           message="journal written again")
+                wait_until(lambda: query_status(address)["submitted"] == 20, 20,
+                           message="the refused tasks sent again and accepted")
+                with worker_process(address, "--slots", "2"):
+                    assert [f.result(timeout=60).returncode for f in first + later] == [0] * 20
+            assert caplog.text.count("refuses new tasks") == 1  # warned once
+        status = query_status(address)
+        assert status["done"] == 20 and status["duplicate_submits"] == 0
+        assert status["journal"]["failures"] == 1 and proc.poll() is None
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+    assert sorted(map(int, marker.read_text().split())) == list(range(20))  # each once

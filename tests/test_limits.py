@@ -43,6 +43,13 @@ def rss(proc) -> int:
     return psutil.Process(proc.pid).memory_info().rss
 
 
+def grew(proc, before: int, what: str) -> int:
+    """The broker's RSS growth since ``before``, printed for bench/RESULTS.md."""
+    growth = rss(proc) - before
+    print(f"\nLIMITS {what}: broker RSS grew {growth / 2**20:.1f} MiB")
+    return growth
+
+
 def assert_serving(address: str) -> None:
     with Executor(address, connect_timeout=10) as ex:
         futures = [ex.submit(tasks.add, i, 1) for i in range(20)]
@@ -68,7 +75,7 @@ def test_huge_hello_is_refused_before_it_is_unpacked(served, ctx):
         assert time.monotonic() - started < 5  # (not seconds of validation each)
     finally:
         raw.close()
-    assert rss(proc) - before < RSS_BOUND
+    assert grew(proc, before, "5 HELLOs of 8 MB") < RSS_BOUND
     assert_serving(address)
 
 
@@ -134,7 +141,7 @@ def test_holding_flood_is_bounded(served, ctx):
         worker.send_msg(P.Bye("done"))
         slot.close()
         worker.close()
-    assert rss(proc) - before < RSS_BOUND
+    assert grew(proc, before, "40 HOLDINGs") < RSS_BOUND
     assert_serving(address)
 
 
@@ -151,7 +158,7 @@ def test_ping_flood_without_reading_is_bounded(served, ctx):
             raw.sock.send(frame)
         wait_until(lambda: query_status(address)["clients"] >= 1, 5, message="broker up")
         assert_serving(address)
-        assert rss(proc) - before < RSS_BOUND
+        assert grew(proc, before, "200,000 PINGs unread") < RSS_BOUND
     finally:
         raw.close()
 
@@ -187,7 +194,8 @@ def test_cancelled_tasks_of_a_departed_client_leave_memory(ctx):
                 ids = list(range(base + start, base + start + 1000))
                 raw2.send_msg(P.Submit(i, 0, ids, [blob] * 1000))
             wait_until(lambda: query_status(address)["queued"] == n, 60, message="queued")
-            assert rss(proc) - mid < grown / 2 + RSS_BOUND / 5
+            assert grew(proc, mid, "300,000 tasks queued again after cancel+BYE") \
+                < grown / 2 + RSS_BOUND / 5
             raw2.close()
         finally:
             raw.close()
@@ -217,7 +225,7 @@ def test_client_that_never_reads_its_results(ctx):
                            message="every task ran")
                 status = query_status(address)
                 assert status["dropped_results"] > 0
-                assert rss(proc) - before < RSS_BOUND
+                assert grew(proc, before, "256 MiB of results never read") < RSS_BOUND
                 assert_serving(address)
             finally:
                 raw.close()

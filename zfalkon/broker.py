@@ -152,6 +152,7 @@ class Broker:
             self._receive(now)
             if journal is not None:
                 journal.flush(now)  # before sending: tasks are logged before acknowledged
+                core.submits_refused = journal.failure
             core.dispatch(now)
             self._send_outbox(now)
             if now >= next_tick:
@@ -205,15 +206,19 @@ class Broker:
                 self.core.send_failed(ident, now)
 
     def _journal_tick(self, now: float) -> None:
-        """fsync as the policy says; compact the journal if due."""
+        """fsync as the policy says; compact the journal if due. After a disk error, try
+        the write again (or a snapshot, if only that can mend the log); new tasks are
+        refused until it works."""
         journal, core = self.journal, self.core
         assert journal is not None
         journal.flush(now)
+        journal.retry(now)
         if not core.live:
-            if journal.grown:  # nothing unfinished: a tiny snapshot of the key owners
-                journal.compact((), (), core.key_owner)
+            if journal.grown or journal.needs_snapshot:  # a tiny snapshot of the key owners
+                journal.compact((), (), core.key_owner, now)
         elif journal.wants_compaction():
-            journal.compact(core.unfinished(), core.held(), core.key_owner)
+            journal.compact(core.unfinished(), core.held(), core.key_owner, now)
+        core.submits_refused = journal.failure
 
     def status(self) -> dict:
         """Counters and workers, as answered to STATUS (see docs/protocol.md)."""
@@ -222,10 +227,12 @@ class Broker:
 
 def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interval",
                keys: str | None = None, insecure: bool = False, dispatch: str = "data",
-               ready_line: bool = True) -> int:
+               ready_line: bool = True, journal_repair: bool = False) -> int:
     """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
 
-    ``journal``: a directory for the journal (see :mod:`zfalkon.journal`), or None.
+    ``journal``: a directory for the journal (see :mod:`zfalkon.journal`), or None;
+    ``journal_repair``: mend a damaged journal (keeping the original) instead of refusing
+    to start on it.
     ``keys``: a broker key directory (see :mod:`zfalkon.security`): CurveZMQ on, only
     allow-listed keys. Without keys a non-loopback ``listen`` needs ``insecure``.
     Prints ``zfalkon broker listening on ADDRESS`` on stdout once bound (LocalCluster and
@@ -234,8 +241,17 @@ def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interva
     if insecure and not keys and not is_loopback(listen_endpoint(listen)):
         log.warning("INSECURE: listening on %s with no keys: no encryption, and anyone who "
                     "can connect can run code on every worker and read every result", listen)
-    broker = Broker(listen, Journal(journal, fsync) if journal else None,
-                    BrokerKeys(keys) if keys else None, insecure, dispatch)
+    if journal_repair and not journal:
+        raise ConfigError("--journal-repair needs --journal DIR")
+    # A file past RLIMIT_FSIZE must fail the write (EFBIG: the journal copes), not kill us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    opened = Journal(journal, fsync, repair=journal_repair) if journal else None
+    try:
+        broker = Broker(listen, opened, BrokerKeys(keys) if keys else None, insecure, dispatch)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
     address = broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)

@@ -24,7 +24,8 @@ def _broker(args: argparse.Namespace) -> int:
     from zfalkon.broker import run_broker
 
     return run_broker(args.listen, journal=args.journal, fsync=args.fsync, keys=args.keys,
-                      insecure=args.insecure, dispatch=args.dispatch)
+                      insecure=args.insecure, dispatch=args.dispatch,
+                      journal_repair=args.journal_repair)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the journal is flushed to disk: after every write "
                         "(always), once a second (interval, default) or never; a killed "
                         "broker loses nothing either way, a crashed machine up to that")
+    p.add_argument("--journal-repair", action="store_true",
+                   help="if the journal is damaged, keep it as journal.log.corrupt-TIME, "
+                        "rewrite it with every valid record found, and start")
     p.add_argument("--keys", metavar="DIR",
                    help="broker key directory (zfalkon keys init): CurveZMQ encryption, and "
                         "only allow-listed worker and client keys may connect")

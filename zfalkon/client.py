@@ -44,7 +44,12 @@ from zfalkon.errors import (
 from zfalkon.net import Waker, broker_endpoint, make_socket, readable
 from zfalkon.payload import ShellResult
 from zfalkon.security import PeerKeys, peer_keys
-from zfalkon.clientcore import CANCEL as _CANCEL, SUBMIT as _SUBMIT, ClientSession
+from zfalkon.clientcore import (
+    CANCEL as _CANCEL,
+    JOURNAL_UNAVAILABLE,
+    SUBMIT as _SUBMIT,
+    ClientSession,
+)
 
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 log = logging.getLogger("zfalkon.client")
@@ -668,7 +673,8 @@ class Executor(cf.Executor):
             if isinstance(msg, P.Welcome) and session.broken:
                 self._break(BrokerUnavailable(f"broker at {self.address}: {session.broken}"))
                 break
-            elif isinstance(msg, P.Error) and msg.code != "hello-required":
+            elif isinstance(msg, P.Error) and msg.code not in ("hello-required",
+                                                                JOURNAL_UNAVAILABLE):
                 if msg.code == "version":
                     self._break(error_from(msg, f"broker at {self.address}"))
                     break

@@ -15,6 +15,7 @@ pending while its id is in it) and never changes it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Iterator, Mapping
 
@@ -22,7 +23,7 @@ from zfalkon import protocol as P
 from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH, PING_SECONDS
 from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound, Pings
 
-__all__ = ["ClientSession", "SUBMIT", "CANCEL", "ACK_EVERY"]
+__all__ = ["ClientSession", "SUBMIT", "CANCEL", "ACK_EVERY", "JOURNAL_UNAVAILABLE"]
 
 log = logging.getLogger("zfalkon.client")
 
@@ -32,6 +33,7 @@ ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
 #: Result bytes received before an ACK goes out at once (the broker sends a client at
 #: most core.SEND_WINDOW_BYTES ahead of its acknowledgements).
 ACK_BYTES = 1024 * 1024
+JOURNAL_UNAVAILABLE = "journal-unavailable"  #: ERROR code: SUBMIT refused for now
 _REHELLO_SECONDS = 2 * PING_SECONDS  # a HELLO unanswered this long is sent again
 
 
@@ -51,6 +53,9 @@ class ClientSession:
         self.out: list[P.Message] = []  #: messages to send, in order
         self.rejoining = False  #: HELLO sent again, WELCOME not yet here: send nothing else
         self.broken = ""  #: why the session cannot go on ("": it can)
+        #: The broker refused our SUBMITs (ERROR journal-unavailable) and has accepted
+        #: none since: after a PONG proving frames missing, only the first is sent again.
+        self.refused = False
         self.next_ping = 0.0
         self._hello_at = 0.0
         self._pings = Pings()
@@ -105,7 +110,7 @@ class ClientSession:
         """Handle one message; return it if it is a DELIVER to act on (its results are for
         the owner to match against its pending tasks: each arrives once per session)."""
         if isinstance(msg, P.Deliver):
-            self.tx.ack(msg.ack)
+            self._ack(msg.ack)
             verdict = self.rx.accept(msg.seq)
             if verdict == ACCEPT:
                 self._unacked_bytes += sum(map(len, msg.blobs))
@@ -115,7 +120,7 @@ class ClientSession:
             if verdict == GAP and self.rx.should_ask():
                 self.out.append(P.Resend(self.rx.last))
         elif isinstance(msg, P.Ack):
-            self.tx.ack(msg.ack)
+            self._ack(msg.ack)
         elif isinstance(msg, P.Pong):
             self._on_pong(msg)
         elif isinstance(msg, P.Resend):
@@ -124,6 +129,11 @@ class ClientSession:
             if not self.rejoining:
                 log.warning("the broker does not know this client; registering again")
                 self.hello(now)
+        elif isinstance(msg, P.Error) and msg.code == JOURNAL_UNAVAILABLE:
+            if not self.refused:
+                log.warning("the broker refuses new tasks for now (%s); they stay pending "
+                            "here and are sent again until it takes them", msg.message)
+            self.refused = True
         elif isinstance(msg, P.Welcome) and self.rejoining:
             self.rejoining = False
             if self.key and msg.key != self.key:
@@ -137,12 +147,19 @@ class ClientSession:
                 self.out.extend(self.chunks(list(pending), list(pending.values())))
         return None
 
-    def _resend_after(self, ack: int) -> None:
-        """The broker lacks our frames after ``ack``: send them again, as numbered (tasks
-        delivered meanwhile are left out of their SUBMIT)."""
-        self.tx.ack(ack)
+    def _ack(self, n: int) -> None:
+        """The broker has our frames up to ``n``."""
+        if self.refused and n > self.tx.acked():  # it took a frame: it takes tasks again
+            self.refused = False
+            log.info("the broker takes new tasks again")
+        self.tx.ack(n)
+
+    def _resend_after(self, ack: int, limit: int | None = None) -> None:
+        """The broker lacks our frames after ``ack``: send them again (the first ``limit``
+        of them), as numbered (tasks delivered meanwhile are left out of their SUBMIT)."""
+        self._ack(ack)
         blobs, hints = self.blobs, self.hints
-        for seq, (kind, ids) in self.tx.unacked:
+        for seq, (kind, ids) in itertools.islice(self.tx.unacked, limit):
             if kind == SUBMIT:
                 ids = [t for t in ids if t in blobs]
                 self.out.append(P.Submit(seq, self.rx.last, ids, [blobs[t] for t in ids],
@@ -154,11 +171,14 @@ class ClientSession:
     def _on_pong(self, msg: P.Pong) -> None:
         """Frames sent before the PING (or the PONG) that have not arrived died with a
         replaced connection: send ours again, ask for theirs."""
-        self.tx.ack(msg.ack)
+        self._ack(msg.ack)
         if self._pings.lost_ours(msg.sent, msg.ack):
-            log.warning("a connection to the broker was replaced; sending %d frames again",
-                        len(self.tx))
-            self._resend_after(msg.ack)
+            if self.refused:  # (not lost: refused) one frame to see whether it is taken now
+                self._resend_after(msg.ack, 1)
+            else:
+                log.warning("a connection to the broker was replaced; sending %d frames "
+                            "again", len(self.tx))
+                self._resend_after(msg.ack)
         if self.rx.last < msg.seq:
             self.out.append(P.Resend(self.rx.last))
 

@@ -80,11 +80,11 @@ MAX_WORKER_SLOTS = 4096  # slots one worker agent may register
 MAX_DATA_KEYS = 10_000  # data keys remembered per worker (HOLDING); later ones ignored
 MAX_DATA_KEY_CHARS = 512
 #: Result bytes the broker sends a client ahead of its acknowledgements.
-SEND_WINDOW_BYTES = 8 * 1024 * 1024
+SEND_WINDOW_BYTES = 4 * 1024 * 1024
 #: Results kept in full for a client that is not listening (quiet: silent, or its
 #: connection refused more frames); past either bound the oldest are replaced by a short
 #: ResultDropped error (logged, and journaled), so its futures still complete.
-MAX_HELD_BYTES = 32 * 1024 * 1024
+MAX_HELD_BYTES = 16 * 1024 * 1024
 MAX_HELD_RESULTS = 50_000
 _PURGE_SECONDS = 30.0
 _PINGS_PER_TICK = 32  # PINGs answered per peer per tick; past that, they are dropped
@@ -141,6 +141,7 @@ class Client:
     in_flight: int = 0  # result bytes sent to it and not acknowledged
     held_bytes: int = 0  # result bytes in its stream kept in full (not yet dropped)
     held_results: int = 0
+    refused_at: float = -1e9  # when it was last told its SUBMIT was refused
 
 
 @dataclass(eq=False)
@@ -238,6 +239,10 @@ class BrokerCore:
         self._pings: collections.Counter[bytes] = collections.Counter()
         self._dropped: collections.Counter[int] = collections.Counter()  # this tick, by key
         self.refused: collections.Counter[str] = collections.Counter()  # this tick, by code
+        #: Set by the shell while new tasks cannot be taken (why: the journal cannot be
+        #: written): a SUBMIT frame is then not accepted into the client's stream (not
+        #: acknowledged: the client sends it again later) and the client is told so.
+        self.submits_refused: str | None = None
         self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
         self._handlers: dict[type, Callable] = {
             P.Submit: self._on_submit, P.Cancel: self._on_cancel, P.Results: self._on_results,
@@ -542,7 +547,19 @@ class BrokerCore:
             peer.told = peer.rx.last
             self.outbox.append((peer.ident, P.Ack(peer.rx.last)))
 
+    def _refuse_submit(self, client: Client, msg: P.Submit, now: float) -> None:
+        """New tasks cannot be taken (:attr:`submits_refused`): the frame is dropped, not
+        acknowledged; the client is told at most once per RESEND_SECONDS."""
+        self._peer_has(client, msg.ack)
+        if now - client.refused_at >= RESEND_SECONDS:
+            client.refused_at = now
+            self.outbox.append((client.ident, P.Error(
+                "journal-unavailable", str(self.submits_refused)[:512])))
+
     def _on_submit(self, client: Client, msg: P.Submit, now: float) -> None:
+        if self.submits_refused is not None and msg.seq > client.rx.last:
+            self._refuse_submit(client, msg, now)
+            return
         if not self._stream_in(client, msg.seq, msg.ack):
             return
         ids = msg.ids

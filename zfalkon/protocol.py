@@ -246,6 +246,9 @@ ERROR_CODES = {
     "unauthorized": "the peer's key may not do this (wrong role, or another key's routing id)",
     "too-large": "a control frame (HELLO, PING, ...) over its size limit",
     "limit": "the peer asked for more than the broker keeps for one peer (see docs/protocol.md)",
+    "journal-unavailable": "the broker cannot write its journal (disk full or failing): the "
+                           "SUBMIT was not accepted; the client keeps the tasks and its stream "
+                           "sends them again",
 }
 
 
