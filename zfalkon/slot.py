@@ -257,7 +257,7 @@ class Slot:
         if host is not None and host.key != key:
             if host.inflight:
                 return  # the other client's tasks finish first, in their own host
-            self.zygote.reap(host)
+            self.zygote.kill(host)
             host = self.host = None
         if host is None:
             host = self.host = self.zygote.fork_host(key)

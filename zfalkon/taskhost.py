@@ -17,10 +17,15 @@ Design
       that has imported :mod:`zfalkon.execute` and what a :class:`~zfalkon.execute.Runner`
       needs. A fresh host costs one ``fork()`` of that warm process, not an interpreter
       start. The zygote talks to the slot over a ``SOCK_SEQPACKET`` socket pair: the slot
-      sends ``fork`` with the host's pipe ends (``SCM_RIGHTS``); the zygote forks and
-      answers with the PID; ``reap`` SIGKILLs a host's process group and reaps it,
-      answering its exit status. The zygote reaps a host only when told, so a host's PID
-      cannot be reused while the slot may still signal it.
+      sends ``fork`` with the host's pipe ends (``SCM_RIGHTS``); the zygote answers with
+      the PID of a *spare* host it forked ahead of time (once the slot had been quiet
+      for 5 ms, so that forking does not compete with the tasks on a small machine) (which has already run a no-op
+      task, so its copy-on-write faults are paid too), hands it the pipes, and forks the
+      next spare while the slot goes on. A spare never ran a client's code: it becomes
+      that one client's host. ``kill`` SIGKILLs a host's process group and answers at
+      once (after SIGKILL the host runs no more code; the zygote reaps it later); ``reap``
+      also waits and answers its exit status (for a host that died). The zygote reaps a
+      host only after the slot gave it up, so a PID the slot may signal is never reused.
     * **Host.** In its own process group, dies with the zygote (which dies with the slot).
       It reads length-prefixed task blobs from a pipe, runs them one at a time with a
       Runner, and writes ``(kind, seconds, blob)`` frames back, in batches: at the latest
@@ -79,6 +84,7 @@ _OK, _FAILED, _HELD = 0, 1, 2
 _FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
 _FLUSH_BYTES = 60_000
 _READ_SIZE = 1 << 20
+_SPARE_AFTER_SECONDS = 0.005  # the zygote forks the next spare host once the slot is quiet
 
 
 def _set_pdeathsig(sig: int) -> None:
@@ -234,6 +240,11 @@ class Zygote:
         host.close()
         return int(self._ask(["reap", host.pid])[1])
 
+    def kill(self, host: Host) -> None:
+        """SIGKILL ``host`` (its process group); the zygote reaps it later."""
+        host.close()
+        self._ask(["kill", host.pid])
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the zygote (it SIGKILLs and reaps a host still alive) and reap it."""
         try:
@@ -270,9 +281,16 @@ def _zygote_main(sock: socket.socket) -> None:
 
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages in the hosts
-    hosts: set[int] = set()
+    hosts: set[int] = set()  # hosts handed to the slot, not yet reaped
+    killed: set[int] = set()  # hosts killed, to reap
+    spare: tuple[int, socket.socket] | None = None
     try:
         while True:
+            if spare is None and not select.select([sock], [], [], _SPARE_AFTER_SECONDS)[0]:
+                spare = _fork_spare(sock)  # (when the slot is quiet: not amid its work)
+            for pid in list(killed):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    killed.discard(pid)
             try:
                 data, fds, _, _ = socket.recv_fds(sock, 4096, 4)
             except InterruptedError:
@@ -281,52 +299,95 @@ def _zygote_main(sock: socket.socket) -> None:
                 return  # the slot closed its end
             message = msgpack.unpackb(data)
             if message[0] == "fork":
-                pid = os.fork()
-                if pid == 0:
-                    code = 0
-                    try:
-                        sock.close()
-                        _host_main(fds[0], fds[1], fds[2], message[1])
-                    except BaseException:
-                        code = 70
-                    finally:
-                        os._exit(code)
+                pid, line = spare or _fork_spare(sock)
+                spare = None
                 try:
-                    os.setpgid(pid, pid)  # (the host does too: whichever runs first)
-                except OSError:
-                    pass
+                    socket.send_fds(line, [msgpack.packb(message[1])], fds)
+                finally:
+                    line.close()
+                    for fd in fds:
+                        os.close(fd)
                 hosts.add(pid)
-                for fd in fds:
-                    os.close(fd)
                 sock.send(msgpack.packb(["forked", pid]))
+            elif message[0] == "kill":
+                pid = int(message[1])
+                if pid in hosts:
+                    _kill(pid)
+                    hosts.discard(pid)
+                    killed.add(pid)
+                sock.send(msgpack.packb(["killed", pid]))
             elif message[0] == "reap":
                 pid = int(message[1])
                 code = _kill_and_reap(pid) if pid in hosts else 0
                 hosts.discard(pid)
                 sock.send(msgpack.packb(["reaped", code]))
     finally:
+        if spare is not None:
+            hosts.add(spare[0])
         for pid in hosts:
             _kill_and_reap(pid)
+        for pid in killed:
+            os.waitpid(pid, 0)
 
 
-def _kill_and_reap(pid: int) -> int:
+def _fork_spare(sock: socket.socket) -> tuple[int, socket.socket]:
+    """Fork a host that warms up, then waits for its pipes (and becomes a client's)."""
+    line, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sock.close()
+            line.close()
+            _spare_main(theirs)
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        os.setpgid(pid, pid)  # (the host does too: whichever runs first)
+    except OSError:
+        pass
+    return pid, line
+
+
+def _kill(pid: int) -> None:
     for kill in (os.killpg, os.kill):
         try:
             kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _kill_and_reap(pid: int) -> int:
+    _kill(pid)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 # -- the host ----------------------------------------------------------------------------
 
 
-def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict) -> None:
+def _spare_main(line: socket.socket) -> None:
     try:
         os.setpgid(0, 0)
     except OSError:
         pass
     _set_pdeathsig(signal.SIGKILL)
+    from zfalkon import payload
+    from zfalkon.execute import Runner
+
+    # Warm up: run a no-op task, so the pages the hot path touches are this process's own
+    # before the first real task (and never with a client's data in them).
+    Runner().run(payload.python_task("builtins:len", ([],), {}))
+    data, fds, _, _ = socket.recv_fds(line, 4096, 4)
+    line.close()
+    if len(fds) != 3:
+        return  # the zygote is gone
+    _host_main(fds[0], fds[1], fds[2], msgpack.unpackb(data))
+
+
+def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict) -> None:
     counter_map = mmap.mmap(counter_fd, 8)
     os.close(counter_fd)
     counter = memoryview(counter_map).cast("q")
