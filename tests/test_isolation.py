@@ -186,9 +186,10 @@ def test_a_task_that_kills_its_host_fails_alone_and_the_slot_lives_on(one_slot, 
 def test_shell_tasks_run_under_the_clients_host(one_slot):
     with Executor(one_slot.address) as ex:
         host = ex.submit(tasks.getpid).result(timeout=30)
-        out = ex.shell("echo $PPID").result(timeout=30).stdout.strip()
-        # /bin/sh's parent: the host that spawned it
-        assert int(out) == host
+        out = ex.shell("echo $PPID; grep SigIgn /proc/self/status").result(timeout=30).stdout
+        ppid, ignored = out.split("\n")[:2]
+        assert int(ppid) == host  # /bin/sh's parent: the host that spawned it
+        assert not int(ignored.split()[1], 16) & (1 << (2 - 1))  # SIGINT not ignored
 
 
 def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):

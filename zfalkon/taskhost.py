@@ -374,6 +374,10 @@ def _spare_main(line: socket.socket) -> None:
     except OSError:
         pass
     _set_pdeathsig(signal.SIGKILL)
+    # Python's own SIGINT disposition again (the zygote ignores it; an ignored signal would
+    # stay ignored in the shell commands the host spawns). In its own process group, a
+    # host gets no terminal ^C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from zfalkon import payload
     from zfalkon.execute import Runner
 

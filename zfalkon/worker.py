@@ -34,7 +34,7 @@ from zfalkon.constants import HEARTBEAT_SECONDS, OUTPUT_CAP_BYTES, STOP_GRACE_SE
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.net import Waker, broker_endpoint, make_socket
 from zfalkon.security import PeerKeys
-from zfalkon.slot import StateFile, describe_exit  # noqa: F401  (re-exported)
+from zfalkon.slot import StateFile, describe_exit
 
 log = logging.getLogger("zfalkon.worker")
 
