@@ -115,3 +115,21 @@ def segfault_logged(path):
         os.fsync(f.fileno())
     os.kill(os.getpid(), signal.SIGSEGV)
     time.sleep(10)  # not reached
+
+
+def kill_slot_logged(path):
+    """Append this process's PID to ``path``, then SIGKILL the slot running this task (the
+    parent of this task host's zygote), as a task of the worker's Unix user can."""
+    import psutil
+
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(psutil.Process(os.getppid()).ppid(), signal.SIGKILL)
+    time.sleep(10)  # not reached: the slot's death takes the zygote and this host along
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # not reached

@@ -2,17 +2,20 @@
 
 Each slot holds its own DEALER connection to the broker (one hop from broker to the code
 that runs a task; see docs/protocol.md, "Why slots connect directly"). It runs tasks one at
-a time, in the order it was sent them. Everything it says to the broker (its window,
+a time, in the order it was sent them, each in a *task host* process dedicated to the task's
+client (:mod:`zfalkon.taskhost`): no task can tamper with another client's. Everything it says to the broker (its window,
 batched results kept until acknowledged, PINGs that find lost frames) is decided by its
 :class:`~zfalkon.slotcore.SlotSession`; this module is the socket loop around it.
 
 When the broker no longer knows the slot (it restarted, or declared the worker lost), the
 slot registers again and starts a new session: the tasks it held are the broker's again.
 
-Before each task the slot writes the task id into a small shared file (the *state file*);
-if the slot dies, its agent reads that id and reports which task killed it.
+While a task runs the slot keeps its id in a small shared file (the *state file*); if the
+slot dies, its agent reads that id and reports which task killed it. A task that kills only
+its host fails with a ``WorkerCrashed`` result the slot itself returns.
 
-Run as ``python -m zfalkon.slot CONFIG_JSON`` by :mod:`zfalkon.worker` only.
+Run as ``python -m zfalkon.slot`` by :mod:`zfalkon.worker` only, which writes the config
+(JSON) to its stdin and closes it: nothing of it shows on the command line.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from typing import BinaryIO
 
 import zmq
 
@@ -32,17 +36,28 @@ from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon.constants import CONNECT_TIMEOUT_SECONDS, MAX_RESULT_BYTES, OUTPUT_CAP_BYTES
 from zfalkon.errors import ProtocolError
-from zfalkon.cache import DataCache
-from zfalkon.execute import Runner
-from zfalkon.staging import Stager
 from zfalkon.net import make_socket, readable
 from zfalkon.security import PeerKeys
 from zfalkon.slotcore import SlotSession
+from zfalkon.taskhost import PIPE_BYTES, Host, HostDied, Zygote
 
 log = logging.getLogger("zfalkon.slot")
 
 _IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still alive
 _HELLO_RETRY_SECONDS = 2.0  # a HELLO unanswered this long is sent again
+_PIPELINE_SECONDS = 0.002  # estimated work a slot keeps queued in its task host
+_MAX_PIPELINE = 1024  # tasks a slot keeps queued in its task host, at most
+
+
+def describe_exit(returncode: int) -> str:
+    """Human wording for a process's exit status (negative: killed by a signal)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with status {returncode}"
 
 
 class StateFile:
@@ -82,7 +97,7 @@ class Slot:
     """The slot's event loop around its :class:`SlotSession`; see the module docstring."""
 
     def __init__(self, broker: str, ident: bytes, worker_id: str, index: int,
-                 state_path: str, output_cap: int = OUTPUT_CAP_BYTES,
+                 state_path: str, zygote: Zygote, output_cap: int = OUTPUT_CAP_BYTES,
                  keys: str | None = None, cache_dir: str | None = None,
                  cache_bytes: int = 0) -> None:
         self.broker = broker
@@ -91,9 +106,11 @@ class Slot:
         self.worker_id = worker_id
         self.index = index
         self.state = StateFile(state_path)
-        self.stager = Stager(DataCache(cache_dir, cache_bytes)
-                             if cache_dir and cache_bytes > 0 else None)
-        self.runner = Runner(output_cap, self.stager)
+        self.zygote = zygote
+        zygote.runner_config = {"output_cap": output_cap, "cache_dir": cache_dir,
+                                "cache_bytes": cache_bytes}
+        self.host: Host | None = None  # the task host of the client whose tasks run now
+        self.held: list[str] = []  # data keys staged into the cache, not yet reported
         self.session = SlotSession()
         self.stopping = False
         self.parent = os.getppid()
@@ -125,6 +142,9 @@ class Slot:
                 sock.send(P.encode(P.Bye("stopping")))
             return code
         finally:
+            if self.host is not None:
+                self.zygote.reap(self.host)
+                self.host = None
             sock.close()
             ctx.term()
             self.state.close()
@@ -136,8 +156,9 @@ class Slot:
             send, encode = self.sock.send, P.encode
             for msg in out:
                 send(encode(msg))
-            if self.stager.new_held:  # tell data-aware dispatch what our machine caches
-                send(encode(P.Holding(self.stager.take_new_held())))
+            if self.held:  # tell data-aware dispatch what our machine caches
+                send(encode(P.Holding(self.held)))
+                self.held = []
 
     def _handshake(self) -> int:
         self._hello()
@@ -163,8 +184,6 @@ class Slot:
         poller = zmq.Poller()  # one poller for the life of the loop (Socket.poll makes one a call)
         poller.register(sock, zmq.POLLIN)
         session = self.session
-        run = self.runner.run
-        state = self.state
         monotonic = time.monotonic
         while not self.stopping:
             now = monotonic()
@@ -181,26 +200,112 @@ class Slot:
                         return
                     continue
             self._receive()
-            while not self.stopping:
-                task = session.next_task(monotonic())
-                if task is None:
-                    break
-                tid, blob = task
-                state.set(tid)
-                t0 = monotonic()
-                result, failed = run(blob)
-                now = monotonic()
-                state.set(0)
+            self._run_queued()
+        session.flush(monotonic())
+
+    def _run_queued(self) -> None:
+        """Run the queued tasks in task hosts until none is left (or, once stopping, until
+        the host has finished what it was given). Returns with no task in a host."""
+        session = self.session
+        state = self.state
+        monotonic = time.monotonic
+        while True:
+            if not self.stopping:
+                self._feed()
+            host = self.host
+            if host is None or not host.inflight:
+                return
+            try:
+                results = host.receive()
+            except HostDied:
+                self._host_died()
+                continue
+            now = monotonic()
+            for tid, result, failed, seconds in results:
                 if len(result) > MAX_RESULT_BYTES:
                     result = payload.error_result(
-                        "SerializationError", f"the result is {len(result)} bytes, over the "
-                        f"{MAX_RESULT_BYTES} byte limit of one result")
+                        "SerializationError", f"the result is {len(result)} bytes, over "
+                        f"the {MAX_RESULT_BYTES} byte limit of one result")
                     failed = True
-                session.finished(tid, result, failed, now - t0, now)
-                if session.out:
-                    self._send_out()
-                    self._receive()
-        session.flush(monotonic())
+                session.finished(tid, result, failed, seconds, now)
+            state.set(host.inflight[0][0] if host.inflight else 0)
+            if host.held:
+                self.held += host.held
+                host.held = []
+            if session.out:
+                self._send_out()
+                self._receive()
+
+    def _pipeline(self) -> int:
+        """How many tasks to keep queued in the host: ~_PIPELINE_SECONDS of work by the
+        measured task length (one until a task was timed)."""
+        mean = self.session.mean
+        if mean < 0:
+            return 1
+        return max(1, min(_MAX_PIPELINE, int(_PIPELINE_SECONDS / max(mean, 1e-7))))
+
+    def _feed(self) -> None:
+        """Hand the host the next queued tasks of its client (a fresh host first if the
+        next task is another client's: once the old one has answered all it holds)."""
+        session = self.session
+        queue = session.queue
+        if not queue:
+            return
+        shift = P.ID_SHIFT
+        key = queue[0][0] >> shift
+        host = self.host
+        if host is not None and host.key != key:
+            if host.inflight:
+                return  # the other client's tasks finish first, in their own host
+            self.zygote.kill(host)
+            host = self.host = None
+        if host is None:
+            host = self.host = self.zygote.fork_host(key)
+        room = self._pipeline() - len(host.inflight)
+        budget = PIPE_BYTES - host.inflight_bytes
+        batch: list[tuple[int, bytes]] = []
+        now = time.monotonic()
+        while room > 0 and queue and queue[0][0] >> shift == key:
+            size = len(queue[0][1]) + 4
+            if size > budget and (batch or host.inflight):
+                break  # (a task bigger than a pipe goes alone, to an idle host)
+            task = session.next_task(now)
+            assert task is not None
+            batch.append(task)
+            room -= 1
+            budget -= size
+        if batch:
+            if not host.inflight:
+                self.state.set(batch[0][0])
+            try:
+                host.send(batch)
+            except HostDied:
+                self._host_died()
+
+    def _host_died(self) -> None:
+        """The host's pipes broke: reap it; fail the task it was running (its own count
+        says which) with a crash result; run again, in a fresh host, the tasks it had not
+        started or whose results it had not yet returned."""
+        host = self.host
+        assert host is not None
+        self.host = None
+        reason = describe_exit(self.zygote.reap(host))
+        pending = list(host.inflight)
+        running = host.started() - host.answered  # 1: the first unanswered task, ...
+        if not 1 <= running <= len(pending):
+            running = 1  # (a host that lied about its count, or died between tasks)
+        session = self.session
+        if pending:
+            tid = pending[running - 1][0]
+            log.error("slot %d: the process running task %d %s", self.index, tid, reason)
+            session.finished(tid, payload.crashed_result(
+                f"the process running this task died ({reason})"), True,
+                max(session.mean, 0.0), time.monotonic())
+            del pending[running - 1]
+            session.queue.extendleft(reversed(pending))
+        self.state.set(0)
+        if session.out:
+            self._send_out()
 
     def _receive(self) -> None:
         """Take every message already waiting, without blocking."""
@@ -231,18 +336,35 @@ class Slot:
         self._send_out()
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_config(stream: BinaryIO) -> dict:
+    """The slot's config, written by its agent to the slot's stdin and closed; stdin is
+    then /dev/null. (Never on argv: anyone on the machine can read a command line.)"""
+    data = stream.read()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return json.loads(data)
+
+
+def main() -> int:
     """Entry point of the slot process."""
-    config = json.loads((argv or sys.argv)[1])
-    logging.basicConfig(level=config.get("log_level", "WARNING"),
-                        format="%(asctime)s zfalkon-slot %(levelname)s %(message)s")
     _die_with_parent()
-    slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
-                config["index"], config["state_path"], config.get("output_cap", OUTPUT_CAP_BYTES),
-                config.get("keys"), config.get("cache_dir"), config.get("cache_bytes", 0))
-    signal.signal(signal.SIGTERM, slot.request_stop)
-    signal.signal(signal.SIGINT, slot.request_stop)
-    return slot.run()
+    # The zygote first: before any ZeroMQ context, and before the config is read, so that
+    # no task host inherits the routing id, worker id or key paths.
+    zygote = Zygote.start()
+    try:
+        config = read_config(sys.stdin.buffer)
+        logging.basicConfig(level=config.get("log_level", "WARNING"),
+                            format="%(asctime)s zfalkon-slot %(levelname)s %(message)s")
+        slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
+                    config["index"], config["state_path"], zygote,
+                    config.get("output_cap", OUTPUT_CAP_BYTES), config.get("keys"),
+                    config.get("cache_dir"), config.get("cache_bytes", 0))
+        signal.signal(signal.SIGTERM, slot.request_stop)
+        signal.signal(signal.SIGINT, slot.request_stop)
+        return slot.run()
+    finally:
+        zygote.close()
 
 
 if __name__ == "__main__":

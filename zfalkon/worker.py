@@ -34,7 +34,7 @@ from zfalkon.constants import HEARTBEAT_SECONDS, OUTPUT_CAP_BYTES, STOP_GRACE_SE
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.net import Waker, broker_endpoint, make_socket
 from zfalkon.security import PeerKeys
-from zfalkon.slot import StateFile
+from zfalkon.slot import StateFile, describe_exit
 
 log = logging.getLogger("zfalkon.worker")
 
@@ -51,17 +51,6 @@ class _SlotProc:
     proc: subprocess.Popen
     pidfd: int | None
     restarts: list[float] = field(default_factory=list)
-
-
-def describe_exit(returncode: int) -> str:
-    """Human wording for a process's exit status (negative: killed by a signal)."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exited with status {returncode}"
 
 
 class WorkerAgent:
@@ -182,7 +171,16 @@ class WorkerAgent:
             "keys": self.keys.directory if self.keys else None,
             "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes,
         }
-        proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot", json.dumps(config)])
+        # The config (broker address, routing id, worker id, key paths) goes through the
+        # slot's stdin, never argv: /proc/PID/cmdline is readable by every local user, and
+        # a routing id is enough to take over a slot's route on a broker without keys.
+        proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot"], stdin=subprocess.PIPE)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps(config).encode())
+            proc.stdin.close()
+        except BrokenPipeError:  # the slot died at once: _reap reports and replaces it
+            pass
         try:
             pidfd: int | None = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):

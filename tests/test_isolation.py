@@ -1,0 +1,216 @@
+"""Isolation between clients (issue 12): real slots, task hosts and processes on loopback.
+
+* a slot's command line shows nothing of its config (routing id, worker id);
+* a client that patches the process its task runs in (``builtins:exec``) cannot read or
+  forge another client's tasks on the same slot: each client's tasks run in a task host of
+  their own (:mod:`zfalkon.taskhost`);
+* a task that kills its host fails with WorkerCrashed; the slot lives on and runs the next.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import zmq
+
+import tasks
+from conftest import alive, descendants, kill_tree, start_worker, stop_process, worker_env
+from zfalkon import Executor, LocalCluster, WorkerCrashed
+from zfalkon import payload
+from zfalkon import protocol as P
+from zfalkon._version import __version__
+from zfalkon.constants import PROTOCOL_VERSION
+
+
+@pytest.fixture(scope="module")
+def one_slot():
+    """A cluster of one worker with one slot: every task of every client runs there."""
+    with LocalCluster(workers=1, slots_per_worker=1, env=worker_env()) as cluster:
+        yield cluster
+
+
+def slot_pid(cluster: LocalCluster) -> int:
+    (worker,) = cluster.worker_procs
+    (slot,) = [c.pid for c in psutil.Process(worker.pid).children()
+               if "zfalkon.slot" in " ".join(c.cmdline())]
+    return slot
+
+
+# -- nothing on argv -----------------------------------------------------------------------
+
+
+def test_slot_command_line_shows_no_routing_id_or_worker_id():
+    """A slot started by a real agent against a scripted broker: its HELLO names its routing
+    id and worker id, /proc/PID/cmdline shows neither, and it runs a task it is sent."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    welcome = P.encode(P.Welcome(PROTOCOL_VERSION, __version__, 0, 2.0))
+    worker = start_worker(address, "--slots", "1")
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        slot_ident = worker_id = None
+        results: list = []
+        sent = False
+        while time.monotonic() < deadline and not results:
+            if not router.poll(100):
+                continue
+            ident, frame = router.recv_multipart()
+            msg = P.decode(frame)
+            if isinstance(msg, P.Hello):
+                router.send_multipart([ident, welcome])
+                if msg.role == P.ROLE_SLOT:
+                    slot_ident, worker_id = ident, msg.info["worker_id"]
+            if slot_ident is not None and ident == slot_ident and not sent:
+                blob = payload.python_task("tasks:add", (20, 22), {})
+                router.send_multipart([ident, P.encode(P.Tasks(1, 0, [7], [blob]))])
+                sent = True
+            if isinstance(msg, P.Results) and msg.ids:
+                results = list(zip(msg.ids, msg.blobs))
+        assert results, "the slot returned no result"
+        assert [(tid, payload.result_value(blob)) for tid, blob in results] == [(7, 42)]
+        assert slot_ident is not None and isinstance(worker_id, str)
+        kids = descendants(worker.pid)
+        slots = [pid for pid in kids if "zfalkon.slot" in " ".join(psutil.Process(pid).cmdline())]
+        assert slots  # the slot, its zygote, the task host
+        for pid in slots:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            assert cmdline.split(b"\0")[1:] == [b"-m", b"zfalkon.slot", b""], cmdline
+            for secret in (slot_ident.hex(), worker_id, address):
+                assert secret.encode() not in cmdline.lower()
+            assert slot_ident not in cmdline
+    finally:
+        kids += descendants(worker.pid)
+        stop_process(worker)
+        kill_tree(kids)
+        router.close(0)
+        ctx.term()
+
+
+# -- one client cannot tamper with another's tasks --------------------------------------------
+
+# Runs in the process that runs the task (exec's globals: {}). It makes every later task in
+# that process copy its task blob into SPY and return "forged" instead of its value.
+ATTACK = """
+import msgpack
+import zfalkon.execute
+import zfalkon.payload
+
+spy = open(SPY, "ab", buffering=0)
+real_unpack = zfalkon.payload.unpack
+
+def unpack(blob):
+    spy.write(bytes(blob) + b"\\n")
+    return real_unpack(blob)
+
+def forge(obj, *args, **kwargs):
+    if isinstance(obj, tuple) and obj and obj[0] == zfalkon.payload.RESULT_VALUE:
+        obj = (obj[0], "forged")
+    return msgpack.packb(obj, *args, **kwargs)
+
+zfalkon.payload.unpack = unpack
+zfalkon.execute._packb = forge
+"""
+
+
+def test_a_client_that_patches_its_process_cannot_see_or_forge_another_clients_tasks(
+        one_slot, tmp_path):
+    spy = tmp_path / "spy"
+    secret = "b-secret-5e1f0c"
+    with Executor(one_slot.address) as a, Executor(one_slot.address) as b:
+        # (exec's own result, None, is already forged on its way out)
+        assert a.submit("builtins:exec", ATTACK.replace("SPY", repr(str(spy))),
+                        {}).result(timeout=30) == "forged"
+        # The attack works where it runs: A's own next task, in the same process, is
+        # copied and forged (the process it patched is the one A's tasks keep using).
+        assert a.submit(tasks.identity, "a-own").result(timeout=30) == "forged"
+        assert b"a-own" in spy.read_bytes()
+        # B's tasks on the same single slot: right values, and nothing of them reaches A.
+        assert b.submit(tasks.identity, secret).result(timeout=30) == secret
+        assert list(b.map(tasks.add, range(50), range(50))) == [2 * i for i in range(50)]
+        assert b.shell(["echo", secret]).result(timeout=30).stdout == secret + "\n"
+        # Interleaved task by task, A (in a fresh process: its patch is gone) and B.
+        fa = [a.submit(tasks.identity, f"a{i}") for i in range(20)]
+        fb = [b.submit(tasks.identity, f"{secret}-{i}") for i in range(20)]
+        assert [f.result(timeout=30) for f in fa] == [f"a{i}" for i in range(20)]
+        assert [f.result(timeout=30) for f in fb] == [f"{secret}-{i}" for i in range(20)]
+    assert secret.encode() not in spy.read_bytes()
+
+
+def test_each_client_gets_a_fresh_host_and_consecutive_tasks_share_it(one_slot):
+    slot = slot_pid(one_slot)
+    with Executor(one_slot.address) as a, Executor(one_slot.address) as b:
+        a1 = a.submit(tasks.getpid).result(timeout=30)
+        assert a.submit(tasks.getpid).result(timeout=30) == a1  # same client: same host
+        b1 = b.submit(tasks.getpid).result(timeout=30)
+        assert b1 != a1 and b1 != slot
+        assert not alive(a1)  # A's host was killed before B's tasks ran
+        a2 = a.submit(tasks.getpid).result(timeout=30)
+        assert a2 not in (a1, b1, slot) and not alive(b1)
+        for pid in (a2,):
+            assert pid in descendants(slot)
+
+
+# -- a task that kills its host ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn, args, words", [
+    (tasks.hard_exit, (9,), "exited with status 9"),
+    ("os:_exit", (4,), "exited with status 4"),
+    (tasks.segfault, (), "killed by SIGSEGV"),
+    ("tasks:kill_self", (), "killed by SIGKILL"),
+])
+def test_a_task_that_kills_its_host_fails_alone_and_the_slot_lives_on(one_slot, fn, args,
+                                                                       words):
+    slot = slot_pid(one_slot)
+    with Executor(one_slot.address) as ex:
+        before = [ex.submit(tasks.add, i, 1) for i in range(100)]
+        crash = ex.submit(fn, *args)
+        after = [ex.submit(tasks.add, i, 2) for i in range(100)]
+        with pytest.raises(WorkerCrashed) as info:
+            crash.result(timeout=30)
+        assert words in info.value.remote_message
+        assert [f.result(timeout=30) for f in before] == [i + 1 for i in range(100)]
+        assert [f.result(timeout=30) for f in after] == [i + 2 for i in range(100)]
+        assert ex.submit(tasks.getpid).result(timeout=30) in descendants(slot)
+    assert slot_pid(one_slot) == slot  # the same slot process served throughout
+    assert one_slot.status()["slots"] == 1
+
+
+def test_shell_tasks_run_under_the_clients_host(one_slot):
+    with Executor(one_slot.address) as ex:
+        host = ex.submit(tasks.getpid).result(timeout=30)
+        out = ex.shell("echo $PPID; grep SigIgn /proc/self/status").result(timeout=30).stdout
+        ppid, ignored = out.split("\n")[:2]
+        assert int(ppid) == host  # /bin/sh's parent: the host that spawned it
+        assert not int(ignored.split()[1], 16) & (1 << (2 - 1))  # SIGINT not ignored
+
+
+def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):
+    started = tmp_path / "started"
+    with LocalCluster(workers=1, slots_per_worker=1, env=worker_env()) as cluster:
+        (worker,) = cluster.worker_procs
+        with Executor(cluster.address) as ex:
+            f = ex.shell(f"echo go > {started}; sleep 1; echo done")
+            deadline = time.monotonic() + 20
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert started.exists()
+            kids = descendants(worker.pid)
+            assert len(kids) >= 4  # slot, zygote, host, sh (and sleep)
+            code, seconds = stop_process(worker, timeout=15)
+            assert code == 0 and seconds < 5
+            assert f.result(timeout=10).stdout == "done\n"
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = [pid for pid in kids if alive(pid)]
+        kill_tree(left)
+        assert not left
+

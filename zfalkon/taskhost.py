@@ -1,0 +1,462 @@
+"""Task hosts: each client's tasks run in a process of their own, never shared.
+
+Why
+    A Python task runs arbitrary code: ``builtins:exec`` is a valid callable reference.
+    Run in a long-lived slot process, one client's task could patch that process (swap
+    :mod:`zfalkon.payload`'s encoder, hook ``builtins``, start a thread) and read or forge
+    every later task of every other client the slot runs. So a slot never runs tasks of two
+    client identities (client key: ``task_id >> ID_SHIFT``) in the same process.
+
+Design
+    The slot keeps its socket, its session with the broker and its state file; it runs
+    tasks in a *task host*, a child process dedicated to one client key:
+
+    * **Zygote.** Before it creates any ZeroMQ context (forking a process with ZeroMQ's
+      I/O threads is unsafe) and before it reads its config (so no host inherits the
+      slot's routing id, worker id or key paths), the slot forks a *zygote*: a fork server
+      that has imported :mod:`zfalkon.execute` and what a :class:`~zfalkon.execute.Runner`
+      needs. A fresh host costs one ``fork()`` of that warm process, not an interpreter
+      start. The zygote talks to the slot over a ``SOCK_SEQPACKET`` socket pair: the slot
+      sends ``fork`` with the host's pipe ends (``SCM_RIGHTS``); the zygote answers with
+      the PID of a *spare* host it forked ahead of time (once the slot had been quiet
+      for 5 ms, so that forking does not compete with the tasks on a small machine) (which has already run a no-op
+      task, so its copy-on-write faults are paid too), hands it the pipes, and forks the
+      next spare while the slot goes on. A spare never ran a client's code: it becomes
+      that one client's host. ``kill`` SIGKILLs a host's process group and answers at
+      once (after SIGKILL the host runs no more code; the zygote reaps it later); ``reap``
+      also waits and answers its exit status (for a host that died). The zygote reaps a
+      host only after the slot gave it up, so a PID the slot may signal is never reused.
+    * **Host.** In its own process group, dies with the zygote (which dies with the slot).
+      It reads length-prefixed task blobs from a pipe, runs them one at a time with a
+      Runner, and writes ``(kind, seconds, blob)`` frames back, in batches: at the latest
+      when it has nothing left to read, or when the oldest unsent result is 1 ms old. So
+      consecutive tasks of one client cost a few microseconds each, not a round trip.
+    * **Switch.** A task of another client, or a host that died, means the old host is
+      killed (SIGKILL to its process group, by PID) and reaped, and a fresh one forked.
+      Tasks of one client are handed to the host in order; the slot never sends a task of
+      another key while the host still has unanswered tasks.
+    * **Crash.** Before each task the host counts it in a shared 8-byte cell (a memfd the
+      slot also maps). When the result pipe ends (the host died: ``os._exit``, a signal),
+      the slot reaps it and knows which task was running: that task fails with a
+      ``WorkerCrashed`` result, sent by the slot as any other result; tasks after it never
+      started, and tasks before it whose results were still buffered in the host are run
+      again (in a fresh host): the at-least-once rule the broker already applies to a lost
+      slot. A host cannot hurt another client by lying in the cell: it only ever holds
+      its own client's tasks. (The slot alone writes the state file the agent reads.)
+    * **Pipelining.** The slot keeps at most ~2 ms of estimated work (by the measured task
+      length) and 60 KB of task bytes unanswered in a host: deep enough that no-op tasks
+      never wait on the slot, shallow enough that tasks queued in the slot can still be
+      revoked, and that a SIGTERM, which lets what the host holds finish, returns quickly.
+      60 KB fits in a pipe, so the slot's write never blocks while the host writes
+      results; a bigger task is sent alone, to a host with nothing unanswered.
+
+What this does not isolate: hosts run as the same Unix user as the worker, so a task can
+still read what the worker can read (files, the key files, the staging cache), signal or
+(where ptrace is allowed) inspect the machine's other processes of that user, including the
+other slots. Shell tasks run as before, as subprocesses, now spawned from the client's host.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import gc
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from typing import Any
+
+import msgpack
+
+from zfalkon.constants import OUTPUT_CAP_BYTES
+
+__all__ = ["Zygote", "Host", "HostDied", "PIPE_BYTES"]
+
+#: Task bytes a slot keeps unanswered in a host (fits in a pipe, so its writes never block).
+PIPE_BYTES = 60_000
+_TASK_HEAD = struct.Struct("<I")  # blob length
+_RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
+_OK, _FAILED, _HELD = 0, 1, 2
+_FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
+_FLUSH_BYTES = 60_000
+_READ_SIZE = 1 << 20
+_SPARE_AFTER_SECONDS = 0.005  # the zygote forks the next spare host once the slot is quiet
+
+
+def _set_pdeathsig(sig: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class HostDied(Exception):
+    """The host's pipes broke: it died (or closed them)."""
+
+
+# -- the slot's side ----------------------------------------------------------------------
+
+
+class Host:
+    """The slot's handle on one task host: its pipes and what it was sent."""
+
+    def __init__(self, pid: int, key: int, task_w: int, result_r: int,
+                 counter: memoryview) -> None:
+        self.pid = pid
+        self.key = key  #: the client key whose tasks it runs
+        self.task_w = task_w
+        self.result_r = result_r
+        self._counter = counter
+        self.inflight: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.inflight_bytes = 0
+        self.answered = 0  # results received since the host started
+        self._buf = bytearray()
+        self.held: list[str] = []  #: data keys the host's stager reported (HOLDING)
+
+    def send(self, tasks: list[tuple[int, bytes]]) -> None:
+        """Queue ``tasks`` (id, blob) in the host. Raises HostDied."""
+        head = _TASK_HEAD.pack
+        data = b"".join(head(len(blob)) + blob for _, blob in tasks)
+        self.inflight.extend(tasks)
+        self.inflight_bytes += len(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.task_w, view):]
+        except OSError as exc:  # EPIPE: the host is gone
+            raise HostDied(str(exc)) from None
+
+    def receive(self, block: bool = True) -> list[tuple[int, bytes, bool, float]]:
+        """Results that arrived (waiting for at least one if ``block``), as
+        ``(task id, blob, failed, seconds)`` in the order sent. Raises HostDied."""
+        out: list[tuple[int, bytes, bool, float]] = []
+        buf = self._buf
+        while True:
+            if not block and not select.select([self.result_r], [], [], 0)[0]:
+                return out
+            try:
+                chunk = os.read(self.result_r, _READ_SIZE)
+            except OSError as exc:
+                raise HostDied(str(exc)) from None
+            if not chunk:
+                raise HostDied("end of the result pipe")
+            buf += chunk
+            pos, end = 0, len(buf)
+            unpack_from, size = _RESULT_HEAD.unpack_from, _RESULT_HEAD.size
+            while end - pos >= size:
+                n, kind, seconds = unpack_from(buf, pos)
+                if end - pos - size < n:
+                    break
+                blob = bytes(buf[pos + size:pos + size + n])
+                pos += size + n
+                if kind == _HELD:
+                    self.held.extend(str(k) for k in msgpack.unpackb(blob))
+                    continue
+                if not self.inflight:
+                    raise HostDied("a result for no task")  # a confused host
+                tid, sent = self.inflight.popleft()
+                self.inflight_bytes -= _TASK_HEAD.size + len(sent)
+                self.answered += 1
+                out.append((tid, blob, kind == _FAILED, seconds))
+            del buf[:pos]
+            if out:
+                return out
+            block = True  # a partial frame: wait for the rest
+
+    def started(self) -> int:
+        """How many tasks the host has started (its own count, in the shared cell)."""
+        return int(self._counter[0])
+
+    def close(self) -> None:
+        for fd in (self.task_w, self.result_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Zygote:
+    """The slot's handle on its fork server; see the module docstring."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.runner_config: dict[str, Any] = {}  #: output_cap, cache_dir, cache_bytes
+        fd = os.memfd_create("zfalkon-host-counter", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 8)
+        self._counter_fd = fd
+        self._counter_map = mmap.mmap(fd, 8)
+        self._counter = memoryview(self._counter_map).cast("q")
+
+    @classmethod
+    def start(cls) -> "Zygote":
+        """Fork the zygote. Call before any ZeroMQ context exists and before reading
+        anything secret: the zygote, and every host, inherits this process's memory."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the zygote
+            code = 0
+            try:
+                ours.close()
+                _zygote_main(theirs)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(ours, pid)
+
+    def _ask(self, message: list, fds: list[int] | None = None) -> list:
+        data = msgpack.packb(message)
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.send(data)
+        reply = self.sock.recv(4096)
+        if not reply:
+            raise RuntimeError("the slot's zygote is gone")
+        return msgpack.unpackb(reply)
+
+    def fork_host(self, key: int) -> Host:
+        """A fresh task host for client ``key``."""
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            self._counter[0] = 0
+            reply = self._ask(["fork", self.runner_config],
+                              [task_r, result_w, self._counter_fd])
+        finally:
+            os.close(task_r)
+            os.close(result_w)
+        return Host(int(reply[1]), key, task_w, result_r, self._counter)
+
+    def reap(self, host: Host) -> int:
+        """Kill ``host`` (its process group) and reap it; return its exit status as
+        :attr:`subprocess.Popen.returncode` words it (negative: killed by that signal)."""
+        host.close()
+        return int(self._ask(["reap", host.pid])[1])
+
+    def kill(self, host: Host) -> None:
+        """SIGKILL ``host`` (its process group); the zygote reaps it later."""
+        host.close()
+        self._ask(["kill", host.pid])
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the zygote (it SIGKILLs and reaps a host still alive) and reap it."""
+        try:
+            self.sock.close()
+        finally:
+            deadline = time.monotonic() + timeout
+            while True:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+                if done or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+            if not done:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            self._counter.release()
+            self._counter_map.close()
+            os.close(self._counter_fd)
+
+
+# -- the zygote --------------------------------------------------------------------------
+
+
+def _zygote_main(sock: socket.socket) -> None:
+    _set_pdeathsig(signal.SIGKILL)  # the slot died: go too (and, through theirs, the hosts)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the agent
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # (the slot's stdin carries its config: not ours to read)
+    os.close(devnull)
+    import zfalkon.cache  # noqa: F401  (preloaded: a host costs a fork, not imports)
+    import zfalkon.execute  # noqa: F401
+    import zfalkon.payload  # noqa: F401
+    import zfalkon.staging  # noqa: F401
+
+    gc.collect()
+    gc.freeze()  # keep the collector off the shared pages in the hosts
+    hosts: set[int] = set()  # hosts handed to the slot, not yet reaped
+    killed: set[int] = set()  # hosts killed, to reap
+    spare: tuple[int, socket.socket] | None = None
+    try:
+        while True:
+            if spare is None and not select.select([sock], [], [], _SPARE_AFTER_SECONDS)[0]:
+                spare = _fork_spare(sock)  # (when the slot is quiet: not amid its work)
+            for pid in list(killed):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    killed.discard(pid)
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 4096, 4)
+            except InterruptedError:
+                continue
+            if not data:
+                return  # the slot closed its end
+            message = msgpack.unpackb(data)
+            if message[0] == "fork":
+                pid, line = spare or _fork_spare(sock)
+                spare = None
+                try:
+                    socket.send_fds(line, [msgpack.packb(message[1])], fds)
+                finally:
+                    line.close()
+                    for fd in fds:
+                        os.close(fd)
+                hosts.add(pid)
+                sock.send(msgpack.packb(["forked", pid]))
+            elif message[0] == "kill":
+                pid = int(message[1])
+                if pid in hosts:
+                    _kill(pid)
+                    hosts.discard(pid)
+                    killed.add(pid)
+                sock.send(msgpack.packb(["killed", pid]))
+            elif message[0] == "reap":
+                pid = int(message[1])
+                code = _kill_and_reap(pid) if pid in hosts else 0
+                hosts.discard(pid)
+                sock.send(msgpack.packb(["reaped", code]))
+    finally:
+        if spare is not None:
+            hosts.add(spare[0])
+        for pid in hosts:
+            _kill_and_reap(pid)
+        for pid in killed:
+            os.waitpid(pid, 0)
+
+
+def _fork_spare(sock: socket.socket) -> tuple[int, socket.socket]:
+    """Fork a host that warms up, then waits for its pipes (and becomes a client's)."""
+    line, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sock.close()
+            line.close()
+            _spare_main(theirs)
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        os.setpgid(pid, pid)  # (the host does too: whichever runs first)
+    except OSError:
+        pass
+    return pid, line
+
+
+def _kill(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _kill_and_reap(pid: int) -> int:
+    _kill(pid)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+# -- the host ----------------------------------------------------------------------------
+
+
+def _spare_main(line: socket.socket) -> None:
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    _set_pdeathsig(signal.SIGKILL)
+    # Python's own SIGINT disposition again (the zygote ignores it; an ignored signal would
+    # stay ignored in the shell commands the host spawns). In its own process group, a
+    # host gets no terminal ^C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from zfalkon import payload
+    from zfalkon.execute import Runner
+
+    # Warm up: run a no-op task, so the pages the hot path touches are this process's own
+    # before the first real task (and never with a client's data in them).
+    Runner().run(payload.python_task("builtins:len", ([],), {}))
+    data, fds, _, _ = socket.recv_fds(line, 4096, 4)
+    line.close()
+    if len(fds) != 3:
+        return  # the zygote is gone
+    _host_main(fds[0], fds[1], fds[2], msgpack.unpackb(data))
+
+
+def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict) -> None:
+    counter_map = mmap.mmap(counter_fd, 8)
+    os.close(counter_fd)
+    counter = memoryview(counter_map).cast("q")
+    for fd in (task_r, result_w):
+        os.set_inheritable(fd, False)  # (SCM_RIGHTS fds: shell tasks must not get them)
+    from zfalkon.cache import DataCache
+    from zfalkon.execute import Runner
+    from zfalkon.staging import Stager
+
+    cache_dir, cache_bytes = config.get("cache_dir"), config.get("cache_bytes", 0)
+    stager = Stager(DataCache(cache_dir, cache_bytes) if cache_dir and cache_bytes > 0
+                    else None)
+    runner = Runner(config.get("output_cap", OUTPUT_CAP_BYTES), stager)
+    serve(task_r, result_w, runner, counter)
+
+
+def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
+    """The host's loop: run the tasks read from ``task_r``, write results to ``result_w``,
+    until ``task_r`` ends."""
+    run = runner.run
+    stager = runner.stager
+    head, size = _TASK_HEAD.unpack_from, _TASK_HEAD.size
+    result_head = _RESULT_HEAD.pack
+    clock = time.perf_counter
+    buf = bytearray()
+    pos = 0
+    out: list[bytes] = []
+    out_bytes = 0
+    first_at = 0.0
+    started = 0
+
+    def flush() -> None:
+        nonlocal out, out_bytes
+        view = memoryview(b"".join(out))
+        while view:
+            view = view[os.write(result_w, view):]
+        out, out_bytes = [], 0
+
+    while True:
+        if len(buf) - pos < size or len(buf) - pos - size < head(buf, pos)[0]:
+            if out:
+                flush()  # nothing (whole) left to run: return what is done
+            del buf[:pos]
+            pos = 0
+            chunk = os.read(task_r, _READ_SIZE)
+            if not chunk:
+                return
+            buf += chunk
+            continue
+        n = head(buf, pos)[0]
+        blob = bytes(buf[pos + size:pos + size + n])
+        pos += size + n
+        started += 1
+        counter[0] = started
+        t0 = clock()
+        result, failed = run(blob)
+        now = clock()
+        if not out:
+            first_at = now
+        out.append(result_head(len(result), _FAILED if failed else _OK, now - t0))
+        out.append(result)
+        out_bytes += len(result)
+        if stager.new_held:
+            held = msgpack.packb(stager.take_new_held())
+            out.append(result_head(len(held), _HELD, 0.0))
+            out.append(held)
+        if out_bytes >= _FLUSH_BYTES or now - first_at >= _FLUSH_SECONDS:
+            flush()
