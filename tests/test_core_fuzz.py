@@ -59,12 +59,22 @@ def _value(annotation) -> st.SearchStrategy:
     return st.none()
 
 
-_info = st.dictionaries(
-    st.sampled_from(["worker_id", "slots", "slot", "name", "hostname", "tags", "key",
-                     "cpus", "memory", "pid", "junk"]),
-    st.one_of(_ints, _names, st.lists(_names, max_size=200), st.sampled_from(["w", "evil"]),
-              st.dictionaries(_names, _ints, max_size=20)),
-    max_size=11)
+_info = st.one_of(
+    st.dictionaries(  # anything at all
+        st.sampled_from(["worker_id", "slots", "slot", "name", "hostname", "tags", "key",
+                         "cpus", "memory", "pid", "junk"]),
+        st.one_of(_ints, _names, st.lists(_names, max_size=200),
+                  st.dictionaries(_names, _ints, max_size=20)),
+        max_size=11),
+    st.fixed_dictionaries(  # a worker HELLO that registers, with oversized fields
+        {"worker_id": st.sampled_from(["w", "evil"]) | st.text(min_size=1, max_size=200),
+         "slots": st.integers(1, 5000)},
+        optional={"tags": st.lists(st.text(max_size=100), max_size=200)
+                  | st.lists(st.text(max_size=100), min_size=60, max_size=200), "name": _names,
+                  "hostname": _names, "cpus": _ints, "junk": st.lists(_ints, max_size=500)}),
+    st.fixed_dictionaries(  # a slot HELLO naming a worker
+        {"worker_id": st.sampled_from(["w", "evil"]), "slot": st.integers(0, 10)}),
+)
 _wrong = st.one_of(_ints, _names, _small_bytes, st.none(), st.booleans(),
                    st.lists(_ints, max_size=5), st.dictionaries(_names, _ints, max_size=3))
 
@@ -72,8 +82,12 @@ _wrong = st.one_of(_ints, _names, _small_bytes, st.none(), st.booleans(),
 @st.composite
 def frames(draw) -> bytes:
     """One hostile frame: usually a message of a real type with drawn fields."""
-    if draw(st.integers(0, 9)) == 0:
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
         return draw(st.binary(max_size=200))
+    if kind <= 2:  # a HELLO in a real role: registrations are where state is kept
+        return msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, draw(_names),
+                              draw(st.sampled_from(P.ROLES)), draw(_info)])
     cls, tag = draw(st.sampled_from(sorted(P.TAGS.items(), key=lambda kv: kv[1])))
     hints = typing.get_type_hints(cls)
     fields = [draw(_wrong) if draw(st.integers(0, 7)) == 0 else draw(_value(hints[f]))
