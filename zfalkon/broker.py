@@ -93,7 +93,12 @@ class Broker:
             self.auth.start()
             keys.serve(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A reconnecting peer takes its routing id back from a connection not yet known
+        # dead (ROUTER_HANDOVER). With keys, never: a connection of another key that
+        # presents a known id would take that peer's route (and its tasks or results);
+        # libzmq refuses a second connection with an id in use, and a dead one is dropped
+        # within the ZMTP heartbeat timeout (HEARTBEAT_SECONDS x HEARTBEAT_MISSES).
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if keys is not None else 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         # A peer that does not read: past SEND_HWM frames queued for it, sends fail
         # (EAGAIN) and the core stops sending to it until it speaks again.
