@@ -500,3 +500,24 @@ def test_honest_latency_while_two_peers_flood_capped_hellos(ctx):
                 ex.shutdown(wait=False, cancel_futures=True)
                 for raw in attackers:
                     raw.close()
+
+
+def test_a_client_cannot_cancel_or_submit_under_another_clients_key(served, ctx):
+    """Task ids are guessable (key << 40 | seq): a raw client cancels an honest client's
+    ids and submits tasks under its key; the honest client's results are untouched."""
+    proc, address = served
+    raw = Raw(ctx, address)
+    try:
+        mine = raw.hello().key
+        with Executor(address, connect_timeout=10) as ex:
+            futures = [ex.submit(tasks.sleep_then, i, 0.3) for i in range(4)]
+            ids = [f.task_id for f in futures]
+            victim = ids[0] >> P.ID_SHIFT
+            assert victim != mine
+            raw.send_msg(P.Cancel(1, 0, ids))
+            raw.send_msg(P.Submit(2, 0, [ids[-1] + 1], [payload.python_task(
+                "tasks:identity", ("forged",), {})]))
+            raw.expect_error("malformed")
+            assert [f.result(timeout=60) for f in futures] == list(range(4))
+    finally:
+        raw.close()
