@@ -24,6 +24,7 @@ from conftest import Raw, broker_process, wait_until, worker_process
 from zfalkon import Executor, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.constants import PROTOCOL_VERSION
+from zfalkon.journal import Journal
 
 RSS_BOUND = 50 * 2**20
 
@@ -521,3 +522,124 @@ def test_a_client_cannot_cancel_or_submit_under_another_clients_key(served, ctx)
             assert [f.result(timeout=60) for f in futures] == list(range(4))
     finally:
         raw.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with --journal, BrokerCore._quiet journals HELD for *every* unacknowledged result of "
+    "the client each time it turns quiet, and a client turns quiet on every failed send; "
+    "a client that does not read (zmq pipe full) and keeps speaking (here HELLO with its "
+    "own key, not rate limited) flips quiet -> listening -> quiet every loop pass: ~12 MiB "
+    "of HELD records per pass, hundreds of MiB a second written to the journal"))
+def test_a_client_flapping_quiet_does_not_rewrite_its_held_results_to_the_journal(ctx, tmp_path):
+    with broker_process("--journal", str(tmp_path / "j")) as (proc, address):
+        with worker_process(address, "--slots", "1"):
+            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
+            raw = Raw(ctx, address)
+            raw.sock.setsockopt(zmq.RCVHWM, 1)
+            raw.sock.setsockopt(zmq.RCVBUF, 4096)
+            try:
+                key = raw.hello().key
+                base = key << P.ID_SHIFT
+                blob = payload.python_task("builtins:bytes", (2 << 20,), {})
+                for seq in range(1, 7):  # 6 results of 2 MiB, one DELIVER frame each
+                    raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
+                    wait_until(lambda: query_status(address)["done"] >= seq, 30,
+                               message=f"task {seq}")
+                io = psutil.Process(proc.pid)
+                written = io.io_counters().write_chars
+                hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "flapper", "key": key}))
+                for _ in range(200):  # bounded: 10 s
+                    raw.send(hello)
+                    time.sleep(0.05)
+                query_status(address)  # (the broker has taken them all)
+                written = io.io_counters().write_chars - written
+                status = query_status(address)
+                report("10 s of HELLOs from a client with 12 MiB of unread results: "
+                       "broker wrote", written / 2**20)
+                report("  journal compactions meanwhile", status["journal"]["compactions"], "")
+                assert written < 100 * 2**20
+            finally:
+                raw.close()
+
+
+def drain(raw: Raw, timeout: float = 0.5) -> list:
+    out = []
+    while raw.sock.poll(timeout * 1000):
+        out.append(P.decode(raw.sock.recv()))
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BrokerCore._on_resend, for a RESEND within RESEND_SECONDS of the last one, calls "
+    "peer.tx.ack(msg.ack) directly instead of _acked(): a client's frames are forgotten "
+    "without their bookkeeping: in_flight and held_bytes keep their bytes (the send window "
+    "stays full: the client is never sent its later results), the ids stay in live, and "
+    "no DONE is journaled (a restart runs the acknowledged tasks again). An Executor sends "
+    "two RESENDs within 2 s whenever a gap and a PONG both show missing frames"))
+def test_a_second_resend_within_two_seconds_keeps_the_books(ctx, tmp_path):
+    directory = tmp_path / "j"
+    with broker_process("--journal", str(directory)) as (proc, address):
+        with worker_process(address, "--slots", "1"):
+            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
+            raw = Raw(ctx, address)
+            try:
+                key = raw.hello().key
+                base = key << P.ID_SHIFT
+                blob = payload.python_task("builtins:bytes", (1 << 20,), {})
+                for seq in range(1, 7):  # 6 results of 1 MiB, one DELIVER frame each
+                    raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
+                    wait_until(lambda: query_status(address)["done"] >= seq, 30,
+                               message=f"task {seq}")
+                got = [m.seq for m in drain(raw) if isinstance(m, P.Deliver)]
+                assert got == [1, 2, 3]  # (the 4 MiB send window holds back 4..6)
+                raw.send_msg(P.Resend(0))  # a gap: everything again
+                assert [m.seq for m in drain(raw) if isinstance(m, P.Deliver)] == [1, 2, 3]
+                raw.send_msg(P.Resend(3))  # soon after: "I have 1..3, send what follows"
+                raw.send_msg(P.Ack(3))
+                raw.send_msg(P.Ping(1.0, 3))
+                later = []
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and len(later) < 3:
+                    later += [m.seq for m in drain(raw, 1.0) if isinstance(m, P.Deliver)]
+                    raw.send_msg(P.Ping(2.0, 3))
+                report("DELIVER frames after the client acknowledged 1..3 by RESEND",
+                       len(later), "frames")
+            finally:
+                raw.close()
+        # (broker_process stopped the broker by SIGTERM: a clean stop)
+    journal = Journal(str(directory))
+    try:
+        left = journal.replay()
+    finally:
+        journal.close()
+    acknowledged = [t for t in (base + 1, base + 2, base + 3) if t in left.tasks or t in left.held]
+    report("acknowledged tasks a restart would run again", len(acknowledged), "tasks")
+    assert sorted(set(later)) == [4, 5, 6], f"DELIVERs 4..6 never sent: got {later}"
+    assert not acknowledged
+
+
+# -- the limits against honest clients ----------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BrokerCore._send_deliver calls _shed whenever client.sent < client.tx.seq, i.e. "
+    "whenever results wait behind SEND_WINDOW_BYTES (4 MiB), not only when the client is "
+    "quiet: an honest, listening Executor whose workers produce results faster than the "
+    "window drains (here 400 x 256 KiB from 2 slots on loopback) has most of its results "
+    "replaced by ResultDropped as soon as more than MAX_HELD_BYTES (16 MiB) are waiting"))
+def test_an_honest_executor_with_100_mib_of_results_gets_every_result():
+    with broker_process() as (proc, address):
+        with worker_process(address, "--slots", "2"):
+            wait_until(lambda: query_status(address)["slots"] >= 2, 30, message="slots")
+            with Executor(address, connect_timeout=30) as ex:
+                futures = [ex.submit(bytes, 256 * 1024) for _ in range(400)]
+                failed = 0
+                for f in futures:
+                    try:
+                        assert f.result(timeout=120) == bytes(256 * 1024)
+                    except Exception:  # noqa: BLE001 (TaskError ResultDropped)
+                        failed += 1
+            dropped = query_status(address)["dropped_results"]
+            report("honest Executor, 400 x 256 KiB results: results lost (ResultDropped)",
+                   failed, "results")
+            assert failed == 0 and dropped == 0
