@@ -82,11 +82,6 @@ def test_a_worker_key_cannot_replace_another_keys_worker(keyed, ctx):
         thief.close(0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ROUTER_HANDOVER gives a routing id to the newest connection at its handshake; the "
-    "broker learns of a takeover only when the new connection *speaks* (_authorized). A "
-    "connection of another key that takes a client's routing id and stays silent receives "
-    "that client's ACKs and DELIVERs (its results, in clear after CURVE)"))
 def test_a_silent_connection_of_another_key_does_not_get_a_clients_results(keyed, ctx):
     ident = uuid.uuid4().bytes
     owner = curve_dealer(ctx, keyed.address, keyed.c1, ident)

@@ -253,12 +253,6 @@ def test_blind_acks_without_reading_keep_the_broker_bounded(ctx):
                 raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BrokerCore._acked trusts the client's ack: tx.ack() forgets frames the broker never "
-    "sent (held back by SEND_WINDOW_BYTES, or while the client was quiet); then "
-    "client.sent < client.tx.seq with tx.unacked empty, and _send_unsent indexes "
-    "unacked[0]: IndexError, uncaught, the broker process exits. Same through the ack of "
-    "SUBMIT, CANCEL, PING and RESEND"))
 def test_an_ack_past_the_last_frame_sent_does_not_kill_the_broker(ctx):
     """Two 3 MiB results in two DELIVER frames: the second is held back by the 4 MiB send
     window. A client that has read nothing sends ACK 2: the broker must stay up (and
@@ -569,13 +563,6 @@ def drain(raw: Raw, timeout: float = 0.5) -> list:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BrokerCore._on_resend, for a RESEND within RESEND_SECONDS of the last one, calls "
-    "peer.tx.ack(msg.ack) directly instead of _acked(): a client's frames are forgotten "
-    "without their bookkeeping: in_flight and held_bytes keep their bytes (the send window "
-    "stays full: the client is never sent its later results), the ids stay in live, and "
-    "no DONE is journaled (a restart runs the acknowledged tasks again). An Executor sends "
-    "two RESENDs within 2 s whenever a gap and a PONG both show missing frames"))
 def test_a_second_resend_within_two_seconds_keeps_the_books(ctx, tmp_path):
     directory = tmp_path / "j"
     with broker_process("--journal", str(directory)) as (proc, address):
@@ -621,12 +608,6 @@ def test_a_second_resend_within_two_seconds_keeps_the_books(ctx, tmp_path):
 # -- the limits against honest clients ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BrokerCore._send_deliver calls _shed whenever client.sent < client.tx.seq, i.e. "
-    "whenever results wait behind SEND_WINDOW_BYTES (4 MiB), not only when the client is "
-    "quiet: an honest, listening Executor whose workers produce results faster than the "
-    "window drains (here 400 x 256 KiB from 2 slots on loopback) has most of its results "
-    "replaced by ResultDropped as soon as more than MAX_HELD_BYTES (16 MiB) are waiting"))
 def test_an_honest_executor_with_100_mib_of_results_gets_every_result():
     with broker_process() as (proc, address):
         with worker_process(address, "--slots", "2"):
@@ -680,13 +661,6 @@ def test_hello_churn_from_fresh_routing_ids_is_bounded(ctx):
         assert growth < RSS_BOUND
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BrokerCore._on_ping answers PONG seq = client.tx.seq, which counts frames held back "
-    "by SEND_WINDOW_BYTES (never sent), not client.sent: an Executor reads every such PONG "
-    "as frames lost (ClientSession._on_pong: rx.last < seq) and sends RESEND each PING "
-    "while results wait behind the window; the broker then sends the whole window again "
-    "every RESEND_SECONDS, and a second RESEND within 2 s takes the path that skips the "
-    "books (test_a_second_resend_within_two_seconds_keeps_the_books)"))
 def test_pong_does_not_announce_frames_held_back_by_the_send_window(ctx):
     with broker_process() as (proc, address):
         with worker_process(address, "--slots", "1"):

@@ -289,6 +289,7 @@ class FabricMachine(RuleBasedStateMachine):
         """What the core holds as live, checked against where each task is."""
         core = self.core
         queued = {t for ids, _ in core.queue.batches() for t in ids}
+        queued |= {t for ids, _ in core.parked.values() for t in ids}
         held = {t for w in core.workers.values() for s in w.slots.values() for t in s.inflight}
         unacked = {t for c in core.clients.values() for _, (_, ids, _) in c.tx.unacked
                    for t in ids}
@@ -527,6 +528,7 @@ class FabricMachine(RuleBasedStateMachine):
         core = self.core
         queued = sum(len(ids) for ids, _ in core.queue.batches())
         assert len(core.queue) == queued
+        assert core.parked_count == sum(len(ids) for ids, _ in core.parked.values())
         ready = [s for s in core.ready]
         assert len(ready) == len(set(map(id, ready)))
         assert all(s.ready for s in ready)

@@ -225,7 +225,11 @@ def test_client_that_never_reads_its_results(ctx):
                            message="every task ran")
                 status = query_status(address)
                 assert status["dropped_results"] > 0
-                assert grew(proc, before, "256 MiB of results never read") < RSS_BOUND
+                # (what it keeps: 2 x MAX_WAITING_BYTES of results while it is taken
+                # for listening, MAX_HELD_BYTES once quiet, and a window in the socket;
+                # freed memory stays in the allocator)
+                bound = 2 * core.MAX_WAITING_BYTES + core.SEND_WINDOW_BYTES + 24 * 2**20
+                assert grew(proc, before, "256 MiB of results never read") < bound
                 assert_serving(address)
             finally:
                 raw.close()

@@ -81,6 +81,17 @@ MAX_DATA_KEYS = 10_000  # data keys remembered per worker (HOLDING); later ones 
 MAX_DATA_KEY_CHARS = 512
 #: Result bytes the broker sends a client ahead of its acknowledgements.
 SEND_WINDOW_BYTES = 4 * 1024 * 1024
+#: A client whose acknowledgements have not moved for this long while results wait for
+#: it is not reading: it is treated as quiet (nothing sent until it speaks again, and its
+#: waiting results kept within MAX_HELD_BYTES).
+ACK_STALL_SECONDS = 10.0
+#: Results waiting for a listening client past which its queued tasks are *parked*
+#: (dispatch sets them aside, other clients' work goes on) until it has read half of
+#: them: backpressure, so a client that reads slower than its tasks produce results
+#: loses nothing. Past twice this, if its acknowledgements have not moved for a tick
+#: or two, the oldest not yet sent are replaced by ResultDropped (its running tasks'
+#: results cannot be parked).
+MAX_WAITING_BYTES = 32 * 1024 * 1024
 #: Results kept in full for a client that is not listening (quiet: silent, or its
 #: connection refused more frames); past either bound the oldest are replaced by a short
 #: ResultDropped error (logged, and journaled), so its futures still complete.
@@ -139,6 +150,9 @@ class Client:
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
     sent: int = 0  # the last frame of its stream sent to it (none is sent while quiet)
     in_flight: int = 0  # result bytes sent to it and not acknowledged
+    reading: int = 0  # bit 0: its acknowledgement moved this tick; bit 1: the last one
+    ack_mark: int = -1  # its acknowledgement when last seen to move, and when
+    ack_since: float = 0.0
     held_bytes: int = 0  # result bytes in its stream kept in full (not yet dropped)
     held_results: int = 0
     refused_at: float = -1e9  # when it was last told its SUBMIT was refused
@@ -228,6 +242,9 @@ class BrokerCore:
         self.live: set[int] = set()
         self._dead_queued = False  # tasks no longer live may sit in the queue
         self.cancelled: set[int] = set()  # cancelled while queued or running (not live)
+        #: Client key -> its queued tasks set aside while it is far behind reading.
+        self.parked: dict[int, tuple[list[int], list[bytes]]] = {}
+        self.parked_count = 0
         self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
         self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
         self.started = now
@@ -377,6 +394,7 @@ class BrokerCore:
             self._purge(set(self.gone))
             self._purged_at = now
         for client in list(self.clients.values()):
+            client.reading = (client.reading << 1) & 3
             silent = now - client.last_heard
             if silent > self.hold_seconds:
                 log.warning("client %d silent for %.0f s: dropping its tasks and results",
@@ -384,6 +402,12 @@ class BrokerCore:
                 self._forget(client)
             elif silent > QUIET_SECONDS and not client.quiet:
                 self._quiet(client)
+            elif client.sent < client.tx.seq and not client.quiet:
+                acked = client.tx.acked()  # results wait behind its window: reading?
+                if acked != client.ack_mark:
+                    client.ack_mark, client.ack_since = acked, now
+                elif now - client.ack_since > ACK_STALL_SECONDS:
+                    self._quiet(client)  # (it pings but does not read)
         for peer in self._owed:
             self._send_ack(peer)
         self._owed.clear()
@@ -507,6 +531,8 @@ class BrokerCore:
         record.held_bytes = record.held_results = 0
         for worker, ids, blobs in frames:
             self._send_deliver(record, worker, ids, blobs)
+        if key in self.parked and record.held_bytes <= MAX_WAITING_BYTES // 2:
+            self._unpark(key)
         return key
 
     def _new_key(self) -> int:
@@ -626,7 +652,9 @@ class BrokerCore:
             peer.tx.ack(ack)
 
     def _acked(self, client: Client, ack: int) -> None:
-        """The client has its results up to frame ``ack``: they are done for good."""
+        """The client has its results up to frame ``ack``: they are done for good. (An
+        ack past the last frame sent to it is a lie, or stale: it counts up to that.)"""
+        ack = min(ack, client.sent)
         unacked = client.tx.unacked
         if unacked and unacked[0][0] <= ack:
             done: list[int] = []
@@ -645,15 +673,18 @@ class BrokerCore:
                 self.cancelled.difference_update(done)
             self.recorder.done(done)
             client.tx.ack(ack)
+            client.reading |= 1
             if client.sent < client.tx.seq:
                 self._send_unsent(client)  # (its window opened)
+            if client.key in self.parked and client.held_bytes <= MAX_WAITING_BYTES // 2:
+                self._unpark(client.key)
 
     def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
         """The peer missed frames after ``ack`` (a replaced connection): send them again,
         at most once per RESEND_SECONDS (a peer that asks again without reading must not
         make the broker copy its stream into the socket's buffers without bound)."""
         if now - peer.resent_at < RESEND_SECONDS:
-            peer.tx.ack(msg.ack)
+            self._peer_has(peer, msg.ack)
             return
         peer.resent_at = now
         if type(peer) is Client:
@@ -681,12 +712,16 @@ class BrokerCore:
         if blobs[0] is not _DROPPED:
             client.held_bytes += sum(map(len, blobs))
             client.held_results += len(ids)
-        if client.quiet:
+        if client.quiet:  # not listening: kept, within bounds, until it speaks
             self.recorder.held(ids, blobs)  # (undone by DONE once acknowledged)
+            self._shed(client, MAX_HELD_BYTES)
         else:
             self._send_unsent(client)
-        if client.sent < client.tx.seq:  # not listening, or not acknowledging
-            self._shed(client)
+            if client.held_bytes > MAX_WAITING_BYTES:
+                if client.key not in self.parked:
+                    self.parked[client.key] = ([], [])  # far behind: its queued tasks wait
+                if client.held_bytes > 2 * MAX_WAITING_BYTES and not client.reading:
+                    self._shed(client, 2 * MAX_WAITING_BYTES)  # (and it is not reading)
 
     def _send_unsent(self, client: Client) -> None:
         """Send the frames of the client's stream it has not been sent: while it listens
@@ -694,7 +729,7 @@ class BrokerCore:
         SEND_WINDOW_BYTES (a client that does not read cannot make the broker buffer more;
         the rest goes as it acknowledges)."""
         unacked = client.tx.unacked
-        if client.quiet or not client.ident or client.sent >= client.tx.seq:
+        if client.quiet or not client.ident or client.sent >= client.tx.seq or not unacked:
             return
         rx_last = client.rx.last
         for i in range(max(0, client.sent + 1 - unacked[0][0]), len(unacked)):
@@ -708,12 +743,12 @@ class BrokerCore:
         client.told = rx_last
         self._owed.pop(client, None)
 
-    def _shed(self, client: Client) -> None:
+    def _shed(self, client: Client, limit: int) -> None:
         """Keep the results of a client that is not listening (or not acknowledging)
         within MAX_HELD_BYTES and MAX_HELD_RESULTS: the oldest kept in full and not yet
         sent are replaced by a short ResultDropped error (journaled, so a restart keeps
         the replacement); the count is logged on the tick."""
-        if client.held_bytes <= MAX_HELD_BYTES and client.held_results <= MAX_HELD_RESULTS:
+        if client.held_bytes <= limit and client.held_results <= MAX_HELD_RESULTS:
             return
         unacked, dropped = client.tx.unacked, 0
         # (frames already sent are left alone: the socket holds them until acknowledged,
@@ -728,7 +763,7 @@ class BrokerCore:
             blobs = [_DROPPED] * len(ids)
             unacked[i] = (seq, (worker, ids, blobs))
             self.recorder.held(ids, blobs)
-            if client.held_bytes <= MAX_HELD_BYTES and client.held_results <= MAX_HELD_RESULTS:
+            if client.held_bytes <= limit and client.held_results <= MAX_HELD_RESULTS:
                 break
         self.dropped_results += dropped
         self._dropped[client.key] += dropped
@@ -759,7 +794,7 @@ class BrokerCore:
             if self.recorder.durable:
                 for _, (_, ids, blobs) in client.tx.unacked:
                     self.recorder.held(ids, blobs)
-            self._shed(client)
+            self._shed(client, MAX_HELD_BYTES)
 
     def _forget(self, client: Client) -> None:
         """The client is gone for good: its queued tasks are skipped, its results dropped."""
@@ -774,6 +809,10 @@ class BrokerCore:
             self.gone.add(key)  # running ones are revoked, its results are dropped
             if self.cancelled:
                 self.cancelled = {t for t in self.cancelled if t >> P.ID_SHIFT != key}
+            if key in self.parked:  # (its parked tasks die with it)
+                ids, _ = self.parked.pop(key)
+                self.parked_count -= len(ids)
+                self.live.difference_update(ids)
             self._dead_queued = True
             live = self.live
             live.difference_update([t for _, (_, ids, _) in client.tx.unacked for t in ids])
@@ -930,6 +969,8 @@ class BrokerCore:
             ids, blobs = queue.take(slot.worker.data, n)
             if self._dead_queued:
                 ids, blobs = self._live(ids, blobs)
+            if self.parked:
+                ids, blobs = self._park(ids, blobs)
             if not ids:
                 continue  # everything taken was cancelled; the queue shrank
             if not slot.inflight:
@@ -946,6 +987,31 @@ class BrokerCore:
         if not queue.count:  # nothing queued that is no longer live
             self._dead_queued = False
             self.gone.clear()
+
+    def _park(self, ids: list[int], blobs: list[bytes]) -> tuple[list[int], list[bytes]]:
+        """Set aside the tasks of clients far behind in reading their results; return
+        the others."""
+        parked, shift = self.parked, P.ID_SHIFT
+        keep = []
+        for i, t in enumerate(ids):
+            spot = parked.get(t >> shift)
+            if spot is None:
+                keep.append(i)
+            else:
+                spot[0].append(t)
+                spot[1].append(blobs[i])
+        if len(keep) == len(ids):
+            return ids, blobs
+        self.parked_count += len(ids) - len(keep)
+        return [ids[i] for i in keep], [blobs[i] for i in keep]
+
+    def _unpark(self, key: int) -> None:
+        """The client caught up: its parked tasks go back to the head of the queue."""
+        ids, blobs = self.parked.pop(key)
+        self.parked_count -= len(ids)
+        self.queue.push_front(ids, blobs)
+        if ids:
+            self._dead_queued = True  # (some may have been cancelled meanwhile)
 
     def _live(self, ids: list[int], blobs: list[bytes]) -> tuple[list[int], list[bytes]]:
         """Skip tasks no longer live (cancelled, or of forgotten clients: ``gone``)."""
@@ -1014,7 +1080,8 @@ class BrokerCore:
             ack = seq = 0
         else:
             self._peer_has(peer, msg.ack)
-            ack, seq = peer.rx.last, peer.tx.seq
+            ack = peer.rx.last  # (and the last frame sent, not one waiting to be)
+            seq = peer.sent if type(peer) is Client else peer.tx.seq
         self.outbox.append((peer.ident, P.Pong(msg.sent, ack, seq)))
 
     def _on_bye(self, peer: Peer, msg: P.Bye, now: float) -> None:
@@ -1052,7 +1119,7 @@ class BrokerCore:
         groups: list[tuple[list[int], list[bytes]]] = [
             (list(s.inflight), list(s.inflight.values()))
             for w in self.workers.values() for s in w.slots.values()]
-        for ids, blobs in [*groups, *self.queue.batches()]:
+        for ids, blobs in [*groups, *self.parked.values(), *self.queue.batches()]:
             ids, blobs = self._live(ids, blobs)
             for i in range(0, len(ids), MAX_BATCH):
                 yield ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]
@@ -1090,7 +1157,8 @@ class BrokerCore:
             "away_clients": sum(1 for c in self.clients.values() if not c.ident or c.quiet),
             "workers": len(self.workers),
             "slots": sum(len(w.slots) for w in self.workers.values()),
-            "queued": len(self.queue), "dispatch": self.queue.policy, "running": self.running,
+            "queued": len(self.queue) + self.parked_count, "dispatch": self.queue.policy,
+            "running": self.running, "parked": self.parked_count,
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
             "tasks_per_second": round(rate, 1), "worker_list": workers,
             "expired_leases": self.expired_leases, "stolen": self.stolen,
