@@ -376,7 +376,6 @@ def test_status_requests_unread_with_a_large_worker_list_are_bounded(ctx):
                 assert isinstance(w.recv(), P.Welcome)
             size = len(P.encode(P.Status(query_status(address))))
             reader.hello()
-            before = rss(proc)
             with PeakRss(proc) as peak:
                 request = P.encode(P.StatusRequest())
                 for _ in range(10):  # 10 s at the 8-a-second allowance
