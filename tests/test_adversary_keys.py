@@ -57,11 +57,6 @@ def names(address: str, keys: str) -> list[str]:
     return [w["name"] for w in query_status(address, keys=keys)["worker_list"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker HELLO whose worker_id is already registered drops that worker "
-    "(BrokerCore._on_hello: old = workers.get(worker_id); _drop(old)) without checking that "
-    "the old registration belongs to the same key, unlike a slot HELLO, which checks "
-    "bound[owner.ident] == user: worker key w2 evicts w1's worker and its slots"))
 def test_a_worker_key_cannot_replace_another_keys_worker(keyed, ctx):
     victim = curve_dealer(ctx, keyed.address, keyed.w1, uuid.uuid4().bytes)
     thief = curve_dealer(ctx, keyed.address, keyed.w2, uuid.uuid4().bytes)

@@ -65,16 +65,21 @@ def test_huge_hello_is_refused_before_it_is_unpacked(served, ctx):
     by size, unread, and the broker's memory does not follow."""
     proc, address = served
     before = rss(proc)
-    raw = Raw(ctx, address)
+    raw, stranger = Raw(ctx, address), Raw(ctx, address)
     try:
+        huge = worker_hello({"worker_id": "w", "slots": 1, "x": [{}] * (8 << 20)})
+        stranger.send(huge)  # (not registered: refused before decoding at all)
+        stranger.expect_error("hello-required", timeout=10)
+        raw.hello()  # (registered: decode refuses it by its size, before unpacking)
         started = time.monotonic()
         for _ in range(5):
-            raw.send(worker_hello({"worker_id": "w", "slots": 1, "x": [{}] * (8 << 20)}))
+            raw.send(huge)
             err = raw.expect_error("too-large", timeout=10)
             assert len(err.message) < 200
         assert time.monotonic() - started < 5  # (not seconds of validation each)
     finally:
         raw.close()
+        stranger.close()
     assert grew(proc, before, "5 HELLOs of 8 MB") < RSS_BOUND
     assert_serving(address)
 

@@ -254,13 +254,33 @@ def test_malformed_message_names_the_problem():
 def test_timestamp_extension_is_refused():
     """msgpack decodes ext type -1 (Timestamp) natively, without calling ext_hook.
 
-    protocol.decode must still refuse it: extension types are not part of the protocol,
-    and a Hello/Status info dict is not type-checked below its top level.
+    protocol.decode must still refuse it where it walks a map: extension types are not
+    part of the protocol.
     """
-    frame = msgpack.packb([T[P.Hello], PROTOCOL_VERSION, __version__, P.ROLE_CLIENT,
-                           {"name": msgpack.Timestamp(0)}])
+    frame = msgpack.packb([T[P.Status], {"rate": msgpack.Timestamp(0)}])
     exc = _decode_error(frame)
     assert exc.code == "malformed"
+
+
+def test_hello_info_is_checked_shallowly_and_the_broker_keeps_only_typed_fields():
+    """A HELLO's info is only checked to be a map (walking a crafted 16 KiB map costs
+    milliseconds of the broker's loop); the broker keeps only the fields it knows, each
+    type-checked, so nothing unchecked is kept."""
+    from zfalkon.core import BrokerCore
+
+    frame = msgpack.packb([T[P.Hello], PROTOCOL_VERSION, __version__, P.ROLE_CLIENT,
+                           {"name": msgpack.Timestamp(0), "junk": [[]] * 5000}])
+    core = BrokerCore(0.0)
+    core.message(b"c", P.decode(frame), None, 0.0)
+    (client,) = core.clients.values()
+    assert client.name == ""
+    frame = msgpack.packb([T[P.Hello], PROTOCOL_VERSION, __version__, P.ROLE_WORKER,
+                           {"worker_id": "w", "slots": 1, "name": msgpack.Timestamp(0),
+                            "tags": ["a", msgpack.Timestamp(0)], "cpus": "x", "junk": {}}])
+    core.message(b"w", P.decode(frame), None, 0.0)
+    assert core.workers["w"].info == {"worker_id": "w", "slots": 1, "tags": ["a"],
+                                      "name": None, "hostname": None, "cpus": None,
+                                      "memory": None, "pid": None}
 
 
 @pytest.mark.parametrize("tag", [0, 8, 21, 99, -1, 2**40])  # 8: CREDIT, retired

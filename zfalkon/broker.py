@@ -189,8 +189,13 @@ class Broker:
                 core.refuse(ident, ProtocolError(
                     f"expected one body frame, got {extra + 1}", "malformed"))
                 continue
+            buffer = body.buffer
+            if len(buffer) > P.MAX_HELLO_BYTES and ident not in core.peers:
+                # (a large frame from a peer that has not registered is not unpacked)
+                core.refuse(ident, ProtocolError("a message before HELLO", "hello-required"))
+                continue
             try:
-                msg = P.decode(body.buffer)
+                msg = P.decode(buffer)
             except ProtocolError as exc:
                 core.refuse(ident, exc)
                 continue

@@ -151,6 +151,7 @@ class Client:
     sent: int = 0  # the last frame of its stream sent to it (none is sent while quiet)
     in_flight: int = 0  # result bytes sent to it and not acknowledged
     reading: int = 0  # bit 0: its acknowledgement moved this tick; bit 1: the last one
+    journaled: int = 0  # the last frame of its stream journaled as HELD
     ack_mark: int = -1  # its acknowledgement when last seen to move, and when
     ack_since: float = 0.0
     held_bytes: int = 0  # result bytes in its stream kept in full (not yet dropped)
@@ -448,10 +449,14 @@ class BrokerCore:
                     f"worker HELLO needs worker_id (a string of at most {MAX_NAME_CHARS}) and "
                     f"slots (1 to {MAX_WORKER_SLOTS})", "bad-hello"))
                 return
+            old = self.workers.get(kept["worker_id"])
+            if old is not None and user is not None and self.bound.get(old.ident) != user:
+                self.refuse(ident, ProtocolError(
+                    "that worker_id is registered by another key", "unauthorized"))
+                return
             if peer is not None:
                 self._drop(peer)  # a new registration under the same id starts afresh
-            old = self.workers.get(kept["worker_id"])
-            if old is not None:
+            if old is not None and old is not peer:
                 self._drop(old)
             worker = Worker(ident, kept["worker_id"], kept, msg.version[:MAX_NAME_CHARS], now)
             self.peers[ident] = self.workers[worker.worker_id] = worker
@@ -525,12 +530,15 @@ class BrokerCore:
         # A new session: streams start again. Results it has not acknowledged go first,
         # before WELCOME, so that it does not submit those tasks again.
         frames = [f for _, f in record.tx.unacked]
+        all_journaled = record.journaled >= record.tx.seq  # (as HELD: not again)
         record.rx.reset()
         record.tx.reset()
-        record.told = record.sent = record.in_flight = 0
+        record.told = record.sent = record.in_flight = record.journaled = 0
         record.held_bytes = record.held_results = 0
         for worker, ids, blobs in frames:
             self._send_deliver(record, worker, ids, blobs)
+        if all_journaled:
+            record.journaled = record.tx.seq
         if key in self.parked and record.held_bytes <= MAX_WAITING_BYTES // 2:
             self._unpark(key)
         return key
@@ -714,6 +722,7 @@ class BrokerCore:
             client.held_results += len(ids)
         if client.quiet:  # not listening: kept, within bounds, until it speaks
             self.recorder.held(ids, blobs)  # (undone by DONE once acknowledged)
+            client.journaled = client.tx.seq
             self._shed(client, MAX_HELD_BYTES)
         else:
             self._send_unsent(client)
@@ -791,9 +800,11 @@ class BrokerCore:
         kept within bounds."""
         if not client.quiet:
             client.quiet = True
-            if self.recorder.durable:
-                for _, (_, ids, blobs) in client.tx.unacked:
-                    self.recorder.held(ids, blobs)
+            if self.recorder.durable:  # (each frame once: a client may flap quiet)
+                for seq, (_, ids, blobs) in client.tx.unacked:
+                    if seq > client.journaled:
+                        self.recorder.held(ids, blobs)
+                client.journaled = client.tx.seq
             self._shed(client, MAX_HELD_BYTES)
 
     def _forget(self, client: Client) -> None:

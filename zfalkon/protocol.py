@@ -314,6 +314,8 @@ def _validator(cls: Any) -> Any:
     message on every hop. The predicates stay for the error message."""
     hints = typing.get_type_hints(cls)
     tests = [_test_source(hints[f], f"o[{i}]") for i, f in enumerate(cls._fields, 1)]
+    if cls is Hello:  # (see _SHALLOW)
+        tests[cls._fields.index("info")] = "type(o[4]) is dict"
     if "blobs" in cls._fields:
         tests.append(f"len(o[{cls._fields.index('ids') + 1}]) == "
                      f"len(o[{cls._fields.index('blobs') + 1}])")
@@ -324,11 +326,18 @@ def _validator(cls: Any) -> Any:
     return namespace["valid"]
 
 
+#: HELLO's ``info`` is checked only to be a map (its keys strings, by the unpacker): the
+#: broker reads the few fields it keeps, each with its own type check (core.worker_info),
+#: so walking every item of a peer's map in Python (milliseconds for a crafted 16 KiB
+#: one) would only let one peer slow the broker's loop for everyone.
+_SHALLOW: dict[type, set[str]] = {Hello: {"info"}}
+
 #: tag -> (class, its fields with their predicates, all fields valid?, defaults)
 _BY_TAG: dict[int, tuple[Any, list, Any, tuple]] = {}
 for _cls, _tag in TAGS.items():
     _hints = typing.get_type_hints(_cls)
-    _BY_TAG[_tag] = (_cls, [(f, _checker(_hints[f])) for f in _cls._fields],  # type: ignore[attr-defined]
+    _BY_TAG[_tag] = (_cls, [(f, (lambda v: type(v) is dict) if f in _SHALLOW.get(_cls, ())
+                              else _checker(_hints[f])) for f in _cls._fields],  # type: ignore[attr-defined]
                      _validator(_cls), tuple(_cls._field_defaults.values()))  # type: ignore[attr-defined]
 
 
@@ -389,7 +398,7 @@ def decode(frame: bytes | memoryview) -> Message:
     # The tag, without unpacking: every message is a fixarray (under 16 fields) whose
     # first item is a positive fixint; a frame of any other shape is not a message, and
     # only a small one is unpacked to say why.
-    if len(frame) > 1 and 0x90 <= frame[0] <= 0x9f and frame[1] < 0x80:
+    if len(frame) > 1 and 0x90 <= frame[0] <= 0x9f and frame[1] in _BY_TAG:
         cap = _FRAME_CAPS.get(frame[1])
     else:
         cap = MAX_CONTROL_BYTES
