@@ -123,9 +123,6 @@ def test_unregistered_peer_cannot_make_the_broker_unpack_a_huge_batch(ctx):
             raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tag 8 (retired CREDIT) and any tag >= 21 have no entry in _FRAME_CAPS, so the "
-    "'unknown-type' answer comes only after the whole frame is unpacked"))
 def test_unknown_tag_frame_is_refused_without_unpacking_it(ctx):
     with broker_process() as (proc, address):
         raw = Raw(ctx, address)
@@ -133,7 +130,8 @@ def test_unknown_tag_frame_is_refused_without_unpacking_it(ctx):
             frame = msgpack.packb([99, [0] * (16 * 2**20)])
             with PeakRss(proc) as peak:
                 raw.send(frame)
-                raw.expect_error("unknown-type", timeout=60)
+                # (refused unread: hello-required from a stranger, too-large otherwise)
+                assert raw.recv(timeout=60).code in ("hello-required", "too-large")
             report("unknown tag 99, 16 MiB: broker RSS peak growth", peak.growth / 2**20)
             assert peak.growth < RSS_BOUND
         finally:
@@ -440,11 +438,11 @@ def test_many_abandoned_sessions_from_one_process_are_bounded(ctx):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "HELLO is not rate limited and its validation is not cheap: a 15 KB HELLO (within "
-    "MAX_HELLO_BYTES) whose info holds 15,000 empty lists costs ~14 ms to unpack and "
-    "check (_plain: a call per item), and the loop takes up to 4096 messages "
-    "(_RECV_BURST) before it dispatches or sends anything: two peers flooding such HELLOs "
-    "push an honest one-task round trip from <1 ms to many seconds"))
+    "HELLO is not rate limited: its info is now checked shallowly (unpacking a 15 KB "
+    "HELLO of 15,000 empty lists is C work, not ~14 ms of Python), but the loop still "
+    "takes up to 4096 messages (_RECV_BURST) before it dispatches or sends anything, with "
+    "no time budget: two peers flooding such HELLOs push an honest one-task round trip "
+    "from <1 ms to ~2.4 s (was ~19 s)"))
 def test_honest_latency_while_two_peers_flood_capped_hellos(ctx):
     hello = msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, "0", P.ROLE_CLIENT,
                            {"name": "x", "pad": [[]] * 15_000}])
