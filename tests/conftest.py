@@ -274,3 +274,16 @@ def executor(cluster: LocalCluster) -> Iterator[Executor]:
         yield ex
     finally:
         ex.shutdown(wait=True, cancel_futures=True)  # a second shutdown is harmless
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    """A ZeroMQ context for raw sockets, destroyed (linger 0) after the test."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def rss(proc) -> int:
+    """A process's resident memory in bytes."""
+    return psutil.Process(proc.pid).memory_info().rss

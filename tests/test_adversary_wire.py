@@ -20,24 +20,13 @@ import pytest
 import zmq
 
 import tasks
-from conftest import Raw, broker_process, wait_until, worker_process
+from conftest import rss, Raw, broker_process, wait_until, worker_process
 from zfalkon import Executor, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.constants import PROTOCOL_VERSION
 from zfalkon.journal import Journal
 
 RSS_BOUND = 50 * 2**20
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def rss(proc) -> int:
-    return psutil.Process(proc.pid).memory_info().rss
 
 
 class PeakRss:

@@ -10,7 +10,6 @@ import time
 
 import msgpack
 import pytest
-import zmq
 
 import tasks
 from conftest import (
@@ -48,13 +47,6 @@ def served():
             wait_until(lambda: query_status(address, timeout=5)["slots"] >= 1, 30,
                        message="worker slot registered")
             yield proc, address, worker
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 @pytest.fixture

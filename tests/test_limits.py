@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 
 import msgpack
-import psutil
 import pytest
 import zmq
 
 import tasks
-from conftest import Raw, broker_process, wait_until, worker_process
+from conftest import rss, Raw, broker_process, wait_until, worker_process
 from zfalkon import Executor, payload, query_status
 from zfalkon import core
 from zfalkon import protocol as P
@@ -30,17 +29,6 @@ def served():
             wait_until(lambda: query_status(address, timeout=5)["slots"] >= 1, 30,
                        message="worker slot registered")
             yield proc, address
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def rss(proc) -> int:
-    return psutil.Process(proc.pid).memory_info().rss
 
 
 def grew(proc, before: int, what: str) -> int:
