@@ -41,6 +41,9 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 log = logging.getLogger("zfalkon.broker")
 
 _RECV_BURST = 4096  # messages handled before dispatching again
+#: Seconds of receiving before the loop dispatches and sends again, however many messages
+#: wait: peers that flood the broker cannot hold everyone else's answers back for long.
+_RECV_BUDGET_SECONDS = 0.01
 _TICK_SECONDS = 1.0
 _LISTEN_BACKLOG = 4096  # pending TCP connections (capped by the kernel's somaxconn)
 #: Frames queued in the broker for one peer (ZeroMQ's per-connection send high-water
@@ -177,8 +180,9 @@ class Broker:
         recv = sock.recv
         secure = self.keys is not None
         core = self.core
-        for _ in range(_RECV_BURST):
-            if not readable(sock):
+        deadline = now + _RECV_BUDGET_SECONDS
+        for n in range(_RECV_BURST):
+            if not readable(sock) or (n & 63 == 63 and time.monotonic() > deadline):
                 return
             ident = recv(_NOBLOCK)  # (a ROUTER message is the routing id, then the body)
             body = recv(_NOBLOCK, copy=False)
