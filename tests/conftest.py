@@ -205,6 +205,12 @@ class Raw:
         assert isinstance(msg, P.Welcome), msg
         return msg
 
+    def stop_reading(self) -> "Raw":
+        """Read nothing more than ZeroMQ and the kernel must (a peer that does not read)."""
+        self.sock.setsockopt(zmq.RCVHWM, 1)
+        self.sock.setsockopt(zmq.RCVBUF, 4096)
+        return self
+
     def close(self) -> None:
         self.sock.close(0)
 
@@ -287,3 +293,21 @@ def ctx() -> Iterator[zmq.Context]:
 def rss(proc) -> int:
     """A process's resident memory in bytes."""
     return psutil.Process(proc.pid).memory_info().rss
+
+
+def assert_serving(address: str, n: int = 20) -> None:
+    """A real client gets ``n`` correct results through the broker at ``address``."""
+    import tasks
+
+    with Executor(address, connect_timeout=10) as ex:
+        futures = [ex.submit(tasks.add, i, 1) for i in range(n)]
+        assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(n)]
+
+
+def worker_hello(info: dict) -> bytes:
+    """A worker HELLO frame with ``info`` as given (unchecked: for hostile peers)."""
+    import msgpack
+
+    from zfalkon.constants import PROTOCOL_VERSION
+
+    return msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, "0", P.ROLE_WORKER, info])

@@ -20,7 +20,15 @@ import pytest
 import zmq
 
 import tasks
-from conftest import rss, Raw, broker_process, wait_until, worker_process
+from conftest import (
+    Raw,
+    assert_serving,
+    broker_process,
+    rss,
+    wait_until,
+    worker_hello,
+    worker_process,
+)
 from zfalkon import Executor, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.constants import PROTOCOL_VERSION
@@ -63,14 +71,6 @@ def report(what: str, value: float, unit: str = "MiB") -> None:
     print(f"\nADVERSARY {what}: {value:.2f} {unit}")
 
 
-def assert_serving(address: str, n: int = 20) -> None:
-    with Executor(address, connect_timeout=10) as ex:
-        futures = [ex.submit(tasks.add, i, 1) for i in range(n)]
-        assert [f.result(timeout=60) for f in futures] == list(range(1, n + 1))
-
-
-def worker_hello(info: dict) -> bytes:
-    return msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, "0", P.ROLE_WORKER, info])
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,7 @@ def test_hello_replay_of_unacknowledged_results_is_bounded(ctx):
         with worker_process(address, "--slots", "1"):
             wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
             raw = Raw(ctx, address)
-            raw.sock.setsockopt(zmq.RCVHWM, 1)
-            raw.sock.setsockopt(zmq.RCVBUF, 4096)
+            raw.stop_reading()
             try:
                 key = raw.hello().key
                 blob = payload.python_task("builtins:bytes", (4 << 20,), {})
@@ -206,8 +205,7 @@ def test_blind_acks_without_reading_keep_the_broker_bounded(ctx):
         with worker_process(address, "--slots", "1"):
             wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
             raw = Raw(ctx, address)
-            raw.sock.setsockopt(zmq.RCVHWM, 1)
-            raw.sock.setsockopt(zmq.RCVBUF, 4096)
+            raw.stop_reading()
             try:
                 key = raw.hello().key
                 base = key << P.ID_SHIFT
@@ -341,8 +339,7 @@ def test_status_requests_unread_with_a_large_worker_list_are_bounded(ctx):
     with broker_process() as (proc, address):
         workers = [Raw(ctx, address) for _ in range(400)]
         reader = Raw(ctx, address)
-        reader.sock.setsockopt(zmq.RCVHWM, 1)
-        reader.sock.setsockopt(zmq.RCVBUF, 4096)
+        reader.stop_reading()
         try:
             for i, w in enumerate(workers):
                 w.send(worker_hello({
@@ -408,8 +405,7 @@ def test_many_abandoned_sessions_from_one_process_are_bounded(ctx):
             blob = payload.python_task("builtins:bytes", (15 << 20,), {})
             for i in range(n):
                 raw = Raw(ctx, address)
-                raw.sock.setsockopt(zmq.RCVHWM, 1)
-                raw.sock.setsockopt(zmq.RCVBUF, 4096)
+                raw.stop_reading()
                 base = raw.hello().key << P.ID_SHIFT
                 raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
                 wait_until(lambda: query_status(address)["done"] >= i + 1, 60,
@@ -492,8 +488,7 @@ def test_a_client_flapping_quiet_does_not_rewrite_its_held_results_to_the_journa
         with worker_process(address, "--slots", "1"):
             wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
             raw = Raw(ctx, address)
-            raw.sock.setsockopt(zmq.RCVHWM, 1)
-            raw.sock.setsockopt(zmq.RCVBUF, 4096)
+            raw.stop_reading()
             try:
                 key = raw.hello().key
                 base = key << P.ID_SHIFT

@@ -11,12 +11,18 @@ import msgpack
 import pytest
 import zmq
 
-import tasks
-from conftest import rss, Raw, broker_process, wait_until, worker_process
-from zfalkon import Executor, payload, query_status
+from conftest import (
+    Raw,
+    assert_serving,
+    broker_process,
+    rss,
+    wait_until,
+    worker_hello,
+    worker_process,
+)
+from zfalkon import payload, query_status
 from zfalkon import core
 from zfalkon import protocol as P
-from zfalkon.constants import PROTOCOL_VERSION
 
 #: Most the broker's resident memory may grow under one peer's attack.
 RSS_BOUND = 50 * 2**20
@@ -38,14 +44,6 @@ def grew(proc, before: int, what: str) -> int:
     return growth
 
 
-def assert_serving(address: str) -> None:
-    with Executor(address, connect_timeout=10) as ex:
-        futures = [ex.submit(tasks.add, i, 1) for i in range(20)]
-        assert [f.result(timeout=30) for f in futures] == list(range(1, 21))
-
-
-def worker_hello(info: dict) -> bytes:
-    return msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, "0", P.ROLE_WORKER, info])
 
 
 def test_huge_hello_is_refused_before_it_is_unpacked(served, ctx):
@@ -205,8 +203,7 @@ def test_client_that_never_reads_its_results(ctx):
             assert_serving(address)
             before = rss(proc)
             raw = Raw(ctx, address)
-            raw.sock.setsockopt(zmq.RCVHWM, 1)
-            raw.sock.setsockopt(zmq.RCVBUF, 4096)
+            raw.stop_reading()
             try:
                 base = raw.hello().key << P.ID_SHIFT
                 n = 4000  # 256 MiB of results

@@ -33,7 +33,7 @@ ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
 #: Result bytes received before an ACK goes out at once (the broker sends a client at
 #: most core.SEND_WINDOW_BYTES ahead of its acknowledgements).
 ACK_BYTES = 1024 * 1024
-JOURNAL_UNAVAILABLE = "journal-unavailable"  #: ERROR code: SUBMIT refused for now
+JOURNAL_UNAVAILABLE = P.JOURNAL_UNAVAILABLE  #: ERROR code: SUBMIT refused for now
 _REHELLO_SECONDS = 2 * PING_SECONDS  # a HELLO unanswered this long is sent again
 
 

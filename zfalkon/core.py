@@ -419,8 +419,9 @@ class BrokerCore:
         """With keys: a key acts only in its role, and a routing id belongs to one key."""
         bound = self.bound.get(ident)
         if bound is not None and bound != user:
-            # Another key's connection took this routing id over (ROUTER_HANDOVER): send
-            # its owner nothing more until the owner speaks again on its own connection.
+            # A connection of another key presents this routing id (after its owner's
+            # connection closed): send the owner nothing more until the owner speaks
+            # again on its own connection.
             self.send_failed(ident, 0.0)
             self.refuse(ident, ProtocolError(
                 f"routing id {ident.hex()} belongs to another key", "unauthorized"))
@@ -588,7 +589,7 @@ class BrokerCore:
         if now - client.refused_at >= RESEND_SECONDS:
             client.refused_at = now
             self.outbox.append((client.ident, P.Error(
-                "journal-unavailable", str(self.submits_refused)[:512])))
+                P.JOURNAL_UNAVAILABLE, str(self.submits_refused)[:512])))
 
     def _on_submit(self, client: Client, msg: P.Submit, now: float) -> None:
         if self.submits_refused is not None and msg.seq > client.rx.last:

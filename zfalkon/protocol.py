@@ -235,6 +235,9 @@ TAGS: dict[type, int] = {
 
 MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)
 
+#: ERROR code: the broker cannot write its journal, a SUBMIT was not accepted (yet).
+JOURNAL_UNAVAILABLE = "journal-unavailable"
+
 #: ERROR codes the broker sends.
 ERROR_CODES = {
     "malformed": "the frame is not a valid message (bad msgpack, wrong fields or types)",
@@ -246,14 +249,28 @@ ERROR_CODES = {
     "unauthorized": "the peer's key may not do this (wrong role, or another key's routing id)",
     "too-large": "a control frame (HELLO, PING, ...) over its size limit",
     "limit": "the peer asked for more than the broker keeps for one peer (see docs/protocol.md)",
-    "journal-unavailable": "the broker cannot write its journal (disk full or failing): the "
+    JOURNAL_UNAVAILABLE: "the broker cannot write its journal (disk full or failing): the "
                            "SUBMIT was not accepted; the client keeps the tasks and its stream "
                            "sends them again",
 }
 
 
+class _Map:
+    """The annotation of a map field checked only to be a map (see :data:`_SHALLOW`)."""
+
+
+def _field_hints(cls: Any) -> dict[str, Any]:
+    """``cls``'s field annotations, with its shallow fields as :class:`_Map`."""
+    hints = typing.get_type_hints(cls)
+    for name in _SHALLOW.get(cls, ()):
+        hints[name] = _Map
+    return hints
+
+
 def _checker(annotation: Any):
     """Return a predicate for one field annotation (the types messages use)."""
+    if annotation is _Map:
+        return lambda v: type(v) is dict
     origin = typing.get_origin(annotation)
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -292,6 +309,8 @@ def _plain_dict(value: Any) -> bool:
 
 def _test_source(annotation: Any, v: str) -> str:
     """The expression :func:`_checker` evaluates, as source (for :func:`_validator`)."""
+    if annotation is _Map:
+        return f"type({v}) is dict"
     origin = typing.get_origin(annotation)
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -312,10 +331,8 @@ def _validator(cls: Any) -> Any:
     the annotations when this module is imported (as :mod:`dataclasses` generates
     ``__init__``): the per-field predicates cost a call each, several microseconds a
     message on every hop. The predicates stay for the error message."""
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     tests = [_test_source(hints[f], f"o[{i}]") for i, f in enumerate(cls._fields, 1)]
-    if cls is Hello:  # (see _SHALLOW)
-        tests[cls._fields.index("info")] = "type(o[4]) is dict"
     if "blobs" in cls._fields:
         tests.append(f"len(o[{cls._fields.index('ids') + 1}]) == "
                      f"len(o[{cls._fields.index('blobs') + 1}])")
@@ -335,9 +352,8 @@ _SHALLOW: dict[type, set[str]] = {Hello: {"info"}}
 #: tag -> (class, its fields with their predicates, all fields valid?, defaults)
 _BY_TAG: dict[int, tuple[Any, list, Any, tuple]] = {}
 for _cls, _tag in TAGS.items():
-    _hints = typing.get_type_hints(_cls)
-    _BY_TAG[_tag] = (_cls, [(f, (lambda v: type(v) is dict) if f in _SHALLOW.get(_cls, ())
-                              else _checker(_hints[f])) for f in _cls._fields],  # type: ignore[attr-defined]
+    _hints = _field_hints(_cls)
+    _BY_TAG[_tag] = (_cls, [(f, _checker(_hints[f])) for f in _cls._fields],  # type: ignore[attr-defined]
                      _validator(_cls), tuple(_cls._field_defaults.values()))  # type: ignore[attr-defined]
 
 
