@@ -130,14 +130,12 @@ class Host:
         except OSError as exc:  # EPIPE: the host is gone
             raise HostDied(str(exc)) from None
 
-    def receive(self, block: bool = True) -> list[tuple[int, bytes, bool, float]]:
-        """Results that arrived (waiting for at least one if ``block``), as
+    def receive(self) -> list[tuple[int, bytes, bool, float]]:
+        """Results that arrived (waiting for at least one), as
         ``(task id, blob, failed, seconds)`` in the order sent. Raises HostDied."""
         out: list[tuple[int, bytes, bool, float]] = []
         buf = self._buf
         while True:
-            if not block and not select.select([self.result_r], [], [], 0)[0]:
-                return out
             try:
                 chunk = os.read(self.result_r, _READ_SIZE)
             except OSError as exc:
@@ -164,8 +162,7 @@ class Host:
                 out.append((tid, blob, kind == _FAILED, seconds))
             del buf[:pos]
             if out:
-                return out
-            block = True  # a partial frame: wait for the rest
+                return out  # (else a partial frame: wait for the rest)
 
     def started(self) -> int:
         """How many tasks the host has started (its own count, in the shared cell)."""
