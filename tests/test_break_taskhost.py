@@ -1,0 +1,105 @@
+"""Break attempt: task hosts attacked from inside a task.
+
+One worker with one slot; two clients interleave their tasks on it. Client B's "bad"
+tasks (``builtins:exec`` of a snippet) kill their own process group, kill the zygote (their
+parent), kill the slot (their grandparent) or SIGSTOP the zygote. Every good task of both
+clients (a shell task appending a unique line to a file) must complete with returncode 0,
+and run once (the bad task may fail however it likes). Timings in /tmp/brk/taskhost.txt.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+
+import pytest
+
+from conftest import worker_env
+from zfalkon import Executor, LocalCluster
+
+BAD = {
+    "killpg": "import os,signal; os.killpg(0, signal.SIGKILL)",
+    "kill_zygote": "import os,signal; os.kill(os.getppid(), signal.SIGKILL)",
+    "kill_slot": ("import os,signal,psutil; "
+                  "os.kill(psutil.Process(os.getppid()).ppid(), signal.SIGKILL)"),
+    "stop_zygote": "import os,signal; os.kill(os.getppid(), signal.SIGSTOP)",
+}
+K = 20
+BOUND = 45.0
+
+
+def run(kind: str, tmp_path) -> None:
+    marker = str(tmp_path / "marker")
+    with LocalCluster(workers=1, slots_per_worker=1, env=worker_env()) as cluster:
+        a = Executor(cluster.address, connect_timeout=30)
+        b = Executor(cluster.address, connect_timeout=30)
+        try:
+            good, bad = [], []
+            start = time.monotonic()
+            for i in range(K):
+                good.append(a.shell(f"echo a{i} >> {marker}"))
+                if i % 4 == 1:
+                    bad.append(b.submit("builtins:exec", BAD[kind]))
+                good.append(b.shell(f"echo b{i} >> {marker}"))
+            _, not_done = cf.wait(good + bad, BOUND)
+            took = time.monotonic() - start
+            lines = open(marker).read().split() if os.path.exists(marker) else []
+            dup = len(lines) - len(set(lines))
+            outcomes = [type(f.exception()).__name__ if f.done() and f.exception()
+                        else ("ok" if f.done() else "pending") for f in bad]
+            try:
+                status = {k: cluster.status()[k] for k in
+                          ("submitted", "done", "failed", "queued", "running", "slots")}
+            except Exception as exc:  # noqa: BLE001
+                status = repr(exc)
+            with open("/tmp/brk/taskhost.txt", "a") as f:
+                f.write(f"{kind}: not_done={len(not_done)} took={took:.1f}s "
+                        f"lines={len(lines)} distinct={len(set(lines))} dup={dup} "
+                        f"bad={outcomes} broker={status}\n")
+            assert not not_done, f"{kind}: {len(not_done)} futures pending after {BOUND} s; " \
+                                 f"bad outcomes {outcomes}; broker {status}"
+            failed = [f.exception() or f.result().returncode for f in good
+                      if f.exception() or f.result().returncode]
+            assert not failed, f"{kind}: good tasks failed: {failed[:3]}"
+            assert sorted(set(lines)) == sorted([f"a{i}" for i in range(K)]
+                                                + [f"b{i}" for i in range(K)])
+            return dup
+        finally:
+            a.shutdown(wait=False, cancel_futures=True)
+            b.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", [
+    "killpg",
+    pytest.param("kill_zygote", marks=pytest.mark.xfail(strict=True, reason=(
+        "a task of client B that SIGKILLs its zygote (os.getppid()) makes the slot exit "
+        "with status 1 later, when it next needs a host, i.e. while it holds a task of "
+        "client A: innocent tasks of both clients fail with WorkerCrashed (measured: 12 "
+        "failed of 45, 5 bad + 7 good; 'slot 0 keeps dying', 5 good tasks never ran, 5 ran "
+        "twice, 10-19 s for 45 echo tasks)"))),
+    pytest.param("stop_zygote", marks=pytest.mark.xfail(strict=True, reason=(
+        "a task that SIGSTOPs its zygote wedges the slot for good: it stops asking for "
+        "work, the broker lapses its lease but keeps it as the worker's only slot, and the "
+        "remaining tasks of both clients (22 of 45) stay queued forever; the worker's "
+        "SIGTERM then needs its 10 s kill"))),
+])
+def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, tmp_path):
+    dup = run(kind, tmp_path)
+    if kind in ("killpg", "kill_zygote"):
+        # only the bad task's own host died: the slot's session and its other tasks live on
+        assert dup == 0
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.xfail(strict=True, reason=(
+    "a task of client B that SIGKILLs its slot (psutil: the zygote's parent) sometimes gets "
+    "an innocent task blamed: WorkerCrashed 'killed by SIGKILL' on a good echo task (about "
+    "1 run in 2 of 45 tasks with 5 kills; the 5 kills also re-run 10-16 good tasks, which "
+    "at-least-once allows); repeated up to 6 runs to fail reliably"))
+def test_killing_the_slot_blames_only_the_killer(tmp_path):
+    for r in range(6):
+        d = tmp_path / str(r)
+        d.mkdir()
+        run("kill_slot", d)
