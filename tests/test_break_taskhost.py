@@ -93,7 +93,7 @@ def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(  # (not strict: it breaks in about 1 run in 2)
     "a task of client B that SIGKILLs its slot (psutil: the zygote's parent) sometimes gets "
     "an innocent task blamed: WorkerCrashed 'killed by SIGKILL' on a good echo task (about "
     "1 run in 2 of 45 tasks with 5 kills; the 5 kills also re-run 10-16 good tasks, which "
