@@ -40,7 +40,6 @@ def setup(tmp_path, keyed: bool):
         ckeys = security.new_key(d, "c1", "client")
         extra = ["--keys", d]
     broker, address = start_broker("tcp://127.0.0.1:0", *extra)
-    procs = [broker]
     try:
         with LinkProxy(address) as wproxy, LinkProxy(address) as cproxy:
             cmd = [sys.executable, "-m", "zfalkon", "--log-level", "WARNING", "worker",
