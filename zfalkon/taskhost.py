@@ -83,7 +83,8 @@ _RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
 _OK, _FAILED, _HELD = 0, 1, 2
 _FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
 _FLUSH_BYTES = 60_000
-_READ_SIZE = 1 << 20
+_READ_SIZE = 1 << 16  # a pipe's capacity; a bigger read buys nothing and costs
+#                     an mmap, an mremap and a munmap per call (glibc maps reads over 128 KiB)
 _SPARE_AFTER_SECONDS = 0.005  # the zygote forks the next spare host once the slot is quiet
 
 
