@@ -133,3 +133,25 @@ def kill_slot_logged(path):
 def kill_self():
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)  # not reached
+
+
+def raise_from_module(name):
+    """Raise an exception whose class lives in a module made here, on the worker only."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    exec("class ModuleOnlyError(Exception):\n    pass\n", module.__dict__)
+    module.ModuleOnlyError.__module__ = name
+    sys.modules[name] = module
+    raise module.ModuleOnlyError("raised from a module the client does not have")
+
+
+def raise_key_error(key):
+    raise KeyError(key)
+
+
+def make_path(text):
+    import pathlib
+
+    return pathlib.Path(text)

@@ -96,15 +96,27 @@ def test_python_task_carries_msgpack_types():
                        {1: "int key"}]
 
 
-@pytest.mark.parametrize("bad", [object(), {1, 2}, 2**64, -(2**63) - 1, 1j, pathlib.Path("/"),
-                                 [1, object()], {"k": object()}],
-                         ids=["object", "set", "too-big", "too-small", "complex", "path",
-                              "nested-object", "nested-in-dict"])
+def test_python_task_carries_typed_values():
+    args = ((1, (2,)), {1, 2}, 2**64, -(2**63) - 1, 1j)
+    task = payload.unpack(payload.python_task("m:f", args, {}))
+    assert task[2] == list(args) and type(task[2][0]) is tuple and type(task[2][1]) is set
+
+
+@pytest.mark.parametrize("bad", [object(), pathlib.Path("/"), [1, object()], {"k": object()}],
+                         ids=["object", "path", "nested-object", "nested-in-dict"])
 def test_python_task_refuses_unserializable_args(bad):
-    with pytest.raises(SerializationError, match="m:f"):
+    with pytest.raises(SerializationError, match="m:f") as info:
         payload.python_task("m:f", (bad,), {})
+    assert "pickle=True" in str(info.value)
     with pytest.raises(SerializationError):
         payload.python_task("m:f", (), {"x": bad})
+
+
+def test_python_task_pickles_only_when_allowed():
+    blob = payload.python_task("m:f", (pathlib.Path("/x"),), {}, payload.FLAG_PICKLE)
+    with pytest.raises(ValueError, match="pickle"):
+        payload.unpack(blob)
+    assert payload.unpack(blob, allow_pickle=True)[2] == [pathlib.Path("/x")]
 
 
 # -- shell_task --------------------------------------------------------------------------
@@ -211,9 +223,11 @@ def test_result_value_unknown_kind():
     assert "9" in info.value.remote_message
 
 
-def test_unpack_refuses_extension_types():
-    with pytest.raises(ValueError, match="extension type"):
-        payload.unpack(msgpack.packb([0, msgpack.ExtType(4, b"x")]))
+def test_unpack_refuses_unknown_extension_types_and_unallowed_pickles():
+    with pytest.raises(ValueError, match="extension type 99"):
+        payload.unpack(msgpack.packb([0, msgpack.ExtType(99, b"x")]))
+    with pytest.raises(ValueError, match="pickle"):
+        payload.unpack(msgpack.packb([0, msgpack.ExtType(20, b"x")]))
 
 
 def test_unpack_allows_non_string_map_keys():

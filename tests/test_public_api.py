@@ -14,7 +14,7 @@ from zfalkon._version import __version__
 EXPECTED = {
     "__version__", "Executor", "TaskFuture", "LocalCluster", "ShellResult", "query_status",
     "ZfalkonError", "ConfigError", "SerializationError", "BrokerUnavailable", "ProtocolError",
-    "VersionMismatch", "TaskError", "TaskTimeout", "WorkerCrashed", "WorkerLost",
+    "VersionMismatch", "RemoteTraceback", "TaskError", "TaskTimeout", "WorkerCrashed", "WorkerLost",
 }
 
 

@@ -149,7 +149,7 @@ class TaskFuture(cf.Future):
 
     def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
         try:
-            value = payload.result_value(blob, worker)
+            value = payload.result_value(blob, worker, self._executor._pickle)
         except BaseException as exc:
             if not self.cancelled():
                 try:
@@ -192,10 +192,11 @@ class _MapSink:
 class _MapStream:
     """The iterator behind one ``Executor.map`` call: tasks in order, results as they come."""
 
-    def __init__(self, executor: "Executor", ref: str, items: Iterator[tuple],
-                 chunksize: int, buffersize: int, deadline: float | None) -> None:
+    def __init__(self, executor: "Executor", fn: "str | payload.Function",
+                 items: Iterator[tuple], chunksize: int, buffersize: int,
+                 deadline: float | None) -> None:
         self.executor = executor
-        self.ref = ref
+        self.fn = fn
         self.items = items
         self.chunksize = chunksize
         self.buffersize = buffersize
@@ -209,7 +210,8 @@ class _MapStream:
         """Submit items until ``buffersize`` are in flight or the input is exhausted."""
         ex = self.executor
         encode = payload.python_task
-        ref = self.ref
+        fn = self.fn
+        flags = ex._flags
         while not self.exhausted and len(self.order) < self.buffersize:
             n = min(self.chunksize, self.buffersize - len(self.order))
             batch = list(itertools.islice(self.items, n))
@@ -217,7 +219,7 @@ class _MapStream:
                 self.exhausted = True
             if not batch:
                 return
-            blobs = [_check_size(encode(ref, args, {})) for args in batch]
+            blobs = [_check_size(encode(fn, args, {}, flags)) for args in batch]
             ids = ex._new_ids(len(blobs))
             ex._blobs.update(zip(ids, blobs))
             ex._pending.update(zip(ids, itertools.repeat(self.sink)))
@@ -239,7 +241,7 @@ class _MapStream:
             self.order.popleft()
             if not self.exhausted and len(self.order) <= self.refill_at:
                 self.fill()
-            return payload.result_value(item[0], item[1])
+            return payload.result_value(item[0], item[1], self.executor._pickle)
         except BaseException:
             self.close()  # as in the standard library: a failure cancels the rest
             raise
@@ -288,8 +290,21 @@ class Executor(cf.Executor):
         keys: a client key bundle directory (``zfalkon keys new NAME --role client``) for
             a broker started with ``--keys``; defaults to ``$ZFALKON_KEYS``.
 
-    Callables travel by reference (``module:qualname``) and must be importable on the
-    workers; arguments and results are msgpack values. Example::
+        functions: how callables travel: ``"auto"`` (the default) sends those of the
+            standard library, installed packages and zfalkon by reference
+            (``module:qualname``, imported on the worker) and the rest by value
+            (cloudpickle: functions from ``__main__`` or a notebook, lambdas, closures,
+            methods, functions from the user's own modules); ``"reference"`` or
+            ``"value"`` for all of them.
+        pickle: allow pickles both ways: arguments and results that have no typed
+            encoding are pickled (protocol 5) instead of refused, and exceptions keep
+            their exact type and attributes. Off by default: a pickle from a worker
+            can run code in this process.
+
+    Arguments and results are typed values (:mod:`zfalkon.values`: msgpack plus tuples,
+    sets, big ints, complex, datetimes, numpy arrays, ...). A task's exception is raised
+    here as its own type when that type is a builtin or already imported, else as
+    :class:`~zfalkon.errors.TaskError`. Example::
 
         with LocalCluster(workers=2) as cluster, Executor(cluster.address) as ex:
             print(sum(ex.map(abs, range(-1000, 1000))))
@@ -298,7 +313,14 @@ class Executor(cf.Executor):
 
     def __init__(self, address: str | None = None, *, name: str | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
-                 keys: str | None = None) -> None:
+                 keys: str | None = None, functions: str = "auto",
+                 pickle: bool = False) -> None:
+        if functions not in payload.FUNCTION_POLICIES:
+            raise ConfigError(f"functions must be one of "
+                              f"{', '.join(payload.FUNCTION_POLICIES)}, not {functions!r}")
+        self._functions = functions
+        self._pickle = bool(pickle)
+        self._flags = payload.FLAG_PICKLE if pickle else 0
         self.address = _resolve_address(address)
         bundle = self._keys = peer_keys(keys)
         self._ctx = zmq.Context()
@@ -343,7 +365,8 @@ class Executor(cf.Executor):
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a worker; ``fn`` may be a ``module:qualname`` string."""
-        return self._submit_blob(payload.python_task(payload.callable_ref(fn), args, kwargs))
+        return self._submit_blob(payload.python_task(
+            payload.function_spec(fn, self._functions), args, kwargs, self._flags))
 
     def shell(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, timeout: float | None = None,
@@ -378,7 +401,7 @@ class Executor(cf.Executor):
             raise ConfigError("chunksize and buffersize must be at least 1")
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
-        stream = _MapStream(self, payload.callable_ref(fn), zip(*iterables),
+        stream = _MapStream(self, payload.function_spec(fn, self._functions), zip(*iterables),
                             min(chunksize, buffersize), buffersize, deadline)
         self._sinks.add(stream.sink)
         stream.fill()

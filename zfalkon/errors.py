@@ -9,6 +9,8 @@
     │                                  the broker did not answer in time, or went away
     ├── ProtocolError                  a peer sent a message that breaks the protocol
     │   └── VersionMismatch            a peer speaks another protocol version
+    ├── RemoteTraceback                the ``__cause__`` of an exception re-raised from a
+    │                                  task as its own type: the worker's traceback
     └── TaskError                      a task failed remotely (``remote_type``,
         │                              ``remote_message``, ``remote_traceback``)
         ├── TaskTimeout (TimeoutError) a shell task ran past its timeout and was killed
@@ -16,6 +18,9 @@
         │                              ``os._exit``, out of memory)
         └── WorkerLost                 the task's workers were lost (no heartbeat) on
                                        each of its ``attempts``
+
+A task's exception is re-raised as its own type when that type is a builtin or already
+imported in the client (a ``ValueError`` stays a ``ValueError``), else as ``TaskError``.
 
 ``concurrent.futures.TimeoutError`` (waiting on a future or ``map``) and
 ``concurrent.futures.CancelledError`` keep their standard meaning.
@@ -56,6 +61,28 @@ class VersionMismatch(ProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="version")
+
+
+class RemoteTraceback(ZfalkonError):
+    """The worker's traceback of a task's exception, attached as that exception's
+    ``__cause__`` (so a traceback print shows where on the worker it was raised).
+
+    Attributes:
+        traceback: the formatted traceback text.
+        worker: name of the worker that ran the task, when known.
+    """
+
+    def __init__(self, traceback: str, worker: str | None = None) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+        self.worker = worker
+
+    def __str__(self) -> str:
+        where = f" (worker {self.worker})" if self.worker else ""
+        return f"the task's traceback{where}:\n\"\"\"\n{self.traceback}\"\"\""
+
+    def __reduce__(self):
+        return (type(self), (self.traceback, self.worker))
 
 
 class TaskError(ZfalkonError):
@@ -143,6 +170,7 @@ __all__ = [
     "BrokerUnavailable",
     "ProtocolError",
     "VersionMismatch",
+    "RemoteTraceback",
     "TaskError",
     "TaskTimeout",
     "WorkerCrashed",

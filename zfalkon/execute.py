@@ -6,8 +6,10 @@ network.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
+import pickle
 import select
 import shutil
 import signal
@@ -17,18 +19,46 @@ from typing import Any, Callable
 
 import msgpack
 
-from zfalkon import payload
+from zfalkon import payload, values
 from zfalkon.constants import OUTPUT_CAP_BYTES
 from zfalkon.staging import Stager, StagingError
 
 _packb = msgpack.packb
+_unpackb = msgpack.unpackb
+_TASK_VALUES = values.decoder(allow_pickle=True)
 _READ_SIZE = 65536
+_FUNCTIONS_CACHED = 64  # functions sent by value kept loaded, by digest
 _SH = "/bin/sh"
 
 
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def exception_result(exc: BaseException, flags: int = 0) -> bytes:
+    """Encode a task's exception: its type's name, message and traceback, its arguments
+    when they can be sent as typed values (so the client can raise it as its own type),
+    and, when the client accepts pickles, the exception itself."""
+    tb = exc.__traceback__
+    text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
+    fields: list = [payload.RESULT_ERROR, _type_name(exc), str(exc), text]
+    try:
+        values.pack(exc.args)
+        fields.append(list(exc.args))
+    except Exception:
+        return payload.error_result(*fields[1:])
+    if flags & payload.FLAG_PICKLE:
+        try:
+            return values.pack(fields + [exc], True)
+        except Exception:
+            pass
+    return values.pack(fields)
 
 
 def resolve(ref: str) -> Callable[..., Any]:
@@ -43,42 +73,99 @@ def resolve(ref: str) -> Callable[..., Any]:
 
 
 class Runner:
-    """Executes task blobs; keeps imported callables cached by reference."""
+    """Executes task blobs; keeps imported callables cached by reference, and callables
+    sent by value cached by digest (so a million calls load a function once)."""
 
     def __init__(self, output_cap: int = OUTPUT_CAP_BYTES,
                  stager: Stager | None = None) -> None:
         self.output_cap = output_cap
         self.stager = stager or Stager(None)
         self._callables: dict[str, Callable[..., Any]] = {}
+        self._by_value: collections.OrderedDict[bytes, Callable[..., Any]] = (
+            collections.OrderedDict())
 
     def run(self, blob: bytes) -> tuple[bytes, bool]:
         """Run one task; return ``(result_blob, failed)``. Never raises for task errors."""
+        flags = 0
         try:
-            task = payload.unpack(blob)
-            if task[0] == payload.TASK_PYTHON:
-                return self._run_python(task)
-            if task[0] == payload.TASK_SHELL:
+            # (A worker runs what an authorized client sends: its pickles add no power.)
+            task = _unpackb(blob, strict_map_key=False, ext_hook=_TASK_VALUES)
+        except Exception as exc:  # (sent as a TaskError: no arguments)
+            return payload.error_result(_type_name(exc), f"the task cannot be decoded: "
+                                        f"{_short(exc)}"), True
+        try:
+            kind = task[0] if type(task) is list else None
+            if kind == payload.TASK_PYTHON and 3 <= len(task) <= 5:
+                if len(task) > 4:
+                    flags = task[4]
+                return self._run_python(task[1], self._reference(task[1]), task[2],
+                                        task[3] if len(task) > 3 else None, flags)
+            if kind == payload.TASK_FUNCTION and len(task) == 7:
+                _, digest, fn_blob, env, args, kwargs, flags = task
+                fn = self._function(digest, fn_blob, env)
+                return self._run_python(getattr(fn, "__qualname__", "the function"), fn,
+                                        args, kwargs, flags)
+            if kind == payload.TASK_SHELL and 5 <= len(task) <= 6:
                 return self._run_shell(task)
-            return payload.error_result("ProtocolError", f"unknown task kind {task[0]!r}"), True
+            return payload.error_result("ProtocolError", "a malformed task (kind "
+                                        f"{_short(kind)}, {_short(len(task))} fields)"), True
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # the task's own failure, including SystemExit
-            tb = exc.__traceback__
-            text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
-            return payload.error_result(_type_name(exc), str(exc), text), True
+            return exception_result(exc, flags), True
 
-    def _run_python(self, task: list) -> tuple[bytes, bool]:
-        ref = task[1]
+    def _reference(self, ref: str) -> Callable[..., Any]:
         fn = self._callables.get(ref)
         if fn is None:
-            fn = self._callables[ref] = resolve(ref)
-        value = fn(*task[2], **task[3]) if len(task) > 3 else fn(*task[2])
+            try:
+                fn = self._callables[ref] = resolve(ref)
+            except ModuleNotFoundError as exc:
+                raise ModuleNotFoundError(
+                    f"{ref} cannot be imported on this worker ({exc}): install its module "
+                    "there, or send the function by value (Executor(functions='value'))",
+                    name=exc.name) from None
+        return fn
+
+    def _function(self, digest: bytes, blob: bytes, env: list) -> Callable[..., Any]:
+        cache = self._by_value
+        fn = cache.get(digest)
+        if fn is not None:
+            cache.move_to_end(digest)
+            return fn
         try:
-            return _packb((payload.RESULT_VALUE, value)), False
+            import cloudpickle  # noqa: F401  (the functions it pickled refer to it)
+
+            fn = pickle.loads(blob)
+        except Exception as exc:
+            import platform
+
+            theirs = f"Python {env[0]}, cloudpickle {env[1]}" if len(env) > 1 else "?"
+            try:
+                import cloudpickle as cp
+                ours = f"Python {platform.python_version()}, cloudpickle {cp.__version__}"
+            except ImportError:
+                ours = f"Python {platform.python_version()}, no cloudpickle"
+            missing = (f"; module {exc.name!r} is not installed on this worker"
+                       if isinstance(exc, ModuleNotFoundError) else "")
+            raise type(exc)(f"the function sent by value cannot be loaded on this worker: "
+                            f"{exc}{missing} (client: {theirs}; worker: {ours})") from None
+        if not callable(fn):
+            raise TypeError("the function sent by value is not callable")
+        cache[digest] = fn
+        if len(cache) > _FUNCTIONS_CACHED:
+            cache.popitem(last=False)
+        return fn
+
+    def _run_python(self, name: str, fn: Callable[..., Any], args: list,
+                    kwargs: dict | None, flags: int) -> tuple[bytes, bool]:
+        value = fn(*args, **kwargs) if kwargs else fn(*args)
+        try:
+            return values.pack([payload.RESULT_VALUE, value], flags & payload.FLAG_PICKLE == 1
+                               ), False
         except (TypeError, ValueError, OverflowError) as exc:
             return payload.error_result(
                 "SerializationError",
-                f"the result of {ref} ({type(value).__name__}) cannot be sent with msgpack: {exc}",
+                f"the result of {name} ({type(value).__name__}) cannot be sent: {exc}",
             ), True
 
     def _run_shell(self, task: list) -> tuple[bytes, bool]:

@@ -1,14 +1,22 @@
 """Task and result blobs: the user-level data inside SUBMIT, TASKS, RESULTS and DELIVER.
 
-The broker forwards blobs without decoding them. Each blob is a msgpack array:
+The broker forwards blobs without decoding them. Each blob is a msgpack array whose values
+use :mod:`zfalkon.values`' extension types (tuples, sets, big ints, numpy arrays, ...):
 
 =========================  ==============================================================
-task, Python callable      ``[0, "module:qualname", args]``, or ``[..., kwargs]`` if any
+task, Python callable      ``[0, "module:qualname", args]``, or ``[..., kwargs]`` if any,
+by reference               or ``[..., kwargs, flags]`` if it has flags
+task, Python callable      ``[2, digest, function, env, args, kwargs, flags]``: a
+by value                   cloudpickle of the function, its BLAKE2b-128 digest (a worker
+                           loads each digest once), the client's ``[python, cloudpickle]``
+                           versions
 task, shell command        ``[1, command (str: through /bin/sh; list: argv), env, cwd,
                            timeout]``, plus ``[inputs, outputs]`` when it stages files
                            (see :mod:`zfalkon.staging`)
 result, value              ``[0, value]``
-result, exception          ``[1, remote_type, message, traceback]``
+result, exception          ``[1, remote_type, message, traceback]``, plus ``args`` (the
+                           exception's arguments, when they can be sent), plus a pickle
+                           of the exception when the client allows pickles
 result, shell              ``[2, returncode, stdout, stderr, seconds, truncated]``, plus
                            ``{name: bytes}`` of inline outputs when there are any
 result, shell timeout      ``[3, timeout, stdout, stderr, seconds]``
@@ -16,23 +24,43 @@ result, process died       ``[4, message]``
 result, workers lost       ``[5, worker, attempts, message]``
 =========================  ==============================================================
 
-Arguments and return values are msgpack types: None, bool, int, float, str, bytes, list,
-dict (and msgpack's own Timestamp). Tuples arrive as lists. Nothing is ever pickled.
+``flags``: :data:`FLAG_PICKLE`: the client accepts pickled results (so the worker may
+pickle what has no typed encoding). Which functions travel by value is
+:func:`function_spec`'s policy.
 """
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import hashlib
 import inspect
 import os
+import platform
+import sys
+import sysconfig
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 
-from zfalkon.errors import SerializationError, TaskError, TaskTimeout, WorkerCrashed, WorkerLost
+from zfalkon import values
+from zfalkon.errors import (
+    ConfigError,
+    RemoteTraceback,
+    SerializationError,
+    TaskError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerLost,
+)
 
 TASK_PYTHON = 0
 TASK_SHELL = 1
+TASK_FUNCTION = 2  # a Python callable sent by value
+
+FLAG_PICKLE = 1  # the client accepts pickled results
+FUNCTION_POLICIES = ("auto", "reference", "value")
 
 RESULT_VALUE = 0
 RESULT_ERROR = 1
@@ -42,6 +70,7 @@ RESULT_CRASHED = 4
 RESULT_LOST = 5
 
 _packb = msgpack.packb
+_unpackb = msgpack.unpackb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +101,9 @@ class ShellResult:
         return self.returncode == 0
 
 
-def unpack(blob: bytes) -> Any:
-    """Decode a blob of user data (maps may have any keys; extension types refused)."""
-    return msgpack.unpackb(blob, strict_map_key=False, ext_hook=_refuse_ext)
-
-
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed in zfalkon data")
+def unpack(blob: bytes, allow_pickle: bool = False) -> Any:
+    """Decode a blob (maps may have any keys; pickles only if ``allow_pickle``)."""
+    return values.unpack(blob, allow_pickle)
 
 
 def callable_ref(fn: Callable[..., Any] | str) -> str:
@@ -119,14 +144,144 @@ def callable_ref(fn: Callable[..., Any] | str) -> str:
     return f"{module}:{qualname}"
 
 
-def python_task(ref: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
-    """Encode a call of ``ref`` with msgpack-serializable arguments."""
+@dataclasses.dataclass(frozen=True)
+class Function:
+    """A callable sent by value: its cloudpickle and that pickle's digest."""
+
+    name: str
+    blob: bytes
+    digest: bytes
+
+
+_ENV = [platform.python_version(), ""]  # (the cloudpickle version, once it is imported)
+# How recently submitted callables travel (a callable is pickled when first submitted:
+# redefine or reload it to send a new version, as with Dask).
+_specs: dict[tuple[Any, str], "str | Function"] = {}
+_SPECS_MAX = 256
+_pickle_lock = threading.Lock()  # (cloudpickle's by-value registry is process-wide)
+
+
+def function_spec(fn: Callable[..., Any] | str, policy: str = "auto") -> "str | Function":
+    """How ``fn`` travels: a ``module:qualname`` reference, or a :class:`Function` by value.
+
+    ``policy``: ``"reference"`` (importable names only, as before), ``"value"`` (always a
+    cloudpickle), or ``"auto"``: by reference when ``fn`` lives in the standard library,
+    an installed package or zfalkon; by value when it is a lambda, a closure, a method or
+    partial, or comes from ``__main__``, a notebook or the user's own modules (a file
+    beside the script), so that workers need not have it and edits take effect.
+    """
+    if isinstance(fn, str):
+        return callable_ref(fn)
     try:
-        if kwargs:
-            return _packb((TASK_PYTHON, ref, args, kwargs))
-        return _packb((TASK_PYTHON, ref, args))
+        return _specs[fn, policy]
+    except (KeyError, TypeError):  # (TypeError: unhashable, e.g. a method of a dict)
+        pass
+    if policy not in FUNCTION_POLICIES:
+        raise ConfigError(f"functions must be one of {', '.join(FUNCTION_POLICIES)}, "
+                          f"not {policy!r}")
+    spec: str | Function
+    if policy == "reference" or (policy == "auto" and _installed_by_name(fn)):
+        spec = callable_ref(fn)
+    elif not callable(fn):
+        raise SerializationError(f"{fn!r} is not callable")
+    else:
+        spec = _by_value(fn)
+    try:
+        if len(_specs) >= _SPECS_MAX:
+            del _specs[next(iter(_specs))]
+        _specs[fn, policy] = spec
+    except (TypeError, KeyError, StopIteration, RuntimeError):
+        pass  # (unhashable, or another thread changed the cache meanwhile)
+    return spec
+
+
+def _installed_by_name(fn: Any) -> bool:
+    """True if ``fn`` is importable by its name from an installed module."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return False
+    if module == "__main__" or (inspect.ismethod(fn) and not isinstance(fn.__self__, type)):
+        return False
+    top = sys.modules.get(module.partition(".")[0])
+    if top is None or not _is_installed(top):
+        return False
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn or (inspect.ismethod(fn) and obj == fn)
+
+
+def _install_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    try:
+        import site
+        roots.update(site.getsitepackages())
+        roots.add(site.getusersitepackages())
+    except (AttributeError, ImportError):
+        pass
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
+
+
+_ROOTS: tuple[str, ...] | None = None
+
+
+def _is_installed(module: Any) -> bool:
+    global _ROOTS
+    if module.__name__ == "zfalkon":
+        return True
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return module.__name__ in sys.builtin_module_names or module.__name__ == "builtins"
+    if _ROOTS is None:
+        _ROOTS = _install_roots()
+    return os.path.realpath(path).startswith(_ROOTS)
+
+
+def _by_value(fn: Any) -> Function:
+    import cloudpickle
+
+    _ENV[1] = cloudpickle.__version__
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    top = sys.modules.get(module.partition(".")[0]) if isinstance(module, str) else None
+    with _pickle_lock:
+        register = (top is not None and top.__name__ != "__main__" and not _is_installed(top)
+                    and top.__name__ not in cloudpickle.list_registry_pickle_by_value())
+        if register:
+            cloudpickle.register_pickle_by_value(top)
+        try:
+            blob = cloudpickle.dumps(fn, protocol=5)
+        except Exception as exc:
+            raise SerializationError(f"{name} cannot be pickled by value: {exc}") from None
+        finally:
+            if register:
+                cloudpickle.unregister_pickle_by_value(top)
+    return Function(f"{module}:{name}", blob, hashlib.blake2b(blob, digest_size=16).digest())
+
+
+def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, Any],
+                flags: int = 0) -> bytes:
+    """Encode a call of ``fn`` (a reference or a :class:`Function`) with its arguments.
+
+    Arguments are typed values (:mod:`zfalkon.values`); with :data:`FLAG_PICKLE` in
+    ``flags`` what has no typed encoding is pickled, and so may the result be.
+    """
+    try:
+        if type(fn) is str:
+            if flags:
+                task: list = [TASK_PYTHON, fn, list(args), kwargs or {}, flags]
+            elif kwargs:
+                task = [TASK_PYTHON, fn, list(args), kwargs]
+            else:
+                return values.pack([TASK_PYTHON, fn, list(args)])
+        else:
+            assert isinstance(fn, Function)
+            task = [TASK_FUNCTION, fn.digest, fn.blob, _ENV, list(args), kwargs or {}, flags]
+        return values.pack(task, bool(flags & FLAG_PICKLE))
     except (TypeError, ValueError, OverflowError) as exc:
-        raise SerializationError(f"arguments of {ref} cannot be sent with msgpack: {exc}") from None
+        name = fn if type(fn) is str else fn.name  # type: ignore[union-attr]
+        raise SerializationError(f"arguments of {name} cannot be sent: {exc}") from None
 
 
 def shell_task(
@@ -173,9 +328,14 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
-def result_value(blob: bytes, worker: str | None = None) -> Any:
-    """Decode a result blob: return the value, or raise the task's error."""
-    result = unpack(blob)
+def result_value(blob: bytes, worker: str | None = None, allow_pickle: bool = False) -> Any:
+    """Decode a result blob: return the value, or raise the task's error (as its own type
+    when :func:`remote_error` can)."""
+    try:
+        result = _unpackb(blob, strict_map_key=False, ext_hook=values.decoder(allow_pickle))
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise TaskError("SerializationError", f"the result cannot be decoded: {exc}", "",
+                        worker) from None
     kind = result[0]
     if kind == RESULT_VALUE:
         return result[1]
@@ -184,7 +344,7 @@ def result_value(blob: bytes, worker: str | None = None) -> Any:
         return ShellResult(code, _text(out), _text(err), seconds, truncated, worker,
                            files[0] if files else {})
     if kind == RESULT_ERROR:
-        raise TaskError(result[1], result[2], result[3], worker)
+        raise remote_error(result, worker, allow_pickle)
     if kind == RESULT_TIMEOUT:
         raise TaskTimeout(result[1], _text(result[2]), _text(result[3]), worker)
     if kind == RESULT_CRASHED:
@@ -192,6 +352,54 @@ def result_value(blob: bytes, worker: str | None = None) -> Any:
     if kind == RESULT_LOST:
         raise WorkerLost(result[3], result[1], result[2])
     raise TaskError("ProtocolError", f"unknown result kind {kind!r}", "", worker)
+
+
+def remote_error(result: list, worker: str | None, allow_pickle: bool = False
+                 ) -> BaseException:
+    """The exception a failed task's result stands for.
+
+    As its own type when that type is a builtin or already imported here (a worker never
+    makes the client import a module), built from the exception's arguments, with the
+    remote traceback as its ``__cause__`` (as ``ProcessPoolExecutor`` does); a pickled
+    exception when the client allows pickles; else a :class:`TaskError`.
+    """
+    remote_type, message, tb = result[1], result[2], result[3]
+    exc: BaseException | None = None
+    if allow_pickle and len(result) > 5 and isinstance(result[5], BaseException):
+        exc = result[5]
+    elif len(result) > 4 and isinstance(result[4], (list, tuple)):
+        cls = _known_exception(remote_type)
+        if cls is not None:
+            try:
+                exc = cls(*result[4])
+            except Exception:
+                exc = None
+    if exc is None:
+        return TaskError(remote_type, message, tb, worker)
+    exc.__cause__ = RemoteTraceback(tb, worker)
+    return exc
+
+
+def _known_exception(name: Any) -> type | None:
+    """The exception class ``name`` (``ValueError``, ``pkg.mod.Error``) if it is a builtin
+    or in a module already imported; never imports anything."""
+    if not isinstance(name, str) or len(name) > 256:
+        return None
+    obj: Any = None
+    if "." not in name:
+        obj = getattr(builtins, name, None)
+    else:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            module = sys.modules.get(".".join(parts[:i]))
+            if module is not None:
+                obj = module
+                for part in parts[i:]:
+                    obj = getattr(obj, part, None)
+                break
+    if isinstance(obj, type) and issubclass(obj, Exception):
+        return obj
+    return None
 
 
 def error_result(remote_type: str, message: str, traceback_text: str = "") -> bytes:
