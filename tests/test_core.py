@@ -42,7 +42,7 @@ from zfalkon.constants import (
     MAX_CLIENT_KEY,
     PING_SECONDS,
 )
-from zfalkon.core import BrokerCore
+from zfalkon.core import _DROPPED, BrokerCore
 from zfalkon.journal import Journal, JournalRecorder
 from zfalkon.slotcore import SlotSession
 from zfalkon.clientcore import ClientSession
@@ -85,6 +85,7 @@ class ClientModel:
         self.cancelled: set[int] = set()
         #: Tasks the broker handed to the hostile slot: only their results may be forged.
         self.given_to_evil: set[int] = set()
+        self.dropped_seen = 0  # ResultDropped results that reached the user
 
     @property
     def key(self) -> int:
@@ -136,6 +137,8 @@ class ClientModel:
             if self.pending.pop(tid, None) is not None:
                 self.hints.pop(tid, None)
                 self.got[tid] += 1
+                if blob == _DROPPED:
+                    self.dropped_seen += 1
                 if blob != FORGED and blob[1:2] == b"\x00":
                     value = payload.result_value(blob, worker)
                     assert value == tid, f"task {tid} got the result of {value}"
@@ -224,6 +227,8 @@ class FabricMachine(RuleBasedStateMachine):
         self.workers: list[WorkerModel] = []
         self.evil: SlotModel | None = None
         self.policy = "fifo"
+        self.tight = False  # the per-peer limits made tiny (so that the model hits them)
+        self.dropped_before = 0  # dropped_results of cores before a restart
 
     def teardown(self) -> None:
         if self.journal is not None:
@@ -249,7 +254,13 @@ class FabricMachine(RuleBasedStateMachine):
         if durable:
             self.journal = Journal(self.dir, "never")
             recorder = JournalRecorder(self.journal)
+        if getattr(self, "core", None) is not None:
+            self.dropped_before += self.core.dropped_results
         self.core = BrokerCore(self.now, queue=make_queue(policy), recorder=recorder)
+        if self.tight:
+            core = self.core
+            core.max_client_tasks, core.max_client_bytes, core.max_client_hinted = 6, 400, 3
+            core.max_away_clients, core.max_away_held_bytes, core.max_idle_clients = 1, 30, 2
         if recorder is not None:
             self.core.restore(self.journal.replay(), self.now)
 
@@ -302,10 +313,11 @@ class FabricMachine(RuleBasedStateMachine):
 
     @initialize(durable=st.booleans(), policy=st.sampled_from(["fifo", "data"]),
                 nclients=st.integers(1, 2), nworkers=st.integers(1, 2),
-                nslots=st.integers(1, 2), evil=st.booleans())
+                nslots=st.integers(1, 2), evil=st.booleans(), tight=st.booleans())
     def setup(self, durable: bool, policy: str, nclients: int, nworkers: int, nslots: int,
-              evil: bool) -> None:
+              evil: bool, tight: bool) -> None:
         self.policy = policy
+        self.tight = tight
         self.make_core(durable, policy)
         for i in range(nworkers):
             w = WorkerModel(bytes([0x10 + i]) * 4, f"w{i}", nslots)
@@ -522,6 +534,18 @@ class FabricMachine(RuleBasedStateMachine):
     @invariant()
     def live_tasks_are_somewhere(self) -> None:
         self.unfinished()
+
+    @invariant()
+    def live_tasks_are_counted_per_client(self) -> None:
+        counts = collections.Counter(t >> P.ID_SHIFT for t in self.core.live)
+        for key, c in self.core.clients.items():
+            assert c.live_tasks == counts[key], f"client {key}: {c.live_tasks} != {counts[key]}"
+            assert c.live_tasks or not (c.task_bytes or c.hinted)
+
+    @invariant()
+    def dropped_results_are_counted(self) -> None:
+        seen = sum(c.dropped_seen for c in self.clients)
+        assert seen <= self.dropped_before + self.core.dropped_results
 
     @invariant()
     def counters_equal_queues(self) -> None:

@@ -54,6 +54,19 @@ SEND_HWM = 256
 __all__ = ["Broker", "run_broker", "DISPATCH_POLICIES"]
 
 
+def _return_large_buffers() -> None:
+    """Make glibc give large buffers (frames, results: 1 MiB and more) back to the system
+    when they are freed: by default its mmap threshold rises after the first large free,
+    and later large results then stay in the heap after the broker drops them (a client
+    leaving 16 MiB results behind grew the broker by several times what it kept)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic raising)
+    except (OSError, AttributeError):  # (not glibc)
+        pass
+
+
 def _raise_fd_limit() -> None:
     """Every connection is a file descriptor: raise the soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -259,6 +272,7 @@ def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interva
         raise ConfigError("--journal-repair needs --journal DIR")
     # A file past RLIMIT_FSIZE must fail the write (EFBIG: the journal copes), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _return_large_buffers()
     opened = Journal(journal, fsync, repair=journal_repair) if journal else None
     try:
         broker = Broker(listen, opened, BrokerKeys(keys) if keys else None, insecure, dispatch)

@@ -696,7 +696,7 @@ class Executor(cf.Executor):
             if isinstance(msg, P.Welcome) and session.broken:
                 self._break(BrokerUnavailable(f"broker at {self.address}: {session.broken}"))
                 break
-            elif isinstance(msg, P.Error) and msg.code not in ("hello-required",
+            elif isinstance(msg, P.Error) and msg.code not in ("hello-required", "limit",
                                                                 JOURNAL_UNAVAILABLE):
                 if msg.code == "version":
                     self._break(error_from(msg, f"broker at {self.address}"))

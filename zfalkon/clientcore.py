@@ -34,6 +34,9 @@ ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
 #: most core.SEND_WINDOW_BYTES ahead of its acknowledgements).
 ACK_BYTES = 1024 * 1024
 JOURNAL_UNAVAILABLE = P.JOURNAL_UNAVAILABLE  #: ERROR code: SUBMIT refused for now
+#: ERROR code: SUBMIT refused for now, the client has as many tasks live as the broker
+#: takes from one client (the frame is sent again later, as for JOURNAL_UNAVAILABLE)
+LIMIT = "limit"
 _REHELLO_SECONDS = 2 * PING_SECONDS  # a HELLO unanswered this long is sent again
 
 
@@ -53,8 +56,9 @@ class ClientSession:
         self.out: list[P.Message] = []  #: messages to send, in order
         self.rejoining = False  #: HELLO sent again, WELCOME not yet here: send nothing else
         self.broken = ""  #: why the session cannot go on ("": it can)
-        #: The broker refused our SUBMITs (ERROR journal-unavailable) and has accepted
-        #: none since: after a PONG proving frames missing, only the first is sent again.
+        #: The broker refused our SUBMITs (ERROR journal-unavailable or limit) and has
+        #: accepted none since: after a PONG proving frames missing, only the first is
+        #: sent again.
         self.refused = False
         self.next_ping = 0.0
         self._hello_at = 0.0
@@ -129,7 +133,7 @@ class ClientSession:
             if not self.rejoining:
                 log.warning("the broker does not know this client; registering again")
                 self.hello(now)
-        elif isinstance(msg, P.Error) and msg.code == JOURNAL_UNAVAILABLE:
+        elif isinstance(msg, P.Error) and msg.code in (JOURNAL_UNAVAILABLE, LIMIT):
             if not self.refused:
                 log.warning("the broker refuses new tasks for now (%s); they stay pending "
                             "here and are sent again until it takes them", msg.message)

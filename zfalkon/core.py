@@ -103,6 +103,38 @@ _ACK_EVERY = 8  # frames a peer may be owed an acknowledgement before one is sen
 _COSTLY_PER_TICK = 8  # STATUS_REQUESTs answered per peer per tick (each answer is large)
 #: A peer's stream is sent again (RESEND) at most once in this many seconds.
 RESEND_SECONDS = 2.0
+#: HELLOs taken from one routing id per tick; past that, they are dropped unanswered (a
+#: client HELLO that claims its record again makes the broker send its unacknowledged
+#: results again).
+HELLOS_PER_TICK = 2
+#: Result bytes sent to a client in an earlier session (before its HELLO) and not
+#: acknowledged still count against its SEND_WINDOW_BYTES in the new session until its
+#: acknowledgement moves, or until it has not HELLOed for this long: a client that HELLOs
+#: again and again without reading cannot make the broker copy its results into the
+#: socket once a HELLO.
+STALE_SECONDS = 5.0
+#: STATUS answer bytes per peer per tick (unused allowance is not saved up; one answer
+#: is always allowed when the peer is within it, so an answer larger than this goes out
+#: once every few ticks): STATUS answers a peer does not read pile up in the socket.
+STATUS_BYTES_PER_TICK = 1024 * 1024
+#: Live tasks (queued, running, or delivered and not acknowledged) one client may have;
+#: past any of these a SUBMIT frame is not accepted (not acknowledged: the client sends
+#: it again later) and the client is told ERROR ``limit``: backpressure, nothing is lost.
+MAX_CLIENT_TASKS = 1_000_000
+MAX_CLIENT_BYTES = 256 * 1024 * 1024  # their task blobs and data hints
+MAX_CLIENT_HINTED = 32_768  # those with a data hint (a hint costs ~1 KB queued by key)
+#: Clients with no connection (quiet, or journal placeholders) the broker keeps; past
+#: this, the oldest are forgotten, those holding nothing (no live task) first.
+MAX_AWAY_CLIENTS = 4096
+#: Result bytes kept in full for all clients with no connection together (each also
+#: within MAX_HELD_BYTES); past this, the results of the longest silent are replaced by
+#: ResultDropped, sent ones included (counted in STATUS dropped_results).
+MAX_AWAY_HELD_BYTES = 32 * 1024 * 1024
+#: Client records that have never had a task accepted and hold nothing; past this, the
+#: oldest is forgotten (if it speaks again it is told hello-required and registers again).
+#: One silent IDLE_CLIENT_SECONDS is forgotten on the tick.
+MAX_IDLE_CLIENTS = 4096
+IDLE_CLIENT_SECONDS = 30.0
 #: A client silent this long (it pings every PING_SECONDS while it waits) is *quiet*:
 #: with a journal, results for it are journaled as HELD from then on.
 QUIET_SECONDS = 3 * PING_SECONDS
@@ -157,6 +189,11 @@ class Client:
     held_bytes: int = 0  # result bytes in its stream kept in full (not yet dropped)
     held_results: int = 0
     refused_at: float = -1e9  # when it was last told its SUBMIT was refused
+    stale: int = 0  # result bytes sent in an earlier session, not known to be read
+    stale_at: float = 0.0
+    live_tasks: int = 0  # its tasks in BrokerCore.live
+    task_bytes: int = 0  # their blobs and hints (approximately, once some finish)
+    hinted: int = 0  # those with a data hint (approximately)
 
 
 @dataclass(eq=False)
@@ -261,6 +298,16 @@ class BrokerCore:
         #: written): a SUBMIT frame is then not accepted into the client's stream (not
         #: acknowledged: the client sends it again later) and the client is told so.
         self.submits_refused: str | None = None
+        #: The limits per peer (the module's constants; tests make them small).
+        self.max_client_tasks = MAX_CLIENT_TASKS
+        self.max_client_bytes = MAX_CLIENT_BYTES
+        self.max_client_hinted = MAX_CLIENT_HINTED
+        self.max_away_clients = MAX_AWAY_CLIENTS
+        self.max_away_held_bytes = MAX_AWAY_HELD_BYTES
+        self.max_idle_clients = MAX_IDLE_CLIENTS
+        self._idle: dict[int, None] = {}  # keys of clients never given a task (oldest first)
+        self._hellos: collections.Counter[bytes] = collections.Counter()
+        self._status_bytes: collections.Counter[bytes] = collections.Counter()
         self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
         self._handlers: dict[type, Callable] = {
             P.Submit: self._on_submit, P.Cancel: self._on_cancel, P.Results: self._on_results,
@@ -290,9 +337,15 @@ class BrokerCore:
             ids.append(tid)
             blobs.append(blob)
         keys = {t >> P.ID_SHIFT for t in got.tasks} | set(by_key)
+        counts: collections.Counter[int] = collections.Counter()
+        sizes: collections.Counter[int] = collections.Counter()
+        for tid, blob in got.tasks.items():
+            counts[tid >> P.ID_SHIFT] += 1
+            sizes[tid >> P.ID_SHIFT] += len(blob)
         for key in keys:  # absent until they come back with their key (or expire)
             client = self.clients[key] = Client(b"", key, "", now, quiet=True, submitted=True)
             ids, blobs = by_key.get(key, ([], []))
+            client.live_tasks, client.task_bytes = counts[key] + len(ids), sizes[key]
             for i in range(0, len(ids), MAX_BATCH):
                 client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
         self.next_key = max(keys | set(got.owners), default=0) + 1
@@ -304,7 +357,13 @@ class BrokerCore:
         if user is not None and not self._authorized(ident, msg, user):
             return
         if type(msg) is P.Hello:
-            self._on_hello(ident, peer, msg, user, now)
+            n = self._hellos[ident]
+            self._hellos[ident] = n + 1
+            if n < HELLOS_PER_TICK:
+                self._on_hello(ident, peer, msg, user, now)
+            elif n == HELLOS_PER_TICK:
+                log.warning("peer %s sends more than %d HELLOs a second; ignoring the rest",
+                            ident.hex(), HELLOS_PER_TICK)
             return
         if peer is None:
             self.refuse(ident, ProtocolError(
@@ -358,6 +417,11 @@ class BrokerCore:
         self._errors_sent.clear()
         self._costly.clear()
         self._pings.clear()
+        self._hellos.clear()
+        if self._status_bytes:
+            self._status_bytes = collections.Counter({
+                i: n - STATUS_BYTES_PER_TICK for i, n in self._status_bytes.items()
+                if n > STATUS_BYTES_PER_TICK})
         for key, n in self._dropped.items():
             log.warning("client %d is not listening and more than %d results or %d MiB wait "
                         "for it: replaced its %d oldest results by ResultDropped errors",
@@ -394,14 +458,22 @@ class BrokerCore:
             # purge walks the whole queue.
             self._purge(set(self.gone))
             self._purged_at = now
+        away: list[Client] = []
         for client in list(self.clients.values()):
             client.reading = (client.reading << 1) & 3
             silent = now - client.last_heard
+            if client.stale and now - client.stale_at >= STALE_SECONDS:
+                client.stale = 0
+                self._send_unsent(client)
             if silent > self.hold_seconds:
                 log.warning("client %d silent for %.0f s: dropping its tasks and results",
                             client.key, silent)
                 self._forget(client)
-            elif silent > QUIET_SECONDS and not client.quiet:
+                continue
+            if silent > IDLE_CLIENT_SECONDS and not client.submitted and not client.tx.unacked:
+                self._forget(client)  # (never given a task, gone: nothing to keep)
+                continue
+            if silent > QUIET_SECONDS and not client.quiet:
                 self._quiet(client)
             elif client.sent < client.tx.seq and not client.quiet:
                 acked = client.tx.acked()  # results wait behind its window: reading?
@@ -409,6 +481,10 @@ class BrokerCore:
                     client.ack_mark, client.ack_since = acked, now
                 elif now - client.ack_since > ACK_STALL_SECONDS:
                     self._quiet(client)  # (it pings but does not read)
+            if client.quiet or not client.ident:
+                away.append(client)
+        if away:
+            self._bound_away(away)
         for peer in self._owed:
             self._send_ack(peer)
         self._owed.clear()
@@ -523,6 +599,13 @@ class BrokerCore:
         if record is None:
             record = Client(ident, key, name, now)
             self.clients[key] = record
+            self._idle[key] = None  # (until it has tasks accepted)
+            if len(self._idle) > self.max_idle_clients:
+                oldest = self.clients.get(next(iter(self._idle)))
+                if oldest is not None and oldest is not record:
+                    log.info("more than %d clients without tasks: forgetting client %d",
+                             self.max_idle_clients, oldest.key)
+                    self._forget(oldest)
         else:
             if record.ident and record.ident != ident:
                 self.peers.pop(record.ident, None)
@@ -532,9 +615,14 @@ class BrokerCore:
         # before WELCOME, so that it does not submit those tasks again.
         frames = [f for _, f in record.tx.unacked]
         all_journaled = record.journaled >= record.tx.seq  # (as HELD: not again)
+        # What it was sent and has not acknowledged may still sit in the socket: it
+        # counts against the new session's window until its acknowledgement moves.
+        stale = record.in_flight + record.stale
         record.rx.reset()
         record.tx.reset()
         record.told = record.sent = record.in_flight = record.journaled = 0
+        if stale:
+            record.stale, record.stale_at = stale, now
         record.held_bytes = record.held_results = 0
         for worker, ids, blobs in frames:
             self._send_deliver(record, worker, ids, blobs)
@@ -595,6 +683,8 @@ class BrokerCore:
         if self.submits_refused is not None and msg.seq > client.rx.last:
             self._refuse_submit(client, msg, now)
             return
+        if msg.seq == client.rx.last + 1 and msg.ids and self._over_limit(client, msg, now):
+            return
         if not self._stream_in(client, msg.seq, msg.ack):
             return
         ids = msg.ids
@@ -610,6 +700,7 @@ class BrokerCore:
             self.recorder.key(key, owner)
         blobs, hints = msg.blobs, msg.hints
         live, cancelled = self.live, self.cancelled
+        before = len(live)
         fresh = live.isdisjoint(ids) and (not cancelled or cancelled.isdisjoint(ids))
         if fresh:
             before = len(live)
@@ -630,14 +721,67 @@ class BrokerCore:
                     keep.append(i)
             live.update(seen)
             self.duplicate_submits += len(ids) - len(keep)
+            client.live_tasks += len(live) - before
             if not keep:
                 return
             ids, blobs = [ids[i] for i in keep], [blobs[i] for i in keep]
             hints = [hints[i] for i in keep] if hints else hints
+        else:
+            client.live_tasks += len(ids)
         self.recorder.submit(ids, blobs)
         self.submitted += len(ids)
-        client.submitted = True
+        if not client.submitted:
+            client.submitted = True
+            self._idle.pop(key, None)
+        client.task_bytes += sum(map(len, blobs))
+        if hints:
+            client.task_bytes += sum(map(len, hints))
+            client.hinted += len(hints) - hints.count("")
         self.queue.add(ids, blobs, hints)
+
+    def _over_limit(self, client: Client, msg: P.Submit, now: float) -> bool:
+        """True if the client's next SUBMIT frame would take it past its limits
+        (MAX_CLIENT_TASKS, MAX_CLIENT_BYTES, MAX_CLIENT_HINTED): the frame is dropped, not
+        acknowledged (the client sends it again later: backpressure), and the client is
+        told ERROR ``limit`` at most once per RESEND_SECONDS. A frame of at most MAX_BATCH
+        tasks is taken whatever its size when the client has no live task (a larger one
+        never is)."""
+        n = len(msg.ids)
+        if not client.live_tasks and n <= MAX_BATCH:
+            return False
+        size = sum(map(len, msg.blobs))
+        hinted = 0
+        if msg.hints:
+            size += sum(map(len, msg.hints))
+            hinted = n - msg.hints.count("")
+        if n > MAX_BATCH:  # (never taken: an Executor splits its frames at MAX_BATCH)
+            n = self.max_client_tasks + 1
+        n += client.live_tasks
+        size += client.task_bytes
+        hinted += client.hinted
+        if n <= self.max_client_tasks and size <= self.max_client_bytes and \
+                hinted <= self.max_client_hinted:
+            return False
+        self._peer_has(client, msg.ack)
+        if now - client.refused_at >= RESEND_SECONDS:
+            client.refused_at = now
+            self.refused["limit"] += 1
+            self.outbox.append((client.ident, P.Error("limit", (
+                f"client {client.key} has {client.live_tasks} tasks live (queued, running, "
+                f"or results not acknowledged): limits {self.max_client_tasks} tasks, "
+                f"{self.max_client_bytes >> 20} MiB of tasks and hints, "
+                f"{self.max_client_hinted} tasks with a data hint; this SUBMIT waits")[:512])))
+        return True
+
+    def _untrack(self, client: Client, n: int) -> None:
+        """``n`` of the client's live tasks are no longer live."""
+        live = client.live_tasks
+        if n >= live:
+            client.live_tasks = client.task_bytes = client.hinted = 0
+        elif n:
+            client.task_bytes -= client.task_bytes * n // live
+            client.hinted -= client.hinted * n // live
+            client.live_tasks = live - n
 
     def _on_cancel(self, client: Client, msg: P.Cancel, now: float) -> None:
         if self._stream_in(client, msg.seq, msg.ack):
@@ -645,6 +789,7 @@ class BrokerCore:
             ids = [t for t in msg.ids if t >> P.ID_SHIFT == key and t in live]
             if ids:  # not live any more: skipped if queued, its result dropped if running
                 live.difference_update(ids)
+                self._untrack(client, len(ids))
                 self.cancelled.update(ids)
                 self.recorder.done(ids)
                 self._dead_queued = True
@@ -677,7 +822,10 @@ class BrokerCore:
                     client.held_results -= len(ids)
                     if seq <= client.sent:
                         client.in_flight -= size
+            before = len(self.live)
             self.live.difference_update(done)
+            self._untrack(client, before - len(self.live))
+            client.stale = 0  # (it reads: what an earlier session sent is past)
             if self.cancelled:
                 self.cancelled.difference_update(done)
             self.recorder.done(done)
@@ -742,10 +890,12 @@ class BrokerCore:
         if client.quiet or not client.ident or client.sent >= client.tx.seq or not unacked:
             return
         rx_last = client.rx.last
+        stale = client.stale
         for i in range(max(0, client.sent + 1 - unacked[0][0]), len(unacked)):
             seq, (worker, ids, blobs) = unacked[i]
             size = 0 if blobs[0] is _DROPPED else sum(map(len, blobs))
-            if client.in_flight and client.in_flight + size > SEND_WINDOW_BYTES:
+            ahead = client.in_flight + stale
+            if ahead and ahead + size > SEND_WINDOW_BYTES:
                 break
             client.in_flight += size
             client.sent = seq
@@ -753,22 +903,26 @@ class BrokerCore:
         client.told = rx_last
         self._owed.pop(client, None)
 
-    def _shed(self, client: Client, limit: int) -> None:
+    def _shed(self, client: Client, limit: int, sent: bool = False) -> None:
         """Keep the results of a client that is not listening (or not acknowledging)
         within MAX_HELD_BYTES and MAX_HELD_RESULTS: the oldest kept in full and not yet
-        sent are replaced by a short ResultDropped error (journaled, so a restart keeps
-        the replacement); the count is logged on the tick."""
+        sent (``sent``: sent ones too) are replaced by a short ResultDropped error
+        (journaled, so a restart keeps the replacement); the count is logged on the tick."""
         if client.held_bytes <= limit and client.held_results <= MAX_HELD_RESULTS:
             return
         unacked, dropped = client.tx.unacked, 0
-        # (frames already sent are left alone: the socket holds them until acknowledged,
-        # and they are within SEND_WINDOW_BYTES)
-        for i in range(max(0, client.sent + 1 - unacked[0][0]), len(unacked)):
+        # (frames already sent are left alone unless ``sent``: the socket holds them
+        # until acknowledged, and they are within SEND_WINDOW_BYTES)
+        start = 0 if sent else max(0, client.sent + 1 - unacked[0][0])
+        for i in range(start, len(unacked)):
             seq, (worker, ids, blobs) = unacked[i]
             if blobs[0] is _DROPPED:
                 continue
-            client.held_bytes -= sum(map(len, blobs))
+            size = sum(map(len, blobs))
+            client.held_bytes -= size
             client.held_results -= len(ids)
+            if seq <= client.sent:
+                client.in_flight -= size
             dropped += len(ids)
             blobs = [_DROPPED] * len(ids)
             unacked[i] = (seq, (worker, ids, blobs))
@@ -777,6 +931,29 @@ class BrokerCore:
                 break
         self.dropped_results += dropped
         self._dropped[client.key] += dropped
+
+    def _bound_away(self, away: list[Client]) -> None:
+        """Keep the clients with no connection within MAX_AWAY_CLIENTS (the longest silent
+        of those holding nothing are forgotten first) and their results within
+        MAX_AWAY_HELD_BYTES (the longest silent lose theirs to ResultDropped first)."""
+        extra = len(away) - self.max_away_clients
+        if extra > 0:
+            away.sort(key=lambda c: (c.live_tasks > 0 or len(c.tx) > 0, c.last_heard))
+            log.warning("more than %d clients away: forgetting the %d longest silent",
+                        self.max_away_clients, extra)
+            for client in away[:extra]:
+                self._forget(client)
+            away = away[extra:]
+        held = sum(c.held_bytes for c in away)
+        if held > self.max_away_held_bytes:
+            away.sort(key=lambda c: c.last_heard)
+            for client in away:
+                over = held - self.max_away_held_bytes
+                if over <= 0:
+                    break
+                had = client.held_bytes
+                self._shed(client, max(0, had - over), sent=True)
+                held -= had - client.held_bytes
 
     def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
         """Finished tasks: into their client's stream (dropped if cancelled, or if the
@@ -813,6 +990,7 @@ class BrokerCore:
         key = client.key
         if self.clients.get(key) is client:
             del self.clients[key]
+            self._idle.pop(key, None)
         if client.ident and self.peers.get(client.ident) is client:
             del self.peers[client.ident]
             self.bound.pop(client.ident, None)
@@ -1070,8 +1248,11 @@ class BrokerCore:
     # -- everyone ----------------------------------------------------------------------
 
     def _on_status(self, peer: Peer, msg: P.StatusRequest, now: float) -> None:
-        if self._afford(peer.ident):
-            self.outbox.append((peer.ident, P.Status(self.status(now))))
+        if self._afford(peer.ident) and \
+                self._status_bytes[peer.ident] < STATUS_BYTES_PER_TICK:
+            answer = P.Status(self.status(now))
+            self._status_bytes[peer.ident] += len(P.encode(answer))
+            self.outbox.append((peer.ident, answer))
 
     def _afford(self, ident: bytes) -> bool:
         """A costly answer (STATUS): at most _COSTLY_PER_TICK per peer per tick, so that a
