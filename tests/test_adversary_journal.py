@@ -2,7 +2,10 @@
 hostile client's data can, then start a real broker process on it and check that it
 refuses or recovers as docs/protocol.md section 10 says, and never truncates valid data.
 
-Tests that show a break are kept, marked ``xfail(strict=True)`` with the reason.
+The journal's records are framed under a secret drawn when the file is created (format
+version 2): a client, which sends its blobs before it could know that secret, can craft
+frames of version 1 (a fixed mark) or of version 2 under a secret of its own, never frames
+of the journal its data is written to.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pytest
 from conftest import READY_PREFIX, child_env, stop_process, wait_until
 from zfalkon import payload, query_status
 from zfalkon import protocol as P
-from zfalkon.journal import HEADER, RECORD_MARK, Journal
+from zfalkon.journal import Journal
 
 KEY, VICTIM = 7, 9
 
@@ -29,24 +32,39 @@ def tid(key: int, seq: int) -> int:
     return (key << P.ID_SHIFT) | seq
 
 
-def frame(record) -> bytes:
+#: Version 1's fixed record mark and header (docs/protocol.md, section 10).
+V1_MARK = b"\xc1\xfa\x1c\x0d"
+V1_HEADER = b"\x89zfjournal\r\n" + struct.pack("<I", 1)
+
+
+def v1_frame(record) -> bytes:
+    """A record framed as version 1 does: anyone can make one."""
     data = msgpack.packb(record)
-    return RECORD_MARK + struct.pack("<II", len(data), zlib.crc32(data)) + data
+    return V1_MARK + struct.pack("<II", len(data), zlib.crc32(data)) + data
+
+
+def v2_frame(record, secret: bytes) -> bytes:
+    """A record framed as version 2 does with ``secret``."""
+    data = msgpack.packb(record)
+    return secret[:8] + struct.pack("<II", len(data), zlib.crc32(secret + data)) + data
 
 
 def write_journal(directory, records: list) -> tuple[str, list[int]]:
-    """A journal of exactly these records (as the broker frames them); return its path and
-    each record's offset."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = os.path.join(directory, "journal.log")
-    data, offsets = bytearray(HEADER), []
-    for record in records:
-        offsets.append(len(data))
-        data += frame(record)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
-    return path, offsets
+    """A journal of exactly these records, written by the broker's own Journal; return its
+    path and each record's offset."""
+    j = Journal(str(directory), fsync="never")
+    offsets = []
+    try:
+        for record in records:
+            offsets.append(j.size)
+            if record[0] == 5:
+                j.key(record[1], record[2])
+            else:
+                j.submit(record[1], record[2])
+            j.flush(time.monotonic())
+    finally:
+        j.close()
+    return j.path, offsets
 
 
 class Started:
@@ -184,8 +202,10 @@ def test_a_journal_path_that_cannot_be_opened_refuses_to_start(tmp_path):
 
 
 def forged_frame() -> bytes:
-    """A whole, valid journal frame: a SUBMIT of a task under the VICTIM's key."""
-    return frame([1, [tid(VICTIM, 666)], [payload.shell_task("echo forged > /tmp/pwned")]])
+    """Whole frames a client can craft of a SUBMIT of a task under the VICTIM's key: as
+    version 1 frames it, and as version 2 does under a secret of the client's own."""
+    record = [1, [tid(VICTIM, 666)], [payload.shell_task("echo forged > /tmp/pwned")]]
+    return v1_frame(record) + v2_frame(record, os.urandom(16))
 
 
 def torn_record_with_embedded_frame(directory) -> tuple[str, int]:
@@ -199,11 +219,6 @@ def torn_record_with_embedded_frame(directory) -> tuple[str, int]:
     return path, offsets[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Journal.replay calls a bad frame a torn tail only if _next_frame finds no valid frame "
-    "after it; a client's blob can hold a whole valid frame (RECORD_MARK is 'found only "
-    "inside user data'), so a crash that tears the record holding that blob makes the "
-    "broker refuse to start (damage) instead of cutting the tail"))
 def test_a_torn_record_whose_blob_embeds_a_frame_is_still_a_torn_tail(tmp_path):
     directory = tmp_path / "j"
     path, last = torn_record_with_embedded_frame(directory)
@@ -213,11 +228,6 @@ def test_a_torn_record_whose_blob_embeds_a_frame_is_still_a_torn_tail(tmp_path):
     assert os.path.getsize(path) == last
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Journal._salvage scans forward from a bad frame for the next RECORD_MARK that starts a "
-    "valid frame and keeps it: a frame embedded in a client's task blob (here a SUBMIT "
-    "under another client's key) becomes a real record in the repaired journal, and the "
-    "forged task is queued. --journal-repair is what the refusal tells the operator to run"))
 def test_journal_repair_does_not_replay_frames_embedded_in_a_clients_blob(tmp_path):
     directory = tmp_path / "j"
     path, _ = torn_record_with_embedded_frame(directory)
@@ -233,16 +243,16 @@ def test_journal_repair_does_not_replay_frames_embedded_in_a_clients_blob(tmp_pa
     assert queued == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after a bad frame, _next_frame tries every RECORD_MARK up to the end of the file and "
-    "computes zlib.crc32 over each candidate's claimed length: a client blob of "
-    "back-to-back fake frame headers (12 bytes each, plausible lengths, wrong crc) makes "
-    "the torn-tail check O(marks x length): the broker takes minutes to start"))
+def fake_headers(mark: bytes, size: int) -> bytes:
+    """``size`` bytes of back-to-back frame headers starting with ``mark``, each claiming
+    a 1 MiB payload (with a wrong checksum)."""
+    header = mark + struct.pack("<II", 1 << 20, 0)
+    return header * (size // len(header))
+
+
 def test_a_torn_tail_full_of_fake_frame_headers_starts_quickly(tmp_path):
     directory = tmp_path / "j"
-    length = 1 << 20
-    header = RECORD_MARK + struct.pack("<II", length, 0)
-    evil_blob = header * ((3 << 20) // len(header))  # 3 MiB of fake headers
+    evil_blob = fake_headers(V1_MARK, 3 << 19) + fake_headers(os.urandom(8), 3 << 19)
     records = legit_records() + [[1, [tid(KEY, 3)], [evil_blob]]]
     path, offsets = write_journal(directory, records)
     with open(path, "r+b") as f:
