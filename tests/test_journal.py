@@ -281,6 +281,35 @@ def test_an_unframed_journal_of_an_older_version_is_refused_then_converted(tmp_p
     assert list(got.tasks) == ids(1, 2) and got.owners == {KEY: "client:a"}
 
 
+def test_a_header_cut_short_by_a_crash_while_creating_is_written_again(tmp_path):
+    j = Journal(str(tmp_path))
+    j.close()
+    header = open(j.path, "rb").read()
+    for cut in (5, 20, HEADER_SIZE - 1):
+        with open(j.path, "wb") as f:
+            f.write(header[:cut])
+        assert replayed(tmp_path).records == 0
+        fresh = open(j.path, "rb").read()
+        assert len(fresh) == HEADER_SIZE and fresh[:16] == header[:16]
+        assert secret_of(j.path) != header[16:32]  # a new secret
+
+
+def test_records_before_replay_on_an_existing_journal_are_refused(tmp_path):
+    """An existing log's format is known once it is replayed (a version-1 log is then
+    rewritten): frames written before that could be another format's."""
+    j = Journal(str(tmp_path))
+    j.close()
+    (tmp_path / "journal.log").write_bytes(b"\x89zfjournal\r\n\x01\x00\x00\x00")  # v1
+    j = Journal(str(tmp_path))
+    try:
+        j.submit(ids(1), [b"x"])
+        with pytest.raises(RuntimeError, match="replay"):
+            j.flush(time.monotonic())
+        j._buffer.clear()
+    finally:
+        j.close()
+
+
 # -- ownership: one broker per directory, private files ----------------------------------
 
 

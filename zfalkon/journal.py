@@ -304,8 +304,11 @@ class Journal:
         self.directory = directory
         self.path = os.path.join(directory, "journal.log")
         self._fd = self._lock_fd = -1
-        #: How this file frames records (None: not known until :meth:`replay`).
+        #: How this file frames records (None: not known until :meth:`replay`; what is
+        #: recorded until then is framed under a throwaway secret, and flush refuses it).
         self._format: _Format | None = None
+        self._use(_Format.new())
+        self._format = None
         try:
             _private_directory(directory)
             self._lock_fd = _lock(directory)
