@@ -23,12 +23,14 @@ submission order, with the results held for quiet clients.
 
 **Why a secret.** Records carry client data (task blobs, results), so a client can put
 bytes that look like a frame inside its blob. It cannot make them a frame *of this file*:
-the secret is drawn (``os.urandom``) when the file is created, and again at every
-compaction or repair, after the blobs it holds were sent, and it never leaves the file
-(mode 0600). So a frame embedded in a blob is never taken for a record, whether the
-broker is looking for records after a bad one (torn tail or damage?) or salvaging them
-(``--journal-repair``). The scan for the next frame is linear in the file's size: a
-candidate counts only if no other mark starts inside it, so no byte is checksummed twice.
+the secret is drawn (``os.urandom``) for every file the journal writes (a new log, each
+compaction, repair or version-1 conversion), is in no message the broker sends, and never
+leaves the file (mode 0600). So a frame embedded in a blob is never taken for a record,
+whether the broker is looking for records after a bad one (torn tail or damage?) or
+salvaging them (``--journal-repair``). The scan for the next frame is linear in the
+file's size: a candidate counts only if no other mark starts inside it, so no byte is
+checksummed twice. A header whose own checksum fails (its secret may be damaged) is
+refused, never taken for a torn tail at its first record.
 
 **Damage.** A *torn tail* (the last record cut short by a machine crash, or failing its
 checksum with no valid record after it) is cut off with a warning. Anything else (a bad
