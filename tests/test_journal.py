@@ -34,7 +34,7 @@ from conftest import (
 from zfalkon import Executor, LocalCluster, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.errors import ConfigError
-from zfalkon.journal import HEADER, RECORD_MARK, Journal, Replayed
+from zfalkon.journal import FRAME_SIZE, HEADER_SIZE, Journal, Replayed
 
 KEY = 5
 BASE = KEY << P.ID_SHIFT
@@ -48,10 +48,17 @@ def blobs(n: int) -> list[bytes]:
     return [b"task-%d" % i for i in range(n)]
 
 
-def frame(record) -> bytes:
-    """One record as the journal frames it (docs/protocol.md, section 10)."""
+def secret_of(path) -> bytes:
+    """The secret in a journal's header (docs/protocol.md, section 10)."""
+    with open(path, "rb") as f:
+        return f.read(HEADER_SIZE)[16:32]
+
+
+def frame(record, secret: bytes) -> bytes:
+    """One record as the journal with this secret frames it (docs/protocol.md, section
+    10): the secret's first 8 bytes, the length, crc32(secret + payload), the payload."""
     data = msgpack.packb(record)
-    return RECORD_MARK + struct.pack("<II", len(data), zlib.crc32(data)) + data
+    return secret[:8] + struct.pack("<II", len(data), zlib.crc32(secret + data)) + data
 
 
 def replayed(directory, **kw) -> Replayed:
@@ -96,7 +103,7 @@ def test_gone_client_forgets_its_tasks_and_results_only(tmp_path):
 def test_nothing_is_written_before_flush_and_everything_after(tmp_path):
     j = Journal(str(tmp_path), fsync="never")
     j.submit(ids(1), [b"x"])
-    assert os.path.getsize(j.path) == len(HEADER)  # a new file holds just its header
+    assert os.path.getsize(j.path) == HEADER_SIZE  # a new file holds just its header
     j.flush(time.monotonic())
     assert os.path.getsize(j.path) == j.size > 0
     assert j.syncs == 0
@@ -118,7 +125,7 @@ def test_a_torn_last_record_is_cut_off(tmp_path):
     j.flush(time.monotonic())
     j.close()
     whole = os.path.getsize(j.path)
-    record = frame((1, ids(3), [b"y" * 100]))
+    record = frame((1, ids(3), [b"y" * 100]), secret_of(j.path))
     with open(j.path, "ab") as f:
         f.write(record[: len(record) // 2])  # a machine crash in the middle of a write
     j2 = Journal(str(tmp_path))
@@ -137,7 +144,7 @@ def test_a_whole_record_this_version_cannot_read_is_refused_even_last(tmp_path):
     j.flush(time.monotonic())
     j.close()
     with open(j.path, "ab") as f:
-        f.write(frame((99, [1])))  # a record kind no version writes (its checksum is fine)
+        f.write(frame((99, [1]), secret_of(j.path)))  # a kind no version writes (checksum fine)
     before = open(j.path, "rb").read()
     with pytest.raises(ConfigError, match=r"cannot read.*--journal-repair"):
         replayed(tmp_path)
@@ -153,7 +160,7 @@ def test_compaction_keeps_only_what_is_live(tmp_path):
     j.flush(time.monotonic())
     assert j.wants_compaction()
     j.compact([(ids(100), [b"live"])], [(ids(7), [b"held"])])
-    assert j.size < 100 and not j.wants_compaction()
+    assert j.size - HEADER_SIZE < 100 and not j.wants_compaction()
     j.submit(ids(101), [b"new"])  # appends go to the compacted file
     j.flush(time.monotonic())
     j.close()
@@ -170,13 +177,13 @@ def test_compaction_with_nothing_live_keeps_only_key_owners(tmp_path):
     j.flush(time.monotonic())
     assert j.grown
     j.compact((), (), {KEY: "client:alice"})
-    assert not j.grown and 0 < j.size < 50
+    assert not j.grown and 0 < j.size - HEADER_SIZE < 50
     j.close()
     got = replayed(tmp_path)
     assert got.tasks == {} and got.owners == {KEY: "client:alice"}
     j = Journal(str(tmp_path))
     j.compact((), (), {})
-    assert j.size == len(HEADER) == os.path.getsize(j.path)
+    assert j.size == HEADER_SIZE == os.path.getsize(j.path)
     j.close()
 
 
@@ -213,10 +220,10 @@ def three_records(tmp_path) -> tuple[str, list[int]]:
     j.flush(time.monotonic())
     j.close()
     data = open(j.path, "rb").read()
-    offsets, pos = [], len(HEADER)
+    offsets, pos = [], HEADER_SIZE
     while pos < len(data):
         offsets.append(pos)
-        pos += 12 + struct.unpack_from("<I", data, pos + 4)[0]
+        pos += FRAME_SIZE + struct.unpack_from("<I", data, pos + 8)[0]
     assert len(offsets) == 3 and pos == len(data)
     return j.path, offsets
 
@@ -272,6 +279,35 @@ def test_an_unframed_journal_of_an_older_version_is_refused_then_converted(tmp_p
     assert (tmp_path / "journal.log").read_bytes() == old
     got = replayed(tmp_path, repair=True)
     assert list(got.tasks) == ids(1, 2) and got.owners == {KEY: "client:a"}
+
+
+def test_a_header_cut_short_by_a_crash_while_creating_is_written_again(tmp_path):
+    j = Journal(str(tmp_path))
+    j.close()
+    header = open(j.path, "rb").read()
+    for cut in (5, 20, HEADER_SIZE - 1):
+        with open(j.path, "wb") as f:
+            f.write(header[:cut])
+        assert replayed(tmp_path).records == 0
+        fresh = open(j.path, "rb").read()
+        assert len(fresh) == HEADER_SIZE and fresh[:16] == header[:16]
+        assert secret_of(j.path) != header[16:32]  # a new secret
+
+
+def test_records_before_replay_on_an_existing_journal_are_refused(tmp_path):
+    """An existing log's format is known once it is replayed (a version-1 log is then
+    rewritten): frames written before that could be another format's."""
+    j = Journal(str(tmp_path))
+    j.close()
+    (tmp_path / "journal.log").write_bytes(b"\x89zfjournal\r\n\x01\x00\x00\x00")  # v1
+    j = Journal(str(tmp_path))
+    try:
+        j.submit(ids(1), [b"x"])
+        with pytest.raises(RuntimeError, match="replay"):
+            j.flush(time.monotonic())
+        j._buffer.clear()
+    finally:
+        j.close()
 
 
 # -- ownership: one broker per directory, private files ----------------------------------
@@ -452,7 +488,7 @@ def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
                    message="results acknowledged")
         back.close()
         # Everything is delivered: the journal shrinks to the key owner at the next tick.
-        wait_until(lambda: query_status(address)["journal"]["bytes"] < 50, 5,
+        wait_until(lambda: query_status(address)["journal"]["bytes"] < HEADER_SIZE + 50, 5,
                    message="journal compacted")
     finally:
         stop_process(broker)

@@ -2,8 +2,10 @@
 
 ``zfalkon broker --journal DIR`` keeps one file, ``DIR/journal.log``, written by the
 broker's loop in one ``write()`` per pass (group commit). The file starts with a header
-(:data:`MAGIC` and :data:`FORMAT_VERSION`); then come records, each one framed as
-``RECORD_MARK, length, crc32`` (:data:`_FRAME`) followed by ``length`` bytes of msgpack:
+(:data:`MAGIC`, :data:`FORMAT_VERSION`, a random 16-byte *secret* made for this file, and
+a CRC-32 of those); then come records, each one framed as ``mark, length, check``
+(:data:`_FRAME`): the secret's first 8 bytes, the payload's length, and
+``crc32(secret + payload)``; then ``length`` bytes of msgpack:
 
 * ``[1, ids, blobs]`` SUBMIT: tasks accepted;
 * ``[2, ids]`` DONE: finished for good: the client acknowledged their results, or
@@ -19,13 +21,30 @@ Replaying the records in order gives back exactly the broker core's live tasks
 (:attr:`zfalkon.core.BrokerCore.live`): every task accepted and not finished for good, in
 submission order, with the results held for quiet clients.
 
+**Why a secret.** Records carry client data (task blobs, results), so a client can put
+bytes that look like a frame inside its blob. It cannot make them a frame *of this file*:
+the secret is drawn (``os.urandom``) for every file the journal writes (a new log, each
+compaction, repair or version-1 conversion), is in no message the broker sends, and never
+leaves the file (mode 0600). So a frame embedded in a blob is never taken for a record,
+whether the broker is looking for records after a bad one (torn tail or damage?) or
+salvaging them (``--journal-repair``). The scan for the next frame is linear in the
+file's size: a candidate counts only if no other mark starts inside it, so no byte is
+checksummed twice. A header whose own checksum fails (its secret may be damaged) is
+refused, never taken for a torn tail at its first record.
+
 **Damage.** A *torn tail* (the last record cut short by a machine crash, or failing its
 checksum with no valid record after it) is cut off with a warning. Anything else (a bad
 record with valid records after it, a bad header, an unframed journal of an older
 version) makes :meth:`Journal.replay` raise :class:`~zfalkon.errors.ConfigError` naming
 the file and byte offset, and change nothing. With ``repair`` (``--journal-repair``) the
 damaged file is kept as ``journal.log.corrupt-TIMESTAMP`` and replaced by one holding
-every valid record found (scanning forward for the next record mark after damage).
+every valid record found (scanning forward for the next frame of this file after damage).
+
+**Version 1** (framed with a fixed mark ``c1 fa 1c 0d`` and a plain CRC-32, no secret) is
+still read, then converted: rewritten, record for record, as version 2 before the broker
+starts. A client can forge a version-1 frame, so for such a file a bad frame followed by
+something frame-like is refused (never cut), and ``--journal-repair`` keeps only the
+records before the damage (everything is kept in the ``corrupt`` file).
 
 **Ownership.** The directory is locked (``flock`` on ``DIR/lock``, which names the
 holder's PID) for the journal's life: a second broker on it is refused. The directory is
@@ -83,17 +102,86 @@ COMPACT_BYTES = 256 * 1024 * 1024
 #: Unwritten journal bytes kept in memory while the disk refuses them; past this they
 #: are dropped, and a snapshot of the broker's state replaces the log once it can.
 MAX_BACKLOG_BYTES = 64 * 1024 * 1024
-#: The file's first bytes, then FORMAT_VERSION as a little-endian uint32.
+#: The file's first bytes; then FORMAT_VERSION as a little-endian uint32.
 MAGIC = b"\x89zfjournal\r\n"
-FORMAT_VERSION = 1
-HEADER = MAGIC + struct.pack("<I", FORMAT_VERSION)
-#: Starts every record (0xc1 is a byte msgpack never uses: found only inside user data).
-RECORD_MARK = b"\xc1\xfa\x1c\x0d"
-_FRAME = struct.Struct("<4sII")  # RECORD_MARK, payload length, zlib.crc32(payload)
-_FRAME_PACK, _crc32 = _FRAME.pack, zlib.crc32
+FORMAT_VERSION = 2
+SECRET_BYTES = 16
+#: MAGIC, FORMAT_VERSION, the file's secret, zlib.crc32 of the 32 bytes before it.
+_HEADER = struct.Struct("<12sI16sI")
+HEADER_SIZE = _HEADER.size
+#: The secret's first MARK_BYTES start every frame.
+MARK_BYTES = 8
+_FRAME = struct.Struct("<8sII")  # mark, payload length, zlib.crc32(secret + payload)
+FRAME_SIZE = _FRAME.size
+_crc32 = zlib.crc32
+#: Version 1 (read, then converted): MAGIC and 1, then frames of a fixed mark (0xc1 is a
+#: byte msgpack never uses), the payload's length and its plain zlib.crc32.
+V1_HEADER = MAGIC + struct.pack("<I", 1)
+V1_RECORD_MARK = b"\xc1\xfa\x1c\x0d"
 _FILE_MODE, _DIR_MODE = 0o600, 0o700
 _INTERVAL_SECONDS = 1.0
 _REPAIR_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How one journal file frames its records: its header, the mark starting each
+    frame, the CRC-32 start value (crc32 of the secret: a record's check is
+    ``crc32(secret + payload)``), and the frame's layout."""
+
+    version: int
+    header: bytes
+    mark: bytes
+    seed: int
+    frame: struct.Struct
+
+    @classmethod
+    def new(cls, secret: bytes | None = None) -> "_Format":
+        """Version 2 with ``secret`` (default: a fresh random one)."""
+        if secret is None:
+            secret = os.urandom(SECRET_BYTES)
+        head = MAGIC + struct.pack("<I", FORMAT_VERSION) + secret
+        return cls(FORMAT_VERSION, head + struct.pack("<I", zlib.crc32(head)),
+                   secret[:MARK_BYTES], zlib.crc32(secret), _FRAME)
+
+
+_V1 = _Format(1, V1_HEADER, V1_RECORD_MARK, 0, struct.Struct("<4sII"))
+
+
+def _parse_header(head: bytes) -> tuple[_Format | None, str]:
+    """The format a file's first bytes declare, or None and what is wrong with them.
+    Another version than 1 or 2 raises ValueError (the message to show)."""
+    if head[:len(MAGIC)] != MAGIC:
+        if _looks_unframed(head[:2]):
+            return None, ("an unframed journal written by an older zfalkon (before format "
+                          "version 1); --journal-repair converts it")
+        return None, "not a zfalkon journal header"
+    if len(head) < len(V1_HEADER):
+        return None, "a header cut short"
+    version = struct.unpack_from("<I", head, len(MAGIC))[0]
+    if version == 1:
+        return _V1, ""
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format version {version}; this zfalkon reads versions 1 and "
+                         f"{FORMAT_VERSION}. Use a matching zfalkon")
+    if len(head) < HEADER_SIZE:
+        return None, "a header cut short"
+    _, _, secret, check = _HEADER.unpack_from(head)
+    if zlib.crc32(head[:HEADER_SIZE - 4]) != check:
+        return None, ("a header that fails its checksum (it holds the secret every record "
+                      "is checked with)")
+    return _Format.new(secret), ""
+
+
+def _torn_header(head: bytes) -> bool:
+    """``head`` (shorter than a header) is what a crash while creating a journal leaves:
+    the start of a header, so the file holds no record."""
+    if len(head) >= HEADER_SIZE:
+        return False
+    if head[:len(MAGIC)] != MAGIC[:len(head)]:
+        return False
+    return len(head) < len(V1_HEADER) or struct.unpack_from(
+        "<I", head, len(MAGIC))[0] == FORMAT_VERSION
 
 
 @dataclass
@@ -160,23 +248,40 @@ def _fsync_directory(directory: str) -> None:
         os.close(dir_fd)
 
 
-def _frame_end(buf: memoryview, pos: int, size: int) -> int | None:
-    """The end of a whole, valid frame at ``pos`` (None: there is none)."""
-    if pos + _FRAME.size > size:
+def _frame_end(buf: memoryview, pos: int, size: int, fmt: _Format) -> int | None:
+    """The end of a whole, valid frame of ``fmt`` at ``pos`` (None: there is none)."""
+    frame = fmt.frame
+    if pos + frame.size > size:
         return None
-    mark, length, crc = _FRAME.unpack_from(buf, pos)
-    end = pos + _FRAME.size + length
-    if mark != RECORD_MARK or end > size or zlib.crc32(buf[pos + _FRAME.size:end]) != crc:
+    mark, length, crc = frame.unpack_from(buf, pos)
+    end = pos + frame.size + length
+    if mark != fmt.mark or end > size or _crc32(buf[pos + frame.size:end], fmt.seed) != crc:
         return None
     return end
 
 
-def _next_frame(data: mmap.mmap, buf: memoryview, pos: int, size: int) -> int | None:
-    """The offset of the first valid frame at or after ``pos`` (None: there is none)."""
-    while (pos := data.find(RECORD_MARK, pos)) >= 0:
-        if _frame_end(buf, pos, size) is not None:
-            return pos
-        pos += 1
+def _next_frame(data: mmap.mmap, buf: memoryview, pos: int, size: int,
+                fmt: _Format) -> tuple[int, int] | None:
+    """The first valid frame at or after ``pos``: its start and end (None: there is none).
+
+    Linear in the bytes scanned: a candidate (an occurrence of the mark) is checksummed
+    only if the next occurrence starts at or after its claimed end, so the checksummed
+    spans never overlap. A real frame of version 2 holds no other mark (its payload is
+    client data, which cannot hold the file's secret), so the rule loses none. In version
+    1 a client can write the mark, so a candidate with another mark inside it may be real:
+    it is returned with end -1 (the caller then refuses the file rather than cut it)."""
+    mark, head = fmt.mark, fmt.frame.size
+    at = data.find(mark, pos)
+    while at >= 0:
+        after = data.find(mark, at + 1)
+        if at + head <= size:
+            end = at + head + fmt.frame.unpack_from(buf, at)[1]
+            if end <= (size if after < 0 else after):
+                if _frame_end(buf, at, size, fmt) is not None:
+                    return at, end
+            elif end <= size and fmt is _V1:
+                return at, -1
+        at = after
     return None
 
 
@@ -201,15 +306,25 @@ class Journal:
         self.directory = directory
         self.path = os.path.join(directory, "journal.log")
         self._fd = self._lock_fd = -1
+        #: How this file frames records (None: not known until :meth:`replay`; what is
+        #: recorded until then is framed under a throwaway secret, and flush refuses it).
+        self._format: _Format | None = None
+        self._use(_Format.new())
+        self._format = None
         try:
             _private_directory(directory)
             self._lock_fd = _lock(directory)
             self._fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
-                self._write_all(self._fd, HEADER)
-                os.fsync(self._fd)
-                self._size = len(HEADER)
+                self._new_header()
+            else:
+                try:
+                    fmt = _parse_header(os.pread(self._fd, HEADER_SIZE, 0))[0]
+                except ValueError:
+                    fmt = None
+                if fmt is not None and fmt.version == FORMAT_VERSION:
+                    self._use(fmt)
         except OSError as exc:
             self._release()
             raise ConfigError(f"cannot open the journal in {directory}: {exc}") from None
@@ -231,25 +346,39 @@ class Journal:
         self._failed_at = 0.0
         self.writes = self.syncs = self.compactions = self.failures = 0
 
+    def _use(self, fmt: _Format) -> None:
+        """Frame what is recorded from now on as ``fmt`` (the file's format)."""
+        self._format = fmt
+        self._mark, self._seed, self._frame_pack = fmt.mark, fmt.seed, fmt.frame.pack
+
+    def _new_header(self) -> None:
+        """Make the (empty) file a new journal: a header with a fresh secret."""
+        fmt = _Format.new()
+        os.ftruncate(self._fd, 0)
+        self._write_all(self._fd, fmt.header)
+        os.fsync(self._fd)
+        self._size = len(fmt.header)
+        self._use(fmt)
+
     # -- replay ------------------------------------------------------------------------
 
     def replay(self) -> Replayed:
         """Read the whole log; cut a torn tail; return what is still live. Damage raises
-        ConfigError (nothing changed), or is mended if ``repair`` was given."""
+        ConfigError (nothing changed), or is mended if ``repair`` was given. A version-1
+        log is rewritten as version 2."""
         out = Replayed()
         size = self._size = os.fstat(self._fd).st_size
-        if size < len(HEADER) and os.pread(self._fd, size, 0) == HEADER[:size]:
-            # Empty, or a crash while creating it: it holds nothing; write the header.
-            os.ftruncate(self._fd, 0)
-            self._write_all(self._fd, HEADER)
-            os.fsync(self._fd)
-            size = self._size = len(HEADER)
+        if _torn_header(os.pread(self._fd, HEADER_SIZE, 0)):
+            # Empty, or a crash while creating it: it holds nothing; write a header.
+            self._new_header()
+            size = self._size
         with mmap.mmap(self._fd, size, prot=mmap.PROT_READ) as data:
             buf = memoryview(data)
             try:
-                bad, why = self._read(data, buf, size, out)
-                torn = bad is not None and bad >= len(HEADER) and not why.startswith(
-                    "a record this") and _next_frame(data, buf, bad + 1, size) is None
+                fmt, bad, why = self._read(data, buf, size, out)
+                torn = (fmt is not None and bad is not None and bad >= len(fmt.header) and
+                        not why.startswith("a record this") and
+                        _next_frame(data, buf, bad + 1, size, fmt) is None)
             finally:
                 buf.release()
         if bad is not None and torn:
@@ -262,71 +391,135 @@ class Journal:
             self._repair()
             return self.replay()
         elif bad is not None:
+            v1 = (" (a version-1 journal, whose records carry no secret: the repair keeps "
+                  "the records before the damage)" if fmt is _V1 else "")
             raise ConfigError(
                 f"journal {self.path} is damaged at byte {bad}: {why}, and it is not the "
                 "end of the file (valid records follow, or the header is bad). The broker "
                 "will not start on it and has changed nothing. To start from every valid "
                 f"record it holds, run: zfalkon broker --journal {self.directory} "
-                "--journal-repair (the damaged file is kept as journal.log.corrupt-TIME)")
+                "--journal-repair (the damaged file is kept as journal.log.corrupt-TIME)"
+                + v1)
+        assert fmt is not None
+        if fmt is _V1:
+            self._convert()
+        else:
+            self._use(fmt)
         self._compacted_size = self._size
         return out
 
     def _read(self, data: mmap.mmap, buf: memoryview, size: int,
-              out: Replayed) -> tuple[int | None, str]:
-        """Apply every record to ``out``; return where and why reading stopped early."""
-        if data[:len(MAGIC)] != MAGIC:
-            if _looks_unframed(data[:2]):
-                return 0, ("an unframed journal written by an older zfalkon (before format "
-                           f"version {FORMAT_VERSION}); --journal-repair converts it")
-            return 0, "not a zfalkon journal header"
-        version = struct.unpack_from("<I", buf, len(MAGIC))[0]
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"journal {self.path} has format version {version}; this "
-                              f"zfalkon reads version {FORMAT_VERSION}. Use a matching zfalkon")
-        pos, apply, unpackb = len(HEADER), self._apply, msgpack.unpackb
+              out: Replayed) -> tuple[_Format | None, int | None, str]:
+        """Apply every record to ``out``; return the file's format (None: a bad header),
+        and where and why reading stopped early."""
+        try:
+            fmt, why = _parse_header(data[:HEADER_SIZE])
+        except ValueError as exc:
+            raise ConfigError(f"journal {self.path} has {exc}") from None
+        if fmt is None:
+            return None, 0, why
+        pos, apply, unpackb, head = len(fmt.header), self._apply, msgpack.unpackb, fmt.frame.size
         while pos < size:
-            end = _frame_end(buf, pos, size)
+            end = _frame_end(buf, pos, size, fmt)
             if end is None:
-                return pos, ("a record cut short" if size - pos < _FRAME.size or
-                             _FRAME.unpack_from(buf, pos)[1] > size - pos - _FRAME.size
-                             else "a record that fails its checksum")
+                return fmt, pos, ("a record cut short" if size - pos < head or
+                                  fmt.frame.unpack_from(buf, pos)[1] > size - pos - head
+                                  else "a record that fails its checksum")
             try:
-                apply(unpackb(buf[pos + _FRAME.size:end], raw=False, strict_map_key=True),
-                      out)
+                apply(unpackb(buf[pos + head:end], raw=False, strict_map_key=True), out)
             except Exception as exc:
-                return pos, f"a record this version cannot read ({exc})"[:200]
+                return fmt, pos, f"a record this version cannot read ({exc})"[:200]
             out.records += 1
             pos = end
-        return None, ""
+        return fmt, None, ""
+
+    def _convert(self) -> None:
+        """Rewrite a sound version-1 log as version 2, record for record (if the disk
+        refuses, go on in version 1: the next compaction converts it)."""
+        size = os.fstat(self._fd).st_size
+        new_path = self.path + ".new"
+        fmt = _Format.new()
+        try:
+            with mmap.mmap(self._fd, size, prot=mmap.PROT_READ) as data:
+                buf = memoryview(data)
+                try:
+                    written = self._write_new(new_path, fmt, self._payloads(buf, size, _V1))
+                finally:
+                    buf.release()
+            os.replace(new_path, self.path)
+            _fsync_directory(self.directory)
+            new_fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
+        except OSError as exc:
+            try:
+                os.unlink(new_path)
+            except OSError:
+                pass
+            log.warning("journal %s is in format version 1 and could not be rewritten as "
+                        "version %d (%s); appending to it in version 1 until it is compacted",
+                        self.path, FORMAT_VERSION, exc)
+            self._use(_V1)
+            return
+        os.close(self._fd)
+        self._fd = new_fd
+        self._size = written
+        self._use(fmt)
+        log.warning("journal %s was in format version 1; rewritten as version %d (%d bytes)",
+                    self.path, FORMAT_VERSION, written)
+
+    @staticmethod
+    def _payloads(buf: memoryview, size: int, fmt: _Format) -> Iterable[memoryview]:
+        """The payload of every frame of a sound log (read it first)."""
+        pos, head = len(fmt.header), fmt.frame.size
+        while pos < size:
+            end = pos + head + fmt.frame.unpack_from(buf, pos)[1]
+            yield buf[pos + head:end]
+            pos = end
+
+    def _write_new(self, path: str, fmt: _Format, payloads: Iterable) -> int:
+        """Write a journal of ``payloads`` framed as ``fmt`` to ``path`` and fsync it;
+        return its size."""
+        fd = _open_private(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            out = bytearray(fmt.header)
+            size, pack, mark, seed = 0, fmt.frame.pack, fmt.mark, fmt.seed
+            for data in payloads:
+                out += pack(mark, len(data), _crc32(data, seed))
+                out += data
+                if len(out) >= _REPAIR_CHUNK:
+                    self._write_all(fd, out)
+                    size += len(out)
+                    out.clear()
+            self._write_all(fd, out)
+            size += len(out)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return size
 
     def _repair(self) -> None:
         """Keep the damaged log as journal.log.corrupt-TIME; replace it by every valid
         record found in it."""
         size = os.fstat(self._fd).st_size
         new_path = self.path + ".repair"
-        kept = skipped = 0
-        new_fd = _open_private(new_path, os.O_WRONLY | os.O_TRUNC)
-        try:
-            out = bytearray(HEADER)
-            with mmap.mmap(self._fd, size, prot=mmap.PROT_READ) as data:
-                buf = memoryview(data)
-                try:
-                    if data[:len(MAGIC)] != MAGIC and _looks_unframed(data[:2]):
-                        records, skipped = self._unframed_records(data, size)
-                    else:
-                        records, skipped = self._salvage(data, buf, size)
-                    for record in records:
-                        out += record if isinstance(record, bytes) else self._frame(record)
-                        kept += 1
-                        if len(out) >= _REPAIR_CHUNK:
-                            self._write_all(new_fd, out)
-                            out.clear()
-                finally:
-                    buf.release()
-            self._write_all(new_fd, out)
-            os.fsync(new_fd)
-        finally:
-            os.close(new_fd)
+        kept, skipped = [0], [0, 0]  # (skipped[1]: the header was bad)
+        fmt = _Format.new()
+        with mmap.mmap(self._fd, size, prot=mmap.PROT_READ) as data:
+            buf = memoryview(data)
+            try:
+                if data[:len(MAGIC)] != MAGIC and _looks_unframed(data[:2]):
+                    records: Iterable = self._unframed_records(data, size, kept, skipped)
+                else:
+                    records = self._salvage(data, buf, size, kept, skipped)
+                self._write_new(new_path, fmt, records)
+            finally:
+                buf.release()
+        if not kept[0] and skipped[1] and size > HEADER_SIZE:
+            os.unlink(new_path)
+            raise ConfigError(
+                f"journal {self.path}: --journal-repair found no record it can verify in "
+                f"its {size} bytes (the header, which holds the secret every record is "
+                "checked with, is damaged or not a zfalkon journal's). It has changed "
+                "nothing. Move the file away to start with an empty journal")
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
         n = 1
         while os.path.lexists(aside):
@@ -341,35 +534,58 @@ class Journal:
         os.close(self._fd)
         self._fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
         self._size = os.fstat(self._fd).st_size
+        self._use(fmt)
         log.warning("journal %s repaired: kept %d valid records, skipped %d bytes; the "
-                    "damaged file is kept as %s", self.path, kept, skipped, aside)
+                    "damaged file is kept as %s", self.path, kept[0], skipped[0], aside)
 
-    def _salvage(self, data: mmap.mmap, buf: memoryview,
-                 size: int) -> tuple[list[bytes], int]:
-        """Every valid, readable frame (as bytes) and how many bytes were skipped."""
-        frames: list[bytes] = []
-        skipped = 0
-        pos = len(HEADER) if data[:len(HEADER)] == HEADER else 0
+    def _salvage(self, data: mmap.mmap, buf: memoryview, size: int, kept: list[int],
+                 skipped: list[int]) -> Iterable[memoryview]:
+        """Every valid, readable frame's payload (counted in ``kept``; the bytes passed
+        over are counted in ``skipped``). After damage, only frames of this file's secret
+        count; in version 1 (no secret) nothing after the first damage is kept. With a
+        bad header, the secret is taken from where a version-2 header keeps it."""
+        try:
+            fmt = _parse_header(data[:HEADER_SIZE])[0]
+        except ValueError:
+            fmt = None
+        if fmt is None:  # a damaged header: its secret is the only one to check with
+            if size < HEADER_SIZE:
+                skipped[0] += size
+                return
+            skipped[1] = 1
+            version = struct.unpack_from("<I", buf, len(MAGIC))[0]
+            fmt = _V1 if version == 1 else _Format.new(bytes(buf[16:16 + SECRET_BYTES]))
+            skipped[0] += len(fmt.header)
+        pos, head = len(fmt.header), fmt.frame.size
         while pos < size:
-            end = _frame_end(buf, pos, size)
-            if end is not None:
-                try:
-                    self._apply(msgpack.unpackb(buf[pos + _FRAME.size:end], raw=False,
-                                                strict_map_key=True), Replayed())
-                except Exception:
-                    end = None
-            if end is not None:
-                frames.append(bytes(buf[pos:end]))
-                pos = end
-                continue
-            nxt = _next_frame(data, buf, pos + 1, size)
-            skipped += (size if nxt is None else nxt) - pos
-            if nxt is None:
-                break
-            pos = nxt
-        return frames, skipped
+            if fmt is _V1:
+                end = _frame_end(buf, pos, size, fmt)
+                if end is None:
+                    log.warning("journal %s: format version 1 has no secret, so a record "
+                                "after damage cannot be told from a client's data that "
+                                "looks like one: keeping only the %d records before byte "
+                                "%d", self.path, kept[0], pos)
+                    break
+                at = pos
+            else:  # (the next frame: at pos if one is there; linear, see _next_frame)
+                found = _next_frame(data, buf, pos, size, fmt)
+                if found is None:
+                    break
+                at, end = found
+                skipped[0] += at - pos
+            try:
+                self._apply(msgpack.unpackb(buf[at + head:end], raw=False,
+                                            strict_map_key=True), Replayed())
+            except Exception:  # a frame of this file that this version cannot read
+                skipped[0] += end - at
+            else:
+                kept[0] += 1
+                yield buf[at + head:end]
+            pos = end
+        skipped[0] += size - pos
 
-    def _unframed_records(self, data: mmap.mmap, size: int) -> tuple[list, int]:
+    def _unframed_records(self, data: mmap.mmap, size: int, kept: list[int],
+                          skipped: list[int]) -> Iterable[bytes]:
         """The records of an unframed (older) journal up to the first unreadable one."""
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=0)
         unpacker.feed(data[:size])
@@ -382,7 +598,10 @@ class Journal:
                 good = unpacker.tell()
         except Exception:
             pass
-        return records, size - good
+        skipped[0] += size - good
+        kept[0] += len(records)
+        pack = self._pack
+        return [pack(record) for record in records]
 
     @staticmethod
     def _apply(record: list, out: Replayed) -> None:
@@ -413,26 +632,22 @@ class Journal:
 
     # -- writing -----------------------------------------------------------------------
 
-    def _frame(self, record: tuple | list) -> bytes:
-        data = self._pack(record)
-        return _FRAME.pack(RECORD_MARK, len(data), zlib.crc32(data)) + data
-
     def _add(self, record: tuple) -> None:
         data = self._pack(record)
         buffer = self._buffer
-        buffer += _FRAME.pack(RECORD_MARK, len(data), zlib.crc32(data))
+        buffer += self._frame_pack(self._mark, len(data), _crc32(data, self._seed))
         buffer += data
 
     def submit(self, ids: list[int], blobs: list[bytes]) -> None:
         data = self._pack((SUBMIT, ids, blobs))  # (_add inlined: the hot path)
         buffer = self._buffer
-        buffer += _FRAME_PACK(RECORD_MARK, len(data), _crc32(data))
+        buffer += self._frame_pack(self._mark, len(data), _crc32(data, self._seed))
         buffer += data
 
     def done(self, ids: Iterable[int]) -> None:
         data = self._pack((DONE, list(ids)))
         buffer = self._buffer
-        buffer += _FRAME_PACK(RECORD_MARK, len(data), _crc32(data))
+        buffer += self._frame_pack(self._mark, len(data), _crc32(data, self._seed))
         buffer += data
 
     def held(self, ids: list[int], blobs: list[bytes]) -> None:
@@ -465,8 +680,11 @@ class Journal:
             if self.needs_snapshot:  # (only a snapshot mends the log now: records are moot)
                 self._buffer.clear()
             return
-        if self._buffer and not self._write(now):
-            return
+        if self._buffer:
+            if self._format is None:  # (its frames would not be the file's)
+                raise RuntimeError(f"journal {self.path}: replay() it before writing to it")
+            if not self._write(now):
+                return
         if self._dirty and (self.fsync == "always" or (
                 self.fsync == "interval" and now - self._last_sync >= _INTERVAL_SECONDS)):
             self._sync(now)
@@ -548,25 +766,13 @@ class Journal:
         held results (an empty snapshot is just the header). False if the disk refused
         it (the log is left as it was)."""
         new_path = self.path + ".new"
+        fmt = _Format.new()  # (a fresh secret for every file)
+        pack = self._pack
         try:
-            fd = _open_private(new_path, os.O_WRONLY | os.O_TRUNC)
-            try:
-                out = bytearray(HEADER)
-                size = 0
-                for record in itertools.chain(
-                        ((KEY, key, owner) for key, owner in (owners or {}).items()),
-                        ((SUBMIT, ids, blobs) for ids, blobs in live_tasks),
-                        ((HELD, ids, blobs) for ids, blobs in held)):
-                    out += self._frame(record)
-                    if len(out) >= _REPAIR_CHUNK:
-                        self._write_all(fd, out)
-                        size += len(out)
-                        out.clear()
-                self._write_all(fd, out)
-                size += len(out)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            size = self._write_new(new_path, fmt, (pack(record) for record in itertools.chain(
+                ((KEY, key, owner) for key, owner in (owners or {}).items()),
+                ((SUBMIT, ids, blobs) for ids, blobs in live_tasks),
+                ((HELD, ids, blobs) for ids, blobs in held))))
             os.replace(new_path, self.path)
             _fsync_directory(self.directory)
             new_fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
@@ -583,7 +789,8 @@ class Journal:
         os.close(self._fd)
         self._fd = new_fd
         self._size = self._compacted_size = size
-        self._buffer.clear()  # (the snapshot holds it)
+        self._use(fmt)
+        self._buffer.clear()  # (the snapshot holds it: framed with the old secret)
         self._dirty = False
         self.compactions += 1
         self._recovered(now, "snapshot written")
