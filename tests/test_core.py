@@ -86,6 +86,8 @@ class ClientModel:
         #: Tasks the broker handed to the hostile slot: only their results may be forged.
         self.given_to_evil: set[int] = set()
         self.dropped_seen = 0  # ResultDropped results that reached the user
+        self.granted: set[int] = set()  # cancelled by the broker (a CANCELLED result)
+        self.asked: set[int] = set()  # asked to cancel if queued (never submitted again)
 
     @property
     def key(self) -> int:
@@ -139,6 +141,8 @@ class ClientModel:
                 self.got[tid] += 1
                 if blob == _DROPPED:
                     self.dropped_seen += 1
+                if blob == payload.CANCELLED:
+                    self.granted.add(tid)
                 if blob != FORGED and blob[1:2] == b"\x00":
                     value = payload.result_value(blob, worker)
                     assert value == tid, f"task {tid} got the result of {value}"
@@ -173,6 +177,8 @@ class WorkerModel:
 
 
 class SlotModel:
+    ran: set[int] = set()  # every task an honest slot ran (the machine's own, set in init)
+
     def __init__(self, ident: bytes, worker: WorkerModel, index: int) -> None:
         self.ident = ident
         self.worker = worker
@@ -208,6 +214,7 @@ class SlotModel:
             self.flush_out()
             return False
         tid, _ = task
+        self.ran.add(tid)
         self.session.finished(tid, result_for(tid), False, 0.001, now)
         self.session.poll(now)
         self.flush_out()
@@ -229,6 +236,7 @@ class FabricMachine(RuleBasedStateMachine):
         self.policy = "fifo"
         self.tight = False  # the per-peer limits made tiny (so that the model hits them)
         self.dropped_before = 0  # dropped_results of cores before a restart
+        SlotModel.ran = set()  # (one machine at a time: hypothesis runs them in turn)
 
     def teardown(self) -> None:
         if self.journal is not None:
@@ -352,11 +360,21 @@ class FabricMachine(RuleBasedStateMachine):
         if c.welcomed and c.pending and not c.left:
             c.cancel(sorted(c.pending)[:k])
 
+    @rule(i=st.integers(0, 1), k=st.integers(1, 4))
+    def cancel_if_queued(self, i: int, k: int) -> None:
+        """As TaskFuture.cancel(): cancel only what no slot has had; the tasks stay pending
+        until the broker answers (a CANCELLED result, or their own result)."""
+        c = self.clients[i % len(self.clients)]
+        if c.welcomed and c.pending and not c.left:
+            ids = sorted(c.pending)[-k:]
+            c.asked.update(ids)
+            c.send(c.session.cancel(ids, P.CANCEL_IF_QUEUED))
+
     @rule(i=st.integers(0, 1))
     def submit_cancelled_ids_again(self, i: int) -> None:
         """A client (not the Executor, which never reuses an id) submits ids it cancelled."""
         c = self.clients[i % len(self.clients)]
-        again = sorted(c.cancelled - set(c.got))[:3]
+        again = sorted(c.cancelled - set(c.got) - c.asked)[:3]
         if c.welcomed and not c.left and again and all(t >> P.ID_SHIFT == c.key for t in again):
             blobs = [payload.python_task("builtins:abs", (t,), {}) for t in again]
             c.cancelled.difference_update(again)
@@ -509,6 +527,12 @@ class FabricMachine(RuleBasedStateMachine):
         assert got == expected, f"replay differs: lost {expected - got}, extra {got - expected}"
 
     # -- invariants --------------------------------------------------------------------
+
+    @invariant()
+    def a_task_cancelled_by_the_broker_never_ran(self) -> None:
+        for c in self.clients:
+            ran = c.granted & SlotModel.ran
+            assert not ran, f"cancelled (CANCELLED result) but ran: {sorted(ran)[:5]}"
 
     @invariant()
     def no_task_reaches_a_user_twice(self) -> None:

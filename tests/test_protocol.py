@@ -22,7 +22,7 @@ EXAMPLES = {
     P.Tasks: P.Tasks(3, 2, [(5 << P.ID_SHIFT) + 1], [b"blob"], [(5 << P.ID_SHIFT) + 7]),
     P.Results: P.Results(4, 3, 10, 1, [4, 5], [b"r4", b"r5"]),
     P.Deliver: P.Deliver(2, 1, "host-1/0", [9], [b"res"]),
-    P.Cancel: P.Cancel(2, 0, [1, 2]),
+    P.Cancel: P.Cancel(2, 0, [1, 2], P.CANCEL_IF_QUEUED),
     P.StatusRequest: P.StatusRequest(),
     P.Status: P.Status({"version": "0.1.0", "worker_list": [{"name": "w"}], "rate": 1.5}),
     P.Heartbeat: P.Heartbeat([b"\x00slot-1", b"\x00slot-2"]),
@@ -34,6 +34,7 @@ EXAMPLES = {
     P.Holding: P.Holding(["s3://bucket/key"]),
     P.Ack: P.Ack(7),
     P.Resend: P.Resend(3),
+    P.Started: P.Started([7, 8]),
 }
 
 #: Each message type's tag as field 0 of its frame.
@@ -283,7 +284,7 @@ def test_hello_info_is_checked_shallowly_and_the_broker_keeps_only_typed_fields(
                                       "memory": None, "pid": None}
 
 
-@pytest.mark.parametrize("tag", [0, 8, 21, 99, -1, 2**40])  # 8: CREDIT, retired
+@pytest.mark.parametrize("tag", [0, 8, 22, 99, -1, 2**40])  # 8: CREDIT, retired
 def test_unknown_tag(tag):
     exc = _decode_error(msgpack.packb([tag, 1, 2]))
     assert exc.code == "unknown-type"

@@ -52,6 +52,7 @@ from zfalkon.clientcore import (
 )
 
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
+CANCEL_WAIT_SECONDS = 10.0  # TaskFuture.cancel() waits this long for the broker's answer
 log = logging.getLogger("zfalkon.client")
 
 
@@ -139,17 +140,38 @@ class TaskFuture(cf.Future):
         """Wait for the task; return its exception or None."""
         return super().exception(self._executor._drive(self, timeout))
 
+    def running(self) -> bool:
+        """True once a slot has the task (the broker says so within about a second, and
+        at once in answer to :meth:`cancel`), until it is done."""
+        return not self.done() and self.task_id in self._executor._started
+
     def cancel(self) -> bool:
-        """Cancel if no result has arrived; the broker drops the task if still queued."""
-        if super().cancel():
-            self._executor._cancel([self.task_id])
+        """Cancel the task if no slot has had it yet.
+
+        Asks the broker and waits for its answer (one round trip): True once the broker
+        has dropped the task, which then never runs; False if a slot has it (it may be
+        running: its result comes as usual), if it is done, or if the broker did not answer
+        within 10 seconds (the request stands: the task may still end cancelled).
+        """
+        if self.done():
+            return self.cancelled()
+        ex = self._executor
+        if self.task_id in ex._started or ex._closed:
+            return False
+        return ex._cancel_queued(self)
+
+    def _abandon(self) -> None:
+        """Cancelled here, whatever the broker does with the task (the executor is giving
+        up on it: its result, if any, is dropped)."""
+        if cf.Future.cancel(self):
             self.set_running_or_notify_cancel()  # (so that wait() and as_completed() see it)
-            return True
-        return False
 
     def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
         try:
             value = payload.result_value(blob, worker, self._executor._pickle)
+        except cf.CancelledError:  # the broker cancelled it before any slot had it
+            self._abandon()
+            return
         except BaseException as exc:
             if not self.cancelled():
                 try:
@@ -341,6 +363,7 @@ class Executor(cf.Executor):
         self.key = welcome.key
         self._ids = itertools.count((welcome.key << P.ID_SHIFT) + 1)
         self._pending: dict[int, TaskFuture | _MapSink] = {}
+        self._started: set[int] = set()  # pending tasks a slot has had (STARTED)
         # Blobs of pending tasks, to submit again to a broker that restarted.
         self._blobs: dict[int, bytes] = {}
         self._hints: dict[int, str] = {}  # data keys of pending tasks that have one
@@ -446,17 +469,25 @@ class Executor(cf.Executor):
             self.shutdown(wait=True, cancel_futures=True, timeout=0)
 
     def _cancel_futures(self, streams: bool = False) -> None:
-        """Cancel every pending future (``streams``: and every map's remaining tasks)."""
+        """Cancel every pending future no slot has had yet (their futures end cancelled
+        when the broker confirms; the others run to the end), as the standard library's
+        ``shutdown(cancel_futures=True)``. ``streams``: giving up on everything: every
+        future is cancelled here at once and every map's remaining tasks are dropped."""
         owners = self._pending.copy()  # (user threads may be adding to it)
+        if not streams:
+            started = self._started
+            ids = [t for t, o in owners.items()
+                   if isinstance(o, TaskFuture) and t not in started and not o.done()]
+            if ids:
+                self._enqueue((_CANCEL, ids, P.CANCEL_IF_QUEUED))
+            return
         for owner in owners.values():
             if isinstance(owner, TaskFuture):
-                owner.cancel()
-        if streams:
-            left = [t for t, o in owners.items() if isinstance(o, _MapSink)]
-            if left:
-                self._cancel(left)
-            for sink in list(self._sinks):
-                sink.wake()
+                owner._abandon()
+        if owners:
+            self._cancel(list(owners))
+        for sink in list(self._sinks):
+            sink.wake()
 
     # -- used by futures and map streams -----------------------------------------------
 
@@ -513,7 +544,19 @@ class Executor(cf.Executor):
             self._drive_until(fut, deadline)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _drive_until(self, fut: TaskFuture, deadline: float | None) -> None:
+    def _cancel_queued(self, fut: TaskFuture) -> bool:
+        """Ask the broker to cancel ``fut``'s task if no slot has had it; wait for the answer
+        (a CANCELLED result, or STARTED) at most CANCEL_WAIT_SECONDS."""
+        tid = fut.task_id
+        self._enqueue((_CANCEL, [tid], P.CANCEL_IF_QUEUED))
+        started = self._started
+        self._drive_until(fut, time.monotonic() + CANCEL_WAIT_SECONDS,
+                          lambda: tid in started)
+        return fut.cancelled()
+
+    def _drive_until(self, fut: TaskFuture, deadline: float | None,
+                     until: Callable[[], bool] | None = None) -> None:
+        """Receive until ``fut`` is done (or ``until()``), or ``deadline`` passes."""
         io_thread = threading.current_thread() is self._thread
         poke = Waker()  # the future's done-callback wakes us if another thread delivers it
         fut.add_done_callback(lambda _f: poke.wake())
@@ -521,26 +564,30 @@ class Executor(cf.Executor):
         poller.register(self._sock_fd, select.POLLIN)
         poller.register(poke.fd, select.POLLIN)
         try:
-            while not fut.done() and self._broken is None:
+            while not fut.done() and self._broken is None and not (until and until()):
                 with self._lock:
                     if self._sock.closed:
                         return
                     # (the I/O thread, waiting in a done-callback, must also send and ping)
                     done = self._pump() if io_thread else self._receive()
                 self._complete(done)  # user callbacks run with no lock held
-                if fut.done():
+                if fut.done() or (until and until()):
                     return
                 wait_ms = -1 if deadline is None else (deadline - time.monotonic()) * 1000
                 if deadline is not None and wait_ms <= 0:
                     return
-                poller.poll(min(wait_ms, 1000) if wait_ms >= 0 else 1000)
+                most = 1000 if until is None else 20  # (STARTED wakes no future: look often)
+                poller.poll(min(wait_ms, most) if wait_ms >= 0 else most)
         finally:
             poke.close()
 
     def _cancel(self, ids: list[int]) -> None:
+        """Give up on these tasks: forget them here, the broker drops them (CANCEL_DROP)."""
         for tid in ids:
             self._pending.pop(tid, None)
             self._blobs.pop(tid, None)
+        if self._started:
+            self._started.difference_update(ids)
         self._enqueue((_CANCEL, ids))
 
     def _enqueue(self, item: tuple) -> None:
@@ -646,7 +693,9 @@ class Executor(cf.Executor):
                 if ids:
                     yield P.encode(session.submit(ids, blobs))
                     ids, blobs, size = [], [], 0
-                yield P.encode(session.cancel(item[1]))
+                mode = item[2] if len(item) > 2 else P.CANCEL_DROP
+                for i in range(0, len(item[1]), MAX_BATCH):
+                    yield P.encode(session.cancel(item[1][i:i + MAX_BATCH], mode))
                 continue
             for tid, blob in zip(item[1], item[2]):
                 ids.append(tid)
@@ -679,8 +728,13 @@ class Executor(cf.Executor):
                 # queued here included (cleared first: a task submitted from now on is
                 # queued here after its blob is pending, so it is sent at least once).
                 self._outbox.clear()
+            if type(msg) is P.Started:
+                self._started.update(t for t in msg.ids if t in pending)
+                continue
             delivered = session.receive(msg, now)
             if delivered is not None:
+                if self._started:
+                    self._started.difference_update(delivered.ids)
                 worker = delivered.worker
                 for tid, blob in zip(delivered.ids, delivered.blobs):
                     owner = pending.pop(tid, None)

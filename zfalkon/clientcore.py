@@ -23,12 +23,13 @@ from zfalkon import protocol as P
 from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH, PING_SECONDS
 from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound, Pings
 
-__all__ = ["ClientSession", "SUBMIT", "CANCEL", "ACK_EVERY", "JOURNAL_UNAVAILABLE"]
+__all__ = ["ClientSession", "SUBMIT", "CANCEL", "CANCEL_EXACT", "ACK_EVERY", "JOURNAL_UNAVAILABLE"]
 
 log = logging.getLogger("zfalkon.client")
 
 SUBMIT = 0  #: a kept frame of tasks
-CANCEL = 1  #: a kept frame of cancellations
+CANCEL = 1  #: a kept frame of cancellations (P.CANCEL_DROP)
+CANCEL_EXACT = 2  #: a kept frame of cancellations of queued tasks only (P.CANCEL_IF_QUEUED)
 ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
 #: Result bytes received before an ACK goes out at once (the broker sends a client at
 #: most core.SEND_WINDOW_BYTES ahead of its acknowledgements).
@@ -79,11 +80,11 @@ class ClientSession:
         self.tx.unacked.pop()
         self.tx.seq -= 1
 
-    def cancel(self, ids: list[int]) -> P.Cancel:
+    def cancel(self, ids: list[int], mode: int = P.CANCEL_DROP) -> P.Cancel:
         """The next CANCEL frame (kept until acknowledged)."""
-        seq = self.tx.push((CANCEL, ids))
+        seq = self.tx.push((CANCEL if mode == P.CANCEL_DROP else CANCEL_EXACT, ids))
         self.told, self._unacked_bytes = self.rx.last, 0
-        return P.Cancel(seq, self.rx.last, ids)
+        return P.Cancel(seq, self.rx.last, ids, mode)
 
     def chunks(self, ids: list[int], blobs: list[bytes]) -> Iterator[P.Submit]:
         """SUBMIT frames for these tasks, each within MAX_BATCH and FRAME_SOFT_BYTES."""
@@ -114,6 +115,8 @@ class ClientSession:
         """Handle one message; return it if it is a DELIVER to act on (its results are for
         the owner to match against its pending tasks: each arrives once per session)."""
         if isinstance(msg, P.Deliver):
+            if self.rejoining:  # a frame of the session before our HELLO: the new stream
+                return None  # starts over (the broker sends what it kept again)
             self._ack(msg.ack)
             verdict = self.rx.accept(msg.seq)
             if verdict == ACCEPT:
@@ -130,8 +133,9 @@ class ClientSession:
         elif isinstance(msg, P.Resend):
             self._resend_after(msg.ack)
         elif isinstance(msg, P.Error) and msg.code == "hello-required":
-            if not self.rejoining:
-                log.warning("the broker does not know this client; registering again")
+            if not self.rejoining:  # (an idle client is forgotten: nothing lost, no warning)
+                (log.warning if self.blobs else log.info)(
+                    "the broker does not know this client; registering again")
                 self.hello(now)
         elif isinstance(msg, P.Error) and msg.code in (JOURNAL_UNAVAILABLE, LIMIT):
             if not self.refused:
@@ -169,7 +173,8 @@ class ClientSession:
                 self.out.append(P.Submit(seq, self.rx.last, ids, [blobs[t] for t in ids],
                                          [hints.get(t, "") for t in ids] if hints else []))
             else:
-                self.out.append(P.Cancel(seq, self.rx.last, ids))
+                self.out.append(P.Cancel(seq, self.rx.last, ids, P.CANCEL_DROP if kind == CANCEL
+                                         else P.CANCEL_IF_QUEUED))
         self.told, self._unacked_bytes = self.rx.last, 0
 
     def _on_pong(self, msg: P.Pong) -> None:

@@ -280,6 +280,12 @@ class BrokerCore:
         self.live: set[int] = set()
         self._dead_queued = False  # tasks no longer live may sit in the queue
         self.cancelled: set[int] = set()  # cancelled while queued or running (not live)
+        # Tasks that may have run although no slot holds them now (taken back from a slot,
+        # or restored from the journal: restored_max, the highest such id per client key):
+        # a CANCEL (IF_QUEUED) does not cancel them.
+        self.maybe_ran: set[int] = set()
+        self.restored_max: dict[int, int] = {}
+        self.announced: set[int] = set()  # running tasks their client was told of (STARTED)
         #: Client key -> its queued tasks set aside while it is far behind reading.
         self.parked: dict[int, tuple[list[int], list[bytes]]] = {}
         self.parked_count = 0
@@ -349,6 +355,10 @@ class BrokerCore:
             for i in range(0, len(ids), MAX_BATCH):
                 client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
         self.next_key = max(keys | set(got.owners), default=0) + 1
+        for tid in got.tasks:  # (they may have run before the restart)
+            key = tid >> P.ID_SHIFT
+            if tid > self.restored_max.get(key, 0):
+                self.restored_max[key] = tid
 
     def message(self, ident: bytes, msg: P.Message, user: str | None, now: float) -> None:
         """One decoded message from ``ident``. ``user``: with keys, the ``ROLE:NAME`` its
@@ -485,6 +495,8 @@ class BrokerCore:
                 away.append(client)
         if away:
             self._bound_away(away)
+        if self.running:
+            self._announce()
         for peer in self._owed:
             self._send_ack(peer)
         self._owed.clear()
@@ -712,10 +724,10 @@ class BrokerCore:
             seen: set[int] = set()
             keep = []
             for i, tid in enumerate(ids):
-                if tid in cancelled:  # submitted again after a cancel: its copy still
-                    cancelled.discard(tid)  # queued (or running) is wanted again
-                    live.add(tid)
-                    self.recorder.submit([tid], [blobs[i]])
+                if tid in cancelled and tid not in live:  # submitted again after a cancel
+                    cancelled.discard(tid)  # (DROP): its copy still queued (or running)
+                    live.add(tid)  # is wanted again. (A live one has a CANCELLED result
+                    self.recorder.submit([tid], [blobs[i]])  # on its way: it stays so.)
                 elif tid not in live and tid not in seen:
                     seen.add(tid)
                     keep.append(i)
@@ -785,14 +797,64 @@ class BrokerCore:
 
     def _on_cancel(self, client: Client, msg: P.Cancel, now: float) -> None:
         if self._stream_in(client, msg.seq, msg.ack):
-            key, live = client.key, self.live
-            ids = [t for t in msg.ids if t >> P.ID_SHIFT == key and t in live]
-            if ids:  # not live any more: skipped if queued, its result dropped if running
+            key, live, cancelled = client.key, self.live, self.cancelled
+            ids = [t for t in msg.ids
+                   if t >> P.ID_SHIFT == key and t in live and t not in cancelled]
+            if not ids:  # (a task already cancelled is not cancelled again)
+                return
+            exact = msg.mode != P.CANCEL_DROP
+            if exact:  # only tasks no slot ever had; the client hears of the others
+                held = self._dispatched()
+                maybe, below = self.maybe_ran, self.restored_max.get(key, 0)
+                late = [t for t in ids if t in held or t in maybe or t <= below]
+                if late:
+                    if client.ident and not client.quiet:
+                        self.outbox.append((client.ident, P.Started(late)))
+                    self.announced.update(t for t in late if t in held)
+                    gone = set(late)
+                    ids = [t for t in ids if t not in gone]
+            if not ids:
+                return
+            self.cancelled.update(ids)  # skipped when taken from the queue
+            self._dead_queued = True
+            if exact:  # results: live until acknowledged, journaled (a restart keeps them)
+                for i in range(0, len(ids), MAX_BATCH):
+                    chunk = ids[i:i + MAX_BATCH]
+                    blobs = [payload.CANCELLED] * len(chunk)
+                    if not client.quiet:  # (else _send_deliver journals them)
+                        self.recorder.held(chunk, blobs)
+                        if client.journaled == client.tx.seq:
+                            client.journaled += 1
+                    self._send_deliver(client, "", chunk, blobs)
+            else:  # not live any more: skipped if queued, its result dropped if running
+                self.recorder.done(ids)
                 live.difference_update(ids)
                 self._untrack(client, len(ids))
-                self.cancelled.update(ids)
-                self.recorder.done(ids)
-                self._dead_queued = True
+
+    def _dispatched(self) -> set[int]:
+        """The ids of every task a slot holds now."""
+        held: set[int] = set()
+        for worker in self.workers.values():
+            for slot in worker.slots.values():
+                held.update(slot.inflight)
+        return held
+
+    def _announce(self) -> None:
+        """Tell each listening client which of its tasks slots hold (STARTED), once."""
+        announced = self.announced
+        by_key: dict[int, list[int]] = {}
+        shift = P.ID_SHIFT
+        for worker in self.workers.values():
+            for slot in worker.slots.values():
+                for tid in slot.inflight:
+                    if tid not in announced:
+                        announced.add(tid)
+                        by_key.setdefault(tid >> shift, []).append(tid)
+        for key, ids in by_key.items():
+            client = self.clients.get(key)
+            if client is not None and client.ident and not client.quiet:
+                for i in range(0, len(ids), MAX_BATCH):
+                    self.outbox.append((client.ident, P.Started(ids[i:i + MAX_BATCH])))
 
     def _on_ack(self, peer: Client | Slot, msg: P.Ack, now: float) -> None:
         self._peer_has(peer, msg.ack)
@@ -958,6 +1020,10 @@ class BrokerCore:
     def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
         """Finished tasks: into their client's stream (dropped if cancelled, or if the
         client is gone)."""
+        if self.maybe_ran:
+            self.maybe_ran.difference_update(ids)
+        if self.announced:
+            self.announced.difference_update(ids)
         live = self.live
         if not live.issuperset(ids):
             self.cancelled.difference_update(ids)
@@ -997,8 +1063,14 @@ class BrokerCore:
         self._owed.pop(client, None)
         if client.submitted:  # its queued tasks are purged on the tick (``gone``), its
             self.gone.add(key)  # running ones are revoked, its results are dropped
+            shift = P.ID_SHIFT
             if self.cancelled:
-                self.cancelled = {t for t in self.cancelled if t >> P.ID_SHIFT != key}
+                self.cancelled = {t for t in self.cancelled if t >> shift != key}
+            if self.maybe_ran:
+                self.maybe_ran = {t for t in self.maybe_ran if t >> shift != key}
+            if self.announced:
+                self.announced = {t for t in self.announced if t >> shift != key}
+            self.restored_max.pop(key, None)
             if key in self.parked:  # (its parked tasks die with it)
                 ids, _ = self.parked.pop(key)
                 self.parked_count -= len(ids)
@@ -1125,6 +1197,7 @@ class BrokerCore:
                 else:
                     attempts[tid] = n
         if tasks:
+            self.maybe_ran.update(tasks)
             self.queue.push_front(list(tasks), list(tasks.values()))
 
     def _steal(self, now: float) -> None:
@@ -1204,14 +1277,18 @@ class BrokerCore:
             self._dead_queued = True  # (some may have been cancelled meanwhile)
 
     def _live(self, ids: list[int], blobs: list[bytes]) -> tuple[list[int], list[bytes]]:
-        """Skip tasks no longer live (cancelled, or of forgotten clients: ``gone``)."""
-        live, gone, shift = self.live, self.gone, P.ID_SHIFT
-        keep = [i for i, t in enumerate(ids) if t in live and t >> shift not in gone]
+        """Skip tasks no longer live or cancelled (a task cancelled before any slot had it
+        stays live until its CANCELLED result is acknowledged), and tasks of forgotten
+        clients (``gone``)."""
+        live, gone, cancelled, shift = self.live, self.gone, self.cancelled, P.ID_SHIFT
+        keep = [i for i, t in enumerate(ids)
+                if t in live and t not in cancelled and t >> shift not in gone]
         if len(keep) == len(ids):
             return ids, blobs
         dead = [ids[i] for i in set(range(len(ids))) - set(keep)]
-        live.difference_update(dead)
-        self.cancelled.difference_update(dead)
+        live.difference_update([t for t in dead if t >> shift in gone])
+        cancelled.difference_update([t for t in dead if t not in live])  # (the others:
+        # until their CANCELLED result is acknowledged, so no CANCEL takes them again)
         return [ids[i] for i in keep], [blobs[i] for i in keep]
 
     # -- workers -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ result, shell              ``[2, returncode, stdout, stderr, seconds, truncated]
 result, shell timeout      ``[3, timeout, stdout, stderr, seconds]``
 result, process died       ``[4, message]``
 result, workers lost       ``[5, worker, attempts, message]``
+result, cancelled          ``[6]``: cancelled by the client before any slot had it
 =========================  ==============================================================
 
 ``flags``: :data:`FLAG_PICKLE`: the client accepts pickled results (so the worker may
@@ -32,6 +33,7 @@ pickle what has no typed encoding). Which functions travel by value is
 from __future__ import annotations
 
 import builtins
+from concurrent.futures import CancelledError
 import dataclasses
 import hashlib
 import inspect
@@ -68,6 +70,7 @@ RESULT_SHELL = 2
 RESULT_TIMEOUT = 3
 RESULT_CRASHED = 4
 RESULT_LOST = 5
+RESULT_CANCELLED = 6
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
@@ -351,6 +354,8 @@ def result_value(blob: bytes, worker: str | None = None, allow_pickle: bool = Fa
         raise WorkerCrashed(result[1], worker)
     if kind == RESULT_LOST:
         raise WorkerLost(result[3], result[1], result[2])
+    if kind == RESULT_CANCELLED:
+        raise CancelledError()
     raise TaskError("ProtocolError", f"unknown result kind {kind!r}", "", worker)
 
 
@@ -412,6 +417,9 @@ def lost_result(worker: str, attempts: int) -> bytes:
     return _packb((RESULT_LOST, worker, attempts,
                    f"the task's worker was lost {attempts} times (last: {worker}); "
                    "not retried again"))
+
+
+CANCELLED = _packb((RESULT_CANCELLED,))  #: the result of a task cancelled before it ran
 
 
 def crashed_result(message: str) -> bytes:

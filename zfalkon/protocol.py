@@ -117,11 +117,28 @@ class Deliver(NamedTuple):
     blobs: list[bytes]
 
 
+#: CANCEL modes. DROP: the client no longer wants these tasks (queued ones are skipped,
+#: results of dispatched ones dropped). IF_QUEUED: cancel those never handed to a slot
+#: (each gets a CANCELLED result in the client's stream); for the others, which may run,
+#: the broker answers STARTED and their results come as usual.
+CANCEL_DROP, CANCEL_IF_QUEUED = 0, 1
+
+
 class Cancel(NamedTuple):
-    """Client -> broker (stream): drop these tasks if they have not been dispatched yet."""
+    """Client -> broker (stream): cancel these tasks, as ``mode`` says (CANCEL_*)."""
 
     seq: int
     ack: int
+    ids: list[int]
+    mode: int = CANCEL_DROP
+
+
+class Started(NamedTuple):
+    """Broker -> client: these tasks of yours have been handed to a slot: they may run,
+    and a CANCEL no longer stops them. Sent on the tick for tasks still running then, and
+    at once in answer to a CANCEL (IF_QUEUED) of such tasks. Not in a stream: a STARTED
+    lost with a connection is only a later ``running()``."""
+
     ids: list[int]
 
 
@@ -208,6 +225,7 @@ class Resend(NamedTuple):
 Message = Union[
     Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Cancel,
     StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain, Holding, Ack, Resend,
+    Started,
 ]
 
 TAGS: dict[type, int] = {
@@ -230,6 +248,7 @@ TAGS: dict[type, int] = {
     Drain: 17,
     Ack: 19,
     Resend: 20,
+    Started: 21,
 }
 """Each message type's tag: field 0 of its frame. Tags are never reused."""
 
