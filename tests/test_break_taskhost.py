@@ -43,6 +43,13 @@ def run(kind: str, tmp_path) -> None:
                     bad.append(b.submit("builtins:exec", BAD[kind]))
                 good.append(b.shell(f"echo b{i} >> {marker}"))
             _, not_done = cf.wait(good + bad, BOUND)
+            # Then host switches one task at a time, after every bad task ran: the tasks
+            # above may have been dispatched client by client, with no switch (no request to
+            # the zygote) after the last bad one; each of these switches needs the zygote.
+            for i in range(2):
+                for ex, name in ((a, "ta"), (b, "tb")):
+                    good.append(ex.shell(f"echo {name}{i} >> {marker}"))
+                    not_done |= cf.wait(good[-1:], BOUND / 4).not_done
             took = time.monotonic() - start
             lines = open(marker).read().split() if os.path.exists(marker) else []
             dup = len(lines) - len(set(lines))
@@ -63,7 +70,8 @@ def run(kind: str, tmp_path) -> None:
                       if f.exception() or f.result().returncode]
             assert not failed, f"{kind}: good tasks failed: {failed[:3]}"
             assert sorted(set(lines)) == sorted([f"a{i}" for i in range(K)]
-                                                + [f"b{i}" for i in range(K)])
+                                                + [f"b{i}" for i in range(K)]
+                                                + ["ta0", "tb0", "ta1", "tb1"])
             return dup
         finally:
             a.shutdown(wait=False, cancel_futures=True)
