@@ -101,11 +101,16 @@ def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=False, reason=(  # (not strict: it breaks in about 1 run in 2)
-    "a task of client B that SIGKILLs its slot (psutil: the zygote's parent) sometimes gets "
-    "an innocent task blamed: WorkerCrashed 'killed by SIGKILL' on a good echo task (about "
-    "1 run in 2 of 45 tasks with 5 kills; the 5 kills also re-run 10-16 good tasks, which "
-    "at-least-once allows); repeated up to 6 runs to fail reliably"))
+@pytest.mark.xfail(strict=False, reason=(  # (not strict: it breaks now and then)
+    "a task of client B that SIGKILLs its slot and returns can get the NEXT task of client B "
+    "blamed (WorkerCrashed 'killed by SIGKILL'): when that task was already queued in the "
+    "same host, the host starts it (and says so in its running cell) within microseconds, "
+    "while the slot's death reaches the host (through the zygote's) only after the slot's "
+    "teardown (a millisecond or so); nothing the host can see without a syscall per "
+    "task tells it that the slot is gone. Never another client's task: the agent takes the "
+    "host's word only for a task of the client of the slot's oldest unanswered task. (Fixed: "
+    "an innocent task that had finished but whose result was still buffered in the host was "
+    "blamed, about 1 run in 2.) Repeated up to 6 runs"))
 def test_killing_the_slot_blames_only_the_killer(tmp_path):
     for r in range(6):
         d = tmp_path / str(r)

@@ -27,22 +27,31 @@ Design
       also waits and answers its exit status (for a host that died). The zygote reaps a
       host only after the slot gave it up, so a PID the slot may signal is never reused.
     * **Host.** In its own process group, dies with the zygote (which dies with the slot).
-      It reads length-prefixed task blobs from a pipe, runs them one at a time with a
-      Runner, and writes ``(kind, seconds, blob)`` frames back, in batches: at the latest
-      when it has nothing left to read, or when the oldest unsent result is 1 ms old. So
-      consecutive tasks of one client cost a few microseconds each, not a round trip.
+      It reads ``(length, task id)``-prefixed task blobs from a pipe, runs them one at a
+      time with a Runner, and writes ``(kind, seconds, blob)`` frames back, in batches: at
+      the latest when it has nothing left to read, or when the oldest unsent result is 1 ms
+      old. So consecutive tasks of one client cost a few microseconds each, not a round
+      trip.
     * **Switch.** A task of another client, or a host that died, means the old host is
       killed (SIGKILL to its process group, by PID) and reaped, and a fresh one forked.
       Tasks of one client are handed to the host in order; the slot never sends a task of
       another key while the host still has unanswered tasks.
-    * **Crash.** Before each task the host counts it in a shared 8-byte cell (a memfd the
-      slot also maps). When the result pipe ends (the host died: ``os._exit``, a signal),
-      the slot reaps it and knows which task was running: that task fails with a
-      ``WorkerCrashed`` result, sent by the slot as any other result; tasks after it never
-      started, and tasks before it whose results were still buffered in the host are run
-      again (in a fresh host): the at-least-once rule the broker already applies to a lost
-      slot. A host cannot hurt another client by lying in the cell: it only ever holds
-      its own client's tasks. (The slot alone writes the state file the agent reads.)
+    * **Crash.** Before each task the host writes its id in a shared 8-byte *running
+      cell* (a file next to the slot's state file, which the slot and the agent map too;
+      a memfd when no agent gave one). When the result pipe ends (the host died:
+      ``os._exit``, a signal), the slot reaps it and knows which task was running: that
+      task fails with a ``WorkerCrashed`` result, sent by the slot as any other result;
+      tasks after it never started, and tasks before it whose results were still buffered
+      in the host are run again (in a fresh host): the at-least-once rule the broker
+      already applies to a lost slot. A host cannot hurt another client by lying in the
+      cell: the slot takes its word only for a task it holds. (The slot alone writes the
+      state file: the oldest task its host has not answered.) If the *slot* dies, the agent
+      blames the task in the running cell when it is of the same client as the state
+      file's (a host can only get its own client's tasks blamed), else the state file's.
+      Limit: a task that kills its slot and returns may get the next task of its own
+      client blamed, if that one was already queued in its host: the host starts it within
+      microseconds, the slot's death reaches it (through the zygote's) only after the
+      slot's teardown.
     * **Pipelining.** The slot keeps at most ~2 ms of estimated work (by the measured task
       length) and 60 KB of task bytes unanswered in a host: deep enough that no-op tasks
       never wait on the slot, shallow enough that tasks queued in the slot can still be
@@ -74,11 +83,12 @@ import msgpack
 
 from zfalkon.constants import OUTPUT_CAP_BYTES
 
-__all__ = ["Zygote", "Host", "HostDied", "PIPE_BYTES"]
+__all__ = ["Zygote", "Host", "HostDied", "PIPE_BYTES", "TASK_HEAD_BYTES"]
 
 #: Task bytes a slot keeps unanswered in a host (fits in a pipe, so its writes never block).
 PIPE_BYTES = 60_000
-_TASK_HEAD = struct.Struct("<I")  # blob length
+_TASK_HEAD = struct.Struct("<IQ")  # blob length, task id
+TASK_HEAD_BYTES = _TASK_HEAD.size  #: what a task costs in the pipe besides its blob
 _RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
 _OK, _FAILED, _HELD = 0, 1, 2
 _FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
@@ -113,14 +123,13 @@ class Host:
         self._counter = counter
         self.inflight: collections.deque[tuple[int, bytes]] = collections.deque()
         self.inflight_bytes = 0
-        self.answered = 0  # results received since the host started
         self._buf = bytearray()
         self.held: list[str] = []  #: data keys the host's stager reported (HOLDING)
 
     def send(self, tasks: list[tuple[int, bytes]]) -> None:
         """Queue ``tasks`` (id, blob) in the host. Raises HostDied."""
         head = _TASK_HEAD.pack
-        data = b"".join(head(len(blob)) + blob for _, blob in tasks)
+        data = b"".join(head(len(blob), tid) + blob for tid, blob in tasks)
         self.inflight.extend(tasks)
         self.inflight_bytes += len(data)
         view = memoryview(data)
@@ -158,14 +167,14 @@ class Host:
                     raise HostDied("a result for no task")  # a confused host
                 tid, sent = self.inflight.popleft()
                 self.inflight_bytes -= _TASK_HEAD.size + len(sent)
-                self.answered += 1
                 out.append((tid, blob, kind == _FAILED, seconds))
             del buf[:pos]
             if out:
                 return out  # (else a partial frame: wait for the rest)
 
-    def started(self) -> int:
-        """How many tasks the host has started (its own count, in the shared cell)."""
+    def running(self) -> int:
+        """The id of the task the host started last (its own word, in the shared cell: to be
+        checked against :attr:`inflight`; 0 if it started none)."""
         return int(self._counter[0])
 
     def close(self) -> None:
@@ -185,9 +194,25 @@ class Zygote:
         self.runner_config: dict[str, Any] = {}  #: output_cap, cache_dir, cache_bytes
         fd = os.memfd_create("zfalkon-host-counter", os.MFD_CLOEXEC)
         os.ftruncate(fd, 8)
+        self._use_cell(fd)
+
+    def _use_cell(self, fd: int) -> None:
         self._counter_fd = fd
         self._counter_map = mmap.mmap(fd, 8)
         self._counter = memoryview(self._counter_map).cast("q")
+
+    def use_cell(self, path: str) -> None:
+        """Hand hosts the 8-byte file ``path`` (the agent reads it if the slot dies) instead
+        of a memfd as the cell where they write the id of the task they run. Call before
+        the first host."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._close_cell()
+        self._use_cell(fd)
+
+    def _close_cell(self) -> None:
+        self._counter.release()
+        self._counter_map.close()
+        os.close(self._counter_fd)
 
     @classmethod
     def start(cls) -> "Zygote":
@@ -256,9 +281,7 @@ class Zygote:
             if not done:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
-            self._counter.release()
-            self._counter_map.close()
-            os.close(self._counter_fd)
+            self._close_cell()
 
 
 # -- the zygote --------------------------------------------------------------------------
@@ -418,7 +441,6 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
     out: list[bytes] = []
     out_bytes = 0
     first_at = 0.0
-    started = 0
 
     def flush() -> None:
         nonlocal out, out_bytes
@@ -438,11 +460,10 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
                 return
             buf += chunk
             continue
-        n = head(buf, pos)[0]
+        n, tid = head(buf, pos)
         blob = bytes(buf[pos + size:pos + size + n])
         pos += size + n
-        started += 1
-        counter[0] = started
+        counter[0] = tid
         t0 = clock()
         result, failed = run(blob)
         now = clock()
