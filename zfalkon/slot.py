@@ -14,7 +14,7 @@ While its task host holds tasks the slot keeps the oldest one's id in a small sh
 (the *state file*), and the host writes the id of each task it starts in another (the
 *running cell*); if the slot dies, its agent reads both and reports which task killed it. A
 task that kills only its host fails with a ``WorkerCrashed`` result the slot itself
-returns.
+returns; a task that kills or stops its host's zygote costs nothing but a fresh zygote.
 
 Run as ``python -m zfalkon.slot`` by :mod:`zfalkon.worker` only, which writes the config
 (JSON) to its stdin and closes it: nothing of it shows on the command line.
