@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -18,8 +20,8 @@ import pytest
 import zmq
 
 import tasks
-from conftest import (alive, descendants, kill_tree, start_worker, stop_process, wait_until,
-                      worker_env)
+from conftest import (alive, child_env, descendants, kill_tree, start_worker, stop_process,
+                      wait_until, worker_env)
 from zfalkon import Executor, LocalCluster, WorkerCrashed
 from zfalkon import payload
 from zfalkon import protocol as P
@@ -262,3 +264,42 @@ def test_a_lost_zygote_is_replaced_and_the_host_it_forked_lives_on():
         assert zygote.replaced == 2
     finally:
         zygote.close()
+
+
+
+SLOT = """
+import os, sys, time
+from zfalkon import payload
+from zfalkon.taskhost import Zygote
+zygote = Zygote.start()
+host = zygote.fork_host(1)
+host.send([(1, payload.python_task("time:sleep", (float(sys.argv[2]),), {}))])
+time.sleep(0.2)
+print(zygote.pid, host.pid, flush=True)
+if sys.argv[1] == "zygote-first":
+    os.kill(zygote.pid, 9)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how, task_seconds", [("slot", 60), ("zygote-first", 1)])
+def test_hosts_die_with_their_slot(how, task_seconds):
+    """Hosts have no parent-death signal of their own (they outlive a zygote a task
+    killed): when the slot dies, its zygote kills them; if the zygote was gone already,
+    the slot's death ends the host's task pipe, and the host ends after its task."""
+    slot = subprocess.Popen([sys.executable, "-c", SLOT, how, str(task_seconds)],
+                            stdout=subprocess.PIPE, text=True, env=child_env())
+    host = 0
+    try:
+        assert slot.stdout is not None
+        zygote, host = map(int, slot.stdout.readline().split())
+        assert alive(host)
+        slot.kill()
+        slot.wait()
+        wait_until(lambda: not alive(host) and not alive(zygote), 5,
+                   message="the host and the zygote gone after the slot")
+    finally:
+        slot.kill()
+        slot.wait()
+        if host:
+            kill_tree([host])

@@ -31,10 +31,11 @@ Design
       seconds, blob)`` frames back, in batches: at the latest when it has nothing left to
       read, or when the oldest unsent result is 1 ms old. So consecutive tasks of one
       client cost a few microseconds each, not a round trip. A host does *not* die with its
-      zygote (no parent-death signal): the zygote dies with the slot (its parent-death
-      signal, ``SIGUSR1``, runs a handler that SIGKILLs every host's process group, once
-      ``getppid()`` shows the slot really gone); a host whose zygote was killed first ends
-      when its task pipe does (after its current task).
+      zygote (no parent-death signal): when the slot dies, its zygote SIGKILLs every host's
+      process group and exits, on the end of the slot's socket or, should it not be
+      reading it, on its parent-death signal (``SIGUSR1``, acted on once ``getppid()``
+      shows the slot really gone); a host whose zygote was killed first ends when its task
+      pipe does (after its current task).
     * **Switch.** A task of another client, or a host that died, means the old host is
       killed (SIGKILL to its process group, by PID) and reaped, and a fresh one forked.
       Tasks of one client are handed to the host in order; the slot never sends a task of
