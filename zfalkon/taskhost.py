@@ -66,7 +66,10 @@ Design
       ``python -m zfalkon.taskhost FD`` is a fresh interpreter that inherits only its end
       of a new socket pair (and the environment, as the first zygote did), none of the
       slot's memory. That costs an interpreter start and the imports (~0.23 s on a
-      2-core machine), once per lost zygote. The request is then made again (``fork``),
+      2-core machine), once per lost zygote. (Rejected: the slot exiting cleanly and
+      handing its tasks back for its agent to restart it: a new slot, a new session and
+      a new zygote cost more, and results not yet acknowledged would be run again.)
+      The request is then made again (``fork``),
       or needs no zygote: the host the slot was giving up outlived its zygote, so the
       slot SIGKILLs it itself, through a pidfd it opened when the host was forked (so
       never a reused PID; whoever adopted the orphan reaps it). Meanwhile the host of the
