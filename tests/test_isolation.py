@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -16,12 +20,14 @@ import pytest
 import zmq
 
 import tasks
-from conftest import alive, descendants, kill_tree, start_worker, stop_process, worker_env
+from conftest import (alive, child_env, descendants, kill_tree, start_worker, stop_process,
+                      wait_until, worker_env)
 from zfalkon import Executor, LocalCluster, WorkerCrashed
 from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon._version import __version__
 from zfalkon.constants import PROTOCOL_VERSION
+from zfalkon.taskhost import _ASK_SECONDS, Zygote
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +220,86 @@ def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):
         kill_tree(left)
         assert not left
 
+
+
+# -- a task that kills or stops its zygote -------------------------------------------------------
+
+
+def _run(host, tid: int, a: int) -> int:
+    host.send([(tid, payload.python_task("operator:add", (a, 1), {}))])
+    [(got, result, failed, _)] = host.receive()
+    assert got == tid and not failed and host.running() == tid
+    return payload.result_value(result)
+
+
+def test_a_lost_zygote_is_replaced_and_the_host_it_forked_lives_on():
+    """A zygote killed (SIGKILL) or stopped (SIGSTOP) under the slot: the host it forked goes
+    on running its tasks; the next request finds the zygote gone (or times out on it),
+    kills it by PID, starts a fresh one (by exec) and kills the old host itself."""
+    zygote = Zygote.start()
+    try:
+        host = zygote.fork_host(1)
+        assert _run(host, 11, 1) == 2
+        first = zygote.pid
+        os.kill(first, signal.SIGKILL)
+        assert _run(host, 12, 2) == 3  # (hosts do not die with their zygote)
+        zygote.kill(host)
+        assert zygote.pid != first and zygote.replaced == 1
+        wait_until(lambda: not alive(host.pid), 5, message="the old host killed")
+        host = zygote.fork_host(2)
+        assert _run(host, 13, 3) == 4
+        second = zygote.pid
+        os.kill(second, signal.SIGSTOP)
+        assert _run(host, 14, 4) == 5
+        started = time.monotonic()
+        zygote.kill(host)
+        assert _ASK_SECONDS <= time.monotonic() - started < _ASK_SECONDS + 5
+        assert zygote.pid not in (first, second) and zygote.replaced == 2
+        assert not alive(second)
+        wait_until(lambda: not alive(host.pid), 5, message="the old host killed")
+        host = zygote.fork_host(3)
+        assert _run(host, 15, 5) == 6
+        # (the zygote killed it, or it saw its task pipe end first)
+        assert zygote.reap(host) in (0, -signal.SIGKILL)
+        assert zygote.replaced == 2
+    finally:
+        zygote.close()
+
+
+
+SLOT = """
+import os, sys, time
+from zfalkon import payload
+from zfalkon.taskhost import Zygote
+zygote = Zygote.start()
+host = zygote.fork_host(1)
+host.send([(1, payload.python_task("time:sleep", (float(sys.argv[2]),), {}))])
+time.sleep(0.2)
+print(zygote.pid, host.pid, flush=True)
+if sys.argv[1] == "zygote-first":
+    os.kill(zygote.pid, 9)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how, task_seconds", [("slot", 60), ("zygote-first", 1)])
+def test_hosts_die_with_their_slot(how, task_seconds):
+    """Hosts have no parent-death signal of their own (they outlive a zygote a task
+    killed): when the slot dies, its zygote kills them; if the zygote was gone already,
+    the slot's death ends the host's task pipe, and the host ends after its task."""
+    slot = subprocess.Popen([sys.executable, "-c", SLOT, how, str(task_seconds)],
+                            stdout=subprocess.PIPE, text=True, env=child_env())
+    host = 0
+    try:
+        assert slot.stdout is not None
+        zygote, host = map(int, slot.stdout.readline().split())
+        assert alive(host)
+        slot.kill()
+        slot.wait()
+        wait_until(lambda: not alive(host) and not alive(zygote), 5,
+                   message="the host and the zygote gone after the slot")
+    finally:
+        slot.kill()
+        slot.wait()
+        if host:
+            kill_tree([host])

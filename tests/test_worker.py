@@ -273,6 +273,32 @@ def test_state_file(tmp_path):
         b.close()
 
 
+def test_a_dead_slot_is_blamed_for_the_task_its_host_ran_if_that_is_the_same_clients(tmp_path):
+    """The slot's state file names the oldest task its host has not answered; the host's
+    running cell the task it started last (it may have finished tasks whose results it had
+    not yet sent). The agent takes the host's word only for a task of the same client."""
+    from zfalkon.worker import _SlotProc
+
+    cells = []
+    for name in ("state", "running"):
+        StateFile.create(str(tmp_path / name))
+        cells.append(StateFile(str(tmp_path / name)))
+    state, running = cells
+    slot = _SlotProc(0, b"s", state, running, None, None)  # type: ignore[arg-type]
+    a, b = 5 << P.ID_SHIFT, 6 << P.ID_SHIFT
+    try:
+        assert WorkerAgent._blame(slot) == 0
+        state.set(a | 1)
+        assert WorkerAgent._blame(slot) == a | 1  # (no host word)
+        running.set(a | 3)
+        assert WorkerAgent._blame(slot) == a | 3  # a | 1 and a | 2 had finished
+        running.set(b | 3)
+        assert WorkerAgent._blame(slot) == a | 1  # a host of A cannot blame B's task
+        state.set(0)
+        assert WorkerAgent._blame(slot) == 0  # idle: nobody
+    finally:
+        state.close()
+        running.close()
 
 
 def test_sigterm_drains_the_worker_visibly_and_finishes_its_running_task():

@@ -10,9 +10,11 @@ batched results kept until acknowledged, PINGs that find lost frames) is decided
 When the broker no longer knows the slot (it restarted, or declared the worker lost), the
 slot registers again and starts a new session: the tasks it held are the broker's again.
 
-While a task runs the slot keeps its id in a small shared file (the *state file*); if the
-slot dies, its agent reads that id and reports which task killed it. A task that kills only
-its host fails with a ``WorkerCrashed`` result the slot itself returns.
+While its task host holds tasks the slot keeps the oldest one's id in a small shared file
+(the *state file*), and the host writes the id of each task it starts in another (the
+*running cell*); if the slot dies, its agent reads both and reports which task killed it. A
+task that kills only its host fails with a ``WorkerCrashed`` result the slot itself
+returns; a task that kills or stops its host's zygote costs nothing but a fresh zygote.
 
 Run as ``python -m zfalkon.slot`` by :mod:`zfalkon.worker` only, which writes the config
 (JSON) to its stdin and closes it: nothing of it shows on the command line.
@@ -39,7 +41,7 @@ from zfalkon.errors import ProtocolError
 from zfalkon.net import make_socket, readable
 from zfalkon.security import PeerKeys
 from zfalkon.slotcore import SlotSession
-from zfalkon.taskhost import PIPE_BYTES, Host, HostDied, Zygote
+from zfalkon.taskhost import PIPE_BYTES, TASK_HEAD_BYTES, Host, HostDied, Zygote
 
 log = logging.getLogger("zfalkon.slot")
 
@@ -266,7 +268,7 @@ class Slot:
         batch: list[tuple[int, bytes]] = []
         now = time.monotonic()
         while room > 0 and queue and queue[0][0] >> shift == key:
-            size = len(queue[0][1]) + 4
+            size = len(queue[0][1]) + TASK_HEAD_BYTES
             if size > budget and (batch or host.inflight):
                 break  # (a task bigger than a pipe goes alone, to an idle host)
             task = session.next_task(now)
@@ -291,17 +293,17 @@ class Slot:
         self.host = None
         reason = describe_exit(self.zygote.reap(host))
         pending = list(host.inflight)
-        running = host.started() - host.answered  # 1: the first unanswered task, ...
-        if not 1 <= running <= len(pending):
-            running = 1  # (a host that lied about its count, or died between tasks)
+        said = host.running()
+        running = next((i for i, (tid, _) in enumerate(pending) if tid == said), 0)
+        # (0 also for a host that lied, or died between tasks: its first unanswered task)
         session = self.session
         if pending:
-            tid = pending[running - 1][0]
+            tid = pending[running][0]
             log.error("slot %d: the process running task %d %s", self.index, tid, reason)
             session.finished(tid, payload.crashed_result(
                 f"the process running this task died ({reason})"), True,
                 max(session.mean, 0.0), time.monotonic())
-            del pending[running - 1]
+            del pending[running]
             session.queue.extendleft(reversed(pending))
         self.state.set(0)
         if session.out:
@@ -356,6 +358,8 @@ def main() -> int:
         config = read_config(sys.stdin.buffer)
         logging.basicConfig(level=config.get("log_level", "WARNING"),
                             format="%(asctime)s zfalkon-slot %(levelname)s %(message)s")
+        if config.get("running_path"):  # hosts say there which task they run (for the agent)
+            zygote.use_cell(config["running_path"])
         slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
                     config["index"], config["state_path"], zygote,
                     config.get("output_cap", OUTPUT_CAP_BYTES), config.get("keys"),

@@ -26,23 +26,55 @@ Design
       once (after SIGKILL the host runs no more code; the zygote reaps it later); ``reap``
       also waits and answers its exit status (for a host that died). The zygote reaps a
       host only after the slot gave it up, so a PID the slot may signal is never reused.
-    * **Host.** In its own process group, dies with the zygote (which dies with the slot).
-      It reads length-prefixed task blobs from a pipe, runs them one at a time with a
-      Runner, and writes ``(kind, seconds, blob)`` frames back, in batches: at the latest
-      when it has nothing left to read, or when the oldest unsent result is 1 ms old. So
-      consecutive tasks of one client cost a few microseconds each, not a round trip.
+    * **Host.** In its own process group. It reads ``(length, task id)``-prefixed task
+      blobs from a pipe, runs them one at a time with a Runner, and writes ``(kind,
+      seconds, blob)`` frames back, in batches: at the latest when it has nothing left to
+      read, or when the oldest unsent result is 1 ms old. So consecutive tasks of one
+      client cost a few microseconds each, not a round trip. A host does *not* die with its
+      zygote (no parent-death signal): when the slot dies, its zygote SIGKILLs every host's
+      process group and exits, on the end of the slot's socket or, should it not be
+      reading it, on its parent-death signal (``SIGUSR1``, acted on once ``getppid()``
+      shows the slot really gone); a host whose zygote was killed first ends when its task
+      pipe does (after its current task).
     * **Switch.** A task of another client, or a host that died, means the old host is
       killed (SIGKILL to its process group, by PID) and reaped, and a fresh one forked.
       Tasks of one client are handed to the host in order; the slot never sends a task of
       another key while the host still has unanswered tasks.
-    * **Crash.** Before each task the host counts it in a shared 8-byte cell (a memfd the
-      slot also maps). When the result pipe ends (the host died: ``os._exit``, a signal),
-      the slot reaps it and knows which task was running: that task fails with a
-      ``WorkerCrashed`` result, sent by the slot as any other result; tasks after it never
-      started, and tasks before it whose results were still buffered in the host are run
-      again (in a fresh host): the at-least-once rule the broker already applies to a lost
-      slot. A host cannot hurt another client by lying in the cell: it only ever holds
-      its own client's tasks. (The slot alone writes the state file the agent reads.)
+    * **Crash.** Before each task the host writes its id in a shared 8-byte *running
+      cell* (a file next to the slot's state file, which the slot and the agent map too;
+      a memfd when no agent gave one). When the result pipe ends (the host died:
+      ``os._exit``, a signal), the slot reaps it and knows which task was running: that
+      task fails with a ``WorkerCrashed`` result, sent by the slot as any other result;
+      tasks after it never started, and tasks before it whose results were still buffered
+      in the host are run again (in a fresh host): the at-least-once rule the broker
+      already applies to a lost slot. A host cannot hurt another client by lying in the
+      cell: the slot takes its word only for a task it holds. (The slot alone writes the
+      state file: the oldest task its host has not answered.) If the *slot* dies, the agent
+      blames the task in the running cell when it is of the same client as the state
+      file's (a host can only get its own client's tasks blamed), else the state file's.
+      Limit: a task that kills its slot and returns may get the next task of its own
+      client blamed, if that one was already queued in its host: the host starts it within
+      microseconds, the slot's death reaches the zygote only after the slot's teardown.
+    * **Lost zygote.** A task can find its zygote (``getppid()``) and kill or stop it (same
+      Unix user). Hiding it (a double fork, so that ``getppid()`` is not the zygote) would
+      only be obscurity (``/proc`` lists it) and would cost the zygote its children (their
+      reaping, hence PIDs the slot may safely signal). Instead a lost zygote hurts no
+      task: every request to it has a timeout (2 s; 30 s for a fresh zygote to say
+      ``ready`` after its imports); a zygote found gone (EOF, EPIPE) or silent is SIGKILLed
+      by PID (it is the slot's child, not yet reaped) and reaped, and a fresh one started,
+      *by exec*: the slot has a ZeroMQ context by then, so forking it would be unsafe;
+      ``python -m zfalkon.taskhost FD`` is a fresh interpreter that inherits only its end
+      of a new socket pair (and the environment, as the first zygote did), none of the
+      slot's memory. That costs an interpreter start and the imports (~0.23 s on a
+      2-core machine), once per lost zygote. (Rejected: the slot exiting cleanly and
+      handing its tasks back for its agent to restart it: a new slot, a new session and
+      a new zygote cost more, and results not yet acknowledged would be run again.)
+      The request is then made again (``fork``),
+      or needs no zygote: the host the slot was giving up outlived its zygote, so the
+      slot SIGKILLs it itself, through a pidfd it opened when the host was forked (so
+      never a reused PID; whoever adopted the orphan reaps it). Meanwhile the host of the
+      current client ran on, untouched. The zygote sits in its own process group, so that
+      a ``killpg`` of its group hits it alone, not the agent and its slots.
     * **Pipelining.** The slot keeps at most ~2 ms of estimated work (by the measured task
       length) and 60 KB of task bytes unanswered in a host: deep enough that no-op tasks
       never wait on the slot, shallow enough that tasks queued in the slot can still be
@@ -61,12 +93,15 @@ from __future__ import annotations
 import collections
 import ctypes
 import gc
+import logging
 import mmap
 import os
 import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -74,11 +109,14 @@ import msgpack
 
 from zfalkon.constants import OUTPUT_CAP_BYTES
 
-__all__ = ["Zygote", "Host", "HostDied", "PIPE_BYTES"]
+__all__ = ["Zygote", "Host", "HostDied", "PIPE_BYTES", "TASK_HEAD_BYTES"]
+
+log = logging.getLogger("zfalkon.taskhost")
 
 #: Task bytes a slot keeps unanswered in a host (fits in a pipe, so its writes never block).
 PIPE_BYTES = 60_000
-_TASK_HEAD = struct.Struct("<I")  # blob length
+_TASK_HEAD = struct.Struct("<IQ")  # blob length, task id
+TASK_HEAD_BYTES = _TASK_HEAD.size  #: what a task costs in the pipe besides its blob
 _RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
 _OK, _FAILED, _HELD = 0, 1, 2
 _FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
@@ -86,6 +124,9 @@ _FLUSH_BYTES = 60_000
 _READ_SIZE = 1 << 16  # a pipe's capacity; a bigger read buys nothing and costs
 #                     an mmap, an mremap and a munmap per call (glibc maps reads over 128 KiB)
 _SPARE_AFTER_SECONDS = 0.005  # the zygote forks the next spare host once the slot is quiet
+_ASK_SECONDS = 2.0  # a zygote that has not answered a request in this long is replaced
+_READY_SECONDS = 30.0  # a new zygote has this long to import what hosts need and say ready
+_SLOT_DIED = signal.SIGUSR1  # the zygote's parent-death signal
 
 
 def _set_pdeathsig(sig: int) -> None:
@@ -108,20 +149,23 @@ class Host:
     def __init__(self, pid: int, key: int, task_w: int, result_r: int,
                  counter: memoryview) -> None:
         self.pid = pid
+        try:  # (the zygote has not reaped it: the PID is the host's)
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
         self.key = key  #: the client key whose tasks it runs
         self.task_w = task_w
         self.result_r = result_r
         self._counter = counter
         self.inflight: collections.deque[tuple[int, bytes]] = collections.deque()
         self.inflight_bytes = 0
-        self.answered = 0  # results received since the host started
         self._buf = bytearray()
         self.held: list[str] = []  #: data keys the host's stager reported (HOLDING)
 
     def send(self, tasks: list[tuple[int, bytes]]) -> None:
         """Queue ``tasks`` (id, blob) in the host. Raises HostDied."""
         head = _TASK_HEAD.pack
-        data = b"".join(head(len(blob)) + blob for _, blob in tasks)
+        data = b"".join(head(len(blob), tid) + blob for tid, blob in tasks)
         self.inflight.extend(tasks)
         self.inflight_bytes += len(data)
         view = memoryview(data)
@@ -159,36 +203,85 @@ class Host:
                     raise HostDied("a result for no task")  # a confused host
                 tid, sent = self.inflight.popleft()
                 self.inflight_bytes -= _TASK_HEAD.size + len(sent)
-                self.answered += 1
                 out.append((tid, blob, kind == _FAILED, seconds))
             del buf[:pos]
             if out:
                 return out  # (else a partial frame: wait for the rest)
 
-    def started(self) -> int:
-        """How many tasks the host has started (its own count, in the shared cell)."""
+    def running(self) -> int:
+        """The id of the task the host started last (its own word, in the shared cell: to be
+        checked against :attr:`inflight`; 0 if it started none)."""
         return int(self._counter[0])
 
     def close(self) -> None:
         for fd in (self.task_w, self.result_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.task_w = self.result_r = -1  # (closed once: the numbers may be reused)
+
+    def kill(self) -> None:
+        """SIGKILL the host (and its process group while it lives) without its zygote, for
+        a host whose zygote is lost: through its pidfd, so never another process that got
+        its PID (the host is no longer the zygote's child: whoever adopted it reaps it)."""
+        if self.pidfd is None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, 0)
+            os.killpg(self.pid, signal.SIGKILL)  # (alive: its PID, so its group, is its own)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def release(self) -> None:
+        """Close the pipes and the pidfd (the host is given up)."""
+        self.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class ZygoteLost(Exception):
+    """The zygote did not answer (it died, or is stopped) and was replaced."""
 
 
 class Zygote:
     """The slot's handle on its fork server; see the module docstring."""
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
+    def __init__(self, sock: socket.socket, pid: int,
+                 proc: subprocess.Popen | None = None) -> None:
         self.sock = sock
         self.pid = pid
+        self._proc = proc  # (a zygote started by exec, as a replacement)
+        self._ready = False  # (its "ready" not yet read)
+        self.replaced = 0  #: zygotes found dead or stuck and replaced
         self.runner_config: dict[str, Any] = {}  #: output_cap, cache_dir, cache_bytes
         fd = os.memfd_create("zfalkon-host-counter", os.MFD_CLOEXEC)
         os.ftruncate(fd, 8)
+        self._use_cell(fd)
+
+    def _use_cell(self, fd: int) -> None:
         self._counter_fd = fd
         self._counter_map = mmap.mmap(fd, 8)
         self._counter = memoryview(self._counter_map).cast("q")
+
+    def use_cell(self, path: str) -> None:
+        """Hand hosts the 8-byte file ``path`` (the agent reads it if the slot dies) instead
+        of a memfd as the cell where they write the id of the task they run. Call before
+        the first host."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._close_cell()
+        self._use_cell(fd)
+
+    def _close_cell(self) -> None:
+        self._counter.release()
+        self._counter_map.close()
+        os.close(self._counter_fd)
 
     @classmethod
     def start(cls) -> "Zygote":
@@ -208,65 +301,160 @@ class Zygote:
         theirs.close()
         return cls(ours, pid)
 
-    def _ask(self, message: list, fds: list[int] | None = None) -> list:
-        data = msgpack.packb(message)
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.send(data)
-        reply = self.sock.recv(4096)
+    def _spawn(self) -> None:
+        """Start a replacement zygote by exec: a fresh interpreter (``python -m
+        zfalkon.taskhost FD``) that inherits only its end of a new socket pair, never this
+        process's memory (its ZeroMQ threads, its config). Costs an interpreter start and
+        the imports, once per replacement."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "zfalkon.taskhost", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock, self.pid, self._proc, self._ready = ours, proc.pid, proc, False
+
+    def _replace(self, reason: str) -> None:
+        """SIGKILL the zygote by PID, reap it, start a fresh one. (Its hosts outlive it:
+        the slot kills the one it gives up itself, see :meth:`Host.kill`.)"""
+        log.warning("the task host zygote (pid %d) %s: starting a fresh one", self.pid,
+                    reason)
+        self.replaced += 1
+        self.sock.close()
+        self._stop(0.0)
+        self._spawn()
+
+    def _recv(self, timeout: float) -> list:
+        if not select.select([self.sock], [], [], timeout)[0]:
+            raise ZygoteLost(f"did not answer in {timeout:g} s")
+        try:
+            reply = self.sock.recv(4096)
+        except OSError as exc:
+            raise ZygoteLost(f"is gone ({exc})") from None
         if not reply:
-            raise RuntimeError("the slot's zygote is gone")
+            raise ZygoteLost("is gone")
         return msgpack.unpackb(reply)
 
-    def fork_host(self, key: int) -> Host:
-        """A fresh task host for client ``key``."""
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
+    def _ask(self, message: list, fds: list[int] | None = None) -> list:
+        """Send ``message``, return the answer. Every wait has a timeout: a zygote that is
+        gone, or does not answer (stopped, wedged), is replaced and ZygoteLost raised."""
         try:
-            self._counter[0] = 0
-            reply = self._ask(["fork", self.runner_config],
-                              [task_r, result_w, self._counter_fd])
-        finally:
-            os.close(task_r)
-            os.close(result_w)
-        return Host(int(reply[1]), key, task_w, result_r, self._counter)
+            if not self._ready:
+                if self._recv(_READY_SECONDS)[0] != "ready":
+                    raise ZygoteLost("said something other than ready")
+                self._ready = True
+            data = msgpack.packb(message)
+            try:  # (it reads every request before the next: its buffer has room)
+                socket.send_fds(self.sock, [data], fds or [], socket.MSG_DONTWAIT)
+            except OSError as exc:  # EPIPE, ECONNRESET: gone; EAGAIN: not reading
+                raise ZygoteLost(f"is gone ({exc})") from None
+            return self._recv(_ASK_SECONDS)
+        except ZygoteLost as exc:
+            self._replace(str(exc))
+            raise
+
+    def fork_host(self, key: int) -> Host:
+        """A fresh task host for client ``key`` (from a fresh zygote if need be)."""
+        for attempt in (1, 2):
+            task_r, task_w = os.pipe()
+            result_r, result_w = os.pipe()
+            try:
+                self._counter[0] = 0
+                reply = self._ask(["fork", self.runner_config],
+                                  [task_r, result_w, self._counter_fd])
+            except ZygoteLost:
+                os.close(task_w)
+                os.close(result_r)
+                if attempt == 2:
+                    raise RuntimeError("the fresh task host zygote failed too") from None
+                continue
+            finally:
+                os.close(task_r)
+                os.close(result_w)
+            return Host(int(reply[1]), key, task_w, result_r, self._counter)
+        raise AssertionError("unreachable")
 
     def reap(self, host: Host) -> int:
         """Kill ``host`` (its process group) and reap it; return its exit status as
-        :attr:`subprocess.Popen.returncode` words it (negative: killed by that signal)."""
+        :attr:`subprocess.Popen.returncode` words it (negative: killed by that signal).
+        If the zygote is lost, the slot kills the host itself (its status is lost)."""
         host.close()
-        return int(self._ask(["reap", host.pid])[1])
+        try:
+            return int(self._ask(["reap", host.pid])[1])
+        except ZygoteLost:
+            host.kill()  # (its status is lost with its zygote: say SIGKILL)
+            return -signal.SIGKILL
+        finally:
+            host.release()
 
     def kill(self, host: Host) -> None:
-        """SIGKILL ``host`` (its process group); the zygote reaps it later."""
+        """SIGKILL ``host`` (its process group); the zygote reaps it later. (If the zygote
+        is lost, the slot kills the host itself.)"""
         host.close()
-        self._ask(["kill", host.pid])
+        try:
+            self._ask(["kill", host.pid])
+        except ZygoteLost:
+            host.kill()
+        finally:
+            host.release()
+
+    def _stop(self, timeout: float) -> None:
+        """Reap the zygote, SIGKILLing it if it is still there after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        if not done:
+            os.kill(self.pid, signal.SIGKILL)  # (our child, not yet reaped: its PID still)
+            status = os.waitpid(self.pid, 0)[1]
+        if self._proc is not None:  # (reaped here: Popen must not wait for it again)
+            self._proc.returncode = os.waitstatus_to_exitcode(status)
+            self._proc = None
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the zygote (it SIGKILLs and reaps a host still alive) and reap it."""
         try:
             self.sock.close()
         finally:
-            deadline = time.monotonic() + timeout
-            while True:
-                done, _ = os.waitpid(self.pid, os.WNOHANG)
-                if done or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.005)
-            if not done:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            self._counter.release()
-            self._counter_map.close()
-            os.close(self._counter_fd)
+            self._stop(timeout)
+            self._close_cell()
 
 
 # -- the zygote --------------------------------------------------------------------------
 
 
 def _zygote_main(sock: socket.socket) -> None:
-    _set_pdeathsig(signal.SIGKILL)  # the slot died: go too (and, through theirs, the hosts)
+    hosts: set[int] = set()  # hosts handed to the slot, not yet reaped
+    killed: set[int] = set()  # hosts killed, to reap
+    spare: tuple[int, socket.socket] | None = None
+    me = os.getpid()
+
+    def slot_died(*_: object) -> None:
+        # The parent-death signal: the slot is gone, take every host with us. (Hosts do not
+        # die with their zygote: a task that kills its zygote must not kill the tasks after
+        # it in its host. A stray _SLOT_DIED from a task, or in a host just forked, is
+        # ignored: the slot must really be gone.)
+        if os.getpid() != me or os.getppid() == slot:
+            return
+        for pid in hosts | killed | ({spare[0]} if spare else set()):
+            _kill(pid)
+        os._exit(0)
+
+    slot = os.getppid()
+    signal.signal(_SLOT_DIED, slot_died)
+    _set_pdeathsig(_SLOT_DIED)
+    if os.getppid() != slot:
+        return  # (the slot died before the prctl)
+    try:
+        os.setpgid(0, 0)  # (a host's killpg of its parent's group hits the zygote alone)
+    except OSError:
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the agent
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -279,9 +467,7 @@ def _zygote_main(sock: socket.socket) -> None:
 
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages in the hosts
-    hosts: set[int] = set()  # hosts handed to the slot, not yet reaped
-    killed: set[int] = set()  # hosts killed, to reap
-    spare: tuple[int, socket.socket] | None = None
+    sock.send(msgpack.packb(["ready"]))
     try:
         while True:
             if spare is None and not select.select([sock], [], [], _SPARE_AFTER_SECONDS)[0]:
@@ -367,11 +553,14 @@ def _kill_and_reap(pid: int) -> int:
 
 
 def _spare_main(line: socket.socket) -> None:
+    signal.signal(_SLOT_DIED, signal.SIG_DFL)
     try:
         os.setpgid(0, 0)
     except OSError:
         pass
-    _set_pdeathsig(signal.SIGKILL)
+    # (No parent-death signal: a host outlives a zygote that a task killed or stopped, and
+    # the slot goes on using it. When the slot dies, the zygote kills its hosts; if the
+    # zygote was gone too, the host ends when its task pipe does.)
     # Python's own SIGINT disposition again (the zygote ignores it; an ignored signal would
     # stay ignored in the shell commands the host spawns). In its own process group, a
     # host gets no terminal ^C.
@@ -419,7 +608,6 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
     out: list[bytes] = []
     out_bytes = 0
     first_at = 0.0
-    started = 0
 
     def flush() -> None:
         nonlocal out, out_bytes
@@ -439,11 +627,10 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
                 return
             buf += chunk
             continue
-        n = head(buf, pos)[0]
+        n, tid = head(buf, pos)
         blob = bytes(buf[pos + size:pos + size + n])
         pos += size + n
-        started += 1
-        counter[0] = started
+        counter[0] = tid
         t0 = clock()
         result, failed = run(blob)
         now = clock()
@@ -458,3 +645,13 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
             out.append(held)
         if out_bytes >= _FLUSH_BYTES or now - first_at >= _FLUSH_SECONDS:
             flush()
+
+
+if __name__ == "__main__":  # a replacement zygote (Zygote._spawn): its socket's fd in argv
+    _code = 0
+    try:
+        _zygote_main(socket.socket(fileno=int(sys.argv[1])))
+    except BaseException:
+        _code = 1
+    finally:
+        os._exit(_code)

@@ -48,6 +48,7 @@ class _SlotProc:
     index: int
     ident: bytes
     state: StateFile
+    running: StateFile  # the id of the task the slot's current task host runs (its word)
     proc: subprocess.Popen
     pidfd: int | None
     restarts: list[float] = field(default_factory=list)
@@ -163,10 +164,13 @@ class WorkerAgent:
     def _start_slot(self, index: int, restarts: list[float] | None = None) -> None:
         state_path = os.path.join(self._dir, f"slot-{index}")
         StateFile.create(state_path)
+        running_path = state_path + ".running"
+        StateFile.create(running_path)
         ident = uuid.uuid4().bytes
         config = {
             "broker": self.broker, "ident": ident.hex(), "worker_id": self.worker_id,
-            "index": index, "state_path": state_path, "output_cap": self.output_cap,
+            "index": index, "state_path": state_path, "running_path": running_path,
+            "output_cap": self.output_cap,
             "log_level": self.log_level,
             "keys": self.keys.directory if self.keys else None,
             "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes,
@@ -185,8 +189,8 @@ class WorkerAgent:
             pidfd: int | None = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):
             pidfd = None
-        self._procs[index] = _SlotProc(index, ident, StateFile(state_path), proc, pidfd,
-                                       restarts or [])
+        self._procs[index] = _SlotProc(index, ident, StateFile(state_path),
+                                       StateFile(running_path), proc, pidfd, restarts or [])
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -250,7 +254,7 @@ class WorkerAgent:
             code = slot.proc.poll()
             if code is None:
                 continue
-            task = slot.state.get()
+            task = self._blame(slot)
             reason = describe_exit(code)
             if task:
                 log.error("slot %d %s while running task %d", index, reason, task)
@@ -270,8 +274,22 @@ class WorkerAgent:
             self._start_slot(index, recent)
 
     @staticmethod
+    def _blame(slot: _SlotProc) -> int:
+        """The task a dead slot was running, 0 if none. The slot writes in its state file
+        the oldest task its task host has not answered; the host writes in the running
+        cell the task it started last, which differs when the host ran several tasks
+        since its last answer. The host's word is taken only for a task of the same client
+        (same key): a host can only get its own client's tasks blamed."""
+        task = slot.state.get()
+        running = slot.running.get()
+        if task and running and running >> P.ID_SHIFT == task >> P.ID_SHIFT:
+            return running
+        return task
+
+    @staticmethod
     def _close_slot(slot: _SlotProc) -> None:
         slot.state.close()
+        slot.running.close()
         if slot.pidfd is not None:
             os.close(slot.pidfd)
             slot.pidfd = None
@@ -296,7 +314,7 @@ class WorkerAgent:
     def _reap_stopped(self, procs: list[_SlotProc]) -> None:
         for slot in procs:
             if slot.index in self._procs:
-                task = slot.state.get()
+                task = self._blame(slot)
                 if slot.proc.returncode not in (0, None) or task:
                     self.sock.send(P.encode(
                         P.SlotLost(slot.ident, task, describe_exit(slot.proc.returncode))))
