@@ -339,7 +339,7 @@ def test_messages_before_hello(served, raw, msg):
     P.Results(1, 0, 5, 0, [1], [b"x"]),
     P.Welcome(PROTOCOL_VERSION, __version__, 1, 2.0),
     P.Tasks(1, 0, [1], [b"x"]),
-    P.Deliver(1, 0, "w", [1], [b"x"]),
+    P.Deliver(1, 0, "w", [1], [b"x"], b"t" * 8),
     P.Status({}),
     P.Error("malformed", "x"),
     P.Pong(1.0),
