@@ -548,18 +548,20 @@ def test_a_second_resend_within_two_seconds_keeps_the_books(ctx, tmp_path):
                     raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
                     wait_until(lambda: query_status(address)["done"] >= seq, 30,
                                message=f"task {seq}")
-                got = [m.seq for m in drain(raw) if isinstance(m, P.Deliver)]
-                assert got == [1, 2, 3]  # (the 4 MiB send window holds back 4..6)
+                got = [m for m in drain(raw) if isinstance(m, P.Deliver)]
+                assert [m.seq for m in got] == [1, 2, 3]  # (the 4 MiB window holds back 4..6)
+                token = got[-1].token  # (what acknowledges frame 3)
                 raw.send_msg(P.Resend(0))  # a gap: everything again
-                assert [m.seq for m in drain(raw) if isinstance(m, P.Deliver)] == [1, 2, 3]
-                raw.send_msg(P.Resend(3))  # soon after: "I have 1..3, send what follows"
-                raw.send_msg(P.Ack(3))
-                raw.send_msg(P.Ping(1.0, 3))
+                again = [m for m in drain(raw) if isinstance(m, P.Deliver)]
+                assert [(m.seq, m.token) for m in again] == [(m.seq, m.token) for m in got]
+                raw.send_msg(P.Resend(3, token))  # soon after: "I have 1..3, send the rest"
+                raw.send_msg(P.Ack(3, token))
+                raw.send_msg(P.Ping(1.0, 3, token))
                 later = []
                 deadline = time.monotonic() + 8
                 while time.monotonic() < deadline and len(later) < 3:
                     later += [m.seq for m in drain(raw, 1.0) if isinstance(m, P.Deliver)]
-                    raw.send_msg(P.Ping(2.0, 3))
+                    raw.send_msg(P.Ping(2.0, 3, token))
                 report("DELIVER frames after the client acknowledged 1..3 by RESEND",
                        len(later), "frames")
             finally:
