@@ -207,15 +207,17 @@ def test_raw_client_round_trip(raw):
     got = {}
     deadline = time.monotonic() + 30
     expected_seq = 1
+    token = b""
     while len(got) < 2 and time.monotonic() < deadline:
         msg = next_message(raw, timeout=30)
         assert isinstance(msg, P.Deliver), msg
         assert msg.worker.startswith("broker-test-worker/")
         assert msg.seq == expected_seq and msg.ack == 1  # it has our SUBMIT, frame 1
         expected_seq += 1
+        token = msg.token
         got.update(zip(msg.ids, msg.blobs))
     assert set(got) == set(ids)
-    raw.send_msg(P.Ack(expected_seq - 1))  # we have every result: the broker forgets them
+    raw.send_msg(P.Ack(expected_seq - 1, token))  # we have every result: the broker forgets them
     assert payload.result_value(got[ids[0]]) == 42
     assert payload.result_value(got[ids[1]]).stdout == "raw\n"
 
@@ -339,7 +341,7 @@ def test_messages_before_hello(served, raw, msg):
     P.Results(1, 0, 5, 0, [1], [b"x"]),
     P.Welcome(PROTOCOL_VERSION, __version__, 1, 2.0),
     P.Tasks(1, 0, [1], [b"x"]),
-    P.Deliver(1, 0, "w", [1], [b"x"]),
+    P.Deliver(1, 0, "w", [1], [b"x"], b"t" * 8),
     P.Status({}),
     P.Error("malformed", "x"),
     P.Pong(1.0),

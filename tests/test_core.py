@@ -5,7 +5,8 @@ and real :class:`SlotSession` slots through a simulated network in which every c
 can lose what it carries, be stalled, or be replaced; clients are a small model of the
 client session (``zfalkon.client`` follows the same rules). Rules: submit (with and
 without data hints), credit (including absurd credit from a hostile slot), results
-(duplicates, forged, for tasks not held, on a stale session), slot crash, slot stall,
+(duplicates, forged, for tasks not held, on a stale session), acknowledgements of
+results not read (blind, with a wrong token), slot crash, slot stall,
 worker lost and back, connection replaced, partition and heal, cancel, client leave and
 return, broker restart from the journal. Invariants: no task id reaches a user twice, and
 every result that reaches a user is that task's own; no id is held by two slots; the
@@ -472,6 +473,46 @@ class FabricMachine(RuleBasedStateMachine):
         evil.conn.up.append(P.Results(seq, evil.session.rx.last, window, 0, ids,
                                       [FORGED] * len(ids)))
 
+    @rule(i=st.integers(0, 1), ahead=st.integers(1, 3), resend=st.booleans(),
+          token=st.one_of(st.just(b""), st.just(None), st.binary(min_size=8, max_size=8)))
+    def client_acks_blindly(self, i: int, ahead: int, resend: bool,
+                            token: bytes | None) -> None:
+        """A hostile client acknowledges DELIVERs it has not read (their numbers are
+        guessable) with no token, the token of the last frame it has (None), or a guessed
+        one: the broker must not count it."""
+        c = self.clients[i % len(self.clients)]
+        if c.welcomed and not c.left:
+            self.blind_ack(c, ahead, resend, token)
+
+    def blind_ack(self, c: ClientModel, ahead: int, resend: bool,
+                  token: bytes | None) -> None:
+        if token is None:
+            token = c.session.token
+        seq = c.session.rx.last + ahead
+        c.send(P.Resend(seq, token) if resend else P.Ack(seq, token))
+
+    @rule(i=st.integers(0, 1), ahead=st.integers(1, 3), resend=st.booleans(),
+          token=st.one_of(st.just(b""), st.just(None), st.binary(min_size=8, max_size=8)))
+    def client_acks_blindly_then_loses_the_frames(self, i: int, ahead: int, resend: bool,
+                                                  token: bytes | None) -> None:
+        """The same while DELIVERs are on their way to it (the slots run what they hold
+        first); the broker takes the ACK, then the connection dies with the DELIVERs in
+        it: had the ACK counted, those results would be forgotten, and quiescence would
+        find them never delivered."""
+        c = self.clients[i % len(self.clients)]
+        if not c.welcomed or c.left:
+            return
+        self.pump_up(c, 100)
+        for w in self.workers:
+            for s in w.slots:
+                self.pump_down(s, 100)
+                while s.run_one(self.now):
+                    pass
+                self.pump_up(s, 100)
+        self.blind_ack(c, ahead, resend, token)
+        self.pump_up(c, len(c.conn.up))
+        c.conn.replace()
+
     @rule(i=st.integers(0, 1))
     def client_leaves_and_returns(self, i: int) -> None:
         c = self.clients[i % len(self.clients)]
@@ -760,7 +801,7 @@ def test_results_are_kept_until_acknowledged_and_resent_on_request():
     again = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
     assert again == first
     core.outbox.clear()
-    core.message(b"c", P.Ack(1), None, 0.3)
+    core.message(b"c", P.Ack(1, first[0].token), None, 0.3)
     core.message(b"c", P.Resend(1), None, 0.4)
     assert not [m for i, m in core.outbox if type(m) is P.Deliver]
 

@@ -430,12 +430,14 @@ def kill9(proc) -> None:
     proc.stdout.close()
 
 
-def collect(conn: Raw, want: set[int], timeout: float) -> tuple[dict[int, int], bool, int]:
+def collect(conn: Raw, want: set[int],
+            timeout: float) -> tuple[dict[int, int], bool, tuple[int, bytes]]:
     """Read DELIVERs until every id in ``want`` came; return counts, whether a WELCOME
-    came too, and the last DELIVER seq (what the client acknowledges)."""
+    came too, and the last DELIVER's seq and token (what the client acknowledges)."""
     seen: dict[int, int] = {}
     welcomed = False
     last = 0
+    token = b""
     deadline = time.monotonic() + timeout
     while not (welcomed and want <= set(seen)) and time.monotonic() < deadline:
         if not conn.sock.poll(200):
@@ -443,12 +445,12 @@ def collect(conn: Raw, want: set[int], timeout: float) -> tuple[dict[int, int], 
         msg = P.decode(conn.sock.recv())
         if isinstance(msg, P.Deliver):
             assert msg.seq == last + 1  # the new session's stream, in order
-            last = msg.seq
+            last, token = msg.seq, msg.token
             for tid, blob in zip(msg.ids, msg.blobs):
                 assert payload.unpack(blob)[0] == 2  # a shell result
                 seen[tid] = seen.get(tid, 0) + 1
         welcomed |= isinstance(msg, P.Welcome)
-    return seen, welcomed, last
+    return seen, welcomed, (last, token)
 
 
 def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
@@ -483,7 +485,7 @@ def test_acknowledged_tasks_survive_kill_9_without_any_resubmission(tmp_path):
         assert sorted(map(int, marker.read_text().split())) == want  # each ran once
         # Results stay the broker's until the client acknowledges them.
         assert query_status(address)["unacknowledged_results"] == 20
-        back.send_msg(P.Ack(last))
+        back.send_msg(P.Ack(*last))
         wait_until(lambda: query_status(address)["unacknowledged_results"] == 0, 5,
                    message="results acknowledged")
         back.close()

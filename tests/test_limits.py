@@ -298,8 +298,8 @@ def test_core_limit_counts_until_results_are_acknowledged():
     assert c.clients[key].live_tasks == 1000  # (done, not acknowledged)
     c.message(b"c", P.Submit(2, 0, more, [b"x"] * 1000), None, 0.0)
     assert c.clients[key].rx.last == 1
-    sent = max(m.seq for i, m in c.outbox if type(m) is P.Deliver)
-    c.message(b"c", P.Ack(sent), None, 0.0)
+    last = max((m for i, m in c.outbox if type(m) is P.Deliver), key=lambda m: m.seq)
+    c.message(b"c", P.Ack(last.seq, last.token), None, 0.0)
     assert c.clients[key].live_tasks == 0
     c.message(b"c", P.Submit(2, 0, more, [b"x"] * 1000), None, 0.0)
     assert c.clients[key].rx.last == 2
@@ -382,7 +382,7 @@ def test_core_hello_again_does_not_send_unread_results_again():
     c.tick(now + core.STALE_SECONDS)
     c.message(b"c", P.Ping(1.0, 0), None, now + core.STALE_SECONDS)
     (deliver,) = [m for _, m in c.outbox if type(m) is P.Deliver]
-    c.message(b"c", P.Ack(deliver.seq), None, now + core.STALE_SECONDS)
+    c.message(b"c", P.Ack(deliver.seq, deliver.token), None, now + core.STALE_SECONDS)
     assert c.clients[key].live_tasks == 0 and not c.clients[key].stale
 
 
@@ -442,3 +442,158 @@ def test_core_away_clients_and_their_results_are_bounded_together():
     c.max_away_clients = 3
     c.tick(11.0)
     assert len(c.clients) == 3
+
+
+# -- acknowledgements a client cannot forge (issue 12) -------------------------------------
+
+
+def _delivers(c: core.BrokerCore, ident: bytes = b"c") -> list[P.Deliver]:
+    out = [m for i, m in c.outbox if i == ident and type(m) is P.Deliver]
+    c.outbox.clear()
+    return out
+
+
+def _unread_results(n: int, size: int) -> tuple[core.BrokerCore, int, list[P.Deliver]]:
+    """A core whose client ``b"c"`` has ``n`` results of ``size`` bytes (one DELIVER
+    frame each) and has read none; returns the core, the key and the frames sent."""
+    c = _core()
+    _slot(c)
+    key = _client(c, b"c")
+    base = key << P.ID_SHIFT
+    c.message(b"c", P.Submit(1, 0, list(range(base + 1, base + n + 1)), [b"t"] * n),
+              None, 0.0)
+    c.dispatch(0.0)
+    slot = c.peers[b"s"]
+    for i, tid in enumerate(list(slot.inflight)):  # one RESULTS frame (one DELIVER) each
+        c.message(b"s", P.Results(i + 2, 0, 100, 0, [tid], [bytes(size)]), None, 0.0)
+    return c, key, _delivers(c)
+
+
+def test_core_blind_acks_do_not_open_the_send_window():
+    """A client acknowledging frames it never read (seq numbers are guessable, tokens are
+    not) gets nothing more sent, and its results stay live; the right token opens the
+    window, once."""
+    c, key, sent = _unread_results(8, 2 << 20)
+    client = c.clients[key]
+    assert [m.seq for m in sent] == [1, 2]  # 4 MiB: SEND_WINDOW_BYTES
+    assert len({m.token for m in sent}) == 2 and all(len(m.token) == 8 for m in sent)
+    base = key << P.ID_SHIFT
+    forged = [P.Ack(10_000), P.Ack(2), P.Ack(2, b""), P.Ack(2, bytes(8)),
+              P.Ack(2, sent[0].token),  # frame 1's token does not acknowledge frame 2
+              P.Ack(3, sent[1].token), P.Ack(10_000, sent[1].token),
+              P.Ping(1.0, 2, b"guess"), P.Resend(2, bytes(8)),
+              P.Submit(2, 2, [base + 100], [b"t"], [], b"x" * 8),
+              P.Cancel(3, 2, [], bytes(8))]
+    for now, msg in enumerate(forged):
+        c.message(b"c", msg, None, float(now))
+        c.tick(float(now))
+    # (the RESEND sends frames 1 and 2 again, as a RESEND does: nothing past them)
+    assert [m.seq for m in _delivers(c)] == [1, 2]
+    assert client.tx.acked() == 0 and client.live_tasks == 9 and client.in_flight == 4 << 20
+    assert c.status(20.0)["unacknowledged_results"] == 8
+    # the real token of frame 2 acknowledges frames 1 and 2 and sends the next two
+    c.message(b"c", P.Ack(2, sent[1].token), None, 20.0)
+    assert [m.seq for m in _delivers(c)] == [3, 4]
+    assert client.tx.acked() == 2 and client.live_tasks == 7
+    # the same acknowledgement again (or blind ones after it) sends nothing more
+    for msg in (P.Ack(2, sent[1].token), P.Ack(4, sent[1].token), P.Ack(4)):
+        c.message(b"c", msg, None, 20.0)
+    assert not _delivers(c) and client.tx.acked() == 2
+
+
+def test_core_tokens_ride_on_every_message_that_acknowledges():
+    """ACK, PING, RESEND, SUBMIT and CANCEL each count with the frame's token."""
+    for make in (lambda d: P.Ack(d.seq, d.token), lambda d: P.Ping(1.0, d.seq, d.token),
+                 lambda d: P.Resend(d.seq, d.token),
+                 lambda d: P.Cancel(1, d.seq, [], d.token)):
+        c, key, sent = _unread_results(1, 100)
+        c.message(b"c", make(sent[0]), None, 5.0)
+        assert c.clients[key].tx.acked() == 1 and c.clients[key].live_tasks == 0, make
+    c, key, sent = _unread_results(1, 100)
+    base = key << P.ID_SHIFT
+    c.message(b"c", P.Submit(2, 1, [base + 50], [b"t"], [], sent[0].token), None, 5.0)
+    assert c.clients[key].tx.acked() == 1 and c.clients[key].live_tasks == 1
+
+
+def test_core_a_token_is_good_for_one_session_only():
+    """A client's stream is numbered from 1 again at each HELLO, so its tokens change
+    (a new secret): a token read in an earlier session acknowledges nothing."""
+    c, key, (first,) = _unread_results(1, 100)
+    c.message(b"c", P.hello(P.ROLE_CLIENT, {"name": "t", "key": key}), None, 2.0)
+    (again,) = _delivers(c)
+    assert again.seq == first.seq == 1 and again.token != first.token
+    c.message(b"c", P.Ack(1, first.token), None, 2.0)
+    assert c.clients[key].live_tasks == 1  # stale token: ignored
+    c.message(b"c", P.Ack(1, again.token), None, 2.0)
+    assert c.clients[key].live_tasks == 0
+
+
+def test_core_restart_from_the_journal_every_result_once(tmp_path):
+    """The secret is not journaled: a restarted broker makes new ones. A client that
+    read a result but whose acknowledgement died with the broker comes back (its ACK is
+    answered hello-required, not counted), registers again, gets the result again under
+    a new token (its session drops it: not pending any more) and acknowledges it with
+    that token; every result reaches the user once, and the journal ends empty."""
+    from zfalkon.clientcore import ClientSession
+    from zfalkon.journal import Journal, JournalRecorder
+
+    journal = Journal(str(tmp_path), "never")
+    c = core.BrokerCore(0.0, recorder=JournalRecorder(journal))
+    _slot(c)
+    pending: dict[int, bytes] = {}
+    session = ClientSession(0, "t", pending, {})
+    got: list[int] = []
+
+    def exchange(broker: core.BrokerCore, now: float) -> None:
+        for _ in range(10):
+            out, session.out = session.out, []
+            for msg in out:
+                broker.message(b"c", msg, None, now)
+            broker.dispatch(now)
+            slot = broker.peers.get(b"s")
+            if slot is not None and slot.inflight:
+                ids = list(slot.inflight)
+                broker.message(b"s", P.Results(slot.rx.last + 1, 0, 100, 0, ids,
+                                               [b"r%d" % t for t in ids]), None, now)
+            inbox, broker.outbox = [m for i, m in broker.outbox if i == b"c"], []
+            for msg in inbox:
+                d = session.receive(msg, now)
+                for tid in d.ids if d else ():
+                    if pending.pop(tid, None) is not None:
+                        got.append(tid)
+            journal.flush(now)
+            if not session.out:
+                return
+
+    session.hello(0.0)
+    exchange(c, 0.0)
+    ids = [(session.key << P.ID_SHIFT) + i for i in range(1, 6)]
+    pending.update((t, b"t") for t in ids)
+    session.out.append(session.submit(ids[:3], [b"t"] * 3))
+    exchange(c, 0.1)  # three results read, their acknowledgement not sent yet
+    assert sorted(got) == ids[:3] and session.rx.last > session.told
+    c.tick(0.2 + core.QUIET_SECONDS)  # the client falls silent: its results are HELD
+    journal.flush(0.2 + core.QUIET_SECONDS)
+    journal.close()  # kill -9: the client's next SUBMIT (with its ack) reaches no one
+    session.out.append(session.submit(ids[3:], [b"t"] * 2))
+    assert session.out[-1].ack > 0 and session.out[-1].token
+
+    journal = Journal(str(tmp_path), "never")
+    c = core.BrokerCore(1.0, recorder=JournalRecorder(journal))
+    c.restore(journal.replay(), 1.0)
+    assert set(ids[:3]) <= c.live and len(c.clients[session.key].tx) >= 1  # held again
+    _slot(c)
+    # the SUBMIT (acknowledging frame 3 with the old session's token) meets a broker
+    # that does not know it: hello-required, HELLO, the held results again under new
+    # tokens (not pending: dropped, but acknowledged), WELCOME, the pending tasks again
+    exchange(c, 1.0)
+    for now in (2.0, 3.0):
+        session.tick(now, waiting=bool(pending))
+        exchange(c, now)
+    session.ack()
+    exchange(c, 4.0)
+    assert sorted(got) == ids and len(got) == len(set(got))
+    assert not c.live and not pending
+    journal.close()
+    replayed = Journal(str(tmp_path), "never").replay()
+    assert not replayed.tasks and not replayed.held

@@ -21,8 +21,8 @@ EXAMPLES = {
     P.Submit: P.Submit(1, 0, [1, 2, 3], [b"a", b"", b"\x00\xff"], ["s3://b/k", "", ""]),
     P.Tasks: P.Tasks(3, 2, [(5 << P.ID_SHIFT) + 1], [b"blob"], [(5 << P.ID_SHIFT) + 7]),
     P.Results: P.Results(4, 3, 10, 1, [4, 5], [b"r4", b"r5"]),
-    P.Deliver: P.Deliver(2, 1, "host-1/0", [9], [b"res"]),
-    P.Cancel: P.Cancel(2, 0, [1, 2], P.CANCEL_IF_QUEUED),
+    P.Deliver: P.Deliver(2, 1, "host-1/0", [9], [b"res"], b"\x01" * 8),
+    P.Cancel: P.Cancel(2, 0, [1, 2], b"\x02" * 8, P.CANCEL_IF_QUEUED),
     P.StatusRequest: P.StatusRequest(),
     P.Status: P.Status({"version": "0.1.0", "worker_list": [{"name": "w"}], "rate": 1.5}),
     P.Heartbeat: P.Heartbeat([b"\x00slot-1", b"\x00slot-2"]),
@@ -32,7 +32,7 @@ EXAMPLES = {
     P.Pong: P.Pong(12.5, 3, 4),
     P.Drain: P.Drain("stopping"),
     P.Holding: P.Holding(["s3://bucket/key"]),
-    P.Ack: P.Ack(7),
+    P.Ack: P.Ack(7, b"t" * 8),
     P.Resend: P.Resend(3),
     P.Started: P.Started([7, 8]),
 }
@@ -72,7 +72,7 @@ def test_round_trip(cls):
     P.Tasks(1, 0, [], [], []),
     P.Cancel(1, 0, []),
     P.Results(1, 0, 5, 0, [], []),  # a RESULTS with no ids: just the window
-    P.Deliver(1, 0, "w", [], []),
+    P.Deliver(1, 0, "w", [], [], b""),
     P.Heartbeat([]),
     P.Holding([]),
 ], ids=lambda m: type(m).__name__)
@@ -93,13 +93,27 @@ def test_results_window_round_trip(window):
                                                [b"ok", b"err"]]
 
 
-@pytest.mark.parametrize("msg", [P.Ack(0), P.Ack(1), P.Ack(2**40), P.Resend(0), P.Resend(1),
-                                 P.Resend(2**40)], ids=repr)
+@pytest.mark.parametrize("msg", [P.Ack(0), P.Ack(1, b"t" * 8), P.Ack(2**40), P.Resend(0),
+                                 P.Resend(1, b"t" * 8), P.Resend(2**40)], ids=repr)
 def test_ack_and_resend_round_trip(msg):
     frame = P.encode(msg)
-    assert msgpack.unpackb(frame) == [P.TAGS[type(msg)], msg.ack]
+    assert msgpack.unpackb(frame) == [P.TAGS[type(msg)], msg.ack, msg.token]
     out = P.decode(frame)
     assert type(out) is type(msg) and out == msg
+
+
+@pytest.mark.parametrize("cls", [P.Ack, P.Resend])
+def test_ack_token_may_be_left_out_and_must_be_bytes(cls):
+    """A slot sends ACK and RESEND without a token (b""); a token that is not bin is
+    malformed."""
+    assert P.decode(msgpack.packb([P.TAGS[cls], 3])) == cls(3, b"")
+    with pytest.raises(ProtocolError):
+        P.decode(msgpack.packb([P.TAGS[cls], 3, "not bytes"]))
+
+
+def test_deliver_requires_its_token():
+    with pytest.raises(ProtocolError):
+        P.decode(msgpack.packb([P.TAGS[P.Deliver], 1, 0, "w", [1], [b"x"]]))
 
 
 def test_stream_fields_come_first():
@@ -243,13 +257,13 @@ def test_malformed_message_names_the_problem():
     assert P.decode(msgpack.packb([T[P.Submit], 1, 0, [1], [b"x"]])) == P.Submit(1, 0, [1],
                                                                                  [b"x"], [])
     exc = _decode_error(msgpack.packb([T[P.Submit], 1, 0, [1]]))
-    assert "3 fields, expected 5" in str(exc)
+    assert "3 fields, expected 6" in str(exc)
     exc = _decode_error(msgpack.packb([T[P.Submit], 1, 0, [1, 2], [b"x"], []]))
     assert "2 ids" in str(exc) and "1 blobs" in str(exc)
     exc = _decode_error(msgpack.packb([T[P.Submit], 1, 0, [1, 2], [b"x", b"y"], ["h"]]))
     assert "2 ids" in str(exc) and "1 hints" in str(exc)
-    exc = _decode_error(msgpack.packb([T[P.Ack], 1, 2]))
-    assert "2 fields" in str(exc) and "expected 1" in str(exc)
+    exc = _decode_error(msgpack.packb([T[P.Ack], 1, b"t", 2]))
+    assert "3 fields" in str(exc) and "expected 2" in str(exc)
 
 
 def test_timestamp_extension_is_refused():
@@ -329,8 +343,8 @@ def test_same_version_wrong_shape_is_malformed_not_mismatch():
 
 def test_check_version():
     P.check_version(PROTOCOL_VERSION, __version__)  # no error
-    with pytest.raises(VersionMismatch, match="protocol 3"):
-        P.check_version(3, "x")
+    with pytest.raises(VersionMismatch, match="protocol 2"):
+        P.check_version(2, "x")  # (protocol 2: acknowledgements without tokens)
 
 
 def test_protocol_error_default_code():

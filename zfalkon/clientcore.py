@@ -1,10 +1,11 @@
 """A client's side of its session with the broker, without sockets, threads or clocks.
 
 :class:`ClientSession` numbers and keeps the client's SUBMIT and CANCEL frames until the
-broker acknowledges them, accepts DELIVER frames in order and once, acknowledges them,
-sends again what the broker lacks (after RESEND, or a PONG proving a replaced
-connection), asks for what it lacks, and registers again (with its key) when the broker
-no longer knows it, submitting every pending task again after WELCOME. The rules are the
+broker acknowledges them, accepts DELIVER frames in order and once, acknowledges them
+(each ``ack`` with that frame's token), sends again what the broker lacks (after RESEND,
+or a PONG proving a replaced connection), asks for what it lacks, and registers again
+(with its key) when the broker no longer knows it, submitting every pending task again
+after WELCOME. The rules are the
 ones in ``docs/protocol.md`` ("Sessions and streams").
 
 The :class:`~zfalkon.client.Executor` drives one under its lock and sends
@@ -52,6 +53,9 @@ class ClientSession:
         self.hints = hints  # data hints of pending tasks that have one (the owner's)
         self.tx: Outbound[tuple[int, list[int]]] = Outbound()  # SUBMIT/CANCEL: (kind, ids)
         self.rx = Inbound()  # DELIVER
+        #: The token of DELIVER ``rx.last``, sent with every ``ack`` of it (the broker
+        #: counts an acknowledgement only with the acknowledged frame's token)
+        self.token = b""
         self.told = 0  # the last DELIVER seq the broker was told we have
         self._unacked_bytes = 0  # result bytes received since the last ACK
         self.out: list[P.Message] = []  #: messages to send, in order
@@ -73,7 +77,7 @@ class ClientSession:
         self.told, self._unacked_bytes = self.rx.last, 0
         hints = self.hints
         return P.Submit(seq, self.rx.last, ids, blobs,
-                        [hints.get(t, "") for t in ids] if hints else [])
+                        [hints.get(t, "") for t in ids] if hints else [], self.token)
 
     def unsubmit(self) -> None:
         """The frame just made was not sent after all (it goes out later, renumbered)."""
@@ -84,7 +88,7 @@ class ClientSession:
         """The next CANCEL frame (kept until acknowledged)."""
         seq = self.tx.push((CANCEL if mode == P.CANCEL_DROP else CANCEL_EXACT, ids))
         self.told, self._unacked_bytes = self.rx.last, 0
-        return P.Cancel(seq, self.rx.last, ids, mode)
+        return P.Cancel(seq, self.rx.last, ids, self.token, mode)
 
     def chunks(self, ids: list[int], blobs: list[bytes]) -> Iterator[P.Submit]:
         """SUBMIT frames for these tasks, each within MAX_BATCH and FRAME_SOFT_BYTES."""
@@ -103,6 +107,7 @@ class ClientSession:
         self._hello_at = now
         self.rx.reset()
         self.tx.reset()
+        self.token = b""
         self.told = 0
         info: dict = {"name": self.name}
         if self.key:
@@ -120,12 +125,13 @@ class ClientSession:
             self._ack(msg.ack)
             verdict = self.rx.accept(msg.seq)
             if verdict == ACCEPT:
+                self.token = msg.token
                 self._unacked_bytes += sum(map(len, msg.blobs))
                 if self._unacked_bytes >= ACK_BYTES:
                     self.ack()
                 return msg
             if verdict == GAP and self.rx.should_ask():
-                self.out.append(P.Resend(self.rx.last))
+                self.out.append(P.Resend(self.rx.last, self.token))
         elif isinstance(msg, P.Ack):
             self._ack(msg.ack)
         elif isinstance(msg, P.Pong):
@@ -171,9 +177,11 @@ class ClientSession:
             if kind == SUBMIT:
                 ids = [t for t in ids if t in blobs]
                 self.out.append(P.Submit(seq, self.rx.last, ids, [blobs[t] for t in ids],
-                                         [hints.get(t, "") for t in ids] if hints else []))
+                                         [hints.get(t, "") for t in ids] if hints else [],
+                                         self.token))
             else:
-                self.out.append(P.Cancel(seq, self.rx.last, ids, P.CANCEL_DROP if kind == CANCEL
+                self.out.append(P.Cancel(seq, self.rx.last, ids, self.token,
+                                         P.CANCEL_DROP if kind == CANCEL
                                          else P.CANCEL_IF_QUEUED))
         self.told, self._unacked_bytes = self.rx.last, 0
 
@@ -189,7 +197,7 @@ class ClientSession:
                             "again", len(self.tx))
                 self._resend_after(msg.ack)
         if self.rx.last < msg.seq:
-            self.out.append(P.Resend(self.rx.last))
+            self.out.append(P.Resend(self.rx.last, self.token))
 
     # -- time --------------------------------------------------------------------------
 
@@ -201,7 +209,7 @@ class ClientSession:
                 self.hello(now)
         elif now >= self.next_ping and (waiting or self.tx.unacked):
             self._pings.sent(now, self.tx.seq)
-            self.out.append(P.Ping(now, self.rx.last))
+            self.out.append(P.Ping(now, self.rx.last, self.token))
             self.told, self._unacked_bytes = self.rx.last, 0
             self.next_ping = now + PING_SECONDS
         elif self.rx.last - self.told >= ACK_EVERY:
@@ -212,4 +220,4 @@ class ClientSession:
         self._unacked_bytes = 0
         if self.rx.last != self.told:
             self.told = self.rx.last
-            self.out.append(P.Ack(self.rx.last))
+            self.out.append(P.Ack(self.rx.last, self.token))

@@ -6,7 +6,7 @@ to these names.
 
 #: Wire protocol version. Peers must speak the same protocol version; the package version
 #: is informational only (a 0.1.3 worker serves a 0.1.4 broker if the protocol matches).
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: TCP port the broker listens on when ``--listen`` gives none.
 DEFAULT_PORT = 7450

@@ -35,7 +35,10 @@ Delivery rules (``docs/protocol.md``, section 6, states them as MUST rules):
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -194,6 +197,16 @@ class Client:
     live_tasks: int = 0  # its tasks in BrokerCore.live
     task_bytes: int = 0  # their blobs and hints (approximately, once some finish)
     hinted: int = 0  # those with a data hint (approximately)
+    #: The key of its session's acknowledgement tokens (:func:`ack_token`): new at each
+    #: HELLO (its stream's numbers start again from 1), never sent, never journaled.
+    secret: bytes = field(default_factory=lambda: os.urandom(16))
+
+
+def ack_token(secret: bytes, seq: int) -> bytes:
+    """The token of DELIVER ``seq`` in a client session keyed by ``secret``: a keyed hash
+    of the number, so the broker keeps nothing per frame, and a client that has not read
+    the frame cannot acknowledge it (it would have to guess 64 bits)."""
+    return hashlib.blake2b(seq.to_bytes(8, "little"), digest_size=8, key=secret).digest()
 
 
 @dataclass(eq=False)
@@ -632,6 +645,7 @@ class BrokerCore:
         stale = record.in_flight + record.stale
         record.rx.reset()
         record.tx.reset()
+        record.secret = os.urandom(16)  # (numbers start again: so do tokens)
         record.told = record.sent = record.in_flight = record.journaled = 0
         if stale:
             record.stale, record.stale_at = stale, now
@@ -658,9 +672,9 @@ class BrokerCore:
 
     # -- clients -----------------------------------------------------------------------
 
-    def _stream_in(self, peer: Client | Slot, seq: int, ack: int) -> bool:
+    def _stream_in(self, peer: Client | Slot, seq: int, ack: int, token: bytes = b"") -> bool:
         """A stream frame arrived: True if it is the next one (process it)."""
-        self._peer_has(peer, ack)
+        self._peer_has(peer, ack, token)
         verdict = peer.rx.accept(seq)
         if verdict == ACCEPT:
             if seq - peer.told >= _ACK_EVERY:  # far behind: acknowledge now
@@ -685,7 +699,7 @@ class BrokerCore:
     def _refuse_submit(self, client: Client, msg: P.Submit, now: float) -> None:
         """New tasks cannot be taken (:attr:`submits_refused`): the frame is dropped, not
         acknowledged; the client is told at most once per RESEND_SECONDS."""
-        self._peer_has(client, msg.ack)
+        self._peer_has(client, msg.ack, msg.token)
         if now - client.refused_at >= RESEND_SECONDS:
             client.refused_at = now
             self.outbox.append((client.ident, P.Error(
@@ -697,7 +711,7 @@ class BrokerCore:
             return
         if msg.seq == client.rx.last + 1 and msg.ids and self._over_limit(client, msg, now):
             return
-        if not self._stream_in(client, msg.seq, msg.ack):
+        if not self._stream_in(client, msg.seq, msg.ack, msg.token):
             return
         ids = msg.ids
         if not ids:
@@ -774,7 +788,7 @@ class BrokerCore:
         if n <= self.max_client_tasks and size <= self.max_client_bytes and \
                 hinted <= self.max_client_hinted:
             return False
-        self._peer_has(client, msg.ack)
+        self._peer_has(client, msg.ack, msg.token)
         if now - client.refused_at >= RESEND_SECONDS:
             client.refused_at = now
             self.refused["limit"] += 1
@@ -796,7 +810,7 @@ class BrokerCore:
             client.live_tasks = live - n
 
     def _on_cancel(self, client: Client, msg: P.Cancel, now: float) -> None:
-        if self._stream_in(client, msg.seq, msg.ack):
+        if self._stream_in(client, msg.seq, msg.ack, msg.token):
             key, live, cancelled = client.key, self.live, self.cancelled
             ids = [t for t in msg.ids
                    if t >> P.ID_SHIFT == key and t in live and t not in cancelled]
@@ -857,22 +871,30 @@ class BrokerCore:
                     self.outbox.append((client.ident, P.Started(ids[i:i + MAX_BATCH])))
 
     def _on_ack(self, peer: Client | Slot, msg: P.Ack, now: float) -> None:
-        self._peer_has(peer, msg.ack)
+        self._peer_has(peer, msg.ack, msg.token)
 
-    def _peer_has(self, peer: Client | Slot, ack: int) -> None:
+    def _peer_has(self, peer: Client | Slot, ack: int, token: bytes) -> None:
         """The peer has our stream up to ``ack``: forget it (a client's results are then
-        done for good)."""
+        done for good, if ``token`` proves it)."""
         if type(peer) is Client:
-            self._acked(peer, ack)
+            self._acked(peer, ack, token)
         else:
             peer.tx.ack(ack)
 
-    def _acked(self, client: Client, ack: int) -> None:
-        """The client has its results up to frame ``ack``: they are done for good. (An
-        ack past the last frame sent to it is a lie, or stale: it counts up to that.)"""
-        ack = min(ack, client.sent)
+    def _acked(self, client: Client, ack: int, token: bytes) -> None:
+        """The client has its results up to frame ``ack``: they are done for good, if
+        ``token`` is that frame's (:func:`ack_token`). Otherwise (a forged or blind
+        acknowledgement, one past the last frame sent, or one from an earlier session)
+        it counts for nothing: a client that does not read cannot open its window again.
+        One hash per acknowledgement that would move, none per task."""
         unacked = client.tx.unacked
-        if unacked and unacked[0][0] <= ack:
+        if unacked and unacked[0][0] <= ack <= client.sent:
+            if not hmac.compare_digest(token, ack_token(client.secret, ack)):
+                if not self.refused["bad-ack"]:
+                    log.warning("client %d acknowledged frame %d with a wrong token "
+                                "(ignored)", client.key, ack)
+                self.refused["bad-ack"] += 1
+                return
             done: list[int] = []
             for seq, (_, ids, blobs) in unacked:
                 if seq > ack:
@@ -903,16 +925,17 @@ class BrokerCore:
         at most once per RESEND_SECONDS (a peer that asks again without reading must not
         make the broker copy its stream into the socket's buffers without bound)."""
         if now - peer.resent_at < RESEND_SECONDS:
-            self._peer_has(peer, msg.ack)
+            self._peer_has(peer, msg.ack, msg.token)
             return
         peer.resent_at = now
         if type(peer) is Client:
-            self._acked(peer, msg.ack)
+            self._acked(peer, msg.ack, msg.token)
+            secret = peer.secret
             for seq, (worker, ids, blobs) in peer.tx.unacked:
                 if seq > peer.sent:
                     break
-                self.outbox.append(
-                    (peer.ident, P.Deliver(seq, peer.rx.last, worker, ids, blobs)))
+                self.outbox.append((peer.ident, P.Deliver(
+                    seq, peer.rx.last, worker, ids, blobs, ack_token(secret, seq))))
             self._send_unsent(peer)
         else:
             assert type(peer) is Slot
@@ -953,6 +976,7 @@ class BrokerCore:
             return
         rx_last = client.rx.last
         stale = client.stale
+        secret = client.secret
         for i in range(max(0, client.sent + 1 - unacked[0][0]), len(unacked)):
             seq, (worker, ids, blobs) = unacked[i]
             size = 0 if blobs[0] is _DROPPED else sum(map(len, blobs))
@@ -961,7 +985,8 @@ class BrokerCore:
                 break
             client.in_flight += size
             client.sent = seq
-            self.outbox.append((client.ident, P.Deliver(seq, rx_last, worker, ids, blobs)))
+            self.outbox.append((client.ident, P.Deliver(seq, rx_last, worker, ids, blobs,
+                                                        ack_token(secret, seq))))
         client.told = rx_last
         self._owed.pop(client, None)
 
@@ -1349,7 +1374,7 @@ class BrokerCore:
         if isinstance(peer, Worker):
             ack = seq = 0
         else:
-            self._peer_has(peer, msg.ack)
+            self._peer_has(peer, msg.ack, msg.token)
             ack = peer.rx.last  # (and the last frame sent, not one waiting to be)
             seq = peer.sent if type(peer) is Client else peer.tx.seq
         self.outbox.append((peer.ident, P.Pong(msg.sent, ack, seq)))

@@ -67,7 +67,7 @@ class Submit(NamedTuple):
     ``seq``: this frame's number in the client's stream; ``ack``: the last DELIVER seq the
     client has (see :mod:`zfalkon.stream`). ``hints``: empty, or one data key per task
     (``""`` for none): the S3 input the broker's data-aware dispatch sends the task
-    towards (see HOLDING).
+    towards (see HOLDING). ``token``: the token of DELIVER ``ack`` (see :class:`Ack`).
     """
 
     seq: int
@@ -75,6 +75,7 @@ class Submit(NamedTuple):
     ids: list[int]
     blobs: list[bytes]
     hints: list[str] = []
+    token: bytes = b""
 
 
 class Tasks(NamedTuple):
@@ -108,13 +109,18 @@ class Results(NamedTuple):
 
 
 class Deliver(NamedTuple):
-    """Broker -> client (stream): results of its tasks, all run by ``worker``."""
+    """Broker -> client (stream): results of its tasks, all run by ``worker``.
+
+    ``token``: this frame's acknowledgement token, which the client sends back with any
+    ``ack`` of this ``seq`` (see :class:`Ack`): only a client that read the frame has it.
+    """
 
     seq: int
     ack: int
     worker: str
     ids: list[int]
     blobs: list[bytes]
+    token: bytes
 
 
 #: CANCEL modes. DROP: the client no longer wants these tasks (queued ones are skipped,
@@ -125,11 +131,13 @@ CANCEL_DROP, CANCEL_IF_QUEUED = 0, 1
 
 
 class Cancel(NamedTuple):
-    """Client -> broker (stream): cancel these tasks, as ``mode`` says (CANCEL_*)."""
+    """Client -> broker (stream): cancel these tasks, as ``mode`` says (CANCEL_*).
+    ``token``: the token of DELIVER ``ack`` (see :class:`Ack`)."""
 
     seq: int
     ack: int
     ids: list[int]
+    token: bytes = b""
     mode: int = CANCEL_DROP
 
 
@@ -180,10 +188,12 @@ class SlotLost(NamedTuple):
 
 class Ping(NamedTuple):
     """Any registered peer -> broker: answer with PONG at once. ``sent``: the peer's clock;
-    ``ack``: the last frame of the broker's stream the peer has (0 without a stream)."""
+    ``ack``: the last frame of the broker's stream the peer has (0 without a stream);
+    ``token``: a client's token of DELIVER ``ack`` (see :class:`Ack`)."""
 
     sent: float
     ack: int = 0
+    token: bytes = b""
 
 
 class Pong(NamedTuple):
@@ -210,16 +220,26 @@ class Drain(NamedTuple):
 
 
 class Ack(NamedTuple):
-    """Either way: I have every frame of your stream up to ``ack``; forget them."""
+    """Either way: I have every frame of your stream up to ``ack``; forget them.
+
+    ``token``: from a client, the ``token`` of the DELIVER numbered ``ack`` (b"" when
+    ``ack`` is 0). The broker counts a client's acknowledgement only if its token is that
+    frame's: sequence numbers are predictable, tokens are not (a keyed hash of ``seq``
+    under a secret of the client's session), so a client cannot acknowledge results it
+    has not read. Slots and the broker send none (b"").
+    """
 
     ack: int
+    token: bytes = b""
 
 
 class Resend(NamedTuple):
     """Either way: I have your stream up to ``ack`` and missed what follows (a gap, or a
-    replaced connection): send every frame after ``ack`` again."""
+    replaced connection): send every frame after ``ack`` again. ``token``: as for
+    :class:`Ack`."""
 
     ack: int
+    token: bytes = b""
 
 
 Message = Union[
