@@ -155,3 +155,14 @@ def make_path(text):
     import pathlib
 
     return pathlib.Path(text)
+
+
+def mark_then_sleep(directory, i, seconds):
+    """Leave a file named ``i`` in ``directory`` (the proof that the task ran), then sleep."""
+    import os
+    import time
+
+    with open(os.path.join(directory, str(i)), "w"):
+        pass
+    time.sleep(seconds)
+    return i
