@@ -1,6 +1,6 @@
 """Break attempt: a client that reads slowly (each done-callback sleeps 50 ms) receiving 200
 results of 1 MiB each. Every result must arrive intact, none replaced by ResultDropped, and
-the broker's ``dropped_results`` must stay 0. Figures in /tmp/brk/slowreader.txt."""
+the broker's ``dropped_results`` must stay 0. Figures printed (run with -s)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_slow_reader_gets_every_mib_result():
             errors = [type(f.exception()).__name__ for f in futs if f.done() and f.exception()]
             bad = sum(1 for f in futs if f.done() and not f.exception()
                       and f.result() != bytes(SIZE))
-            with open("/tmp/brk/slowreader.txt", "a") as out:
-                out.write(f"callbacks={len(seen)}/{N} took={took:.1f}s errors={errors[:3]}"
+            if True:  # (figures: run with -s)
+                print(f"callbacks={len(seen)}/{N} took={took:.1f}s errors={errors[:3]}"
                           f"({len(errors)}) wrong={bad} dropped_results={s['dropped_results']}"
                           f" parked_max={most_parked} parked_end={s['parked']}"
                           f" done={s['done']}\n")
