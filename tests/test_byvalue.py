@@ -174,3 +174,21 @@ def test_a_function_needing_a_module_the_worker_lacks_names_the_module(cluster, 
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("zf_client_only_mod", None)
+
+
+def test_a_function_that_cannot_be_loaded_names_the_packages_whose_versions_differ():
+    """Environment skew (issue 13): the error names each package the function refers to
+    whose version differs on the worker, with both versions."""
+    from zfalkon.execute import Runner
+
+    spec = payload.function_spec(lambda: np.zeros(1), "value")
+    assert spec.env[2] == {"numpy": np.__version__}
+    import dataclasses
+
+    broken = dataclasses.replace(spec, blob=spec.blob[:-5], digest=b"x" * 16,
+                                 env=[spec.env[0], spec.env[1], {"numpy": "0.0.1"}])
+    blob, failed = Runner().run(payload.python_task(broken, (), {}))
+    fields = payload.unpack(blob)
+    assert failed and fields[0] == payload.RESULT_ERROR
+    assert f"numpy 0.0.1 on the client, {np.__version__} here" in fields[2]
+    assert "cannot be loaded on this worker" in fields[2]

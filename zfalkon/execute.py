@@ -36,6 +36,22 @@ def _type_name(exc: BaseException) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _version_skew(theirs: dict) -> str:
+    """``"; numpy 2.1 on the client, 1.26 here; ..."`` for the packages whose versions
+    differ between the client (``theirs``) and this worker."""
+    import importlib.metadata as metadata
+
+    notes = []
+    for package, version in list(theirs.items())[:32]:
+        try:
+            ours = metadata.version(str(package))
+        except (metadata.PackageNotFoundError, ValueError):
+            ours = "not installed"
+        if ours != version:
+            notes.append(f"{_short(package)} {_short(version)} on the client, {ours} here")
+    return "; " + "; ".join(notes) if notes else ""
+
+
 def _short(value: object) -> str:
     text = str(value)
     return text if len(text) <= 200 else text[:200] + "..."
@@ -147,8 +163,10 @@ class Runner:
                 ours = f"Python {platform.python_version()}, no cloudpickle"
             missing = (f"; module {exc.name!r} is not installed on this worker"
                        if isinstance(exc, ModuleNotFoundError) else "")
+            skew = _version_skew(env[2] if len(env) > 2 and isinstance(env[2], dict) else {})
             raise type(exc)(f"the function sent by value cannot be loaded on this worker: "
-                            f"{exc}{missing} (client: {theirs}; worker: {ours})") from None
+                            f"{exc}{missing} (client: {theirs}; worker: {ours}{skew})"
+                            ) from None
         if not callable(fn):
             raise TypeError("the function sent by value is not callable")
         cache[digest] = fn

@@ -8,8 +8,8 @@ task, Python callable      ``[0, "module:qualname", args]``, or ``[..., kwargs]`
 by reference               or ``[..., kwargs, flags]`` if it has flags
 task, Python callable      ``[2, digest, function, env, args, kwargs, flags]``: a
 by value                   cloudpickle of the function, its BLAKE2b-128 digest (a worker
-                           loads each digest once), the client's ``[python, cloudpickle]``
-                           versions
+                           loads each digest once), the client's ``[python, cloudpickle,
+                           {package: version}]`` versions
 task, shell command        ``[1, command (str: through /bin/sh; list: argv), env, cwd,
                            timeout]``, plus ``[inputs, outputs]`` when it stages files
                            (see :mod:`zfalkon.staging`)
@@ -149,14 +149,17 @@ def callable_ref(fn: Callable[..., Any] | str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Function:
-    """A callable sent by value: its cloudpickle and that pickle's digest."""
+    """A callable sent by value: its cloudpickle, that pickle's digest, and the client's
+    ``[python version, cloudpickle version, {installed package: version}]`` for the
+    packages it refers to (a worker that cannot load it names what differs)."""
 
     name: str
     blob: bytes
     digest: bytes
+    env: list = dataclasses.field(default_factory=list)
 
 
-_ENV = [platform.python_version(), ""]  # (the cloudpickle version, once it is imported)
+_distributions: Mapping[str, list[str]] | None = None  # top-level module -> distributions
 # How recently submitted callables travel (a callable is pickled when first submitted:
 # redefine or reload it to send a new version, as with Dask).
 _specs: dict[tuple[Any, str], "str | Function"] = {}
@@ -244,7 +247,6 @@ def _is_installed(module: Any) -> bool:
 def _by_value(fn: Any) -> Function:
     import cloudpickle
 
-    _ENV[1] = cloudpickle.__version__
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     module = getattr(fn, "__module__", None)
     top = sys.modules.get(module.partition(".")[0]) if isinstance(module, str) else None
@@ -260,7 +262,68 @@ def _by_value(fn: Any) -> Function:
         finally:
             if register:
                 cloudpickle.unregister_pickle_by_value(top)
-    return Function(f"{module}:{name}", blob, hashlib.blake2b(blob, digest_size=16).digest())
+    env = [platform.python_version(), cloudpickle.__version__, _package_versions(fn)]
+    return Function(f"{module}:{name}", blob, hashlib.blake2b(blob, digest_size=16).digest(),
+                    env)
+
+
+def _package_versions(fn: Any) -> dict[str, str]:
+    """The installed packages ``fn`` refers to (through its globals, closure, defaults and
+    nested code), with their versions: what a worker must have alike to load it."""
+    global _distributions
+    tops: set[str] = set()
+    seen: set[int] = set()
+
+    def note(value: Any) -> None:
+        module = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(module, str):
+            tops.add(module.partition(".")[0])
+
+    def walk(obj: Any, depth: int = 0) -> None:
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        target = getattr(obj, "func", obj)  # (functools.partial)
+        target = getattr(target, "__func__", target)  # (a bound method)
+        code = getattr(target, "__code__", None)
+        if code is None:
+            note(target)
+            return
+        globs = getattr(target, "__globals__", {})
+        codes = [code]
+        while codes:
+            c = codes.pop()
+            for name in c.co_names:
+                if name in globs:
+                    value = globs[name]
+                    note(value)
+                    if inspect.isfunction(value):
+                        walk(value, depth + 1)
+            codes.extend(k for k in c.co_consts if inspect.iscode(k))
+        for cell in getattr(target, "__closure__", None) or ():
+            try:
+                note(cell.cell_contents)
+            except ValueError:  # (an empty cell)
+                pass
+        for value in getattr(target, "__defaults__", None) or ():
+            note(value)
+
+    walk(fn)
+    tops -= set(sys.stdlib_module_names) | {"builtins", "__main__", "zfalkon", "cloudpickle"}
+    if not tops:
+        return {}
+    import importlib.metadata as metadata
+
+    if _distributions is None:
+        _distributions = metadata.packages_distributions()
+    versions: dict[str, str] = {}
+    for top in sorted(tops):
+        for dist in _distributions.get(top, [])[:1]:
+            try:
+                versions[top] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+    return versions
 
 
 def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, Any],
@@ -280,7 +343,7 @@ def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, 
                 return values.pack([TASK_PYTHON, fn, list(args)])
         else:
             assert isinstance(fn, Function)
-            task = [TASK_FUNCTION, fn.digest, fn.blob, _ENV, list(args), kwargs or {}, flags]
+            task = [TASK_FUNCTION, fn.digest, fn.blob, fn.env, list(args), kwargs or {}, flags]
         return values.pack(task, bool(flags & FLAG_PICKLE))
     except (TypeError, ValueError, OverflowError) as exc:
         name = fn if type(fn) is str else fn.name  # type: ignore[union-attr]
