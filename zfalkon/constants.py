@@ -11,16 +11,18 @@ PROTOCOL_VERSION = 3
 #: TCP port the broker listens on when ``--listen`` gives none.
 DEFAULT_PORT = 7450
 
-#: Largest frame the broker accepts (ZMQ_MAXMSGSIZE); a larger one drops the peer.
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: Largest frame the broker accepts (ZMQ_MAXMSGSIZE); a larger one drops the peer. Room
+#: for one task or result of MAX_TASK_BYTES with its frame's fields.
+MAX_FRAME_BYTES = 136 * 1024 * 1024
 
 #: A batch frame (SUBMIT, TASKS, RESULTS) is closed once its blobs pass this many bytes.
 FRAME_SOFT_BYTES = 8 * 1024 * 1024
 
 #: Largest task blob a client may submit, and largest result a slot returns (a larger
-#: result becomes a SerializationError result).
-MAX_TASK_BYTES = 16 * 1024 * 1024
-MAX_RESULT_BYTES = 16 * 1024 * 1024
+#: result becomes a SerializationError result): a 100 MiB numpy array fits. (Bigger data
+#: belongs in files: ``inputs=``/``outputs=``, staged from S3 or a shared path.)
+MAX_TASK_BYTES = 128 * 1024 * 1024
+MAX_RESULT_BYTES = 128 * 1024 * 1024
 
 #: Most tasks the broker puts in one frame to a worker slot, and a client in one frame to
 #: the broker.
