@@ -141,8 +141,8 @@ class TaskFuture(cf.Future):
         return super().exception(self._executor._drive(self, timeout))
 
     def running(self) -> bool:
-        """True once a slot has the task (the broker says so within about a second, and
-        at once in answer to :meth:`cancel`), until it is done."""
+        """True once a slot has the task (the broker says so 1 to 2 s after, on its tick,
+        and at once in answer to :meth:`cancel`), until it is done."""
         return not self.done() and self.task_id in self._executor._started
 
     def cancel(self) -> bool:

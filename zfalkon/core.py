@@ -299,6 +299,7 @@ class BrokerCore:
         self.maybe_ran: set[int] = set()
         self.restored_max: dict[int, int] = {}
         self.announced: set[int] = set()  # running tasks their client was told of (STARTED)
+        self._held_last_tick: set[int] = set()  # what slots held at the last tick
         #: Client key -> its queued tasks set aside while it is far behind reading.
         self.parked: dict[int, tuple[list[int], list[bytes]]] = {}
         self.parked_count = 0
@@ -508,7 +509,7 @@ class BrokerCore:
                 away.append(client)
         if away:
             self._bound_away(away)
-        if self.running:
+        if self.running or self._held_last_tick:
             self._announce()
         for peer in self._owed:
             self._send_ack(peer)
@@ -854,16 +855,21 @@ class BrokerCore:
         return held
 
     def _announce(self) -> None:
-        """Tell each listening client which of its tasks slots hold (STARTED), once."""
-        announced = self.announced
-        by_key: dict[int, list[int]] = {}
-        shift = P.ID_SHIFT
+        """Tell each listening client which of its tasks slots have held for a whole tick
+        (STARTED), once: short tasks, done within the tick, cost no message."""
+        held: set[int] = set()
         for worker in self.workers.values():
             for slot in worker.slots.values():
-                for tid in slot.inflight:
-                    if tid not in announced:
-                        announced.add(tid)
-                        by_key.setdefault(tid >> shift, []).append(tid)
+                held.update(slot.inflight)
+        due = (held & self._held_last_tick) - self.announced
+        self._held_last_tick = held
+        if not due:
+            return
+        self.announced |= due
+        by_key: dict[int, list[int]] = {}
+        shift = P.ID_SHIFT
+        for tid in sorted(due):
+            by_key.setdefault(tid >> shift, []).append(tid)
         for key, ids in by_key.items():
             client = self.clients.get(key)
             if client is not None and client.ident and not client.quiet:

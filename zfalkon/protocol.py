@@ -143,8 +143,8 @@ class Cancel(NamedTuple):
 
 class Started(NamedTuple):
     """Broker -> client: these tasks of yours have been handed to a slot: they may run,
-    and a CANCEL no longer stops them. Sent on the tick for tasks still running then, and
-    at once in answer to a CANCEL (IF_QUEUED) of such tasks. Not in a stream: a STARTED
+    and a CANCEL no longer stops them. Sent on the tick for tasks a slot has held since the tick
+    before, and at once in answer to a CANCEL (IF_QUEUED) of such tasks. Not in a stream: a STARTED
     lost with a connection is only a later ``running()``."""
 
     ids: list[int]
