@@ -166,3 +166,24 @@ def mark_then_sleep(directory, i, seconds):
         pass
     time.sleep(seconds)
     return i
+
+
+def pid_then_sleep(path, seconds):
+    """Write this process's PID to ``path``, then sleep (a long task to time out or kill)."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "slept"
+
+
+def noisy(n, fail=False):
+    """Write to stdout and stderr at the Python level and at the fd level."""
+    import sys
+
+    print("out" * n)
+    sys.stderr.write("err" * n + "\n")
+    os.write(1, b"fd1\n")
+    os.write(2, b"fd2\n")
+    if fail:
+        raise ValueError("noisy failed")
+    return n

@@ -89,6 +89,7 @@ class ClientModel:
         self.dropped_seen = 0  # ResultDropped results that reached the user
         self.granted: set[int] = set()  # cancelled by the broker (a CANCELLED result)
         self.asked: set[int] = set()  # asked to cancel if queued (never submitted again)
+        self.forced: set[int] = set()  # asked to cancel by force (CANCEL_KILL)
 
     @property
     def key(self) -> int:
@@ -186,6 +187,7 @@ class SlotModel:
         self.index = index
         self.conn = Conn()
         self.session = SlotSession()
+        self.running: list[int] = []  # started, not finished: a kill can reach them
 
     def hello(self) -> None:
         self.session.welcomed = False
@@ -198,9 +200,14 @@ class SlotModel:
 
     def receive(self, msg: P.Message, now: float) -> None:
         if self.session.receive(msg, now):
-            pass
+            if self.session.kills:  # (as zfalkon.slot: kill what runs, answer CANCELLED)
+                kills, self.session.kills = set(self.session.kills), []
+                for tid in [t for t in self.running if t in kills]:
+                    self.running.remove(tid)
+                    self.session.finished(tid, payload.CANCELLED, False, 0.001, now)
         elif type(msg) is P.Welcome:
             self.session.start(now)
+            self.running = []
         elif type(msg) is P.Error and msg.code == "hello-required":
             self.hello()  # (as zfalkon.slot: whether or not its agent saw a WELCOME)
         elif type(msg) is P.Error and msg.code == "bad-hello":
@@ -220,6 +227,20 @@ class SlotModel:
         self.session.poll(now)
         self.flush_out()
         return True
+
+    def start_one(self, now: float) -> None:
+        """Start the next task and keep it running (until finish_one, or a kill)."""
+        task = self.session.next_task(now)
+        if task is not None:
+            self.ran.add(task[0])
+            self.running.append(task[0])
+
+    def finish_one(self, now: float) -> None:
+        if self.running:
+            tid = self.running.pop(0)
+            self.session.finished(tid, result_for(tid), False, 0.001, now)
+            self.session.poll(now)
+            self.flush_out()
 
 
 class FabricMachine(RuleBasedStateMachine):
@@ -371,6 +392,17 @@ class FabricMachine(RuleBasedStateMachine):
             c.asked.update(ids)
             c.send(c.session.cancel(ids, P.CANCEL_IF_QUEUED))
 
+    @rule(i=st.integers(0, 1), k=st.integers(1, 4))
+    def cancel_kill(self, i: int, k: int) -> None:
+        """As TaskFuture.cancel(force=True): queued tasks are cancelled, running ones killed
+        by their slot; each ends with a CANCELLED result or its own, once."""
+        c = self.clients[i % len(self.clients)]
+        if c.welcomed and c.pending and not c.left:
+            ids = sorted(c.pending)[:k]
+            c.asked.update(ids)
+            c.forced.update(ids)
+            c.send(c.session.cancel(ids, P.CANCEL_KILL))
+
     @rule(i=st.integers(0, 1))
     def submit_cancelled_ids_again(self, i: int) -> None:
         """A client (not the Executor, which never reuses an id) submits ids it cancelled."""
@@ -401,6 +433,18 @@ class FabricMachine(RuleBasedStateMachine):
             s = slots[data.draw(st.integers(0, len(slots) - 1))]
             for _ in range(data.draw(st.integers(1, 3))):
                 s.run_one(self.now)
+
+    @rule(data=st.data(), finish=st.booleans())
+    def slot_starts_or_finishes(self, data, finish: bool) -> None:
+        """A slot starts a task and keeps it running (a CANCEL_KILL may reach it), or
+        finishes the oldest it runs."""
+        slots = [s for w in self.workers for s in w.slots]
+        if slots:
+            s = slots[data.draw(st.integers(0, len(slots) - 1))]
+            if finish:
+                s.finish_one(self.now)
+            else:
+                s.start_one(self.now)
 
     @rule(data=st.data())
     def replace_connection(self, data) -> None:
@@ -447,8 +491,10 @@ class FabricMachine(RuleBasedStateMachine):
         if not slots:
             return
         s = slots[data.draw(st.integers(0, len(slots) - 1))]
-        running = s.session.queue[0][0] if s.session.queue else 0
+        running = (s.running[0] if s.running
+                   else s.session.queue[0][0] if s.session.queue else 0)
         s.session = SlotSession()
+        s.running = []
         s.conn.replace()
         if s.worker.welcomed:
             s.worker.conn.up.append(P.SlotLost(s.ident, running, "killed by SIGKILL"))
@@ -571,9 +617,18 @@ class FabricMachine(RuleBasedStateMachine):
 
     @invariant()
     def a_task_cancelled_by_the_broker_never_ran(self) -> None:
+        """A CANCELLED result only for a task that never started, unless forced."""
         for c in self.clients:
-            ran = c.granted & SlotModel.ran
+            ran = (c.granted - c.forced) & SlotModel.ran
             assert not ran, f"cancelled (CANCELLED result) but ran: {sorted(ran)[:5]}"
+
+    @invariant()
+    def tasks_being_killed_are_held_by_a_slot(self) -> None:
+        """A task cancelled by force waits for its slot's answer only while a slot holds
+        it: taken back from a slot, it ends cancelled at once (never runs again)."""
+        killing = self.core.killing
+        assert killing <= self.core._dispatched(), sorted(killing - self.core._dispatched())
+        assert killing <= self.core.live
 
     @invariant()
     def no_task_reaches_a_user_twice(self) -> None:
@@ -653,6 +708,8 @@ class FabricMachine(RuleBasedStateMachine):
                 self.pump_down(p, 10_000)
             for w in self.workers:
                 for s in w.slots:
+                    while s.running:
+                        s.finish_one(self.now)
                     for _ in range(200):
                         if not s.run_one(self.now):
                             break

@@ -12,7 +12,7 @@ from zfalkon import errors
 from zfalkon._version import __version__
 
 EXPECTED = {
-    "__version__", "Executor", "TaskFuture", "LocalCluster", "ShellResult", "query_status",
+    "__version__", "Executor", "TaskFuture", "TaskOptions", "LocalCluster", "ShellResult", "query_status",
     "ZfalkonError", "ConfigError", "SerializationError", "BrokerUnavailable", "ProtocolError",
     "VersionMismatch", "RemoteTraceback", "TaskError", "TaskTimeout", "WorkerCrashed", "WorkerLost",
 }

@@ -6,7 +6,7 @@ included); clients that submit Python callables and shell commands through a
 """
 
 from zfalkon._version import __version__
-from zfalkon.client import Executor, TaskFuture, query_status
+from zfalkon.client import Executor, TaskFuture, TaskOptions, query_status
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import (
     BrokerUnavailable,
@@ -27,6 +27,7 @@ __all__ = [
     "__version__",
     "Executor",
     "TaskFuture",
+    "TaskOptions",
     "LocalCluster",
     "ShellResult",
     "query_status",

@@ -10,6 +10,7 @@ and creates no future per element, so a 10-million-element map uses bounded memo
 from __future__ import annotations
 
 import collections
+import dataclasses
 import concurrent.futures as cf
 import itertools
 import logging
@@ -53,6 +54,7 @@ from zfalkon.clientcore import (
 
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 CANCEL_WAIT_SECONDS = 10.0  # TaskFuture.cancel() waits this long for the broker's answer
+_OUTPUT_KIND = bytes([payload.RESULT_OUTPUT])  # a result with captured output: [7, ...]
 log = logging.getLogger("zfalkon.client")
 
 
@@ -125,7 +127,18 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
 
 
 class TaskFuture(cf.Future):
-    """A future for one zfalkon task; :attr:`task_id` names it on the broker."""
+    """A future for one zfalkon task; :attr:`task_id` names it on the broker.
+
+    For a task submitted with ``capture_output=True`` (:meth:`Executor.options`),
+    :attr:`stdout` and :attr:`stderr` hold what it wrote (text, each cut at the worker's
+    output cap; :attr:`output_truncated` says if either was), set before the future is
+    done, whether the task returned or raised. They stay None otherwise (and for a task
+    killed at its time limit: its output dies with its process).
+    """
+
+    stdout: str | None = None
+    stderr: str | None = None
+    output_truncated: bool = False
 
     def __init__(self, executor: "Executor", task_id: int) -> None:
         super().__init__()
@@ -145,18 +158,29 @@ class TaskFuture(cf.Future):
         and at once in answer to :meth:`cancel`), until it is done."""
         return not self.done() and self.task_id in self._executor._started
 
-    def cancel(self) -> bool:
-        """Cancel the task if no slot has had it yet.
+    def cancel(self, force: bool = False) -> bool:
+        """Cancel the task if no slot has had it yet (or, with ``force``, even if it runs).
 
         Asks the broker and waits for its answer (one round trip): True once the broker
         has dropped the task, which then never runs; False if a slot has it (it may be
         running: its result comes as usual), if it is done, or if the broker did not answer
         within 10 seconds (the request stands: the task may still end cancelled).
+
+        ``force=True`` (also :meth:`Executor.cancel_running`): a task a slot runs or holds
+        is killed (the process running it, and a shell task's command with its process
+        group; other tasks of this client queued in that process run again in a fresh
+        one); waits for the slot's answer (at most 10 seconds). True once the future is
+        cancelled; False if the task finished first (its result stands). A task that may
+        have run before (its slot was lost) is cancelled too: side effects may remain.
         """
         if self.done():
             return self.cancelled()
         ex = self._executor
-        if self.task_id in ex._started or ex._closed:
+        if ex._closed:
+            return False
+        if force:
+            return ex._cancel_queued(self, P.CANCEL_KILL)
+        if self.task_id in ex._started:
             return False
         return ex._cancel_queued(self)
 
@@ -167,6 +191,10 @@ class TaskFuture(cf.Future):
             self.set_running_or_notify_cancel()  # (so that wait() and as_completed() see it)
 
     def _deliver(self, tid: int, blob: bytes, worker: str) -> None:
+        if blob[1:2] == _OUTPUT_KIND:
+            output = payload.split_output(blob)
+            if output is not None:
+                blob, self.stdout, self.stderr, self.output_truncated = output
         try:
             value = payload.result_value(blob, worker, self._executor._pickle)
         except cf.CancelledError:  # the broker cancelled it before any slot had it
@@ -193,6 +221,40 @@ class TaskFuture(cf.Future):
                 pass
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class TaskOptions:
+    """A view of an :class:`Executor` that submits Python tasks with options; made by
+    :meth:`Executor.options` (immutable: holds the executor and the options)."""
+
+    executor: "Executor"
+    _options: dict  # (their wire form: payload.task_options)
+
+    @property
+    def timeout(self) -> float | None:
+        return self._options.get("timeout")
+
+    @property
+    def capture_output(self) -> bool:
+        return bool(self._options.get("capture"))
+
+    def __repr__(self) -> str:
+        return f"<TaskOptions timeout={self.timeout!r} capture_output={self.capture_output!r}>"
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """As :meth:`Executor.submit`, with these options."""
+        ex = self.executor
+        return ex._submit_blob(payload.with_options(payload.python_task(
+            payload.function_spec(fn, ex._functions), args, kwargs, ex._flags), self._options))
+
+    def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = MAX_BATCH,
+            buffersize: int = MAP_BUFFER) -> Iterator[Any]:
+        """As :meth:`Executor.map`, with these options (``timeout`` here is ``map``'s own:
+        how long to wait for the results, from this call)."""
+        return self.executor._map(fn, iterables, timeout, chunksize, buffersize,
+                                  self._options)
+
+
 class _MapSink:
     """Where one ``map`` call's results land (the executor's ``_pending`` points here, not
     at the iterator, so an abandoned iterator can be collected and cancel its tasks)."""
@@ -216,9 +278,10 @@ class _MapStream:
 
     def __init__(self, executor: "Executor", fn: "str | payload.Function",
                  items: Iterator[tuple], chunksize: int, buffersize: int,
-                 deadline: float | None) -> None:
+                 deadline: float | None, options: dict | None = None) -> None:
         self.executor = executor
         self.fn = fn
+        self.options = options
         self.items = items
         self.chunksize = chunksize
         self.buffersize = buffersize
@@ -241,7 +304,12 @@ class _MapStream:
                 self.exhausted = True
             if not batch:
                 return
-            blobs = [_check_size(encode(fn, args, {}, flags)) for args in batch]
+            if self.options:
+                wrap, options = payload.with_options, self.options
+                blobs = [_check_size(wrap(encode(fn, args, {}, flags), options))
+                         for args in batch]
+            else:
+                blobs = [_check_size(encode(fn, args, {}, flags)) for args in batch]
             ids = ex._new_ids(len(blobs))
             ex._blobs.update(zip(ids, blobs))
             ex._pending.update(zip(ids, itertools.repeat(self.sink)))
@@ -391,6 +459,32 @@ class Executor(cf.Executor):
         return self._submit_blob(payload.python_task(
             payload.function_spec(fn, self._functions), args, kwargs, self._flags))
 
+    def options(self, *, timeout: float | None = None,
+                capture_output: bool = False) -> "TaskOptions":
+        """A view of this executor whose :meth:`~TaskOptions.submit` and
+        :meth:`~TaskOptions.map` run Python tasks with these options (the function's own
+        keyword arguments stay its own)::
+
+            fut = ex.options(timeout=60, capture_output=True).submit(f, x)
+
+        ``timeout``: seconds a task may run (counted on the worker from its start); past
+        them its process is killed and the future raises
+        :class:`~zfalkon.errors.TaskTimeout`. (Other tasks of this client queued in that
+        process run again in a fresh one.) A task with a time limit runs alone in its
+        process: fine for long tasks, slower for streams of tiny ones.
+        ``capture_output``: the task's stdout and stderr (``print``, ``sys.stderr``, and
+        what its subprocesses write to fds 1 and 2) are captured, each cut at the worker's
+        output cap, and set on the future as :attr:`TaskFuture.stdout` and
+        :attr:`TaskFuture.stderr` (``map`` drops them). Raises
+        :class:`~zfalkon.errors.ConfigError` for a bad value.
+        """
+        return TaskOptions(self, payload.task_options(
+            {"timeout": timeout, "capture_output": capture_output}))
+
+    def cancel_running(self, future: TaskFuture) -> bool:
+        """Cancel ``future``'s task even if it is running: ``future.cancel(force=True)``."""
+        return future.cancel(force=True)
+
     def shell(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, timeout: float | None = None,
               inputs: Mapping[str, bytes | str] | None = None,
@@ -420,12 +514,17 @@ class Executor(cf.Executor):
         error when its turn comes, and the rest are cancelled. ``timeout`` counts from
         this call, as in the standard library.
         """
+        return self._map(fn, iterables, timeout, chunksize, buffersize, None)
+
+    def _map(self, fn: Callable[..., Any] | str, iterables: tuple[Iterable[Any], ...],
+             timeout: float | None, chunksize: int, buffersize: int,
+             options: dict | None) -> Iterator[Any]:
         if chunksize < 1 or buffersize < 1:
             raise ConfigError("chunksize and buffersize must be at least 1")
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = _MapStream(self, payload.function_spec(fn, self._functions), zip(*iterables),
-                            min(chunksize, buffersize), buffersize, deadline)
+                            min(chunksize, buffersize), buffersize, deadline, options)
         self._sinks.add(stream.sink)
         stream.fill()
         return stream
@@ -544,14 +643,15 @@ class Executor(cf.Executor):
             self._drive_until(fut, deadline)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _cancel_queued(self, fut: TaskFuture) -> bool:
-        """Ask the broker to cancel ``fut``'s task if no slot has had it; wait for the answer
-        (a CANCELLED result, or STARTED) at most CANCEL_WAIT_SECONDS."""
+    def _cancel_queued(self, fut: TaskFuture, mode: int = P.CANCEL_IF_QUEUED) -> bool:
+        """Ask the broker to cancel ``fut``'s task if no slot has had it (``mode``
+        CANCEL_KILL: even if one runs it); wait for the answer (a CANCELLED result, or
+        STARTED; with CANCEL_KILL: the task's result) at most CANCEL_WAIT_SECONDS."""
         tid = fut.task_id
-        self._enqueue((_CANCEL, [tid], P.CANCEL_IF_QUEUED))
+        self._enqueue((_CANCEL, [tid], mode))
         started = self._started
         self._drive_until(fut, time.monotonic() + CANCEL_WAIT_SECONDS,
-                          lambda: tid in started)
+                          None if mode == P.CANCEL_KILL else lambda: tid in started)
         return fut.cancelled()
 
     def _drive_until(self, fut: TaskFuture, deadline: float | None,

@@ -24,13 +24,17 @@ from zfalkon import protocol as P
 from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH, PING_SECONDS
 from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound, Pings
 
-__all__ = ["ClientSession", "SUBMIT", "CANCEL", "CANCEL_EXACT", "ACK_EVERY", "JOURNAL_UNAVAILABLE"]
+__all__ = ["ClientSession", "SUBMIT", "CANCEL", "CANCEL_EXACT", "CANCEL_FORCE", "ACK_EVERY",
+           "JOURNAL_UNAVAILABLE"]
 
 log = logging.getLogger("zfalkon.client")
 
 SUBMIT = 0  #: a kept frame of tasks
 CANCEL = 1  #: a kept frame of cancellations (P.CANCEL_DROP)
 CANCEL_EXACT = 2  #: a kept frame of cancellations of queued tasks only (P.CANCEL_IF_QUEUED)
+CANCEL_FORCE = 3  #: a kept frame of forced cancellations (P.CANCEL_KILL)
+_MODES = {CANCEL: P.CANCEL_DROP, CANCEL_EXACT: P.CANCEL_IF_QUEUED, CANCEL_FORCE: P.CANCEL_KILL}
+_KINDS = {mode: kind for kind, mode in _MODES.items()}
 ACK_EVERY = 8  #: DELIVER frames received before an ACK goes out alone
 #: Result bytes received before an ACK goes out at once (the broker sends a client at
 #: most core.SEND_WINDOW_BYTES ahead of its acknowledgements).
@@ -86,7 +90,7 @@ class ClientSession:
 
     def cancel(self, ids: list[int], mode: int = P.CANCEL_DROP) -> P.Cancel:
         """The next CANCEL frame (kept until acknowledged)."""
-        seq = self.tx.push((CANCEL if mode == P.CANCEL_DROP else CANCEL_EXACT, ids))
+        seq = self.tx.push((_KINDS.get(mode, CANCEL_EXACT), ids))
         self.told, self._unacked_bytes = self.rx.last, 0
         return P.Cancel(seq, self.rx.last, ids, self.token, mode)
 
@@ -180,9 +184,7 @@ class ClientSession:
                                          [hints.get(t, "") for t in ids] if hints else [],
                                          self.token))
             else:
-                self.out.append(P.Cancel(seq, self.rx.last, ids, self.token,
-                                         P.CANCEL_DROP if kind == CANCEL
-                                         else P.CANCEL_IF_QUEUED))
+                self.out.append(P.Cancel(seq, self.rx.last, ids, self.token, _MODES[kind]))
         self.told, self._unacked_bytes = self.rx.last, 0
 
     def _on_pong(self, msg: P.Pong) -> None:

@@ -300,6 +300,7 @@ class BrokerCore:
         self.restored_max: dict[int, int] = {}
         self.announced: set[int] = set()  # running tasks their client was told of (STARTED)
         self._held_last_tick: set[int] = set()  # what slots held at the last tick
+        self.killing: set[int] = set()  # held by slots told to kill them (CANCEL_KILL)
         #: Client key -> its queued tasks set aside while it is far behind reading.
         self.parked: dict[int, tuple[list[int], list[bytes]]] = {}
         self.parked_count = 0
@@ -818,7 +819,9 @@ class BrokerCore:
             if not ids:  # (a task already cancelled is not cancelled again)
                 return
             exact = msg.mode != P.CANCEL_DROP
-            if exact:  # only tasks no slot ever had; the client hears of the others
+            if msg.mode == P.CANCEL_KILL:  # the slots holding some kill them; the rest
+                ids = self._kill(ids)  # are cancelled here, whether or not they ran
+            elif exact:  # only tasks no slot ever had; the client hears of the others
                 held = self._dispatched()
                 maybe, below = self.maybe_ran, self.restored_max.get(key, 0)
                 late = [t for t in ids if t in held or t in maybe or t <= below]
@@ -845,6 +848,24 @@ class BrokerCore:
                 self.recorder.done(ids)
                 live.difference_update(ids)
                 self._untrack(client, len(ids))
+
+    def _kill(self, ids: list[int]) -> list[int]:
+        """CANCEL_KILL: tell the slots holding some of ``ids`` to kill them (each answers a
+        CANCELLED result, or the task's own if it finished first; a slot lost meanwhile
+        leaves a CANCELLED result, see :meth:`_requeue`); return the others."""
+        wanted = set(ids)
+        for worker in self.workers.values():
+            for slot in worker.slots.values():
+                inflight = slot.inflight
+                mine = [t for t in wanted if t in inflight]
+                if mine:
+                    wanted.difference_update(mine)
+                    self.killing.update(mine)
+                    if slot.ident in self.peers:
+                        self._send_tasks(slot, [], [], [], sorted(mine))
+                    if not wanted:
+                        break
+        return [t for t in ids if t in wanted]
 
     def _dispatched(self) -> set[int]:
         """The ids of every task a slot holds now."""
@@ -947,10 +968,10 @@ class BrokerCore:
             assert type(peer) is Slot
             peer.tx.ack(msg.ack)
             held = peer.inflight
-            for seq, (ids, revoke) in peer.tx.unacked:
+            for seq, (ids, revoke, kill) in peer.tx.unacked:
                 ids = [t for t in ids if t in held]
-                self.outbox.append(
-                    (peer.ident, P.Tasks(seq, peer.rx.last, ids, [held[t] for t in ids], revoke)))
+                self.outbox.append((peer.ident, P.Tasks(
+                    seq, peer.rx.last, ids, [held[t] for t in ids], revoke, kill)))
         peer.told = peer.rx.last
         self._owed.pop(peer, None)
 
@@ -1055,6 +1076,8 @@ class BrokerCore:
             self.maybe_ran.difference_update(ids)
         if self.announced:
             self.announced.difference_update(ids)
+        if self.killing:
+            self.killing.difference_update(ids)
         live = self.live
         if not live.issuperset(ids):
             self.cancelled.difference_update(ids)
@@ -1101,6 +1124,8 @@ class BrokerCore:
                 self.maybe_ran = {t for t in self.maybe_ran if t >> shift != key}
             if self.announced:
                 self.announced = {t for t in self.announced if t >> shift != key}
+            if self.killing:
+                self.killing = {t for t in self.killing if t >> shift != key}
             self.restored_max.pop(key, None)
             if key in self.parked:  # (its parked tasks die with it)
                 ids, _ = self.parked.pop(key)
@@ -1190,11 +1215,12 @@ class BrokerCore:
             slot.ready = False
 
     def _send_tasks(self, slot: Slot, ids: list[int], blobs: list[bytes],
-                    revoke: list[int]) -> None:
-        seq = slot.tx.push((ids, revoke))
+                    revoke: list[int], kill: list[int] | None = None) -> None:
+        seq = slot.tx.push((ids, revoke, kill or []))
         slot.told = slot.rx.last
         self._owed.pop(slot, None)
-        self.outbox.append((slot.ident, P.Tasks(seq, slot.rx.last, ids, blobs, revoke)))
+        self.outbox.append((slot.ident, P.Tasks(seq, slot.rx.last, ids, blobs, revoke,
+                                                kill or [])))
 
     def _take_back(self, slot: Slot, ids: list[int], lost: bool) -> None:
         """Take tasks away from a slot (lease lapsed, or stolen): revoke them there, queue
@@ -1213,7 +1239,15 @@ class BrokerCore:
 
     def _requeue(self, tasks: dict[int, bytes], lost_on: str | None = None) -> None:
         """Put tasks back at the head of the queue, in order. ``lost_on``: the slot that
-        lost them; each counts an attempt, and one at MAX_ATTEMPTS fails with WorkerLost."""
+        lost them; each counts an attempt, and one at MAX_ATTEMPTS fails with WorkerLost.
+        A task its client cancelled by force (``killing``) ends cancelled instead."""
+        if self.killing:
+            killed = [t for t in tasks if t in self.killing]
+            for tid in killed:
+                del tasks[tid]
+                self.attempts.pop(tid, None)
+                self.done += 1
+                self._deliver(tid >> P.ID_SHIFT, "", [tid], [payload.CANCELLED])
         if lost_on is not None:
             attempts = self.attempts
             for tid in list(tasks):

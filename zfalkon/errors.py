@@ -13,7 +13,7 @@
     │                                  task as its own type: the worker's traceback
     └── TaskError                      a task failed remotely (``remote_type``,
         │                              ``remote_message``, ``remote_traceback``)
-        ├── TaskTimeout (TimeoutError) a shell task ran past its timeout and was killed
+        ├── TaskTimeout (TimeoutError) a task ran past its time limit and was killed
         ├── WorkerCrashed              the process running the task died (signal,
         │                              ``os._exit``, out of memory)
         └── WorkerLost                 the task's workers were lost (no heartbeat) on
@@ -116,9 +116,11 @@ class TaskError(ZfalkonError):
 
 
 class TaskTimeout(TaskError, TimeoutError):
-    """A shell task ran past its timeout; its process group was killed.
+    """A task ran past its time limit and was killed: a shell task's command (its process
+    group), or the process running a Python task (``Executor.options(timeout=...)``).
 
-    ``stdout`` and ``stderr`` hold what it printed before that.
+    ``stdout`` and ``stderr`` hold what a shell task printed before that (empty for a
+    Python task: its captured output dies with its process).
     """
 
     def __init__(
@@ -128,7 +130,7 @@ class TaskTimeout(TaskError, TimeoutError):
         stderr: str = "",
         worker: str | None = None,
     ) -> None:
-        super().__init__("TaskTimeout", f"task ran past its timeout of {timeout:g} s", "", worker)
+        super().__init__("TaskTimeout", f"task ran past its timeout of {timeout:g} s and was killed", "", worker)
         self.timeout = timeout
         self.stdout = stdout
         self.stderr = stderr

@@ -13,6 +13,8 @@ import pickle
 import select
 import shutil
 import signal
+import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -96,6 +98,10 @@ class Runner:
                  stager: Stager | None = None) -> None:
         self.output_cap = output_cap
         self.stager = stager or Stager(None)
+        #: Where the running shell command's PID (its process group) is written while it
+        #: runs, for the slot to kill it (a task host's shared cell; None: nowhere).
+        self.child_cell: memoryview | None = None
+        self._capture_files: tuple[int, int] | None = None
         self._callables: dict[str, Callable[..., Any]] = {}
         self._by_value: collections.OrderedDict[bytes, Callable[..., Any]] = (
             collections.OrderedDict())
@@ -123,12 +129,71 @@ class Runner:
                                         args, kwargs, flags)
             if kind == payload.TASK_SHELL and 5 <= len(task) <= 6:
                 return self._run_shell(task)
+            if (kind == payload.TASK_OPTIONS and len(task) == 3 and type(task[1]) is dict
+                    and type(task[2]) is bytes and task[2][1:2] != b"\x03"):
+                if task[1].get("capture"):
+                    return self._run_captured(task[2])
+                return self.run(task[2])  # (the time limit is the slot's to enforce)
             return payload.error_result("ProtocolError", "a malformed task (kind "
                                         f"{_short(kind)}, {_short(len(task))} fields)"), True
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # the task's own failure, including SystemExit
             return exception_result(exc, flags), True
+
+    def _run_captured(self, blob: bytes) -> tuple[bytes, bool]:
+        """Run a task with its stdout and stderr (``sys.stdout``/``sys.stderr`` and fds
+        1 and 2, so its subprocesses' too) going to temporary files; return its result
+        wrapped with what it wrote (each capped at the output cap)."""
+        if self._capture_files is None:
+            files = []
+            for _ in range(2):
+                f = tempfile.TemporaryFile(prefix="zfalkon-output-")
+                files.append(os.dup(f.fileno()))
+                f.close()
+            self._capture_files = (files[0], files[1])
+        out_fd, err_fd = self._capture_files
+        for fd in (out_fd, err_fd):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        old_out, old_err = sys.stdout, sys.stderr
+        for stream in (old_out, old_err):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+        saved = (os.dup(1), os.dup(2))
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        # (line-buffered, as on a terminal: what the task prints and what it writes to the
+        # fds stay in order)
+        new_out = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
+                       buffering=1)
+        new_err = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
+                       buffering=1)
+        sys.stdout, sys.stderr = new_out, new_err
+        try:
+            result, failed = self.run(blob)
+        finally:
+            for stream in (new_out, new_err):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            sys.stdout, sys.stderr = old_out, old_err
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        cap = self.output_cap
+        captured, truncated = [], False
+        for fd in (out_fd, err_fd):
+            size = os.fstat(fd).st_size
+            truncated = truncated or size > cap
+            captured.append(os.pread(fd, min(size, cap), 0) if size else b"")
+        return _packb((payload.RESULT_OUTPUT, result, captured[0], captured[1], truncated)
+                      ), failed
 
     def _reference(self, ref: str) -> Callable[..., Any]:
         fn = self._callables.get(ref)
@@ -190,7 +255,7 @@ class Runner:
         _, command, env, cwd, timeout, *files = task
         argv = [_SH, "-c", command] if isinstance(command, str) else command
         if not files:
-            return run_command(argv, env, cwd, timeout, self.output_cap)
+            return run_command(argv, env, cwd, timeout, self.output_cap, self.child_cell)
         inputs, outputs = files[0]
         workdir = self.stager.workdir()
         try:
@@ -198,7 +263,8 @@ class Runner:
                 self.stager.stage_in(inputs, workdir)
             except StagingError as exc:
                 return payload.error_result("StagingError", str(exc)), True
-            blob, failed = run_command(argv, env, workdir, timeout, self.output_cap)
+            blob, failed = run_command(argv, env, workdir, timeout, self.output_cap,
+                                       self.child_cell)
             if failed or not outputs:
                 return blob, failed  # a failed command's outputs are not collected
             try:
@@ -218,11 +284,13 @@ def run_command(
     cwd: str | None,
     timeout: float | None,
     cap: int,
+    child_cell: memoryview | None = None,
 ) -> tuple[bytes, bool]:
     """Spawn ``argv`` in its own process group, capture output, return a result blob.
 
     The child gets ``/dev/null`` as stdin. When it exits (or runs past ``timeout``), its
     whole process group is killed, so background processes it left cannot linger.
+    ``child_cell``: its PID is written there while it runs (0 after).
     """
     full_env = {**os.environ, **env} if env else os.environ
     out_r, out_w = os.pipe()
@@ -248,9 +316,13 @@ def run_command(
             os.chdir(old_cwd)
         os.close(out_w)
         os.close(err_w)
+    if child_cell is not None:
+        child_cell[0] = pid
     try:
         status, out, err, truncated, timed_out = _supervise(pid, out_r, err_r, start, timeout, cap)
     finally:
+        if child_cell is not None:
+            child_cell[0] = 0
         os.close(out_r)
         os.close(err_r)
     seconds = time.monotonic() - start

@@ -10,6 +10,10 @@ task, Python callable      ``[2, digest, function, env, args, kwargs, flags]``: 
 by value                   cloudpickle of the function, its BLAKE2b-128 digest (a worker
                            loads each digest once), the client's ``[python, cloudpickle,
                            {package: version}]`` versions
+task with options          ``[3, options, task]``: ``task`` is one of the Python task
+                           blobs above (msgpack bytes), ``options`` a small map
+                           (``timeout``: seconds, ``capture``: true); the slot reads the
+                           first two fields only (:func:`task_options`)
 task, shell command        ``[1, command (str: through /bin/sh; list: argv), env, cwd,
                            timeout]``, plus ``[inputs, outputs]`` when it stages files
                            (see :mod:`zfalkon.staging`)
@@ -22,7 +26,10 @@ result, shell              ``[2, returncode, stdout, stderr, seconds, truncated]
 result, shell timeout      ``[3, timeout, stdout, stderr, seconds]``
 result, process died       ``[4, message]``
 result, workers lost       ``[5, worker, attempts, message]``
-result, cancelled          ``[6]``: cancelled by the client before any slot had it
+result, cancelled          ``[6]``: cancelled by the client before any slot had it, or
+                           forced (its process killed)
+result, with output        ``[7, result, stdout, stderr, truncated]``: ``result`` is the
+                           task's own result blob (bytes), the rest its captured output
 =========================  ==============================================================
 
 ``flags``: :data:`FLAG_PICKLE`: the client accepts pickled results (so the worker may
@@ -60,6 +67,7 @@ from zfalkon.errors import (
 TASK_PYTHON = 0
 TASK_SHELL = 1
 TASK_FUNCTION = 2  # a Python callable sent by value
+TASK_OPTIONS = 3  # a Python task wrapped with its options (timeout, capture)
 
 FLAG_PICKLE = 1  # the client accepts pickled results
 FUNCTION_POLICIES = ("auto", "reference", "value")
@@ -71,6 +79,7 @@ RESULT_TIMEOUT = 3
 RESULT_CRASHED = 4
 RESULT_LOST = 5
 RESULT_CANCELLED = 6
+RESULT_OUTPUT = 7
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
@@ -350,6 +359,68 @@ def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, 
         raise SerializationError(f"arguments of {name} cannot be sent: {exc}") from None
 
 
+def task_options(options: Mapping[str, Any]) -> dict:
+    """Check task options (``timeout``: positive seconds or None; ``capture_output``:
+    bool) and return their wire form (only what is set; empty if none). Raises
+    :class:`ConfigError`."""
+    wire: dict = {}
+    for name in options:
+        if name not in ("timeout", "capture_output"):
+            raise ConfigError(f"unknown task option {name!r} (options are timeout and "
+                              "capture_output)")
+    timeout = options.get("timeout")
+    if timeout is not None:
+        if (type(timeout) not in (int, float) or not 0 < timeout < 1e9
+                or timeout != timeout):
+            raise ConfigError(f"timeout must be a positive number of seconds, "
+                              f"not {timeout!r}")
+        wire["timeout"] = float(timeout)
+    capture = options.get("capture_output", False)
+    if type(capture) is not bool:
+        raise ConfigError(f"capture_output must be True or False, not {capture!r}")
+    if capture:
+        wire["capture"] = True
+    return wire
+
+
+def with_options(task: bytes, options: Mapping[str, Any]) -> bytes:
+    """Wrap a Python task blob with its options (the wire form of :func:`task_options`);
+    ``task`` itself if there are none."""
+    if not options:
+        return task
+    return _packb((TASK_OPTIONS, dict(options), task))
+
+
+def read_options(blob: bytes) -> dict | None:
+    """The options of a task blob wrapped by :func:`with_options`, else None. Reads the
+    first two fields only (the slot calls it for blobs whose second byte is
+    TASK_OPTIONS: ``[3, ...]`` starts ``0x93 0x03``)."""
+    if blob[:2] != b"\x93\x03":
+        return None
+    unpacker = msgpack.Unpacker(max_buffer_size=len(blob))
+    unpacker.feed(blob)
+    try:
+        unpacker.read_array_header()
+        unpacker.skip()
+        options = unpacker.unpack()
+    except Exception:
+        return None
+    return options if isinstance(options, dict) else None
+
+
+def split_output(blob: bytes) -> tuple[bytes, str, str, bool] | None:
+    """A result with captured output: ``(the task's result blob, stdout, stderr,
+    truncated)``; None for any other result."""
+    if blob[1:2] != b"\x07":
+        return None
+    try:
+        result = _unpackb(blob)
+        _, inner, out, err, truncated = result
+        return bytes(inner), _text(out), _text(err), bool(truncated)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+
+
 def shell_task(
     command: str | Sequence[str],
     env: Mapping[str, str] | None = None,
@@ -419,6 +490,8 @@ def result_value(blob: bytes, worker: str | None = None, allow_pickle: bool = Fa
         raise WorkerLost(result[3], result[1], result[2])
     if kind == RESULT_CANCELLED:
         raise CancelledError()
+    if kind == RESULT_OUTPUT:
+        return result_value(bytes(result[1]), worker, allow_pickle)
     raise TaskError("ProtocolError", f"unknown result kind {kind!r}", "", worker)
 
 
@@ -483,6 +556,12 @@ def lost_result(worker: str, attempts: int) -> bytes:
 
 
 CANCELLED = _packb((RESULT_CANCELLED,))  #: the result of a task cancelled before it ran
+
+
+def timeout_result(timeout: float, seconds: float, stdout: bytes = b"",
+                   stderr: bytes = b"") -> bytes:
+    """Encode the result of a task killed at its time limit."""
+    return _packb((RESULT_TIMEOUT, timeout, stdout, stderr, seconds))
 
 
 def crashed_result(message: str) -> bytes:

@@ -83,6 +83,9 @@ class Tasks(NamedTuple):
 
     ``revoke``: tasks sent earlier that the broker has taken back (lease expired, or
     stolen for an idle slot): the slot drops them unless it has started them.
+    ``kill``: tasks sent earlier that their client cancelled by force (CANCEL_KILL): the
+    slot drops them if queued, kills the process running or holding them otherwise, and
+    answers a CANCELLED result for each (unless its result is already on its way).
     """
 
     seq: int
@@ -90,6 +93,7 @@ class Tasks(NamedTuple):
     ids: list[int]
     blobs: list[bytes]
     revoke: list[int] = []
+    kill: list[int] = []
 
 
 class Results(NamedTuple):
@@ -126,8 +130,11 @@ class Deliver(NamedTuple):
 #: CANCEL modes. DROP: the client no longer wants these tasks (queued ones are skipped,
 #: results of dispatched ones dropped). IF_QUEUED: cancel those never handed to a slot
 #: (each gets a CANCELLED result in the client's stream); for the others, which may run,
-#: the broker answers STARTED and their results come as usual.
-CANCEL_DROP, CANCEL_IF_QUEUED = 0, 1
+#: the broker answers STARTED and their results come as usual. KILL: as IF_QUEUED for
+#: tasks no slot holds (cancelled even if they may have run before), and the slots holding
+#: the others are told to kill them (TASKS ``kill``): each ends with a CANCELLED result,
+#: or its own result if it finished first. (Any other mode is taken as IF_QUEUED.)
+CANCEL_DROP, CANCEL_IF_QUEUED, CANCEL_KILL = 0, 1, 2
 
 
 class Cancel(NamedTuple):

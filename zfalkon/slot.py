@@ -49,6 +49,7 @@ _IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still al
 _HELLO_RETRY_SECONDS = 2.0  # a HELLO unanswered this long is sent again
 _PIPELINE_SECONDS = 0.002  # estimated work a slot keeps queued in its task host
 _MAX_PIPELINE = 1024  # tasks a slot keeps queued in its task host, at most
+_OPTIONS_HEAD = b"\x93\x03"  # how a task blob with options starts (payload.with_options)
 
 
 def describe_exit(returncode: int) -> str:
@@ -118,6 +119,9 @@ class Slot:
         self.parent = os.getppid()
         self.hello_due = 0.0  # when to send HELLO again (0: not due)
         self.hello_sent = 0.0  # when the HELLO not yet answered with WELCOME left (0: none)
+        # The task with a time limit in the host (alone there): (id, limit, started at).
+        self.timed: tuple[int, float, float] | None = None
+        self._waiter: tuple[Host, zmq.Poller] | None = None  # polls a host's pipe and sock
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: finish the running task, return results, hand back the rest."""
@@ -222,6 +226,9 @@ class Slot:
             except HostDied:
                 self._host_died()
                 continue
+            if not results:
+                self._wait(host)
+                continue
             now = monotonic()
             for tid, result, failed, seconds in results:
                 if len(result) > MAX_RESULT_BYTES:
@@ -231,12 +238,74 @@ class Slot:
                     failed = True
                 session.finished(tid, result, failed, seconds, now)
             state.set(host.inflight[0][0] if host.inflight else 0)
+            if self.timed is not None and not host.inflight:
+                self.timed = None  # (it was alone in the host: answered)
             if host.held:
                 self.held += host.held
                 host.held = []
             if session.out:
                 self._send_out()
                 self._receive()
+
+    def _wait(self, host: Host) -> None:
+        """Wait until the host has results, the broker has sent something (which may kill
+        a task), or the timed task's limit is past (then kill it)."""
+        if self._waiter is None or self._waiter[0] is not host:
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(host.result_r, zmq.POLLIN)
+            self._waiter = (host, poller)
+        timed = self.timed
+        if timed is None:
+            ready = self._waiter[1].poll()
+        else:
+            tid, limit, started = timed
+            left = started + limit - time.monotonic()
+            if left <= 0:
+                log.warning("slot %d: task %d ran past its time limit of %g s: killing it",
+                            self.index, tid, limit)
+                self._abort({tid: payload.timeout_result(limit, time.monotonic() - started)})
+                return
+            ready = self._waiter[1].poll(int(left * 1000) + 1)
+        if any(s is self.sock for s, _ in ready):
+            self._receive()
+
+    def _abort(self, results: dict[int, bytes]) -> None:
+        """Kill the host (and the shell command it runs) for tasks it runs or holds: each
+        of ``results``' tasks gets its result (timeout, CANCELLED); the host's other
+        unanswered tasks run again in a fresh host, as after a crash."""
+        host = self.host
+        assert host is not None
+        self.host = None
+        self.timed = None
+        host.kill_command()
+        self.zygote.reap(host)
+        session = self.session
+        now = time.monotonic()
+        again = []
+        for tid, blob in host.inflight:
+            if tid in results:
+                session.finished(tid, results[tid], results[tid] != payload.CANCELLED,
+                                 max(session.mean, 0.0), now)
+            else:
+                again.append((tid, blob))
+        session.queue.extendleft(reversed(again))
+        self.state.set(0)
+        session.flush(now)
+        self._send_out()
+
+    def _kill(self, ids: list[int]) -> None:
+        """Tasks cancelled by force that were not queued here: kill the host if it runs or
+        holds one (the others are done: their results are on their way)."""
+        host = self.host
+        if host is None or not host.inflight:
+            return
+        held = {tid for tid, _ in host.inflight}
+        mine = [t for t in ids if t in held]
+        if mine:
+            log.info("slot %d: killing the process of task(s) %s (cancelled)", self.index,
+                     mine)
+            self._abort(dict.fromkeys(mine, payload.CANCELLED))
 
     def _pipeline(self) -> int:
         """How many tasks to keep queued in the host: ~_PIPELINE_SECONDS of work by the
@@ -256,6 +325,8 @@ class Slot:
         shift = P.ID_SHIFT
         key = queue[0][0] >> shift
         host = self.host
+        if self.timed is not None:
+            return  # (a task with a time limit is alone in its host)
         if host is not None and host.key != key:
             if host.inflight:
                 return  # the other client's tasks finish first, in their own host
@@ -267,7 +338,18 @@ class Slot:
         budget = PIPE_BYTES - host.inflight_bytes
         batch: list[tuple[int, bytes]] = []
         now = time.monotonic()
+        limit = 0.0
         while room > 0 and queue and queue[0][0] >> shift == key:
+            if queue[0][1][:2] == _OPTIONS_HEAD:
+                limit = _time_limit(queue[0][1])
+                if limit:  # alone, in a host with nothing else: it starts when sent
+                    if batch or host.inflight:
+                        limit = 0.0
+                        break
+                    task = session.next_task(now)
+                    assert task is not None
+                    batch.append(task)
+                    break
             size = len(queue[0][1]) + TASK_HEAD_BYTES
             if size > budget and (batch or host.inflight):
                 break  # (a task bigger than a pipe goes alone, to an idle host)
@@ -283,6 +365,9 @@ class Slot:
                 host.send(batch)
             except HostDied:
                 self._host_died()
+                return
+            if limit:
+                self.timed = (batch[0][0], limit, time.monotonic())
 
     def _host_died(self) -> None:
         """The host's pipes broke: reap it; fail the task it was running (its own count
@@ -291,6 +376,7 @@ class Slot:
         host = self.host
         assert host is not None
         self.host = None
+        self.timed = None
         reason = describe_exit(self.zygote.reap(host))
         pending = list(host.inflight)
         said = host.running()
@@ -335,7 +421,18 @@ class Slot:
                     self.hello_due = now + (0 if msg.code == "hello-required" else 1)
             elif isinstance(msg, P.Error):
                 log.error("broker says: %s (%s)", msg.message, msg.code)
+        if session.kills:
+            kills, session.kills = session.kills, []
+            self._kill(kills)
         self._send_out()
+
+
+def _time_limit(blob: bytes) -> float:
+    """A task blob's time limit in seconds (0: none)."""
+    limit = (payload.read_options(blob) or {}).get("timeout")
+    if isinstance(limit, (int, float)) and 0 < limit < 1e9:
+        return float(limit)
+    return 0.0
 
 
 def read_config(stream: BinaryIO) -> dict:

@@ -13,7 +13,10 @@ RESULTS out. The real slot (:mod:`zfalkon.slot`) and the swarm's simulated slots
 * PING every PING_SECONDS measures the round trip and finds frames that died with a
   replaced connection: the PONG says what the broker has and has sent;
 * tasks the broker revokes (lease lapsed, or stolen for an idle slot) are dropped if not
-  started.
+  started;
+* tasks their client cancels by force (TASKS ``kill``) are dropped with a CANCELLED result
+  if still queued here; the others are left in :attr:`kills` for the owner to kill (if it
+  runs them) and clear.
 
 The owner calls :meth:`receive` for each message, :meth:`next_task` / :meth:`finished`
 around each task, :meth:`poll` when idle or between tasks, and sends :attr:`out`.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import collections
 import math
 
+from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon.constants import (
     FRAME_SOFT_BYTES,
@@ -80,6 +84,9 @@ class SlotSession:
         self._pings = Pings()
         self.welcomed = False
         self.fixed_window = 0  #: a window to use instead of the adaptive one (0: adaptive)
+        #: Tasks to kill that were not queued here (started, or done): the owner's to kill
+        #: if it still runs or holds them, and to clear.
+        self.kills: list[int] = []
 
     # -- the broker's messages ---------------------------------------------------------
 
@@ -90,6 +97,7 @@ class SlotSession:
         self.tx.reset()
         self.result_ids, self.result_blobs = [], []
         self.result_bytes = self.failed = 0
+        self.kills = []
         self.welcomed = True
         self._send_results(now)  # announce the first window
         self._ping(now)
@@ -106,6 +114,8 @@ class SlotSession:
                     revoked = set(msg.revoke)
                     self.queue = collections.deque(t for t in self.queue if t[0] not in revoked)
                 self.queue.extend(zip(msg.ids, msg.blobs))
+                if msg.kill:
+                    self._kill(msg.kill, now)
             elif verdict == GAP and self.rx.should_ask():
                 self.out.append(P.Resend(self.rx.last))
         elif kind is P.Ack:
@@ -126,6 +136,23 @@ class SlotSession:
         else:
             return False
         return True
+
+    def _kill(self, ids: list[int], now: float) -> None:
+        """Cancelled by force: a CANCELLED result for each task still queued here; the
+        others go to :attr:`kills`."""
+        wanted = set(ids)
+        queued = [t for t, _ in self.queue if t in wanted]
+        if queued:
+            gone = set(queued)
+            self.queue = collections.deque(t for t in self.queue if t[0] not in gone)
+            if not self.result_ids:
+                self.first_result_at = now
+            self.result_ids += queued
+            self.result_blobs += [payload.CANCELLED] * len(queued)
+            self.result_bytes += len(payload.CANCELLED) * len(queued)
+            self.flush(now)
+            wanted -= gone
+        self.kills.extend(t for t in ids if t in wanted)
 
     def _resend_after(self, ack: int) -> None:
         self.tx.ack(ack)

@@ -75,6 +75,17 @@ Design
       never a reused PID; whoever adopted the orphan reaps it). Meanwhile the host of the
       current client ran on, untouched. The zygote sits in its own process group, so that
       a ``killpg`` of its group hits it alone, not the agent and its slots.
+    * **Time limits and forced cancellation.** A task with a time limit
+      (``Executor.options(timeout=...)``, read by the slot from the task blob's first
+      fields) is sent alone, to a host with nothing unanswered, and nothing follows it
+      until it is answered: it starts when sent, so the slot's deadline is exact. While
+      a host holds tasks, the slot waits on its result pipe (non-blocking: a read that
+      finds results costs no extra wait) together with the broker's socket, until the
+      deadline: past it, or on a TASKS ``kill`` naming a task the host runs or holds, the
+      slot stops the host, SIGKILLs the process group of the shell command it runs (its
+      PID is in a second shared cell, written by the host around each command), and
+      kills and reaps the host. The task gets a timeout (or CANCELLED) result; the host's
+      other unanswered tasks run again in a fresh host, as after a crash.
     * **Pipelining.** The slot keeps at most ~2 ms of estimated work (by the measured task
       length) and 60 KB of task bytes unanswered in a host: deep enough that no-op tasks
       never wait on the slot, shallow enough that tasks queued in the slot can still be
@@ -147,7 +158,7 @@ class Host:
     """The slot's handle on one task host: its pipes and what it was sent."""
 
     def __init__(self, pid: int, key: int, task_w: int, result_r: int,
-                 counter: memoryview) -> None:
+                 counter: memoryview, child: memoryview | None = None) -> None:
         self.pid = pid
         try:  # (the zygote has not reaped it: the PID is the host's)
             self.pidfd: int | None = os.pidfd_open(pid)
@@ -156,7 +167,9 @@ class Host:
         self.key = key  #: the client key whose tasks it runs
         self.task_w = task_w
         self.result_r = result_r
+        os.set_blocking(result_r, False)  # (the slot waits on it with the broker's socket)
         self._counter = counter
+        self._child = child  # the PID of the shell command it runs (0: none)
         self.inflight: collections.deque[tuple[int, bytes]] = collections.deque()
         self.inflight_bytes = 0
         self._buf = bytearray()
@@ -176,13 +189,16 @@ class Host:
             raise HostDied(str(exc)) from None
 
     def receive(self) -> list[tuple[int, bytes, bool, float]]:
-        """Results that arrived (waiting for at least one), as
-        ``(task id, blob, failed, seconds)`` in the order sent. Raises HostDied."""
+        """Results that arrived, as ``(task id, blob, failed, seconds)`` in the order sent
+        (none if none is whole yet: wait for :attr:`result_r` to be readable). Raises
+        HostDied."""
         out: list[tuple[int, bytes, bool, float]] = []
         buf = self._buf
         while True:
             try:
                 chunk = os.read(self.result_r, _READ_SIZE)
+            except BlockingIOError:
+                return out
             except OSError as exc:
                 raise HostDied(str(exc)) from None
             if not chunk:
@@ -212,6 +228,27 @@ class Host:
         """The id of the task the host started last (its own word, in the shared cell: to be
         checked against :attr:`inflight`; 0 if it started none)."""
         return int(self._counter[0])
+
+    def kill_command(self) -> None:
+        """SIGKILL the process group of the shell command the host runs, if any (it is in a
+        group of its own, which killing the host's misses). The host is stopped first, so
+        that it cannot reap the command meanwhile: the PID it wrote stays the command's.
+        (A host may write any PID there; it could signal that process itself anyway.)"""
+        if self._child is None:
+            return
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGSTOP)
+            else:  # (not yet given up, so not reaped: its PID is its own)
+                os.kill(self.pid, signal.SIGSTOP)
+        except (ProcessLookupError, PermissionError):
+            pass
+        child = int(self._child[0])
+        if child > 0:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def close(self) -> None:
         for fd in (self.task_w, self.result_r):
@@ -264,6 +301,11 @@ class Zygote:
         fd = os.memfd_create("zfalkon-host-counter", os.MFD_CLOEXEC)
         os.ftruncate(fd, 8)
         self._use_cell(fd)
+        # Where a host writes the PID of the shell command it runs (Host.kill_command).
+        self._child_fd = os.memfd_create("zfalkon-host-child", os.MFD_CLOEXEC)
+        os.ftruncate(self._child_fd, 8)
+        self._child_map = mmap.mmap(self._child_fd, 8)
+        self._child = memoryview(self._child_map).cast("q")
 
     def _use_cell(self, fd: int) -> None:
         self._counter_fd = fd
@@ -282,6 +324,11 @@ class Zygote:
         self._counter.release()
         self._counter_map.close()
         os.close(self._counter_fd)
+
+    def _close_child_cell(self) -> None:
+        self._child.release()
+        self._child_map.close()
+        os.close(self._child_fd)
 
     @classmethod
     def start(cls) -> "Zygote":
@@ -364,8 +411,9 @@ class Zygote:
             result_r, result_w = os.pipe()
             try:
                 self._counter[0] = 0
+                self._child[0] = 0
                 reply = self._ask(["fork", self.runner_config],
-                                  [task_r, result_w, self._counter_fd])
+                                  [task_r, result_w, self._counter_fd, self._child_fd])
             except ZygoteLost:
                 os.close(task_w)
                 os.close(result_r)
@@ -375,7 +423,7 @@ class Zygote:
             finally:
                 os.close(task_r)
                 os.close(result_w)
-            return Host(int(reply[1]), key, task_w, result_r, self._counter)
+            return Host(int(reply[1]), key, task_w, result_r, self._counter, self._child)
         raise AssertionError("unreachable")
 
     def reap(self, host: Host) -> int:
@@ -424,6 +472,7 @@ class Zygote:
         finally:
             self._stop(timeout)
             self._close_cell()
+            self._close_child_cell()
 
 
 # -- the zygote --------------------------------------------------------------------------
@@ -573,15 +622,18 @@ def _spare_main(line: socket.socket) -> None:
     Runner().run(payload.python_task("builtins:len", ([],), {}))
     data, fds, _, _ = socket.recv_fds(line, 4096, 4)
     line.close()
-    if len(fds) != 3:
+    if len(fds) != 4:
         return  # the zygote is gone
-    _host_main(fds[0], fds[1], fds[2], msgpack.unpackb(data))
+    _host_main(fds[0], fds[1], fds[2], msgpack.unpackb(data), fds[3])
 
 
-def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict) -> None:
+def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict,
+               child_fd: int) -> None:
     counter_map = mmap.mmap(counter_fd, 8)
     os.close(counter_fd)
     counter = memoryview(counter_map).cast("q")
+    child_map = mmap.mmap(child_fd, 8)
+    os.close(child_fd)
     for fd in (task_r, result_w):
         os.set_inheritable(fd, False)  # (SCM_RIGHTS fds: shell tasks must not get them)
     from zfalkon.cache import DataCache
@@ -592,6 +644,7 @@ def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict) -> Non
     stager = Stager(DataCache(cache_dir, cache_bytes) if cache_dir and cache_bytes > 0
                     else None)
     runner = Runner(config.get("output_cap", OUTPUT_CAP_BYTES), stager)
+    runner.child_cell = memoryview(child_map).cast("q")
     serve(task_r, result_w, runner, counter)
 
 
