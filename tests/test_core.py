@@ -917,3 +917,26 @@ def test_with_keys_only_the_first_submitter_may_claim_a_key_back():
     assert [m for i, m in core.outbox if type(m) is P.Welcome][-1].key != key
     core.message(b"a2", P.hello(P.ROLE_CLIENT, {"name": "a", "key": key}), "client:alice", 0.0)
     assert [m for i, m in core.outbox if type(m) is P.Welcome][-1].key == key
+
+
+def test_a_task_killed_by_force_whose_slot_is_lost_ends_cancelled_and_is_not_requeued():
+    """CANCEL mode 2 reaches the broker while a slot holds the task; the slot's lease
+    lapses before it answers: the task gets a CANCELLED result from the broker and is never
+    dispatched again (R14)."""
+    core = BrokerCore(0.0)
+    slot, tid = one_task_dispatched(core)
+    core.message(b"c", P.Cancel(2, 0, [tid], b"", P.CANCEL_KILL), None, 0.1)
+    kill = [m for i, m in core.outbox if i == slot and type(m) is P.Tasks]
+    assert kill and kill[0].kill == [tid]
+    core.outbox.clear()
+    core.message(b"w", P.Heartbeat([]), None, LEASE_SECONDS)  # the agent lives on
+    core.tick(LEASE_SECONDS + 0.1)  # the slot never answered: its lease lapses
+    delivered = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
+    assert [(m.ids, m.blobs) for m in delivered] == [([tid], [payload.CANCELLED])]
+    assert len(core.queue) == 0 and core.running == 0
+    registered2 = b"s2"
+    core.message(registered2, P.hello(P.ROLE_SLOT, {"worker_id": "w", "slot": 1}), None,
+                 LEASE_SECONDS + 0.2)
+    core.message(registered2, P.Results(1, 0, 10, 0, [], []), None, LEASE_SECONDS + 0.2)
+    core.dispatch(LEASE_SECONDS + 0.3)
+    assert not [m for i, m in core.outbox if type(m) is P.Tasks and tid in m.ids]
