@@ -816,6 +816,9 @@ class BrokerCore:
             key, live, cancelled = client.key, self.live, self.cancelled
             ids = [t for t in msg.ids
                    if t >> P.ID_SHIFT == key and t in live and t not in cancelled]
+            if ids and client.tx.unacked:  # (a task whose result is on its way is done)
+                done = {t for _, (_, tids, _) in client.tx.unacked for t in tids}
+                ids = [t for t in ids if t not in done]
             if not ids:  # (a task already cancelled is not cancelled again)
                 return
             exact = msg.mode != P.CANCEL_DROP
