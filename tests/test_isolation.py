@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -104,24 +105,24 @@ def test_slot_command_line_shows_no_routing_id_or_worker_id():
 # Runs in the process that runs the task (exec's globals: {}). It makes every later task in
 # that process copy its task blob into SPY and return "forged" instead of its value.
 ATTACK = """
-import msgpack
 import zfalkon.execute
-import zfalkon.payload
+import zfalkon.values
 
 spy = open(SPY, "ab", buffering=0)
-real_unpack = zfalkon.payload.unpack
+real_unpackb = zfalkon.execute._unpackb
+real_pack = zfalkon.values.pack
 
-def unpack(blob):
+def unpackb(blob, *args, **kwargs):
     spy.write(bytes(blob) + b"\\n")
-    return real_unpack(blob)
+    return real_unpackb(blob, *args, **kwargs)
 
 def forge(obj, *args, **kwargs):
-    if isinstance(obj, tuple) and obj and obj[0] == zfalkon.payload.RESULT_VALUE:
-        obj = (obj[0], "forged")
-    return msgpack.packb(obj, *args, **kwargs)
+    if isinstance(obj, list) and obj and obj[0] == 0:  # RESULT_VALUE
+        obj = [obj[0], "forged"]
+    return real_pack(obj, *args, **kwargs)
 
-zfalkon.payload.unpack = unpack
-zfalkon.execute._packb = forge
+zfalkon.execute._unpackb = unpackb
+zfalkon.values.pack = forge
 """
 
 
@@ -227,7 +228,13 @@ def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):
 
 def _run(host, tid: int, a: int) -> int:
     host.send([(tid, payload.python_task("operator:add", (a, 1), {}))])
-    [(got, result, failed, _)] = host.receive()
+    results: list = []
+    for _ in range(500):  # (the result pipe is non-blocking: wait until it is readable)
+        select.select([host.result_r], [], [], 0.02)
+        results += host.receive()
+        if results:
+            break
+    [(got, result, failed, _)] = results
     assert got == tid and not failed and host.running() == tid
     return payload.result_value(result)
 
