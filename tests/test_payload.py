@@ -241,3 +241,15 @@ def test_lost_result_raises_worker_lost_with_worker_and_attempts():
         payload.result_value(payload.lost_result("host-1/0", 3))
     assert info.value.worker == "host-1/0" and info.value.attempts == 3
     assert "lost 3 times" in str(info.value)
+
+
+@pytest.mark.parametrize("flags", [0, payload.FLAG_PICKLE])
+@pytest.mark.parametrize("args", [(1,), ((1, 2), {3}), (), ("s", b"b", [None])])
+def test_task_encoder_makes_the_blobs_python_task_makes(flags, args):
+    def local(x=0, *rest):
+        return x
+
+    for fn in ("builtins:abs", payload.function_spec(local)):
+        assert payload.task_encoder(fn, flags)(args) == payload.python_task(fn, args, {}, flags)
+    with pytest.raises(SerializationError, match="builtins:abs"):
+        payload.task_encoder("builtins:abs")((object(),))

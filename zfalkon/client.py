@@ -294,9 +294,7 @@ class _MapStream:
     def fill(self) -> None:
         """Submit items until ``buffersize`` are in flight or the input is exhausted."""
         ex = self.executor
-        encode = payload.python_task
-        fn = self.fn
-        flags = ex._flags
+        encode = payload.task_encoder(self.fn, ex._flags)
         while not self.exhausted and len(self.order) < self.buffersize:
             n = min(self.chunksize, self.buffersize - len(self.order))
             batch = list(itertools.islice(self.items, n))
@@ -304,12 +302,11 @@ class _MapStream:
                 self.exhausted = True
             if not batch:
                 return
+            blobs = list(map(encode, batch))
             if self.options:
                 wrap, options = payload.with_options, self.options
-                blobs = [_check_size(wrap(encode(fn, args, {}, flags), options))
-                         for args in batch]
-            else:
-                blobs = [_check_size(encode(fn, args, {}, flags)) for args in batch]
+                blobs = [wrap(blob, options) for blob in blobs]
+            _check_size(max(blobs, key=len))
             ids = ex._new_ids(len(blobs))
             ex._blobs.update(zip(ids, blobs))
             ex._pending.update(zip(ids, itertools.repeat(self.sink)))

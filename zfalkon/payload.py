@@ -359,6 +359,32 @@ def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, 
         raise SerializationError(f"arguments of {name} cannot be sent: {exc}") from None
 
 
+def task_encoder(fn: "str | Function", flags: int = 0) -> Callable[[Sequence[Any]], bytes]:
+    """A function encoding calls of ``fn`` with positional arguments only, into exactly
+    the blobs :func:`python_task` makes, with what does not change packed once (``map``
+    encodes its elements with it: the function's pickle is not packed again per task)."""
+    allow = bool(flags & FLAG_PICKLE)
+    if type(fn) is str:
+        if flags:
+            head, tail = b"\x95\x00" + _packb(fn), _packb({}) + _packb(flags)
+        else:
+            head, tail = b"\x93\x00" + _packb(fn), b""
+        name = fn
+    else:
+        assert isinstance(fn, Function)
+        head = b"".join((b"\x97\x02", _packb(fn.digest), _packb(fn.blob), values.pack(fn.env)))
+        tail, name = _packb({}) + _packb(flags), fn.name
+    pack, join = values.pack, b"".join
+
+    def encode(args: Sequence[Any]) -> bytes:
+        try:
+            return join((head, pack(list(args), allow), tail))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SerializationError(f"arguments of {name} cannot be sent: {exc}") from None
+
+    return encode
+
+
 def task_options(options: Mapping[str, Any]) -> dict:
     """Check task options (``timeout``: positive seconds or None; ``capture_output``:
     bool) and return their wire form (only what is set; empty if none). Raises
