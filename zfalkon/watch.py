@@ -119,10 +119,12 @@ class WorkerWatch:
                 return
 
 
-def watch_executor(ex: "Executor", warn_after: float = NO_WORKER_WARNING_SECONDS) -> WorkerWatch:
+def watch_executor(ex: "Executor", warn_after: float | None = None) -> WorkerWatch:
     """Log a warning (once per stretch) while ``ex`` has tasks waiting, none finishes,
     and its broker has had no worker for ``warn_after`` seconds. The watch ends with the
     executor (it holds only a weak reference)."""
+    if warn_after is None:
+        warn_after = NO_WORKER_WARNING_SECONDS
     ref = weakref.ref(ex)
     keys = ex._keys.directory if ex._keys else None
 
@@ -143,4 +145,4 @@ def watch_executor(ex: "Executor", warn_after: float = NO_WORKER_WARNING_SECONDS
             return object()
 
     return WorkerWatch(ex.address, keys, warn_after=warn_after, busy=busy, progress=progress,
-                       on_warn=log.warning, interval=max(1.0, warn_after / 5)).start()
+                       on_warn=log.warning, interval=min(1.0, warn_after / 5)).start()
