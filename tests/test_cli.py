@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
+import fcntl
 import json
+import logging
+import os
+import pty
+import select
+import signal
 import subprocess
 import sys
+import termios
+import threading
+import time
 
 import pytest
 
-from conftest import child_env, free_port
+from conftest import (broker_process, child_env, free_port, stop_process, wait_until,
+                      worker_process)
 
+from zfalkon import Executor, cli, query_status, watch
 from zfalkon.errors import ConfigError
 from zfalkon.runfile import RunSummary, describe_failures, read_tasks
 
@@ -161,3 +173,288 @@ def test_worker_refuses_zero_slots():
 def test_version_flag():
     proc = zfalkon("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("zfalkon ")
+
+
+# -- issue 14: stopping a run, never silent, errors a person can act on ------------------
+
+
+def start_in_pty(*args: str) -> tuple[subprocess.Popen, int, list[bytes]]:
+    """``zfalkon ARGS`` with a pseudo-terminal as its controlling terminal (stdin, stdout,
+    stderr): Ctrl-C is a 0x03 written to the master. Returns the process, the master fd
+    and the list its output is read into (by a thread, until the process closes it)."""
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # (after setsid: start_new_session)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "zfalkon", *args], stdin=slave,
+                            stdout=slave, stderr=slave, env=child_env(),
+                            start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    output: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            output.append(data)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, master, output
+
+
+def lines_in(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def queued(address: str) -> int:
+    return query_status(address, timeout=5)["queued"]
+
+
+def test_ctrl_c_with_no_worker_cancels_everything_and_exits_130(tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("".join(f"echo {i}\n" for i in range(10)))
+    out = tmp_path / "out.jsonl"
+    with broker_process() as (_, address):
+        proc, master, output = start_in_pty("run", "--broker", address, "-o", str(out),
+                                            str(taskfile))
+        try:
+            wait_until(lambda: queued(address) == 10, 30, 0.05, "10 tasks queued")
+            os.write(master, b"\x03")  # Ctrl-C, through the terminal
+            assert proc.wait(30) == 130
+        finally:
+            stop_process(proc)
+            os.close(master)
+        text = b"".join(output).decode(errors="replace")
+        assert "interrupted (SIGINT)" in text
+        assert "0 of 10 tasks finished" in text
+        assert "10 tasks not run: 10 cancelled on the broker" in text
+        assert "--resume" in text and "Traceback" not in text
+        assert out.read_text() == ""
+        wait_until(lambda: queued(address) == 0, 10, 0.05, "nothing of the run queued")
+
+
+def test_ctrl_c_with_workers_keeps_what_finished_and_cancels_the_rest(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("".join(f"touch {marks}/{i}\n" for i in range(1, 4)) +
+                        "".join(f"touch {marks}/{i}; sleep 60\n" for i in range(4, 21)))
+    out = tmp_path / "out.jsonl"
+    with broker_process() as (_, address), worker_process(address, "--slots", "1"):
+        proc, master, output = start_in_pty("run", "--broker", address, "-o", str(out),
+                                            str(taskfile))
+        try:
+            # Tasks done (their lines flushed), the fourth running, the rest queued. (A slot
+            # may hold a result back while its next task runs: 1 to 3 lines.)
+            wait_until(lambda: len(lines_in(out)) >= 1 and (marks / "4").exists(), 60, 0.05,
+                       "a result written and task 4 running")
+            os.write(master, b"\x03")
+            assert proc.wait(30) == 130
+        finally:
+            stop_process(proc)
+            os.close(master)
+        text = b"".join(output).decode(errors="replace")
+        records = lines_in(out)
+        assert {r["line"] for r in records} <= {1, 2, 3} and len(records) >= 1
+        assert all(r["exit_code"] == 0 for r in records)
+        n = len(records)
+        assert f"{n} of 20 tasks finished" in text and f"{20 - n} tasks not run" in text
+        wait_until(lambda: queued(address) == 0, 10, 0.05, "nothing of the run queued")
+
+
+def test_sigterm_stops_a_run_with_143(tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("echo a\necho b\n")
+    with broker_process() as (_, address):
+        proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "run", "--broker", address,
+                                 str(taskfile)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=child_env())
+        try:
+            wait_until(lambda: queued(address) == 2, 30, 0.05, "2 tasks queued")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            stop_process(proc)
+        assert proc.returncode == 143, err
+        assert "interrupted (SIGTERM)" in err and "2 tasks not run" in err
+        wait_until(lambda: queued(address) == 0, 10, 0.05, "nothing of the run queued")
+
+
+def read_line_with(proc: subprocess.Popen, text: str, timeout: float) -> tuple[str, float]:
+    """The first stderr line of ``proc`` holding ``text``, and when it came."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([proc.stderr], [], [], 0.1)[0]:
+            line = proc.stderr.readline()
+            if text in line:
+                return line, time.monotonic()
+            if not line:
+                break
+    raise AssertionError(f"no line with {text!r} on stderr")
+
+
+def test_no_worker_warning_comes_once_after_its_delay_then_the_run_completes(tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("echo a\necho b\necho c\n")
+    with broker_process() as (_, address):
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "run", "--broker", address,
+                                 "--worker-warning", "1", str(taskfile)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=child_env())
+        try:
+            line, when = read_line_with(proc, "warning", 30)
+            assert 1.0 <= when - start < 15, when - start
+            assert f"the broker at {address} has had no worker" in line
+            assert "it has 0 workers" in line and "3 tasks queued" in line
+            with worker_process(address):
+                out, err = proc.communicate(timeout=60)
+        finally:
+            stop_process(proc)
+        assert proc.returncode == 0, err
+        assert len(out.splitlines()) == 3 and "warning" not in err  # (once)
+
+
+def test_wait_workers_turns_the_warning_into_an_error(tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("echo a\necho b\n")
+    out = tmp_path / "out.jsonl"
+    with broker_process() as (_, address):
+        start = time.monotonic()
+        proc = zfalkon("run", "--broker", address, "--worker-warning", "0.5",
+                       "--wait-workers", "1.5", "-o", str(out), str(taskfile))
+        assert time.monotonic() - start >= 1.5
+        assert proc.returncode == 4, proc.stderr
+        assert "warning: the broker at" in proc.stderr
+        assert (f"stopped: no worker registered with the broker at {address} within 1.5 s "
+                "(--wait-workers); it has 0 workers") in proc.stderr
+        assert "2 tasks not run" in proc.stderr
+        wait_until(lambda: queued(address) == 0, 10, 0.05, "nothing of the run queued")
+
+
+def test_bench_waits_for_a_worker_warns_then_fails(tmp_path):
+    with broker_process() as (_, address):
+        proc = zfalkon("bench", "--broker", address, "--tasks", "10", "--worker-warning",
+                       "0.3", "--wait-workers", "1")
+    assert proc.returncode == 2
+    warning, error = proc.stderr.splitlines()
+    assert warning.startswith(f"zfalkon bench: warning: the broker at {address} has had "
+                              "no worker")
+    assert error == (f"zfalkon bench: no worker registered with the broker at {address} "
+                     "within 1 s (--wait-workers); it has 0 workers")
+
+
+def test_bench_refuses_zero_workers():
+    proc = zfalkon("bench", "--workers", "0")
+    assert proc.returncode == 2
+    assert "--workers must be at least 1" in proc.stderr
+
+
+def test_an_executor_warns_when_its_tasks_wait_for_no_worker(monkeypatch, caplog):
+    monkeypatch.setattr(watch, "NO_WORKER_WARNING_SECONDS", 0.5)
+    with broker_process() as (_, address):
+        with caplog.at_level(logging.WARNING, logger="zfalkon.client"):
+            with Executor(address) as ex:
+                fut = ex.shell("true")
+                wait_until(lambda: any("has had no worker" in r.getMessage()
+                                       for r in caplog.records), 20, 0.05, "warning")
+                with worker_process(address):
+                    assert fut.result(timeout=60).returncode == 0
+        warnings = [r.getMessage() for r in caplog.records if "no worker" in r.getMessage()]
+        assert len(warnings) == 1 and f"the broker at {address}" in warnings[0]
+
+
+def test_an_executor_left_by_ctrl_c_leaves_nothing_queued():
+    with broker_process() as (_, address):
+        with pytest.raises(KeyboardInterrupt):
+            with Executor(address) as ex:
+                futures = [ex.shell("true") for _ in range(20)]
+                results = ex.map(abs, range(30))
+                wait_until(lambda: queued(address) == 50, 30, 0.05, "50 tasks queued")
+                raise KeyboardInterrupt  # as Ctrl-C in result() would
+        assert all(f.cancelled() for f in futures)
+        del results
+        wait_until(lambda: queued(address) == 0, 10, 0.05, "nothing of the session queued")
+
+
+def test_connection_refused_is_told_apart_from_a_key_refusal(tmp_path):
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    proc = zfalkon("status", "--broker", nobody, "--timeout", "0.5")
+    assert proc.returncode == 2
+    assert f"nothing listens at {nobody} (connection refused)" in proc.stderr
+    keys = tmp_path / "keys"
+    assert zfalkon("keys", "init", str(keys)).returncode == 0
+    other = tmp_path / "other"
+    assert zfalkon("keys", "init", str(other)).returncode == 0
+    assert zfalkon("keys", "new", "mallory", "--role", "client", "--dir", str(other)
+                   ).returncode == 0
+    with broker_process("--keys", str(keys)) as (_, address):
+        proc = zfalkon("status", "--broker", address, "--timeout", "1")
+        assert proc.returncode == 2
+        assert (f"the broker at {address} refused a client without keys: it uses CurveZMQ; "
+                "pass --keys BUNDLE") in proc.stderr
+        assert "keys=" not in proc.stderr
+        proc = zfalkon("status", "--broker", address, "--timeout", "1", "--keys",
+                       str(other / "issued" / "mallory"))
+        assert proc.returncode == 2
+        assert f"refused the key 'mallory' of {other / 'issued' / 'mallory'}" in proc.stderr
+        assert "(--keys)" in proc.stderr
+
+
+def test_no_broker_address_names_the_flag(monkeypatch):
+    env = {k: v for k, v in child_env().items() if k != "ZFALKON_BROKER"}
+    proc = subprocess.run([sys.executable, "-m", "zfalkon", "status"], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr == ("zfalkon status: no broker address: pass --broker tcp://HOST:PORT "
+                           "or set $ZFALKON_BROKER\n")
+
+
+def no_aws_env(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in child_env().items() if not k.startswith("AWS_")}
+    return {**env, "HOME": str(tmp_path), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.mark.parametrize("extra, says", [
+    ([], "zfalkon ec2: no AWS region: pass --region REGION or set $AWS_REGION"),
+    (["--region", "eu-west-1"], "zfalkon ec2: no AWS credentials: set $AWS_ACCESS_KEY_ID"),
+])
+def test_ec2_without_region_or_credentials_is_one_line(tmp_path, extra, says):
+    for command in (["status", "--pool", "p"], ["up", "--pool", "p", "--broker",
+                                                 "tcp://127.0.0.1:1", "--ami", "ami-1"]):
+        proc = subprocess.run([sys.executable, "-m", "zfalkon", "ec2", *command, *extra],
+                              capture_output=True, text=True, timeout=TIMEOUT,
+                              env=no_aws_env(tmp_path))
+        assert proc.returncode == 2
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith(says)
+
+
+def test_every_option_has_help_and_states_its_default():
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for p in parsers(cli.build_parser()):
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or action.dest in ("help", "version"):
+                continue
+            assert action.help, (p.prog, action.option_strings)
+            if action.default not in (None, False, [], "", argparse.SUPPRESS) or \
+                    action.default == 0 and action.default is not False:
+                assert "default" in formatter._get_help_string(action), \
+                    (p.prog, action.option_strings)
+    text = zfalkon("run", "--help").stdout
+    assert "--retries N" in text and "(default: 0)" in text and "--resume" in text

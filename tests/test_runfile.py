@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import Future
 
 import pytest
 
-from conftest import child_env, free_port
+from conftest import broker_process, child_env, free_port, stop_process, wait_until, worker_process
 from zfalkon import cli, runfile
 from zfalkon.errors import BrokerUnavailable, ConfigError, TaskError
 from zfalkon.payload import ShellResult
 from zfalkon.runfile import (EXIT_BAD_TASKFILE, EXIT_STOPPED, MAX_LINE_BYTES,
-                             MAX_REPORTED_LINES, check_task_file, iter_tasks, run_tasks)
+                             MAX_REPORTED_LINES, check_task_file, iter_tasks, read_tasks,
+                             run_tasks)
 
 TIMEOUT = 120  # seconds any one CLI invocation may take
 GOOD = b"".join(b"echo %d\n" % i for i in range(300))
@@ -239,3 +242,172 @@ def test_a_bad_timeout_is_refused_before_anything_runs():
     proc = zfalkon("run", "--broker", nowhere(), "--timeout", "0", "-", stdin=GOOD)
     assert proc.returncode == 2
     assert b"--timeout must be a positive number" in proc.stderr
+
+
+# -- issue 14: results that survive, resume, retries, rescue files, task-line keys -------
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zfalkon", *args], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=child_env())
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_json_lines_take_env_cwd_timeout_and_argv():
+    line = json.dumps({"command": ["printf", "%s", "x"], "env": {"A": "1"}, "cwd": "/tmp",
+                       "timeout": 2.5})
+    ((n, command, options),) = read_tasks(["# c", line])
+    assert (n, command) == (2, ["printf", "%s", "x"])
+    assert options == {"env": {"A": "1"}, "cwd": "/tmp", "timeout": 2.5}
+
+
+@pytest.mark.parametrize("spec, says", [
+    ({"command": "x", "nope": 1, "zz": 2}, "unknown keys 'nope', 'zz' (valid keys: command, "
+                                           "env, cwd, timeout, inputs, outputs)"),
+    ({"cmd": "x"}, "unknown key 'cmd' (valid keys: command, env, cwd, timeout, inputs, "
+                   "outputs)"),
+    ({"command": []}, "'command' as a list must be a non-empty argv of strings"),
+    ({"command": "x", "env": {"A": 1}}, "'env' must be an object of name: string value"),
+    ({"command": "x", "cwd": 3}, "'cwd' must be a non-empty string"),
+    ({"command": "x", "timeout": 0}, "'timeout' must be a positive number of seconds"),
+    ({"command": "x", "cwd": "/tmp", "outputs": ["o"]}, "runs in its own directory: drop cwd"),
+])
+def test_bad_json_keys_are_named_with_the_line_and_the_valid_keys(spec, says):
+    check = check_task_file(io.BytesIO(b"echo 1\n" + json.dumps(spec).encode() + b"\n"))
+    assert check.bad == 1
+    assert check.problems[0].startswith("line 2: ") and says in check.problems[0]
+
+
+def test_env_cwd_timeout_and_argv_run_on_a_cluster(cluster, tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text(
+        json.dumps({"command": ["sh", "-c", 'echo "$GREETING $(pwd)"'],
+                    "env": {"GREETING": "hi"}, "cwd": str(tmp_path)}) + "\n" +
+        json.dumps({"command": "sleep 5", "timeout": 0.5}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run("run", "--broker", cluster.address, "-o", str(out), str(taskfile))
+    assert proc.returncode == 1, proc.stderr
+    recs = {r["line"]: r for r in records(out)}
+    assert recs[1]["stdout"] == f"hi {tmp_path}\n" and recs[1]["command"][0] == "sh"
+    assert recs[2]["exit_code"] is None and "timeout" in recs[2]["error"]
+    assert "line 1" not in proc.stderr and "line 2: " in proc.stderr
+
+
+def test_output_is_never_overwritten_without_force(cluster, tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("echo new\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    proc = run("run", "--broker", cluster.address, "-o", str(out), str(taskfile))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"zfalkon run: {out} exists: --force overwrites it, --resume "
+                           "continues the run it records\n")
+    assert out.read_text() == "precious\n"
+    proc = run("run", "--broker", cluster.address, "-o", str(out), "--force", str(taskfile))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["stdout"] for r in records(out)] == ["new\n"]
+    for bad, says in [(["--resume"], "--resume needs -o FILE"),
+                      (["--resume", "--force", "-o", str(out)], "choose one"),
+                      (["--retries", "-1"], "--retries must be 0 or more"),
+                      (["--wait-workers", "0"], "--wait-workers must be a positive")]:
+        proc = run("run", "--broker", cluster.address, *bad, str(taskfile))
+        assert proc.returncode == 2 and says in proc.stderr, (bad, proc.stderr)
+
+
+def test_retries_rerun_failures_and_the_rescue_file_holds_what_still_failed(cluster, tmp_path):
+    counter = tmp_path / "count"
+    flaky = f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; [ $n -ge 1 ]"
+    always = json.dumps({"command": ["sh", "-c", "exit $CODE"], "env": {"CODE": "3"}})
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text(f"echo ok\n# a comment\n{always}\n{flaky}\nexit 4\n")
+    out, rescue = tmp_path / "out.jsonl", tmp_path / "rescue.txt"
+    proc = run("run", "--broker", cluster.address, "--retries", "2", "-o", str(out),
+               "--failed-to", str(rescue), str(taskfile))
+    assert proc.returncode == 1, proc.stderr
+    recs = {r["line"]: r for r in records(out)}
+    assert sorted(recs) == [1, 3, 4, 5]  # one record per task: its last attempt
+    assert recs[1]["exit_code"] == 0 and "attempts" not in recs[1]
+    assert (recs[3]["exit_code"], recs[3]["attempts"]) == (3, 3)
+    assert (recs[4]["exit_code"], recs[4]["attempts"]) == (0, 2)
+    assert counter.read_text() == "2\n"  # the flaky task ran twice, not three times
+    assert (recs[5]["exit_code"], recs[5]["attempts"]) == (4, 3)
+    assert "4 tasks, 2 failed (5 reruns)" in proc.stderr
+    assert f"the 2 task lines that did not succeed are in {rescue}" in proc.stderr
+    assert rescue.read_text() == f"{always}\nexit 4\n"  # the lines as they were
+    # The rescue file is a task file; an existing one is not overwritten without --force.
+    proc = run("run", "--broker", cluster.address, "-o", str(tmp_path / "again.jsonl"),
+               "--failed-to", str(rescue), str(rescue))
+    assert proc.returncode == 2 and f"{rescue} exists: --force overwrites it" in proc.stderr
+    proc = run("run", "--broker", cluster.address, str(rescue))
+    assert proc.returncode == 1
+    assert sorted(r["exit_code"] for r in map(json.loads, proc.stdout.splitlines())) == [3, 4]
+
+
+def test_sigkill_then_resume_reruns_no_finished_task(tmp_path):
+    """The client is killed once results are written, the gated tasks waiting; the broker
+    and worker go too (so nothing of the killed run survives it: an away client's tasks
+    would run on). --resume on a new broker skips what the file records and runs the rest:
+    a recorded task never runs again, a gated one runs once, and the file ends with one
+    record per task. (A task that ran but whose result had not reached the client when it
+    was killed, as a slot may hold a result while its next task runs, runs again: at
+    least once.)"""
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("# twelve tasks\n" + "".join(
+        f"sleep 0.05; echo x >> {marks}/{i}\n" if i <= 4 else
+        f"while [ ! -e {gate} ]; do sleep 0.02; done; echo x >> {marks}/{i}\n"
+        for i in range(2, 14)))
+    out = tmp_path / "out.jsonl"
+    with broker_process() as (_, address), worker_process(address, "--slots", "2"):
+        proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "run", "--broker", address,
+                                 "-o", str(out), str(taskfile)], env=child_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: out.exists() and out.read_text().count("\n") >= 1 and
+                       all((marks / str(i)).exists() for i in (2, 3, 4)), 60, 0.02,
+                       "results written")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            stop_process(proc)
+    first = records(out)
+    recorded = {r["line"] for r in first}
+    assert recorded and recorded <= {2, 3, 4} and all(r["exit_code"] == 0 for r in first)
+    with out.open("a") as f:
+        f.write('{"line": 9, "command": "ech')  # a record cut short by the kill
+    # Nothing runs without --resume or --force.
+    assert run("run", "--broker", "tcp://127.0.0.1:1", "-o", str(out),
+               str(taskfile)).returncode == 2
+    gate.touch()
+    with broker_process() as (_, address), worker_process(address, "--slots", "2"):
+        proc = run("run", "--broker", address, "-o", str(out), "--resume", str(taskfile))
+        assert proc.returncode == 0, proc.stderr
+        assert (f"{12 - len(recorded)} tasks, 0 failed; {len(recorded)} done already "
+                "(--resume)") in proc.stderr
+        final = records(out)  # (the torn line was cut, not followed)
+        assert sorted(r["line"] for r in final) == list(range(2, 14))
+        assert all(r["exit_code"] == 0 for r in final)
+        runs = {int(p.name): p.read_text().count("x") for p in marks.iterdir()}
+        assert sorted(runs) == list(range(2, 14))
+        assert all(runs[i] == 1 for i in recorded)  # no recorded task ran again
+        assert all(runs[i] == 1 for i in range(5, 14))  # the gated ones: once
+        assert all(runs[i] in (1, 2) for i in (2, 3, 4))
+        proc = run("run", "--broker", address, "-o", str(out), "--resume", str(taskfile))
+        assert proc.returncode == 0 and "0 tasks, 0 failed; 12 done already" in proc.stderr
+        assert len(records(out)) == 12
+
+
+def test_a_stopped_run_puts_what_did_not_run_in_the_rescue_file(tmp_path):
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("# c\necho 1\necho 2\n\necho 3\n")
+    rescue = tmp_path / "rescue.txt"
+    with broker_process() as (_, address):
+        proc = run("run", "--broker", address, "--wait-workers", "0.5", "--failed-to",
+                   str(rescue), str(taskfile))
+    assert proc.returncode == EXIT_STOPPED, proc.stderr
+    assert "3 tasks not run: 3 cancelled on the broker" in proc.stderr
+    assert rescue.read_text() == "echo 1\necho 2\necho 3\n"

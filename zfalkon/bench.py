@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
-from zfalkon.errors import ConfigError
+from zfalkon.errors import BrokerUnavailable, ConfigError
+from zfalkon.watch import NO_WORKER_WARNING_SECONDS, no_worker_message
 
 KINDS = ("noop", "sleep", "shell")
 _SHELL_WINDOW = 10_000
@@ -76,6 +77,28 @@ def run_workload(ex: Executor, kind: str, tasks: int, task_seconds: float,
     return time.perf_counter() - start, errors
 
 
+def wait_for_workers(ex: Executor, warn_after: float, fail_after: float | None) -> int:
+    """Wait until ``ex``'s broker has a slot; warn on stderr after ``warn_after`` seconds,
+    raise BrokerUnavailable after ``fail_after``. Returns its slot count."""
+    start = time.monotonic()
+    warned = False
+    interval = max(0.05, min(1.0, warn_after / 5))
+    while True:
+        info = ex.status()
+        if info["slots"] > 0:
+            return info["slots"]
+        waited = time.monotonic() - start
+        if fail_after is not None and waited >= fail_after:
+            raise BrokerUnavailable(f"no worker registered with the broker at {ex.address} "
+                                    f"within {fail_after:g} s (--wait-workers); it has "
+                                    f"{info['workers']} workers")
+        if not warned and waited >= warn_after:
+            warned = True
+            print(f"zfalkon bench: warning: {no_worker_message(ex.address, info, waited)}",
+                  file=sys.stderr, flush=True)
+        time.sleep(interval)
+
+
 @contextlib.contextmanager
 def _cluster(address: str | None, workers: int, slots: int, rtt_ms: float,
              swarm: int, secure: bool) -> Iterator[tuple[str, str | None]]:
@@ -104,17 +127,25 @@ def _cluster(address: str | None, workers: int, slots: int, rtt_ms: float,
 def run_bench(address: str | None = None, *, workers: int = 2, slots: int = 1,
               tasks: int = 200_000, kind: str = "noop", task_seconds: float = 0.0,
               repeat: int = 1, rtt_ms: float = 0.0, swarm: int = 0, secure: bool = False,
-              progress: bool = False) -> dict:
-    """Run the benchmark; return the figures (the ``--json`` object)."""
+              progress: bool = False, keys: str | None = None,
+              worker_warning: float = NO_WORKER_WARNING_SECONDS,
+              wait_workers: float | None = None) -> dict:
+    """Run the benchmark; return the figures (the ``--json`` object).
+
+    On a broker (``address``), the clock starts once it has a worker: with none, a
+    warning after ``worker_warning`` seconds, an error after ``wait_workers``."""
     if kind not in KINDS:
         raise ConfigError(f"unknown bench kind {kind!r}; choose from {', '.join(KINDS)}")
     if tasks < 1 or repeat < 1:
         raise ConfigError("--tasks and --repeat must be at least 1")
     if kind == "sleep" and task_seconds <= 0:
         raise ConfigError("--kind sleep needs --task-seconds > 0")
-    with _cluster(address, workers, slots, rtt_ms, swarm, secure) as (addr, keys), \
-            Executor(addr, keys=keys) as ex:
-        total_slots = ex.status()["slots"]
+    if address is None and not swarm and workers < 1:
+        raise ConfigError("--workers must be at least 1: a local cluster without workers "
+                          "runs nothing (--swarm N simulates N workers)")
+    with _cluster(address, workers, slots, rtt_ms, swarm, secure) as (addr, local_keys), \
+            Executor(addr, keys=local_keys if address is None else keys) as ex:
+        total_slots = wait_for_workers(ex, worker_warning, wait_workers)
         runs = []
         errors = 0
         for _ in range(repeat):

@@ -7,17 +7,22 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import signal
 import sys
-from typing import Iterator
+from typing import IO, BinaryIO, Iterator
 
 from zfalkon._version import __version__
 from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, OUTPUT_CAP_BYTES
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
-from zfalkon.errors import ConfigError, ZfalkonError
+from zfalkon.diagnose import explain_no_answer
+from zfalkon.errors import BrokerUnavailable, ConfigError, ZfalkonError
 from zfalkon.broker import DISPATCH_POLICIES
 from zfalkon.cache import CACHE_BYTES
 from zfalkon.journal import FSYNC_POLICIES
+from zfalkon import runfile
+from zfalkon.watch import NO_WORKER_WARNING_SECONDS, WorkerWatch
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -102,11 +107,69 @@ def _executor(broker: str | None, workers: int | None, keys: str | None) -> Iter
             yield ex
 
 
-def _run(args: argparse.Namespace) -> int:
-    from zfalkon import runfile
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as KeyboardInterrupt is for SIGINT (exit status 143)."""
 
+
+_SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class _SignalStop:
+    """SIGINT and SIGTERM during ``zfalkon run``: the first stops the run (a
+    :class:`~zfalkon.runfile.Stop` on its event queue once tasks are submitted, else
+    KeyboardInterrupt); a second exits at once."""
+
+    def __init__(self, events: queue.SimpleQueue) -> None:
+        self.events = events
+        self.armed = False  # run_tasks reads the queue
+        self.signum: int | None = None
+        self._saved = {s: signal.signal(s, self._handle) for s in _SIGNAL_EXIT}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # the second: at once (every line written is flushed)
+            os.write(2, b"\nzfalkon run: stopped at once; tasks still queued for this run "
+                        b"are dropped by the broker when it gives up on this client\n")
+            os._exit(_SIGNAL_EXIT[signum])
+        self.signum = signum
+        if self.armed:
+            self.events.put(runfile.Stop(signal.Signals(signum).name, signum))
+        else:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def restore(self) -> None:
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
+
+
+def _open_new(path: str, force: bool, flag: str, binary: bool = False) -> IO:
+    """Open ``path`` for writing; an existing file only with ``--force``."""
+    mode = "w" if force else "x"
+    try:
+        return open(path, mode + "b") if binary else open(path, mode, encoding="utf-8")
+    except FileExistsError:
+        raise ConfigError(f"{path} exists: --force overwrites it" + (
+            ", --resume continues the run it records" if flag == "-o" else "")) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path} ({flag}): {exc.strerror}") from None
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError("--timeout must be a positive number of seconds")
+    if args.retries < 0:
+        raise ConfigError("--retries must be 0 or more")
+    if args.wait_workers is not None and not args.wait_workers > 0:
+        raise ConfigError("--wait-workers must be a positive number of seconds")
+    if not args.worker_warning > 0:
+        raise ConfigError("--worker-warning must be a positive number of seconds")
+    if args.resume and not args.output:
+        raise ConfigError("--resume needs -o FILE: the results file of the run to continue")
+    if args.resume and args.force:
+        raise ConfigError("--resume appends to -o FILE and --force overwrites it: choose one")
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_run_options(args)
     name = "standard input" if args.taskfile == "-" else args.taskfile
     try:
         source = runfile.spool(sys.stdin.buffer) if args.taskfile == "-" else \
@@ -119,29 +182,104 @@ def _run(args: argparse.Namespace) -> int:
             print("\n".join(checked.report(name)), file=sys.stderr)
             return runfile.EXIT_BAD_TASKFILE
         source.seek(0)
+        done: set = set()
+        if args.resume and os.path.exists(args.output):
+            try:
+                done = runfile.read_done(args.output)
+            except OSError as exc:
+                raise ConfigError(f"cannot read {args.output} (-o): {exc.strerror}") from None
         summary = runfile.RunSummary()
+        if args.resume:
+            try:
+                out: IO[str] = open(args.output, "a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot write {args.output} (-o): {exc.strerror}") from None
+        else:
+            out = _open_new(args.output, args.force, "-o") if args.output else sys.stdout
         try:
-            out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-        except OSError as exc:
-            raise ConfigError(f"cannot write the output: {exc}") from None
-        try:
-            with _executor(args.broker, args.workers, args.keys) as ex:
-                runfile.run_tasks(ex, runfile.iter_tasks(source), out, timeout=args.timeout,
-                                  total=checked.tasks, progress=sys.stderr.isatty(),
-                                  summary=summary)
-        except ZfalkonError as exc:
-            if not summary.total:
-                raise  # nothing submitted: the usual error and status
-            print(f"zfalkon run: stopped after submitting {summary.total} of {checked.tasks} "
-                  f"tasks: {exc}\nzfalkon run: the {summary.written} results received are "
-                  f"written to {args.output or 'standard output'}", file=sys.stderr)
-            return runfile.EXIT_STOPPED
+            status = _run_file(args, source, checked.tasks, done, out, summary)
         finally:
             if out is not sys.stdout:
                 out.close()
-    if not summary.ok or sys.stderr.isatty():
+        if args.failed_to and (status != 0 or summary.failed):
+            with _open_new(args.failed_to, args.force, "--failed-to", binary=True) as f:
+                n = runfile.write_rescue(source, f, summary, done)
+            print(f"zfalkon run: the {n} task lines that did not succeed are in "
+                  f"{args.failed_to} (run it as a task file)", file=sys.stderr)
+    return status
+
+
+def _run_file(args: argparse.Namespace, source: BinaryIO, tasks: int, done: set,
+              out: IO[str], summary: runfile.RunSummary) -> int:
+    """Run the checked task file; the exit status (see README: The command line)."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stopper = _SignalStop(events)
+    written_to = args.output or "standard output"
+    try:
+        with _executor(args.broker, args.workers, args.keys) as ex:
+            watch = _watch_run(ex, args, events, summary).start()
+            stopper.armed = True
+            try:
+                runfile.run_tasks(ex, runfile.skip_done(runfile.iter_tasks(source), done,
+                                                        summary),
+                                  out, timeout=args.timeout, total=tasks - len(done),
+                                  progress=sys.stderr.isatty(), summary=summary,
+                                  retries=args.retries, events=events)
+            finally:
+                stopper.armed = False
+                watch.stop()
+    except runfile.Stopped as exc:
+        print(_describe_stop(exc.stop, summary, tasks, written_to), file=sys.stderr)
+        if exc.stop.signum is not None:
+            return _SIGNAL_EXIT[exc.stop.signum]
+        return runfile.EXIT_STOPPED
+    except ZfalkonError as exc:
+        if not summary.total:
+            raise  # nothing submitted: the usual error and status
+        summary.stopped = runfile.Stop(str(exc))  # (what did not run goes in --failed-to)
+        print(f"zfalkon run: stopped after submitting {summary.total} of {tasks} "
+              f"tasks: {exc}\nzfalkon run: the {summary.written} results received are "
+              f"written to {written_to}", file=sys.stderr)
+        return runfile.EXIT_STOPPED
+    finally:
+        stopper.restore()
+    if not summary.ok or sys.stderr.isatty() or summary.skipped:
         print(runfile.describe_failures(summary), file=sys.stderr)
     return 0 if summary.ok else 1
+
+
+def _watch_run(ex: Executor, args: argparse.Namespace, events: queue.SimpleQueue,
+               summary: runfile.RunSummary) -> WorkerWatch:
+    """Warn (and with --wait-workers stop the run) while the broker has no worker."""
+    return WorkerWatch(
+        ex.address, args.keys, warn_after=args.worker_warning, fail_after=args.wait_workers,
+        on_warn=lambda m: events.put(runfile.Notice(f"zfalkon run: warning: {m}")),
+        on_fail=lambda m: events.put(runfile.Stop(m)),
+        progress=lambda: summary.written + summary.retried)
+
+
+def _describe_stop(stop: runfile.Stop, summary: runfile.RunSummary, tasks: int,
+                   written_to: str) -> str:
+    """The summary printed when a run stops early: what ran, what did not, and why."""
+    why = f"interrupted ({stop.reason})" if stop.signum is not None else f"stopped: {stop.reason}"
+    to_run = tasks - summary.skipped
+    not_run = to_run - summary.written
+    unfinished = len(summary.unfinished_lines)
+    running = summary.running_at_stop
+    parts = [f"{unfinished - running} cancelled on the broker before any worker had them"]
+    if running:
+        parts.append(f"{running} were running: " + (
+            "cancelled too" if summary.killed_running else
+            "abandoned (they may finish on their workers; their results are dropped)"))
+    parts.append(f"{to_run - summary.total} never submitted")
+    again = ("run the same command with --resume (instead of --force) to run only what "
+             "did not succeed" if written_to != "standard output" else
+             "with -o FILE, --resume would run only what did not succeed")
+    return (f"zfalkon run: {why}\n"
+            f"zfalkon run: {summary.written} of {to_run} tasks finished "
+            f"({summary.failed} failed); their results are written to {written_to}\n"
+            f"zfalkon run: {not_run} tasks not run: {'; '.join(parts)}\n"
+            f"zfalkon run: {again}")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -150,16 +288,54 @@ def _bench(args: argparse.Namespace) -> int:
     figures = run_bench(args.broker, workers=args.workers, slots=args.slots, tasks=args.tasks,
                         kind=args.kind, task_seconds=args.task_seconds, repeat=args.repeat,
                         rtt_ms=args.rtt_ms, swarm=args.swarm, secure=args.secure,
-                        progress=sys.stderr.isatty() and not args.json)
+                        progress=sys.stderr.isatty() and not args.json,
+                        keys=args.keys, worker_warning=args.worker_warning,
+                        wait_workers=args.wait_workers)
     print(json.dumps(figures) if args.json else format_table(figures))
     return 0 if figures["errors"] == 0 else 1
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that states every option's default (unless its text already does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (text and "default" not in text and action.option_strings and
+                action.default is not None and action.default is not False and
+                action.default not in ([], "", argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands' help states defaults too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
+USAGE = """zfalkon runs many short tasks (shell commands, Python calls) on workers that
+connect out to one broker.
+
+  zfalkon run tasks.txt -o results.jsonl       run a task file (one command per line) on
+                                               a local cluster, or on --broker ADDR
+  zfalkon broker / zfalkon worker --broker ADDR    run the fabric yourself
+  zfalkon status --broker ADDR                 what a broker has: workers, queued, running
+  zfalkon keys init DIR                        CurveZMQ keys for a broker on a network
+  zfalkon ec2 up ...                           a pool of EC2 workers that follows the queue
+
+Set $ZFALKON_BROKER and $ZFALKON_KEYS once instead of --broker and --keys.
+'zfalkon COMMAND --help' explains each command.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zfalkon", description=__doc__)
+    parser = _Parser(prog="zfalkon", description=USAGE)
     parser.add_argument("--version", action="version", version=f"zfalkon {__version__}")
     parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much the broker, worker and provisioner log")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run a broker")
@@ -188,16 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="create, list and revoke CurveZMQ keys")
     keys = p.add_subparsers(dest="keys_command", required=True)
     k = keys.add_parser("init", help="create a broker key directory")
-    k.add_argument("dir")
+    k.add_argument("dir", help="the directory to create (0700)")
     k = keys.add_parser("new", help="create and authorize a worker or client key")
-    k.add_argument("name")
-    k.add_argument("--role", choices=["worker", "client"], required=True)
+    k.add_argument("name", help="the key's name (letters, digits, . _ -)")
+    k.add_argument("--role", choices=["worker", "client"], required=True,
+                   help="worker: may register workers; client: may submit and ask status")
     k.add_argument("--dir", help=f"the broker's key directory (default ${KEY_DIR_ENV})")
     k.add_argument("--out", help="where to write the bundle (default DIR/issued/NAME)")
     k = keys.add_parser("list", help="list authorized and revoked keys")
     k.add_argument("--dir", help=f"the broker's key directory (default ${KEY_DIR_ENV})")
     k = keys.add_parser("revoke", help="take a key's authorization back (no restart needed)")
-    k.add_argument("name")
+    k.add_argument("name", help="the key to revoke")
     k.add_argument("--dir", help=f"the broker's key directory (default ${KEY_DIR_ENV})")
     p.set_defaults(func=_keys)
 
@@ -226,37 +403,68 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)
 
     p = sub.add_parser("vm-agent", help="run a worker on a cloud VM (started by systemd)")
-    p.add_argument("--config", default="/etc/zfalkon/worker.json")
+    p.add_argument("--config", default="/etc/zfalkon/worker.json",
+                   help="the worker configuration the cloud-config wrote")
     p.set_defaults(func=_vm_agent)
 
     p = sub.add_parser("status", help="show a broker's counters and workers")
     p.add_argument("--broker", default=None, help=f"tcp://HOST:PORT (default ${BROKER_ENV})")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for the broker's answer")
     p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("run", help="run a task file: one shell command per line")
+    p = sub.add_parser("run", help="run a task file: one shell command per line",
+                       description=runfile.RUN_HELP)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--broker", default=None,
                        help=f"tcp://HOST:PORT (default ${BROKER_ENV}, else a local cluster)")
     where.add_argument("--workers", type=int, default=None,
                        help="run on a local cluster of N workers (default: cores)")
-    p.add_argument("--output", "-o", default=None, help="JSON lines file (default stdout)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per task")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="JSON lines file, one line per task written as it ends (default "
+                        "standard output); an existing FILE is refused unless --force "
+                        "or --resume")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing -o FILE (and --failed-to FILE)")
+    p.add_argument("--resume", action="store_true",
+                   help="append to -o FILE, skipping the tasks it records with exit status "
+                        "0 (same line number and command)")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="run a task that fails (non-zero exit, timeout, error) again, up to "
+                        "N times; only its last attempt is written")
+    p.add_argument("--failed-to", metavar="FILE",
+                   help="write the task lines that did not succeed (failed, or not run "
+                        "after a stop) to FILE, a task file to run again")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="seconds per task (default: none; a JSON line's own timeout wins)")
+    p.add_argument("--worker-warning", type=float, default=NO_WORKER_WARNING_SECONDS,
+                   metavar="S",
+                   help="warn when the broker has had no worker for S seconds while "
+                        "tasks wait")
+    p.add_argument("--wait-workers", type=float, default=None, metavar="S",
+                   help="stop the run (exit 4) when the broker has had no worker for S "
+                        "seconds while tasks wait (default: wait, with the warning)")
     p.add_argument("taskfile", help="task file, or - for standard input")
     p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("bench", help="measure tasks per second")
     p.add_argument("--broker", default=None, help="tcp://HOST:PORT (default: a local cluster)")
-    p.add_argument("--workers", type=int, default=2, help="local cluster workers (default 2)")
+    p.add_argument("--keys", metavar="BUNDLE",
+                   help=f"client key bundle for --broker (default ${KEYS_ENV})")
+    p.add_argument("--workers", type=int, default=2,
+                   help="local cluster workers, at least 1 (default 2)")
     p.add_argument("--slots", type=int, default=1, help="slots per local worker (default 1)")
     p.add_argument("--tasks", type=int, default=200_000, help="tasks per run (default 200000)")
-    p.add_argument("--kind", choices=["noop", "sleep", "shell"], default="noop")
+    p.add_argument("--kind", choices=["noop", "sleep", "shell"], default="noop",
+                   help="noop: Python no-ops through map; sleep: time.sleep tasks; shell: "
+                        "shell commands")
     p.add_argument("--task-seconds", type=float, default=0.0,
                    help="task length for sleep and shell kinds")
-    p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs; figures are their medians")
     p.add_argument("--rtt-ms", type=float, default=0.0,
                    help="put the workers behind an emulated link of this round trip")
     p.add_argument("--swarm", type=int, default=0, metavar="N",
@@ -264,8 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secure", action="store_true",
                    help="local cluster with CurveZMQ keys (measures encryption's cost)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--worker-warning", type=float, default=NO_WORKER_WARNING_SECONDS,
+                   metavar="S", help="with --broker: warn when it has had no worker for S "
+                                     "seconds")
+    p.add_argument("--wait-workers", type=float, default=None, metavar="S",
+                   help="with --broker: fail when it has had no worker for S seconds "
+                        "(default: wait, with the warning)")
     p.set_defaults(func=_bench)
     return parser
+
+
+def _cli_words(exc: ZfalkonError, args: argparse.Namespace) -> str:
+    """An error as the command line says it: a broker that did not answer is probed to
+    tell a refused connection from a refused key, in terms of flags, not parameters."""
+    text = str(exc)
+    if isinstance(exc, BrokerUnavailable) and text.startswith("no answer from a zfalkon"):
+        broker = getattr(args, "broker", None) or os.environ.get(BROKER_ENV)
+        if broker:
+            try:
+                return (text.split(" (", 1)[0] + ": " +
+                        explain_no_answer(broker, getattr(args, "keys", None)))
+            except ZfalkonError:
+                pass
+    if text.startswith("no broker address: pass one or set"):
+        return f"no broker address: pass --broker tcp://HOST:PORT or set ${BROKER_ENV}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ZfalkonError as exc:
-        print(f"zfalkon {args.command}: {exc}", file=sys.stderr)
+        print(f"zfalkon {args.command}: {_cli_words(exc, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return 143 if isinstance(exc, Terminated) else 130

@@ -448,6 +448,7 @@ class Executor(cf.Executor):
         self._broken: BaseException | None = None
         self._thread = threading.Thread(target=self._io_main, name="zfalkon-io", daemon=True)
         self._thread.start()
+        _watch_workers(self)
 
     # -- public API --------------------------------------------------------------------
 
@@ -876,6 +877,14 @@ class Executor(cf.Executor):
         for sink in list(self._sinks):
             sink.waiting = True
             sink.wake()
+
+
+def _watch_workers(ex: Executor) -> None:
+    """Never silent: log a warning while tasks wait on a broker with no worker (a thread
+    of :mod:`zfalkon.watch`, asking the broker's status only while nothing finishes)."""
+    from zfalkon.watch import watch_executor
+
+    watch_executor(ex)
 
 
 __all__ = ["Executor", "TaskFuture", "ShellResult", "query_status"]
