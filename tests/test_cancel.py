@@ -104,3 +104,16 @@ def test_shutdown_cancel_futures_cancels_what_no_slot_has_and_lets_the_rest_fini
     settle(cluster.address)
     ran = {int(name) for name in os.listdir(marks)}
     assert ran == finished
+
+
+def test_cancel_all_cancels_queued_tasks_and_kills_running_ones(cluster, tmp_path):
+    marks = str(tmp_path)
+    with Executor(cluster.address) as ex:
+        futures = [ex.submit(tasks.mark_then_sleep, marks, i, 60) for i in range(6)]
+        wait_until(lambda: len(os.listdir(marks)) >= 2, 20, message="two tasks running")
+        assert ex.cancel_all() == 6
+        done, not_done = cf.wait(futures, 20)
+        assert not not_done, "cancel_all left tasks running"
+        assert all(f.cancelled() for f in futures)
+    settle(cluster.address)
+    assert len(os.listdir(marks)) == 2  # the queued ones never ran

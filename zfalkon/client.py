@@ -483,6 +483,18 @@ class Executor(cf.Executor):
         """Cancel ``future``'s task even if it is running: ``future.cancel(force=True)``."""
         return future.cancel(force=True)
 
+    def cancel_all(self) -> int:
+        """Cancel every task of this executor not yet finished, queued or running (running
+        ones are killed: CANCEL mode 2, one request), and return how many were asked. It
+        does not wait: each future ends cancelled as the broker or its slot answers (or
+        with its result, if that came first); a ``map`` still iterating raises
+        ``CancelledError`` when it reaches a cancelled element."""
+        ids = [t for t, o in self._pending.copy().items()
+               if not (isinstance(o, TaskFuture) and o.done())]
+        if ids:
+            self._enqueue((_CANCEL, ids, P.CANCEL_KILL))
+        return len(ids)
+
     def shell(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, timeout: float | None = None,
               inputs: Mapping[str, bytes | str] | None = None,

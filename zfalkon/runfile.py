@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import inspect
 import json
 import queue
 import shlex
@@ -457,24 +456,9 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str | list[str], di
 
 
 def _cancel_running(executor: Executor, flying: dict[Future, int]) -> bool:
-    """Cancel the running tasks too, if this executor can (``cancel_running()``, or
-    ``TaskFuture.cancel(force=True)``); whether it did. The queued ones are cancelled
-    when the executor is left by the exception."""
-    cancel_running = getattr(executor, "cancel_running", None)
-    if callable(cancel_running):
-        cancel_running()
-        return True
-    running = [f for f in flying if f.running()]
-    try:
-        force = "force" in inspect.signature(type(next(iter(flying))).cancel).parameters \
-            if flying else False
-    except (TypeError, ValueError):
-        force = False
-    if not force:
-        return False
-    for f in running:
-        f.cancel(force=True)  # type: ignore[call-arg]
-    return True
+    """Cancel the run's tasks, running ones too (``Executor.cancel_all``: they are killed
+    on their workers); whether any was asked."""
+    return executor.cancel_all() > 0
 
 
 def read_done(path: str) -> set[tuple[int, str]]:

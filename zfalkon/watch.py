@@ -121,8 +121,10 @@ class WorkerWatch:
 
 def watch_executor(ex: "Executor", warn_after: float | None = None) -> WorkerWatch:
     """Log a warning (once per stretch) while ``ex`` has tasks waiting, none finishes,
-    and its broker has had no worker for ``warn_after`` seconds. The watch ends with the
-    executor (it holds only a weak reference)."""
+    none is known to be held by a slot (STARTED: long tasks running ask nothing), and its
+    broker has had no worker for ``warn_after`` seconds; it asks the broker every
+    ``warn_after / 4`` seconds at most. The watch ends with the executor (it holds only a
+    weak reference)."""
     if warn_after is None:
         warn_after = NO_WORKER_WARNING_SECONDS
     ref = weakref.ref(ex)
@@ -134,8 +136,9 @@ def watch_executor(ex: "Executor", warn_after: float | None = None) -> WorkerWat
             raise LookupError("executor gone")
         return e
 
-    def busy() -> bool:
-        return bool(live()._pending)
+    def busy() -> bool:  # tasks wait, and the broker has said of none that a slot has it
+        e = live()
+        return bool(e._pending) and not e._started
 
     def progress() -> object:
         pending = live()._pending
@@ -145,4 +148,4 @@ def watch_executor(ex: "Executor", warn_after: float | None = None) -> WorkerWat
             return object()
 
     return WorkerWatch(ex.address, keys, warn_after=warn_after, busy=busy, progress=progress,
-                       on_warn=log.warning, interval=min(1.0, warn_after / 5)).start()
+                       on_warn=log.warning, interval=max(1.0, warn_after / 4)).start()
