@@ -64,7 +64,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without parsl
     raise ImportError(f"zfalkon.parsl needs Parsl ({exc}): pip install 'zfalkon[parsl]'") from exc
 
-from zfalkon.client import Executor
+from zfalkon.client import Executor, query_status
 from zfalkon.constants import CONNECT_TIMEOUT_SECONDS, STOP_GRACE_SECONDS
 from zfalkon.errors import BrokerUnavailable, ConfigError
 
@@ -231,10 +231,26 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
         ex, self.executor = self.executor, None
         if ex is not None:
             ex.shutdown(wait=True, cancel_futures=True, timeout=5.0)
+        if self._broker_proc is not None and self._status and all(
+                s.terminal for s in self._status.values()):
+            # The blocks were cancelled (Parsl scales in first): their workers drain and
+            # say goodbye; stopping the broker before that leaves them waiting for it.
+            self._wait_for_workers_to_leave(STOP_GRACE_SECONDS)
         self._stop_broker()
         super().shutdown()
 
     # -- the broker ----------------------------------------------------------------------
+
+    def _wait_for_workers_to_leave(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                status = query_status(self.broker_address, timeout=2.0, keys=self._client_keys)
+            except Exception:
+                return
+            if not status.get("workers"):
+                return
+            time.sleep(0.05)
 
     def _start_broker(self) -> None:
         loopback = self.address in _LOOPBACK
