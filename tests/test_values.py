@@ -113,6 +113,20 @@ def test_pickled_buffers_travel_out_of_band():
     assert np.array_equal(got[0], array) and got[1] == pathlib.Path("/p")
 
 
+def test_what_pickle_cannot_name_is_pickled_by_value():
+    # (Parsl's own tests pass such values: a class made in a function, a function of a
+    # module loaded from a file; HTEX's serializer handles them too)
+    def make():
+        class Local:
+            a = "X"
+        return Local
+
+    cls = values.unpack(values.pack(make(), True), True)
+    assert cls.a == "X" and cls.__name__ == "Local"
+    square = values.unpack(values.pack([lambda x: x * x], True), True)[0]
+    assert square(7) == 49
+
+
 def array_payload(head: list) -> bytes:
     packed = msgpack.packb(head)
     return struct.pack("<I", len(packed)) + packed
