@@ -26,10 +26,10 @@ wrappers and ``RemoteExceptionWrapper`` are Parsl's.
 as zfalkon shell tasks: files a bash app writes land on the worker's file system, as with
 HTEX.
 
-Resource specification: ``walltime`` (seconds) is accepted in
-``parsl_resource_specification`` and applied by Parsl's own mechanism (the same
-``AppTimeout`` wrapper that ``@python_app(walltime=...)`` uses), because zfalkon has no
-per-task timeout for Python calls yet; any other key raises
+Resource specification: ``walltime`` (seconds) in ``parsl_resource_specification``
+becomes a zfalkon time limit (``Executor.options(timeout=...)``): past it the task's
+process is killed on its worker (even a call stuck in C code), and Parsl sees the
+``AppTimeout`` its own walltime raises; any other key raises
 ``InvalidResourceSpecification``, as on HTEX.
 
 Parsl is imported by this module only: ``import zfalkon`` does not need it
@@ -52,7 +52,6 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 try:
-    from parsl.app.python import timeout as _parsl_timeout
     from parsl.executors.errors import InvalidResourceSpecification
     from parsl.executors.status_handling import BlockProviderExecutor
     from parsl.jobs.states import JobStatus
@@ -66,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without parsl
 
 from zfalkon.client import Executor, query_status
 from zfalkon.constants import CONNECT_TIMEOUT_SECONDS, STOP_GRACE_SECONDS
-from zfalkon.errors import BrokerUnavailable, ConfigError
+from zfalkon.errors import BrokerUnavailable, ConfigError, TaskTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +205,44 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
                     + ", ".join(sorted(RESOURCE_KEYS)))
             walltime = resource_specification.get("walltime")
             if walltime is not None:
-                func = _parsl_timeout(func, walltime)
+                return self._submit_with_walltime(func, float(walltime), args, kwargs)
         fut = self.executor.submit(func, *args, **kwargs)
+        return self._track(fut)
+
+    def _submit_with_walltime(self, func: Callable, walltime: float, args: tuple,
+                              kwargs: dict) -> Future:
+        """A zfalkon time limit (the task's process is killed past it, even in C code);
+        its TaskTimeout reaches Parsl as the AppTimeout Parsl's own walltime raises."""
+        from parsl.app.errors import AppTimeout
+
+        assert self.executor is not None
+        inner = self.executor.options(timeout=walltime).submit(func, *args, **kwargs)
+        outer: Future = Future()
+        outer.task_id = inner.task_id  # type: ignore[attr-defined]
+
+        def settle(done: Future) -> None:
+            if done.cancelled():
+                outer.cancel()
+                outer.set_running_or_notify_cancel()
+                return
+            exc = done.exception()
+            if isinstance(exc, TaskTimeout):
+                name = getattr(func, "__name__", "app")
+                outer.set_exception(AppTimeout(f"App {name} exceeded walltime: "
+                                               f"{walltime:g} seconds"))
+            elif exc is not None:
+                outer.set_exception(exc)
+            else:
+                outer.set_result(done.result())
+
+        inner.add_done_callback(settle)
+        return self._track(outer)
+
+    def _track(self, fut: Future) -> Future:
         with self._lock:
             self._task_counter += 1
             fut.parsl_executor_task_id = self._task_counter  # type: ignore[attr-defined]
-            self._tasks[fut.task_id] = fut
+            self._tasks[fut.task_id] = fut  # type: ignore[attr-defined]
         fut.add_done_callback(self._forget)
         return fut
 
