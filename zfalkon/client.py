@@ -430,6 +430,18 @@ class Executor(cf.Executor):
         stream.fill()
         return stream
 
+    @property
+    def _max_workers(self) -> int:
+        """How many tasks can run at once: the broker's connected slots now (this
+        machine's cores if there are none yet). ``dask.compute(scheduler=executor)`` reads
+        it, as it does a ``ThreadPoolExecutor``'s, to size how many tasks it keeps in
+        flight."""
+        try:
+            slots = int(self.status().get("slots") or 0)
+        except (BrokerUnavailable, ProtocolError, TypeError, ValueError):
+            slots = 0
+        return slots if slots > 0 else (os.cpu_count() or 1)
+
     def status(self, timeout: float = CONNECT_TIMEOUT_SECONDS) -> dict:
         """The broker's status: counters and the worker list."""
         return query_status(self.address, timeout, self._keys.directory if self._keys else None)
