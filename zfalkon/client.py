@@ -319,9 +319,9 @@ class Executor(cf.Executor):
             methods, functions from the user's own modules); ``"reference"`` or
             ``"value"`` for all of them.
         pickle: allow pickles both ways: arguments and results that have no typed
-            encoding are pickled (protocol 5) instead of refused, and exceptions keep
-            their exact type and attributes. Off by default: a pickle from a worker
-            can run code in this process.
+            encoding are pickled (protocol 5, by cloudpickle) instead of refused, and
+            exceptions keep their exact type and attributes. Off by default: a pickle
+            from a worker can run code in this process. Dask's scheduler needs it.
 
     Arguments and results are typed values (:mod:`zfalkon.values`: msgpack plus tuples,
     sets, big ints, complex, datetimes, numpy arrays, ...). A task's exception is raised
