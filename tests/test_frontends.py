@@ -57,7 +57,7 @@ def test_dask_bag_computes_on_the_fabric(pickling):
     expected = bag.compute(scheduler="sync")
     assert bag.compute(scheduler=pickling) == expected
     assert bag.sum().compute(scheduler=pickling) == sum(expected)
-    assert pickling._max_workers == 2  # (dask keeps that many tasks in flight)
+    assert pickling._max_workers == 4  # (dask keeps that many in flight: 2 per slot)
 
 
 def test_dask_delayed_graph_computes_on_the_fabric(pickling):
@@ -92,7 +92,7 @@ def test_joblib_backend_runs_parallel_calls(cluster):
         assert joblib.Parallel()(  # n_jobs None: every slot; a lambda travels by value
             joblib.delayed(lambda i: -i)(i) for i in range(5)) == [0, -1, -2, -3, -4]
         assert joblib.effective_n_jobs() == 2
-        with pytest.raises(KeyError, match="no 4"):
+        with pytest.raises(KeyError, match="no [4-7]"):  # (whichever fails first)
             joblib.Parallel(n_jobs=2)(joblib.delayed(fails)(i) for i in range(4, 8))
 
 

@@ -430,17 +430,21 @@ class Executor(cf.Executor):
         stream.fill()
         return stream
 
-    @property
-    def _max_workers(self) -> int:
-        """How many tasks can run at once: the broker's connected slots now (this
-        machine's cores if there are none yet). ``dask.compute(scheduler=executor)`` reads
-        it, as it does a ``ThreadPoolExecutor``'s, to size how many tasks it keeps in
-        flight."""
+    def _connected_slots(self) -> int:
+        """The broker's connected slots now (this machine's cores if none, or no answer)."""
         try:
             slots = int(self.status().get("slots") or 0)
         except (BrokerUnavailable, ProtocolError, TypeError, ValueError):
             slots = 0
         return slots if slots > 0 else (os.cpu_count() or 1)
+
+    @property
+    def _max_workers(self) -> int:
+        """How many tasks to keep in flight: twice the broker's connected slots (so that
+        a round trip to the broker is hidden). ``dask.compute(scheduler=executor)`` reads
+        it, as it does a ``ThreadPoolExecutor``'s: with one task per slot Dask's graphs of
+        short tasks ran ~1.5x slower."""
+        return 2 * self._connected_slots()
 
     def status(self, timeout: float = CONNECT_TIMEOUT_SECONDS) -> dict:
         """The broker's status: counters and the worker list."""

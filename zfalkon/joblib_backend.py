@@ -99,7 +99,7 @@ class ZfalkonBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def _slots(self) -> int:
         if self._executor is not None:
-            return self._executor._max_workers
+            return self._executor._connected_slots()
         try:
             slots = int(query_status(self.address, self.connect_timeout, self.keys)
                         .get("slots") or 0)
