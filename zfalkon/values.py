@@ -20,8 +20,8 @@ code   type                 payload
                            (C order; no object dtype)
 11     numpy scalar         ``[dtype descr, raw bytes]``
 12     ``decimal.Decimal``  its text
-20     anything else        a pickle (protocol 5; cloudpickle where pickle cannot name
-                           it), only where pickling was allowed
+20     anything else        a pickle (protocol 5, by cloudpickle), only where
+                           pickling was allowed
 =====  ===================  ==========================================================
 
 Subclasses of the builtin containers and numbers (``namedtuple``, ``OrderedDict``,
@@ -119,20 +119,17 @@ class _Encoder:
         return None
 
     def _pickle(self, obj: Any) -> msgpack.ExtType:
+        # cloudpickle, not pickle: what refers to __main__ (a script's functions, lambdas,
+        # classes and their instances, e.g. inside a Dask graph) goes by value, since the
+        # other side's __main__ is not the script; anything importable by reference, as
+        # pickle does. Either way the other side reads it with pickle.loads.
+        import cloudpickle
+
         buffers: list[pickle.PickleBuffer] = []
         try:
-            data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-        except Exception:
-            # What pickle can only name but not find (a class defined in a function, a
-            # function of a module loaded from a file, a lambda) goes by value, as
-            # functions do: cloudpickle's output loads with pickle.loads.
-            import cloudpickle
-
-            buffers = []
-            try:
-                data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-            except Exception as exc:
-                raise TypeError(f"a {type(obj).__qualname__} cannot be pickled: {exc}") from None
+            data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        except Exception as exc:
+            raise TypeError(f"a {type(obj).__qualname__} cannot be pickled: {exc}") from None
         return msgpack.ExtType(PICKLE, msgpack.packb([data, [b.raw() for b in buffers]]))
 
 
