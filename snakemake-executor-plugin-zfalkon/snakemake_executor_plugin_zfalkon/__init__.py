@@ -15,8 +15,7 @@ directory and Snakemake stages its files through the storage.
 
 A job is one task on one slot whatever its ``threads``: size the workers' slots
 (``zfalkon worker --slots``) for the jobs. Cancelling (Ctrl-C) cancels the jobs no worker
-has started; a job already running finishes (zfalkon does not kill a running task), and
-its result is dropped.
+has started and kills the running ones on their workers (``Executor.cancel_all``).
 """
 
 import asyncio
@@ -152,12 +151,10 @@ class Executor(RemoteExecutor):
     # -- stopping ------------------------------------------------------------------------
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]) -> None:
-        running = sum(1 for info in active_jobs if info.aux["future"].running())
-        # One CANCEL for every job still queued; running ones finish, results dropped.
+        # One CANCEL for every job: queued ones never run, running ones are killed on
+        # their workers (their process groups).
+        self.zf.cancel_all()
         self.zf.shutdown(wait=False, cancel_futures=True)
-        if running:
-            self.logger.info(f"zfalkon: {running} job(s) already running on workers "
-                             "will finish there; the others are cancelled.")
 
     def shutdown(self) -> None:
         with self.lock:
