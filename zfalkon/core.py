@@ -42,6 +42,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+import msgpack
+
 from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon._version import __version__
@@ -120,6 +122,15 @@ STALE_SECONDS = 5.0
 #: is always allowed when the peer is within it, so an answer larger than this goes out
 #: once every few ticks): STATUS answers a peer does not read pile up in the socket.
 STATUS_BYTES_PER_TICK = 1024 * 1024
+#: One STATUS answer is bounded, so that the frames ZeroMQ may queue for a peer that asks
+#: and never reads (broker.SEND_HWM = 256) stay well under the per-peer bound: the first
+#: STATUS_MAX_WORKERS workers are listed in full (at most STATUS_MAX_TAGS tags, the rest
+#: counted in ``tags_omitted``), the others in short (name, slots, running, done, ...),
+#: until the list reaches STATUS_MAX_BYTES (msgpack); workers past it are counted in
+#: ``workers_omitted`` (``workers`` and ``slots`` count them all).
+STATUS_MAX_WORKERS = 32
+STATUS_MAX_TAGS = 8
+STATUS_MAX_BYTES = 96 * 1024
 #: Live tasks (queued, running, or delivered and not acknowledged) one client may have;
 #: past any of these a SUBMIT frame is not accepted (not acknowledged: the client sends
 #: it again later) and the client is told ERROR ``limit``: backpressure, nothing is lost.
@@ -1474,20 +1485,36 @@ class BrokerCore:
         if len(self._rate) >= 2:
             (t0, d0), (t1, d1) = self._rate[0], self._rate[-1]
             rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
-        workers = []
+        workers: list[dict] = []
+        size = omitted = 0
         for w in self.workers.values():
+            if size > STATUS_MAX_BYTES:
+                omitted += 1
+                continue
             info = w.info
-            workers.append({
-                "name": info.get("name"), "hostname": info.get("hostname"),
-                "slots": info.get("slots"), "connected_slots": len(w.slots),
-                "cpus": info.get("cpus"), "memory": info.get("memory"),
-                "tags": info.get("tags", []), "version": w.version,
+            entry = {
+                "name": info.get("name"), "slots": info.get("slots"),
+                "connected_slots": len(w.slots),
                 "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
-                "window": sum(s.window for s in w.slots.values()),
-                "stalled_slots": sum(s.stalled for s in w.slots.values()),
-                "draining": w.draining, "data_keys": len(w.data),
-                "idle_seconds": round(now - w.last_seen, 3),
-            })
+                "draining": w.draining}
+            if len(workers) < STATUS_MAX_WORKERS:
+                tags = info.get("tags", [])
+                entry.update({
+                    "hostname": info.get("hostname"), "cpus": info.get("cpus"),
+                    "memory": info.get("memory"), "tags": tags[:STATUS_MAX_TAGS],
+                    "tags_omitted": max(0, len(tags) - STATUS_MAX_TAGS),
+                    "version": w.version,
+                    "window": sum(s.window for s in w.slots.values()),
+                    "stalled_slots": sum(s.stalled for s in w.slots.values()),
+                    "data_keys": len(w.data),
+                    "idle_seconds": round(now - w.last_seen, 3)})
+            n = len(msgpack.packb(entry))
+            if size + n > STATUS_MAX_BYTES:
+                size = STATUS_MAX_BYTES + 1  # (full: the rest are counted, not listed)
+                omitted += 1
+                continue
+            size += n
+            workers.append(entry)
         return {
             "version": __version__, "protocol": PROTOCOL_VERSION,
             "uptime": round(now - self.started, 3),
@@ -1499,6 +1526,7 @@ class BrokerCore:
             "running": self.running, "parked": self.parked_count,
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
             "tasks_per_second": round(rate, 1), "worker_list": workers,
+            "workers_omitted": omitted,
             "expired_leases": self.expired_leases, "stolen": self.stolen,
             "unacknowledged_results": sum(
                 len(ids) for c in self.clients.values() for _, (_, ids, _) in c.tx.unacked),
