@@ -137,6 +137,12 @@ STATUS_MAX_BYTES = 96 * 1024
 MAX_CLIENT_TASKS = 1_000_000
 MAX_CLIENT_BYTES = 256 * 1024 * 1024  # their task blobs and data hints
 MAX_CLIENT_HINTED = 32_768  # those with a data hint (a hint costs ~1 KB queued by key)
+#: Tasks cancelled with CANCEL_DROP stop counting against their client at once, but stay
+#: in the queue (skipped when taken) while no slot is free to take them: past either of
+#: these, counted since the last purge, every such task is removed from the queue (one
+#: O(queue) pass, so a submit-and-cancel loop cannot fill the broker with dead blobs).
+MAX_CANCELLED_QUEUED_BYTES = 32 * 1024 * 1024
+MAX_CANCELLED_QUEUED = 65_536
 #: Clients with no connection (quiet, or journal placeholders) the broker keeps; past
 #: this, the oldest are forgotten, those holding nothing (no live task) first.
 MAX_AWAY_CLIENTS = 4096
@@ -303,6 +309,9 @@ class BrokerCore:
         #: once while live; a journal replay gives back exactly this set.
         self.live: set[int] = set()
         self._dead_queued = False  # tasks no longer live may sit in the queue
+        #: Tasks (and their bytes, approximately) cancelled with DROP since the last purge
+        #: of the queue (:meth:`_purge_cancelled`).
+        self._dropped_tasks = self._dropped_bytes = 0
         self.cancelled: set[int] = set()  # cancelled while queued or running (not live)
         # Tasks that may have run although no slot holds them now (taken back from a slot,
         # or restored from the journal: restored_max, the highest such id per client key):
@@ -861,7 +870,30 @@ class BrokerCore:
             else:  # not live any more: skipped if queued, its result dropped if running
                 self.recorder.done(ids)
                 live.difference_update(ids)
+                if client.live_tasks:
+                    self._dropped_bytes += client.task_bytes * len(ids) // client.live_tasks
+                self._dropped_tasks += len(ids)
                 self._untrack(client, len(ids))
+                if self._dropped_bytes > MAX_CANCELLED_QUEUED_BYTES or \
+                        self._dropped_tasks > MAX_CANCELLED_QUEUED:
+                    self._purge_cancelled()
+
+    def _purge_cancelled(self) -> None:
+        """Remove from the queue (and the parked tasks) every task cancelled with DROP
+        that waits there: it is no longer live and would only be skipped when taken."""
+        self._dropped_tasks = self._dropped_bytes = 0
+        dead = {t for t in self.cancelled if t not in self.live}
+        if not dead:
+            return
+        removed = self.queue.remove(set(), dead)
+        for key, (ids, blobs) in list(self.parked.items()):
+            keep = [i for i, t in enumerate(ids) if t not in dead]
+            if len(keep) < len(ids):
+                removed += [t for t in ids if t in dead]
+                self.parked_count -= len(ids) - len(keep)
+                self.parked[key] = ([ids[i] for i in keep], [blobs[i] for i in keep])
+        self.cancelled.difference_update(removed)
+        log.info("removed %d cancelled tasks from the queue", len(removed))
 
     def _kill(self, ids: list[int]) -> list[int]:
         """CANCEL_KILL: tell the slots holding some of ``ids`` to kill them (each answers a
