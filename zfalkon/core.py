@@ -108,6 +108,14 @@ _ACK_EVERY = 8  # frames a peer may be owed an acknowledgement before one is sen
 _COSTLY_PER_TICK = 8  # STATUS_REQUESTs answered per peer per tick (each answer is large)
 #: A peer's stream is sent again (RESEND) at most once in this many seconds.
 RESEND_SECONDS = 2.0
+#: ... and again only once its acknowledgement has moved since the last time (a client's
+#: is proven by its token): otherwise the k-th RESEND in a row waits
+#: RESEND_IDLE_SECONDS x 2^(k-1) (10 s, 20 s, 40 s, ...) after the previous one. A peer
+#: that asks again and again without reading makes the broker queue its unacknowledged
+#: frames again (a client: at most SEND_WINDOW_BYTES) about log2(T / 10 s) times over T
+#: (13 times a day), not every RESEND_SECONDS; an honest peer whose re-sent frames were
+#: lost too (its connection replaced again before it read them) waits 10 s more, then 20.
+RESEND_IDLE_SECONDS = 10.0
 #: HELLOs taken from one routing id per tick; past that, they are dropped unanswered (a
 #: client HELLO that claims its record again makes the broker send its unacknowledged
 #: results again).
@@ -200,6 +208,8 @@ class Client:
     quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
     submitted: bool = False  # has had tasks accepted (forgetting it has work to do)
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
+    resend_mark: int = -1  # its acknowledgement then
+    resends: int = 0  # RESENDs honoured since its acknowledgement last moved
     sent: int = 0  # the last frame of its stream sent to it (none is sent while quiet)
     in_flight: int = 0  # result bytes sent to it and not acknowledged
     reading: int = 0  # bit 0: its acknowledgement moved this tick; bit 1: the last one
@@ -256,6 +266,8 @@ class Slot:
     tx: Outbound = field(default_factory=Outbound)  # TASKS frames: (ids, revoke)
     told: int = 0
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
+    resend_mark: int = -1  # its acknowledgement then
+    resends: int = 0  # RESENDs honoured since its acknowledgement last moved
 
 
 Peer = Client | Worker | Slot
@@ -422,7 +434,8 @@ class BrokerCore:
                 "not-allowed"))
             return
         if type(peer) is Slot:
-            peer.lease = now + LEASE_SECONDS
+            if type(msg) is not P.Resend:  # (asking alone is no sign of work)
+                peer.lease = now + LEASE_SECONDS
             if peer.stalled:
                 peer.stalled = False
                 self._count(peer)
@@ -520,8 +533,10 @@ class BrokerCore:
                 continue
             if silent > QUIET_SECONDS and not client.quiet:
                 self._quiet(client)
-            elif client.sent < client.tx.seq and not client.quiet:
-                acked = client.tx.acked()  # results wait behind its window: reading?
+            elif not client.quiet and (client.sent < client.tx.seq or (
+                    client.resends and client.tx.unacked)):
+                acked = client.tx.acked()  # results wait behind its window, or were sent
+                # again (RESEND) and not acknowledged: reading?
                 if acked != client.ack_mark:
                     client.ack_mark, client.ack_since = acked, now
                 elif now - client.ack_since > ACK_STALL_SECONDS:
@@ -668,6 +683,7 @@ class BrokerCore:
         record.rx.reset()
         record.tx.reset()
         record.secret = os.urandom(16)  # (numbers start again: so do tokens)
+        record.resend_mark = 0  # (a HELLO does not move its acknowledgement)
         record.told = record.sent = record.in_flight = record.journaled = 0
         if stale:
             record.stale, record.stale_at = stale, now
@@ -983,6 +999,7 @@ class BrokerCore:
             self.live.difference_update(done)
             self._untrack(client, before - len(self.live))
             client.stale = 0  # (it reads: what an earlier session sent is past)
+            client.resends = 0
             if self.cancelled:
                 self.cancelled.difference_update(done)
             self.recorder.done(done)
@@ -995,24 +1012,34 @@ class BrokerCore:
 
     def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
         """The peer missed frames after ``ack`` (a replaced connection): send them again,
-        at most once per RESEND_SECONDS (a peer that asks again without reading must not
-        make the broker copy its stream into the socket's buffers without bound)."""
-        if now - peer.resent_at < RESEND_SECONDS:
-            self._peer_has(peer, msg.ack, msg.token)
-            return
-        peer.resent_at = now
+        at most once per RESEND_SECONDS, and once its acknowledgement has not moved since
+        the last time, only after RESEND_IDLE_SECONDS (doubling each time): a peer that
+        asks again without reading must not make the broker copy its stream into the
+        socket's buffers without bound."""
+        before = peer.sent if type(peer) is Client else 0  # (its ack may send more)
+        self._peer_has(peer, msg.ack, msg.token)
+        acked = peer.tx.acked()
+        if acked != peer.resend_mark:
+            peer.resends = 0
+        wait = RESEND_SECONDS if not peer.resends else \
+            RESEND_IDLE_SECONDS * 2.0 ** min(peer.resends - 1, 30)
+        if now - peer.resent_at < wait or not peer.tx.unacked or (
+                type(peer) is Client and peer.tx.unacked[0][0] > before):
+            return  # (too soon, or nothing it was sent is unacknowledged)
+        peer.resent_at, peer.resend_mark = now, acked
+        peer.resends += 1
         if type(peer) is Client:
-            self._acked(peer, msg.ack, msg.token)
+            if peer.resends == 1:  # (it must read them: see the ACK_STALL check)
+                peer.ack_mark, peer.ack_since = acked, now
             secret = peer.secret
             for seq, (worker, ids, blobs) in peer.tx.unacked:
-                if seq > peer.sent:
+                if seq > before:
                     break
                 self.outbox.append((peer.ident, P.Deliver(
                     seq, peer.rx.last, worker, ids, blobs, ack_token(secret, seq))))
             self._send_unsent(peer)
         else:
             assert type(peer) is Slot
-            peer.tx.ack(msg.ack)
             held = peer.inflight
             for seq, (ids, revoke, kill) in peer.tx.unacked:
                 ids = [t for t in ids if t in held]
