@@ -59,13 +59,6 @@ def fat_workers(ctx: zmq.Context, address: str, n: int) -> list[Raw]:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=True, reason=(
-    "STATUS_BYTES_PER_TICK bounds a RATE (1 MiB/s per peer), not what is kept: a registered "
-    "peer that asks for STATUS 8 times a second and never reads gets one answer every "
-    "size/1MiB seconds, each a fresh copy queued in ZeroMQ's pipe for it (SEND_HWM counts "
-    "frames: 256 of them, 256 x 1.4 MB here). Measured: 300 fat workers (STATUS 1.39 MB), "
-    "one non-reading peer for 70 s: broker RSS peak +61 MiB, for 80 s: +76 MiB (~0.9 MiB/s, unbounded until "
-    "256 frames, i.e. ~350 MB for this one peer); nothing makes the peer quiet or stops it"))
 def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
     with broker_process() as (proc, address):
         workers = fat_workers(ctx, address, 300)
@@ -98,14 +91,6 @@ def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=True, reason=(
-    "RESEND is honoured once per RESEND_SECONDS (2 s) per peer, and each time the whole "
-    "send window (up to 4 MiB) is encoded again and queued for a client that never reads; "
-    "the send window counts what was handed over once, not the copies. Measured: one "
-    "3.9 MiB result, RESEND(ack 0) every 2.05 s for 45 s, never read: broker RSS peak +73 to +81 MiB "
-    "(~2 MiB/s per peer, bounded only by SEND_HWM = 256 frames, ~1 GB); the client is "
-    "never made quiet (RESEND counts as hearing from it, and nothing waits behind its "
-    "window, so the ACK_STALL check never runs)"))
 def test_resend_spam_from_a_client_that_never_reads_is_bounded(ctx):
     with broker_process() as (proc, address):
         with worker_process(address, "--slots", "1"):
@@ -139,15 +124,6 @@ RESEND_PERIOD = core.RESEND_SECONDS + 0.05
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.xfail(strict=True, reason=(
-    "A slot's RESEND is honoured once per RESEND_SECONDS, and each time every TASKS frame it "
-    "has not acknowledged is rebuilt from the tasks it holds (up to MAX_WINDOW = 65,536 "
-    "tasks, any size: a client may have 256 MiB live) and queued for it, with no send "
-    "window for slots. One attacker, three peers (a client queueing 16 x 1 MiB tasks, its "
-    "own raw worker and a raw slot that takes them, never reads, and sends RESEND(ack 0) "
-    "every 2.05 s, which also renews its lease): broker RSS peak +322 to +328 MiB in 40 s (~8 MiB/s, "
-    "bounded only by SEND_HWM = 256 frames of 16 MiB: 4 GiB). Honest clients are still "
-    "served by a real worker"))
 def test_resend_spam_from_a_slot_that_never_reads_is_bounded(ctx):
     with broker_process() as (proc, address):
         client, worker, slot = Raw(ctx, address), Raw(ctx, address), Raw(ctx, address)
@@ -269,13 +245,13 @@ def _exec_result(code: str):
 
 @pytest.mark.timeout(120)
 @pytest.mark.xfail(strict=True, reason=(
-    "a task of client A finds its zygote's other child (the spare host, pre-forked for the "
-    "NEXT client on this slot) in /proc and SIGSTOPs it; client B's next task is handed to "
-    "that stopped host and never runs: measured, B's task not done after 30 s (the agent "
-    "renews the slot's lease while it 'runs' B's task, nothing checks that a spare or a host "
-    "is stopped; the zygote could see it with waitpid(WUNTRACED) and replace it). Same Unix "
-    "user, so within docs/protocol.md section 1 'What is not', but it reaches another "
-    "client's task through the slot's own spare, not a process of another slot"))
+    "the documented same-Unix-user limit (docs/protocol.md section 1 'What is not', "
+    "taskhost.py docstring): every host, spare or not, runs as the worker's user, so a task "
+    "of client A finds the spare host its zygote forked for the NEXT client in /proc and "
+    "SIGSTOPs it; client B's next task is handed to that stopped host and never runs "
+    "(measured: not done after 30 s). Fixed only by a distinct uid per task host (or a "
+    "sandbox: user/PID namespaces); a zygote watching its spare with waitpid(WUNTRACED) "
+    "would only narrow it (A could kill it or stop B's host once it runs)"))
 def test_a_task_that_stops_the_spare_host_does_not_hang_another_clients_task():
     with LocalCluster(workers=1, slots_per_worker=1, env=worker_env()) as cluster:
         with Executor(cluster.address) as a, Executor(cluster.address) as b:
@@ -352,9 +328,11 @@ result = hit
 
 @pytest.mark.timeout(120)
 @pytest.mark.xfail(strict=True, reason=(
-    "documented (docs/protocol.md section 1, 'What is not'): hosts of all clients run as one "
-    "Unix user, so client A's task finds client B's host on another slot in /proc and "
-    "SIGKILLs it; B's task fails with WorkerCrashed ('killed by SIGKILL'), blamed on B"))
+    "the documented same-Unix-user limit (docs/protocol.md section 1 'What is not', "
+    "taskhost.py docstring): hosts of all clients run as one Unix user, so client A's task "
+    "finds client B's host on another slot in /proc and SIGKILLs it; B's task fails with "
+    "WorkerCrashed ('killed by SIGKILL'), blamed on B. Fixed only by a distinct uid per "
+    "task host, or a sandbox (a PID namespace per host)"))
 def test_a_task_cannot_kill_another_clients_host_on_another_slot():
     with LocalCluster(workers=1, slots_per_worker=2, env=worker_env()) as cluster:
         with Executor(cluster.address) as a, Executor(cluster.address) as b:
@@ -444,13 +422,6 @@ def test_a_task_that_fills_the_journals_disk_loses_nothing_and_the_journal_repla
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason=(
-    "a CANCEL (mode DROP) makes tasks not live at once (the client's live count and bytes "
-    "drop to 0: MAX_CLIENT_BYTES is free again) but leaves them, blobs included, in the "
-    "queue until a ready slot takes and skips them; while every slot is busy (here: one "
-    "slot running an honest 40 s task) nothing removes them. One client, 8 rounds of "
-    "submitting 4 x 15 MiB tasks and cancelling them: broker RSS peak +491 to +494 MiB (31 "
-    "dead tasks still queued), past MAX_CLIENT_BYTES (256 MiB) + 50 MiB, and unbounded in the number of rounds"))
 def test_submit_cancel_loop_is_bounded_by_the_clients_limits(ctx):
     with broker_process() as (proc, address):
         with worker_process(address, "--slots", "1"):
@@ -521,14 +492,13 @@ else:
 
 @pytest.mark.timeout(150)
 @pytest.mark.xfail(strict=True, reason=(
-    "the agent's check (take the running cell's word only for a task of the state file's "
-    "client) trusts the state file, which is a plain file in the agent's temp directory, "
-    "mapped by the slot (listed in /proc/SLOT/maps) and writable by every task (same Unix "
-    "user). Client A's task writes the id of B's task that the slot has prefetched in both "
-    "cells and SIGKILLs the slot: the agent logs 'slot 0 killed by SIGKILL while running "
-    "task <B's id>', SLOT_LOST names it, and B's task fails with WorkerCrashed; A's own task "
-    "is requeued, runs again and succeeds. Measured: 3 of 3 runs, 1 of B's 50 tasks failed. "
-    "Contradicts taskhost.py: 'a host can only get its own client's tasks blamed'"))
+    "the documented same-Unix-user limit (docs/protocol.md section 1 'What is not', "
+    "taskhost.py docstring): the slot's state file and running cell are files of the "
+    "worker's user, mapped by the slot (listed in /proc/SLOT/maps), so client A's task "
+    "writes the id of B's prefetched task in both and SIGKILLs the slot: the agent blames "
+    "B's task (measured: 3 of 3 runs, 1 of B's 50 tasks failed with WorkerCrashed; A's own "
+    "task is requeued and succeeds). Fixed only by a distinct uid per task host (state "
+    "files out of the hosts' reach), or a sandbox"))
 def test_a_task_cannot_get_another_clients_task_blamed_for_its_slots_death(tmp_path):
     """One slot. B's short tasks are prefetched by the slot while A's task runs; A's task
     writes the id of one of them in the slot's state file and running cell (files of the

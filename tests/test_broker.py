@@ -33,10 +33,11 @@ from zfalkon.constants import PROTOCOL_VERSION
 STATUS_KEYS = {"version", "protocol", "uptime", "clients", "away_clients", "workers", "slots",
                "queued", "running", "submitted", "done", "failed", "tasks_per_second",
                "worker_list", "journal", "dispatch", "expired_leases", "stolen",
-               "unacknowledged_results", "duplicate_submits", "dropped_results", "parked"}
+               "unacknowledged_results", "duplicate_submits", "dropped_results", "parked",
+               "workers_omitted"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
                "version", "running", "done", "window", "stalled_slots", "draining",
-               "idle_seconds", "data_keys"}
+               "idle_seconds", "data_keys", "tags_omitted"}
 
 
 @pytest.fixture(scope="module")

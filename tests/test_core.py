@@ -695,7 +695,9 @@ class FabricMachine(RuleBasedStateMachine):
         not cancelled reaches its user exactly once."""
         for p in self.peers():
             p.conn.stalled = False
-        for _ in range(60):
+        # (up to 150 s: a peer whose re-sent frames were lost again before it read them
+        # waits RESEND_IDLE_SECONDS, then twice that, ... before they are sent again)
+        for _ in range(300):
             for w in self.workers:
                 w.conn.up.append(P.Heartbeat([]))
             for c in self.clients:

@@ -85,7 +85,9 @@ def test_hello_fields_are_cut_to_their_limits(served, ctx):
         (worker,) = [w for w in status["worker_list"] if w["name"].startswith("nnn")]
         assert len(worker["name"]) == core.MAX_NAME_CHARS
         assert len(worker["hostname"]) == core.MAX_NAME_CHARS
-        assert len(worker["tags"]) == core.MAX_TAGS
+        # (MAX_TAGS kept; STATUS lists STATUS_MAX_TAGS of them and counts the others)
+        assert len(worker["tags"]) + worker["tags_omitted"] == core.MAX_TAGS
+        assert len(worker["tags"]) == core.STATUS_MAX_TAGS
         assert all(len(t) == core.MAX_TAG_CHARS for t in worker["tags"])
         assert len(worker["version"]) <= core.MAX_NAME_CHARS
     finally:
@@ -597,3 +599,141 @@ def test_core_restart_from_the_journal_every_result_once(tmp_path):
     journal.close()
     replayed = Journal(str(tmp_path), "never").replay()
     assert not replayed.tasks and not replayed.held
+
+
+# -- issue 12, round 2: answers re-sent or re-computed for a peer that never reads --------
+
+
+def test_core_one_status_answer_is_bounded_in_bytes():
+    """However many (and however large) the workers, one STATUS answer stays within
+    STATUS_MAX_BYTES (plus the counters): 256 of them queued for a peer that never reads
+    stay well under the per-peer bound; the workers left out are counted."""
+    c = _core()
+    n = 1000
+    for i in range(n):
+        c.message(i.to_bytes(4, "big"), P.hello(P.ROLE_WORKER, {
+            "worker_id": f"w{i}", "slots": 1, "name": f"{i:04d}" + "n" * 124,
+            "hostname": "h" * 128, "tags": [f"{j:02d}" + "t" * 62 for j in range(64)]}),
+            None, 0.0)
+    status = c.status(1.0)
+    size = len(P.encode(P.Status(status)))
+    assert size <= core.STATUS_MAX_BYTES + 4096
+    assert 256 * size < RSS_BOUND // 2
+    listed = status["worker_list"]
+    assert status["workers"] == n and len(listed) + status["workers_omitted"] == n
+    full = listed[:core.STATUS_MAX_WORKERS]
+    assert all(len(w["tags"]) == core.STATUS_MAX_TAGS and w["tags_omitted"] == 64 - 8
+               for w in full)
+    assert all("tags" not in w and w["name"] for w in listed[core.STATUS_MAX_WORKERS:])
+    # a swarm of 1,000 workers with short names is listed whole (in short past the first)
+    c = _core()
+    for i in range(n):
+        c.message(i.to_bytes(4, "big"), P.hello(P.ROLE_WORKER, {
+            "worker_id": f"w{i}", "slots": 1, "name": f"swarm-{i}"}), None, 0.0)
+    status = c.status(1.0)
+    assert len(status["worker_list"]) == n and status["workers_omitted"] == 0
+
+
+def test_core_resend_from_a_client_that_never_reads_is_honoured_rarely():
+    """RESEND sends the window again at most once per RESEND_SECONDS, and without the
+    client's (token-proven) acknowledgement moving, only after RESEND_IDLE_SECONDS,
+    doubling: over 10 minutes of RESEND every 2 s, a few copies of the window, not 300;
+    the client turns quiet (it does not read). Reading (a real token) lets it ask again
+    at once."""
+    c, key, sent = _unread_results(8, 2 << 20)
+    client = c.clients[key]
+    assert [m.seq for m in sent] == [1, 2]
+    now, copies = 0.0, 0
+    quiet_seen = False
+    while now < 600:
+        now += core.RESEND_SECONDS + 0.05
+        c.message(b"c", P.Resend(0), None, now)
+        copies += len(_delivers(c))
+        c.tick(now)
+        quiet_seen |= client.quiet
+        _delivers(c)
+    # honoured at 2, 12, 32, 72, 152, 312 s: 6 times the window (2 frames each)
+    assert copies <= 2 * 6, copies
+    assert quiet_seen
+    # an honest recovery: it reads frame 2 (its token) and asks: honoured at once
+    now += 0.1
+    c.message(b"c", P.Resend(2, sent[1].token), None, now)
+    assert [m.seq for m in _delivers(c)] == [3, 4]
+    now += core.RESEND_SECONDS
+    c.message(b"c", P.Resend(2, sent[1].token), None, now)  # (frames 3-4 lost again)
+    assert [m.seq for m in _delivers(c)] == [3, 4]
+    now += core.RESEND_SECONDS
+    c.message(b"c", P.Resend(2, sent[1].token), None, now)  # (no proof it read them)
+    assert not _delivers(c)
+    c.message(b"c", P.Resend(2, sent[1].token), None, now + core.RESEND_IDLE_SECONDS)
+    assert [m.seq for m in _delivers(c)] == [3, 4]
+
+
+def test_core_resend_from_a_slot_that_never_reads_is_honoured_rarely():
+    """A slot's RESEND rebuilds its unacknowledged TASKS frames at most once per
+    RESEND_SECONDS, and without its acknowledgement moving only after
+    RESEND_IDLE_SECONDS (doubling); a RESEND does not renew its lease: its tasks go back
+    to the queue when the lease lapses, and then nothing is rebuilt."""
+    c = _core()
+    slot = _slot(c)
+    key = _client(c, b"c")
+    base = key << P.ID_SHIFT
+    c.message(b"c", P.Submit(1, 0, list(range(base + 1, base + 17)), [bytes(1 << 20)] * 16),
+              None, 0.0)
+    c.dispatch(0.0)
+    c.outbox.clear()
+    assert len(c.peers[slot].inflight) == 16
+    now, rebuilt = 0.0, 0
+    while now < 120:
+        now += core.RESEND_SECONDS + 0.05
+        c.message(slot, P.Resend(0), None, now)
+        c.message(b"w", P.Heartbeat([]), None, now)
+        rebuilt += sum(len(m.ids) for i, m in c.outbox if i == slot and type(m) is P.Tasks)
+        c.outbox.clear()
+        c.tick(now)
+        c.outbox.clear()
+    assert rebuilt <= 2 * 16  # at 2 s (and 12 s); then its lease lapsed
+    assert not c.peers[slot].inflight and c.expired_leases == 1
+    assert len(c.queue) == 16
+
+
+def test_core_submit_and_cancel_in_a_loop_does_not_fill_the_queue():
+    """CANCEL (DROP) frees the client's limits at once; the cancelled tasks wait in the
+    queue (no slot takes them) only until MAX_CANCELLED_QUEUED_BYTES (or
+    MAX_CANCELLED_QUEUED) of them have been cancelled: then they are removed."""
+    c = _core()
+    key = _client(c, b"c")
+    base = key << P.ID_SHIFT
+    seq, tid = 0, base
+    blob = bytes(15 << 20)
+    for _ in range(20):  # 20 rounds of 4 x 15 MiB: 1.2 GiB submitted and cancelled
+        ids = []
+        for _ in range(4):
+            seq, tid = seq + 1, tid + 1
+            ids.append(tid)
+            c.message(b"c", P.Submit(seq, 0, [tid], [blob]), None, 0.0)
+        assert c.clients[key].rx.last == seq  # (taken: within the client's limits)
+        seq += 1
+        c.message(b"c", P.Cancel(seq, 0, ids, b"", P.CANCEL_DROP), None, 0.0)
+        queued = sum(sum(map(len, blobs)) for _, blobs in c.queue.batches())
+        assert queued <= core.MAX_CANCELLED_QUEUED_BYTES + 4 * len(blob)
+    assert c.clients[key].live_tasks == 0 and not c.live
+    assert len(c.cancelled) <= 4
+    # many small ones: bounded by count
+    c = _core()
+    key = _client(c, b"d")
+    base = key << P.ID_SHIFT
+    for r in range(100):
+        ids = list(range(base + 1000 * r + 1, base + 1000 * r + 1001))
+        c.message(b"d", P.Submit(2 * r + 1, 0, ids, [b"x"] * 1000), None, 0.0)
+        c.message(b"d", P.Cancel(2 * r + 2, 0, ids, b"", P.CANCEL_DROP), None, 0.0)
+        assert len(c.queue) <= core.MAX_CANCELLED_QUEUED + 1000
+    # a task cancelled and submitted again is not lost by a purge
+    _slot(c)
+    keep = base + 10_000_000
+    c.message(b"d", P.Submit(201, 0, [keep], [b"k"]), None, 0.0)
+    c.message(b"d", P.Cancel(202, 0, [keep], b"", P.CANCEL_DROP), None, 0.0)
+    c.message(b"d", P.Submit(203, 0, [keep], [b"k"]), None, 0.0)
+    c._purge_cancelled()
+    c.dispatch(0.0)
+    assert keep in c.peers[b"s"].inflight

@@ -88,9 +88,13 @@ def _status(args: argparse.Namespace) -> int:
     print(f"queued {info['queued']}  running {info['running']}  done {info['done']}  "
           f"failed {info['failed']}  tasks/s {info['tasks_per_second']:.1f}")
     for w in info["worker_list"]:
-        print(f"  {w['name']:<28} {w['connected_slots']}/{w['slots']} slots  "
-              f"running {w['running']:<6} done {w['done']:<10} v{w['version']}"
+        version = f" v{w['version']}" if "version" in w else ""  # (listed in short)
+        print(f"  {w['name']!s:<28} {w['connected_slots']}/{w['slots']} slots  "
+              f"running {w['running']:<6} done {w['done']:<10}{version}"
               + ("  DRAINING" if w.get("draining") else ""))
+    if info.get("workers_omitted"):
+        print(f"  ... and {info['workers_omitted']} more workers (STATUS lists a bounded "
+              "number)")
     return 0
 
 

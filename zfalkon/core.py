@@ -42,6 +42,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+import msgpack
+
 from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon._version import __version__
@@ -106,6 +108,14 @@ _ACK_EVERY = 8  # frames a peer may be owed an acknowledgement before one is sen
 _COSTLY_PER_TICK = 8  # STATUS_REQUESTs answered per peer per tick (each answer is large)
 #: A peer's stream is sent again (RESEND) at most once in this many seconds.
 RESEND_SECONDS = 2.0
+#: ... and again only once its acknowledgement has moved since the last time (a client's
+#: is proven by its token): otherwise the k-th RESEND in a row waits
+#: RESEND_IDLE_SECONDS x 2^(k-1) (10 s, 20 s, 40 s, ...) after the previous one. A peer
+#: that asks again and again without reading makes the broker queue its unacknowledged
+#: frames again (a client: at most SEND_WINDOW_BYTES) about log2(T / 10 s) times over T
+#: (13 times a day), not every RESEND_SECONDS; an honest peer whose re-sent frames were
+#: lost too (its connection replaced again before it read them) waits 10 s more, then 20.
+RESEND_IDLE_SECONDS = 10.0
 #: HELLOs taken from one routing id per tick; past that, they are dropped unanswered (a
 #: client HELLO that claims its record again makes the broker send its unacknowledged
 #: results again).
@@ -120,12 +130,27 @@ STALE_SECONDS = 5.0
 #: is always allowed when the peer is within it, so an answer larger than this goes out
 #: once every few ticks): STATUS answers a peer does not read pile up in the socket.
 STATUS_BYTES_PER_TICK = 1024 * 1024
+#: One STATUS answer is bounded, so that the frames ZeroMQ may queue for a peer that asks
+#: and never reads (broker.SEND_HWM = 256) stay well under the per-peer bound: the first
+#: STATUS_MAX_WORKERS workers are listed in full (at most STATUS_MAX_TAGS tags, the rest
+#: counted in ``tags_omitted``), the others in short (name, slots, running, done, ...),
+#: until the list reaches STATUS_MAX_BYTES (msgpack); workers past it are counted in
+#: ``workers_omitted`` (``workers`` and ``slots`` count them all).
+STATUS_MAX_WORKERS = 32
+STATUS_MAX_TAGS = 8
+STATUS_MAX_BYTES = 96 * 1024
 #: Live tasks (queued, running, or delivered and not acknowledged) one client may have;
 #: past any of these a SUBMIT frame is not accepted (not acknowledged: the client sends
 #: it again later) and the client is told ERROR ``limit``: backpressure, nothing is lost.
 MAX_CLIENT_TASKS = 1_000_000
 MAX_CLIENT_BYTES = 256 * 1024 * 1024  # their task blobs and data hints
 MAX_CLIENT_HINTED = 32_768  # those with a data hint (a hint costs ~1 KB queued by key)
+#: Tasks cancelled with CANCEL_DROP stop counting against their client at once, but stay
+#: in the queue (skipped when taken) while no slot is free to take them: past either of
+#: these, counted since the last purge, every such task is removed from the queue (one
+#: O(queue) pass, so a submit-and-cancel loop cannot fill the broker with dead blobs).
+MAX_CANCELLED_QUEUED_BYTES = 32 * 1024 * 1024
+MAX_CANCELLED_QUEUED = 65_536
 #: Clients with no connection (quiet, or journal placeholders) the broker keeps; past
 #: this, the oldest are forgotten, those holding nothing (no live task) first.
 MAX_AWAY_CLIENTS = 4096
@@ -183,6 +208,8 @@ class Client:
     quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
     submitted: bool = False  # has had tasks accepted (forgetting it has work to do)
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
+    resend_mark: int = -1  # its acknowledgement then
+    resends: int = 0  # RESENDs honoured since its acknowledgement last moved
     sent: int = 0  # the last frame of its stream sent to it (none is sent while quiet)
     in_flight: int = 0  # result bytes sent to it and not acknowledged
     reading: int = 0  # bit 0: its acknowledgement moved this tick; bit 1: the last one
@@ -239,6 +266,8 @@ class Slot:
     tx: Outbound = field(default_factory=Outbound)  # TASKS frames: (ids, revoke)
     told: int = 0
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
+    resend_mark: int = -1  # its acknowledgement then
+    resends: int = 0  # RESENDs honoured since its acknowledgement last moved
 
 
 Peer = Client | Worker | Slot
@@ -292,6 +321,9 @@ class BrokerCore:
         #: once while live; a journal replay gives back exactly this set.
         self.live: set[int] = set()
         self._dead_queued = False  # tasks no longer live may sit in the queue
+        #: Tasks (and their bytes, approximately) cancelled with DROP since the last purge
+        #: of the queue (:meth:`_purge_cancelled`).
+        self._dropped_tasks = self._dropped_bytes = 0
         self.cancelled: set[int] = set()  # cancelled while queued or running (not live)
         # Tasks that may have run although no slot holds them now (taken back from a slot,
         # or restored from the journal: restored_max, the highest such id per client key):
@@ -402,7 +434,8 @@ class BrokerCore:
                 "not-allowed"))
             return
         if type(peer) is Slot:
-            peer.lease = now + LEASE_SECONDS
+            if type(msg) is not P.Resend:  # (asking alone is no sign of work)
+                peer.lease = now + LEASE_SECONDS
             if peer.stalled:
                 peer.stalled = False
                 self._count(peer)
@@ -500,8 +533,10 @@ class BrokerCore:
                 continue
             if silent > QUIET_SECONDS and not client.quiet:
                 self._quiet(client)
-            elif client.sent < client.tx.seq and not client.quiet:
-                acked = client.tx.acked()  # results wait behind its window: reading?
+            elif not client.quiet and (client.sent < client.tx.seq or (
+                    client.resends and client.tx.unacked)):
+                acked = client.tx.acked()  # results wait behind its window, or were sent
+                # again (RESEND) and not acknowledged: reading?
                 if acked != client.ack_mark:
                     client.ack_mark, client.ack_since = acked, now
                 elif now - client.ack_since > ACK_STALL_SECONDS:
@@ -648,6 +683,7 @@ class BrokerCore:
         record.rx.reset()
         record.tx.reset()
         record.secret = os.urandom(16)  # (numbers start again: so do tokens)
+        record.resend_mark = 0  # (a HELLO does not move its acknowledgement)
         record.told = record.sent = record.in_flight = record.journaled = 0
         if stale:
             record.stale, record.stale_at = stale, now
@@ -850,7 +886,30 @@ class BrokerCore:
             else:  # not live any more: skipped if queued, its result dropped if running
                 self.recorder.done(ids)
                 live.difference_update(ids)
+                if client.live_tasks:
+                    self._dropped_bytes += client.task_bytes * len(ids) // client.live_tasks
+                self._dropped_tasks += len(ids)
                 self._untrack(client, len(ids))
+                if self._dropped_bytes > MAX_CANCELLED_QUEUED_BYTES or \
+                        self._dropped_tasks > MAX_CANCELLED_QUEUED:
+                    self._purge_cancelled()
+
+    def _purge_cancelled(self) -> None:
+        """Remove from the queue (and the parked tasks) every task cancelled with DROP
+        that waits there: it is no longer live and would only be skipped when taken."""
+        self._dropped_tasks = self._dropped_bytes = 0
+        dead = {t for t in self.cancelled if t not in self.live}
+        if not dead:
+            return
+        removed = self.queue.remove(set(), dead)
+        for key, (ids, blobs) in list(self.parked.items()):
+            keep = [i for i, t in enumerate(ids) if t not in dead]
+            if len(keep) < len(ids):
+                removed += [t for t in ids if t in dead]
+                self.parked_count -= len(ids) - len(keep)
+                self.parked[key] = ([ids[i] for i in keep], [blobs[i] for i in keep])
+        self.cancelled.difference_update(removed)
+        log.info("removed %d cancelled tasks from the queue", len(removed))
 
     def _kill(self, ids: list[int]) -> list[int]:
         """CANCEL_KILL: tell the slots holding some of ``ids`` to kill them (each answers a
@@ -940,6 +999,7 @@ class BrokerCore:
             self.live.difference_update(done)
             self._untrack(client, before - len(self.live))
             client.stale = 0  # (it reads: what an earlier session sent is past)
+            client.resends = 0
             if self.cancelled:
                 self.cancelled.difference_update(done)
             self.recorder.done(done)
@@ -952,24 +1012,34 @@ class BrokerCore:
 
     def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
         """The peer missed frames after ``ack`` (a replaced connection): send them again,
-        at most once per RESEND_SECONDS (a peer that asks again without reading must not
-        make the broker copy its stream into the socket's buffers without bound)."""
-        if now - peer.resent_at < RESEND_SECONDS:
-            self._peer_has(peer, msg.ack, msg.token)
-            return
-        peer.resent_at = now
+        at most once per RESEND_SECONDS, and once its acknowledgement has not moved since
+        the last time, only after RESEND_IDLE_SECONDS (doubling each time): a peer that
+        asks again without reading must not make the broker copy its stream into the
+        socket's buffers without bound."""
+        before = peer.sent if type(peer) is Client else 0  # (its ack may send more)
+        self._peer_has(peer, msg.ack, msg.token)
+        acked = peer.tx.acked()
+        if acked != peer.resend_mark:
+            peer.resends = 0
+        wait = RESEND_SECONDS if not peer.resends else \
+            RESEND_IDLE_SECONDS * 2.0 ** min(peer.resends - 1, 30)
+        if now - peer.resent_at < wait or not peer.tx.unacked or (
+                type(peer) is Client and peer.tx.unacked[0][0] > before):
+            return  # (too soon, or nothing it was sent is unacknowledged)
+        peer.resent_at, peer.resend_mark = now, acked
+        peer.resends += 1
         if type(peer) is Client:
-            self._acked(peer, msg.ack, msg.token)
+            if peer.resends == 1:  # (it must read them: see the ACK_STALL check)
+                peer.ack_mark, peer.ack_since = acked, now
             secret = peer.secret
             for seq, (worker, ids, blobs) in peer.tx.unacked:
-                if seq > peer.sent:
+                if seq > before:
                     break
                 self.outbox.append((peer.ident, P.Deliver(
                     seq, peer.rx.last, worker, ids, blobs, ack_token(secret, seq))))
             self._send_unsent(peer)
         else:
             assert type(peer) is Slot
-            peer.tx.ack(msg.ack)
             held = peer.inflight
             for seq, (ids, revoke, kill) in peer.tx.unacked:
                 ids = [t for t in ids if t in held]
@@ -1474,20 +1544,36 @@ class BrokerCore:
         if len(self._rate) >= 2:
             (t0, d0), (t1, d1) = self._rate[0], self._rate[-1]
             rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
-        workers = []
+        workers: list[dict] = []
+        size = omitted = 0
         for w in self.workers.values():
+            if size > STATUS_MAX_BYTES:
+                omitted += 1
+                continue
             info = w.info
-            workers.append({
-                "name": info.get("name"), "hostname": info.get("hostname"),
-                "slots": info.get("slots"), "connected_slots": len(w.slots),
-                "cpus": info.get("cpus"), "memory": info.get("memory"),
-                "tags": info.get("tags", []), "version": w.version,
+            entry = {
+                "name": info.get("name"), "slots": info.get("slots"),
+                "connected_slots": len(w.slots),
                 "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
-                "window": sum(s.window for s in w.slots.values()),
-                "stalled_slots": sum(s.stalled for s in w.slots.values()),
-                "draining": w.draining, "data_keys": len(w.data),
-                "idle_seconds": round(now - w.last_seen, 3),
-            })
+                "draining": w.draining}
+            if len(workers) < STATUS_MAX_WORKERS:
+                tags = info.get("tags", [])
+                entry.update({
+                    "hostname": info.get("hostname"), "cpus": info.get("cpus"),
+                    "memory": info.get("memory"), "tags": tags[:STATUS_MAX_TAGS],
+                    "tags_omitted": max(0, len(tags) - STATUS_MAX_TAGS),
+                    "version": w.version,
+                    "window": sum(s.window for s in w.slots.values()),
+                    "stalled_slots": sum(s.stalled for s in w.slots.values()),
+                    "data_keys": len(w.data),
+                    "idle_seconds": round(now - w.last_seen, 3)})
+            n = len(msgpack.packb(entry))
+            if size + n > STATUS_MAX_BYTES:
+                size = STATUS_MAX_BYTES + 1  # (full: the rest are counted, not listed)
+                omitted += 1
+                continue
+            size += n
+            workers.append(entry)
         return {
             "version": __version__, "protocol": PROTOCOL_VERSION,
             "uptime": round(now - self.started, 3),
@@ -1499,6 +1585,7 @@ class BrokerCore:
             "running": self.running, "parked": self.parked_count,
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
             "tasks_per_second": round(rate, 1), "worker_list": workers,
+            "workers_omitted": omitted,
             "expired_leases": self.expired_leases, "stolen": self.stolen,
             "unacknowledged_results": sum(
                 len(ids) for c in self.clients.values() for _, (_, ids, _) in c.tx.unacked),

@@ -51,7 +51,9 @@ Design
       cell: the slot takes its word only for a task it holds. (The slot alone writes the
       state file: the oldest task its host has not answered.) If the *slot* dies, the agent
       blames the task in the running cell when it is of the same client as the state
-      file's (a host can only get its own client's tasks blamed), else the state file's.
+      file's (a host that only lies in its cell gets only its own client's tasks blamed),
+      else the state file's. Both are files of the worker's Unix user: a task that writes
+      another client's task id into the state file too gets that task blamed (see below).
       Limit: a task that kills its slot and returns may get the next task of its own
       client blamed, if that one was already queued in its host: the host starts it within
       microseconds, the slot's death reaches the zygote only after the slot's teardown.
@@ -97,6 +99,13 @@ What this does not isolate: hosts run as the same Unix user as the worker, so a 
 still read what the worker can read (files, the key files, the staging cache), signal or
 (where ptrace is allowed) inspect the machine's other processes of that user, including the
 other slots. Shell tasks run as before, as subprocesses, now spawned from the client's host.
+So a task of one client can reach another client's work through that user: SIGSTOP the
+spare host its zygote forked for the slot's next client (whose next task then hangs),
+SIGKILL another slot's host, or write another client's task id into its slot's state file
+(mapped by the slot, listed in ``/proc/SLOT/maps``) and kill the slot, so that the agent
+blames that task. What would close this: a distinct Unix uid per host (the zygote forks as
+root or with CAP_SETUID and drops to a per-client uid; state files not writable by hosts),
+or a sandbox (a user/PID namespace per host).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ strategies, chosen when the broker starts (``--dispatch``):
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH
 from zfalkon.protocol import ID_SHIFT
@@ -86,18 +86,20 @@ class FifoQueue:
         self.count -= len(ids)
         return ids, blobs
 
-    def remove(self, dead: "set[int]") -> list[int]:
-        """Remove every queued task whose client key is in ``dead``; return their ids."""
+    def remove(self, dead: "set[int]", ids: "set[int] | None" = None) -> list[int]:
+        """Remove every queued task whose client key is in ``dead`` or whose id is in
+        ``ids``; return their ids. O(queue)."""
+        gone = _gone(dead, ids)
         removed: list[int] = []
         kept: collections.deque[list] = collections.deque()
-        for ids, blobs, pos in self._chunks:
-            keep = [i for i in range(pos, len(ids)) if ids[i] >> ID_SHIFT not in dead]
-            if len(keep) < len(ids) - pos:
-                removed += [ids[i] for i in range(pos, len(ids)) if ids[i] >> ID_SHIFT in dead]
+        for tids, blobs, pos in self._chunks:
+            keep = [i for i in range(pos, len(tids)) if not gone(tids[i])]
+            if len(keep) < len(tids) - pos:
+                removed += [tids[i] for i in range(pos, len(tids)) if gone(tids[i])]
                 if keep:
-                    kept.append([[ids[i] for i in keep], [blobs[i] for i in keep], 0])
+                    kept.append([[tids[i] for i in keep], [blobs[i] for i in keep], 0])
             else:
-                kept.append([ids, blobs, pos])
+                kept.append([tids, blobs, pos])
         self._chunks = kept
         self.count -= len(removed)
         return removed
@@ -175,15 +177,16 @@ class DataAwareQueue(FifoQueue):
         self.count -= len(ids)
         return ids, blobs
 
-    def remove(self, dead: "set[int]") -> list[int]:
-        removed = super().remove(dead)
+    def remove(self, dead: "set[int]", ids: "set[int] | None" = None) -> list[int]:
+        removed = super().remove(dead, ids)
+        gone_ = _gone(dead, ids)
         for key in list(self._local):
             tasks = self._local[key]
-            gone = [t for t in tasks if t[0] >> ID_SHIFT in dead]
+            gone = [t for t in tasks if gone_(t[0])]
             if gone:
                 removed += [t for t, _ in gone]
                 self.count -= len(gone)
-                left = collections.deque(t for t in tasks if t[0] >> ID_SHIFT not in dead)
+                left = collections.deque(t for t in tasks if not gone_(t[0]))
                 if left:
                     self._local[key] = left
                 else:
@@ -198,6 +201,13 @@ class DataAwareQueue(FifoQueue):
                 part: Iterable[tuple[int, bytes]] = pairs[i:i + MAX_BATCH]
                 ids, blobs = zip(*part)
                 yield list(ids), list(blobs)
+
+
+def _gone(dead: "set[int]", ids: "set[int] | None") -> "Callable[[int], bool]":
+    """Whether a task id is to be removed: its client key in ``dead``, or it in ``ids``."""
+    if not ids:
+        return lambda t: t >> ID_SHIFT in dead
+    return lambda t: t in ids or t >> ID_SHIFT in dead
 
 
 def make_queue(policy: str) -> FifoQueue:
