@@ -269,7 +269,8 @@ def test_register_run_and_stop(broker):
         mine = swarm_workers(broker, swarm)
         assert len(mine) == 50 and sum(w["connected_slots"] for w in mine) == 100
         assert status["slots"] >= 100
-        assert all(w["tags"] == ["swarm"] and w["slots"] == 2 for w in mine)
+        # (entries past STATUS_MAX_WORKERS are short: no tags)
+        assert all(w.get("tags", ["swarm"]) == ["swarm"] and w["slots"] == 2 for w in mine)
 
         with Executor(broker) as ex:
             values = list(range(-10000, 10000))
