@@ -437,34 +437,43 @@ class Journal:
         """Rewrite a sound version-1 log as version 2, record for record (if the disk
         refuses, go on in version 1: the next compaction converts it)."""
         size = os.fstat(self._fd).st_size
-        new_path = self.path + ".new"
-        fmt = _Format.new()
         try:
             with mmap.mmap(self._fd, size, prot=mmap.PROT_READ) as data:
                 buf = memoryview(data)
                 try:
-                    written = self._write_new(new_path, fmt, self._payloads(buf, size, _V1))
+                    written = self._replace(_Format.new(), self._payloads(buf, size, _V1))
                 finally:
                     buf.release()
-            os.replace(new_path, self.path)
-            _fsync_directory(self.directory)
-            new_fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
-            try:
-                os.unlink(new_path)
-            except OSError:
-                pass
             log.warning("journal %s is in format version 1 and could not be rewritten as "
                         "version %d (%s); appending to it in version 1 until it is compacted",
                         self.path, FORMAT_VERSION, exc)
             self._use(_V1)
             return
-        os.close(self._fd)
-        self._fd = new_fd
-        self._size = written
-        self._use(fmt)
         log.warning("journal %s was in format version 1; rewritten as version %d (%d bytes)",
                     self.path, FORMAT_VERSION, written)
+
+    def _replace(self, fmt: _Format, payloads: Iterable) -> int:
+        """Write ``payloads`` framed in ``fmt`` (a fresh secret: every file has its own) to
+        a new file, put it in the log's place (it and the directory fsynced) and append to
+        it from now on; return its size. Raises OSError, the log left as it was."""
+        new_path = self.path + ".new"
+        try:
+            size = self._write_new(new_path, fmt, payloads)
+            os.replace(new_path, self.path)
+            _fsync_directory(self.directory)
+            new_fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
+        except OSError:
+            try:
+                os.unlink(new_path)
+            except OSError:
+                pass
+            raise
+        os.close(self._fd)
+        self._fd = new_fd
+        self._size = size
+        self._use(fmt)
+        return size
 
     @staticmethod
     def _payloads(buf: memoryview, size: int, fmt: _Format) -> Iterable[memoryview]:
@@ -765,31 +774,19 @@ class Journal:
         """Replace the log by a snapshot of what is live: key owners, unfinished tasks,
         held results (an empty snapshot is just the header). False if the disk refused
         it (the log is left as it was)."""
-        new_path = self.path + ".new"
-        fmt = _Format.new()  # (a fresh secret for every file)
         pack = self._pack
         try:
-            size = self._write_new(new_path, fmt, (pack(record) for record in itertools.chain(
+            size = self._replace(_Format.new(), (pack(record) for record in itertools.chain(
                 ((KEY, key, owner) for key, owner in (owners or {}).items()),
                 ((SUBMIT, ids, blobs) for ids, blobs in live_tasks),
                 ((HELD, ids, blobs) for ids, blobs in held))))
-            os.replace(new_path, self.path)
-            _fsync_directory(self.directory)
-            new_fd = _open_private(self.path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
-            try:
-                os.unlink(new_path)
-            except OSError:
-                pass
             if self.failure is None:
                 log.warning("journal %s: compaction failed (%s); trying again when the log "
                             "has doubled", self.path, exc)
                 self._compacted_size = self._size
             return False
-        os.close(self._fd)
-        self._fd = new_fd
-        self._size = self._compacted_size = size
-        self._use(fmt)
+        self._compacted_size = size
         self._buffer.clear()  # (the snapshot holds it: framed with the old secret)
         self._dirty = False
         self.compactions += 1
