@@ -50,6 +50,11 @@ from zfalkon.clientcore import ClientSession
 from zfalkon.taskqueue import make_queue
 
 FORGED = b"forged"
+#: Functions the model's clients call by digest (their "pickles" are never loaded: the
+#: model checks that each task by digest reaches its slot with its function).
+FUNCTIONS = [payload.Function(f"f{i}", bytes([i]) * (40 + i),
+                              payload.function_digest(bytes([i]) * (40 + i)))
+             for i in range(4)]
 
 
 def result_for(tid: int) -> bytes:
@@ -79,7 +84,8 @@ class ClientModel:
         self.conn = Conn()
         self.pending: dict[int, bytes] = {}  # id -> blob, as the Executor's _blobs
         self.hints: dict[int, str] = {}
-        self.session = ClientSession(0, "model", self.pending, self.hints)
+        self.functions: dict[bytes, bytes] = {}  # as the Executor's _stored
+        self.session = ClientSession(0, "model", self.pending, self.hints, self.functions)
         self.next_seq = 1
         self.left = False
         self.got: collections.Counter[int] = collections.Counter()  # delivered to the user
@@ -111,10 +117,19 @@ class ClientModel:
         self.session.hello(now)
         self.flush_out()
 
-    def submit(self, n: int, hinted: bool) -> None:
+    def submit(self, n: int, hinted: bool, fn: int = 0) -> None:
+        """``n`` tasks; ``fn`` > 0: by digest, calling FUNCTIONS[fn - 1] (or each its own
+        of them, round robin, with ``fn`` past their number)."""
         ids = [(self.key << P.ID_SHIFT) + self.next_seq + i for i in range(n)]
         self.next_seq += n
-        blobs = [payload.python_task("builtins:abs", (tid,), {}) for tid in ids]
+        blobs = []
+        for i, tid in enumerate(ids):
+            if fn:
+                f = FUNCTIONS[(fn - 1 + i * (fn > len(FUNCTIONS))) % len(FUNCTIONS)]
+                self.functions[f.digest] = f.blob
+                blobs.append(payload.python_task(f, (tid,), {}, stored=True))
+            else:
+                blobs.append(payload.python_task("builtins:abs", (tid,), {}))
         self.pending.update(zip(ids, blobs))
         if hinted:
             self.hints.update((t, f"s3://b/{t % 3}") for t in ids)
@@ -180,6 +195,8 @@ class WorkerModel:
 
 class SlotModel:
     ran: set[int] = set()  # every task an honest slot ran (the machine's own, set in init)
+    #: Tasks by digest a slot came to run without their function (must stay empty).
+    unresolved: set[int] = set()
 
     def __init__(self, ident: bytes, worker: WorkerModel, index: int) -> None:
         self.ident = ident
@@ -223,6 +240,7 @@ class SlotModel:
             return False
         tid, _ = task
         self.ran.add(tid)
+        self.resolve(task)
         self.session.finished(tid, result_for(tid), False, 0.001, now)
         self.session.poll(now)
         self.flush_out()
@@ -233,7 +251,16 @@ class SlotModel:
         task = self.session.next_task(now)
         if task is not None:
             self.ran.add(task[0])
+            self.resolve(task)
             self.running.append(task[0])
+
+    def resolve(self, task: tuple[int, bytes]) -> None:
+        """As zfalkon.slot: a task by digest runs with the function the broker sent."""
+        digest = payload.stored_digest(task[1])
+        if digest is not None:
+            body = self.session.functions.get(digest)
+            if body is None or payload.function_digest(body) != digest:
+                self.unresolved.add(task[0])
 
     def finish_one(self, now: float) -> None:
         if self.running:
@@ -259,6 +286,7 @@ class FabricMachine(RuleBasedStateMachine):
         self.tight = False  # the per-peer limits made tiny (so that the model hits them)
         self.dropped_before = 0  # dropped_results of cores before a restart
         SlotModel.ran = set()  # (one machine at a time: hypothesis runs them in turn)
+        SlotModel.unresolved = set()
 
     def teardown(self) -> None:
         if self.journal is not None:
@@ -291,6 +319,7 @@ class FabricMachine(RuleBasedStateMachine):
             core = self.core
             core.max_client_tasks, core.max_client_bytes, core.max_client_hinted = 6, 400, 3
             core.max_away_clients, core.max_away_held_bytes, core.max_idle_clients = 1, 30, 2
+            core.max_slot_functions, core.max_slot_function_bytes = 2, 100
         if recorder is not None:
             self.core.restore(self.journal.replay(), self.now)
 
@@ -370,11 +399,12 @@ class FabricMachine(RuleBasedStateMachine):
                 self.pump_up(p, 100)
                 self.pump_down(p, 100)
 
-    @rule(i=st.integers(0, 1), n=st.integers(1, 5), hinted=st.booleans())
-    def submit(self, i: int, n: int, hinted: bool) -> None:
+    @rule(i=st.integers(0, 1), n=st.integers(1, 5), hinted=st.booleans(),
+          fn=st.sampled_from([0, 0, 1, 2, 3, 4, 5]))
+    def submit(self, i: int, n: int, hinted: bool, fn: int) -> None:
         c = self.clients[i % len(self.clients)]
         if c.welcomed and not c.left:
-            c.submit(n, hinted and self.policy == "data")
+            c.submit(n, hinted and self.policy == "data", fn)
 
     @rule(i=st.integers(0, 1), k=st.integers(1, 3))
     def cancel(self, i: int, k: int) -> None:
@@ -629,6 +659,11 @@ class FabricMachine(RuleBasedStateMachine):
         killing = self.core.killing
         assert killing <= self.core._dispatched(), sorted(killing - self.core._dispatched())
         assert killing <= self.core.live
+
+    @invariant()
+    def tasks_by_digest_reach_slots_with_their_function(self) -> None:
+        assert not SlotModel.unresolved, \
+            f"tasks by digest without their function at the slot: {SlotModel.unresolved}"
 
     @invariant()
     def no_task_reaches_a_user_twice(self) -> None:

@@ -257,7 +257,7 @@ def test_malformed_message_names_the_problem():
     assert P.decode(msgpack.packb([T[P.Submit], 1, 0, [1], [b"x"]])) == P.Submit(1, 0, [1],
                                                                                  [b"x"], [])
     exc = _decode_error(msgpack.packb([T[P.Submit], 1, 0, [1]]))
-    assert "3 fields, expected 6" in str(exc)
+    assert "3 fields, expected 7" in str(exc)
     exc = _decode_error(msgpack.packb([T[P.Submit], 1, 0, [1, 2], [b"x"], []]))
     assert "2 ids" in str(exc) and "1 blobs" in str(exc)
     exc = _decode_error(msgpack.packb([T[P.Submit], 1, 0, [1, 2], [b"x", b"y"], ["h"]]))

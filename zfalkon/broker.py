@@ -244,7 +244,8 @@ class Broker:
             if journal.grown or journal.needs_snapshot:  # a tiny snapshot of the key owners
                 journal.compact((), (), core.key_owner, now)
         elif journal.wants_compaction():
-            journal.compact(core.unfinished(), core.held(), core.key_owner, now)
+            journal.compact(core.unfinished(), core.held(), core.key_owner, now,
+                            core.functions())
         core.submits_refused = journal.failure
 
     def status(self) -> dict:

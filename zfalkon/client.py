@@ -294,7 +294,8 @@ class _MapStream:
     def fill(self) -> None:
         """Submit items until ``buffersize`` are in flight or the input is exhausted."""
         ex = self.executor
-        encode = payload.task_encoder(self.fn, ex._flags)
+        encode = payload.task_encoder(self.fn, ex._flags,
+                                      not self.options and ex._by_digest(self.fn))
         while not self.exhausted and len(self.order) < self.buffersize:
             n = min(self.chunksize, self.buffersize - len(self.order))
             batch = list(itertools.islice(self.items, n))
@@ -432,10 +433,15 @@ class Executor(cf.Executor):
         # Blobs of pending tasks, to submit again to a broker that restarted.
         self._blobs: dict[int, bytes] = {}
         self._hints: dict[int, str] = {}  # data keys of pending tasks that have one
+        # Functions its tasks by digest call, by digest (the broker keeps them for its key).
+        self._stored: dict[bytes, bytes] = {}
+        self._stored_bytes = 0
+        self._stored_lock = threading.Lock()
         self._last_heard = time.monotonic()
         self._sinks: weakref.WeakSet[_MapSink] = weakref.WeakSet()  # of live map calls
         # The session's rules (streams, resends, registering again): used under the lock.
-        self._session = ClientSession(welcome.key, self._name, self._blobs, self._hints)
+        self._session = ClientSession(welcome.key, self._name, self._blobs, self._hints,
+                                      self._stored)
         self._outbox: collections.deque[tuple] = collections.deque()
         self._unsent: collections.deque[bytes] = collections.deque()  # frames zmq refused
         self._waker = Waker()
@@ -454,8 +460,32 @@ class Executor(cf.Executor):
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a worker; ``fn`` may be a ``module:qualname`` string."""
-        return self._submit_blob(payload.python_task(
-            payload.function_spec(fn, self._functions), args, kwargs, self._flags))
+        spec = payload.function_spec(fn, self._functions)
+        return self._submit_blob(payload.python_task(spec, args, kwargs, self._flags,
+                                                     self._by_digest(spec)))
+
+    def _by_digest(self, spec: "str | payload.Function") -> bool:
+        """Whether tasks calling ``spec`` go by digest (its pickle sent once per session
+        beside them, kept by the broker, sent once to each slot): a function by value,
+        if the broker keeps it (within its limits per client; a bigger one, or one past
+        them, travels in every task)."""
+        if type(spec) is str:
+            return False
+        assert isinstance(spec, payload.Function)
+        stored = self._stored
+        if spec.digest in stored:
+            return True
+        with self._stored_lock:
+            if spec.digest in stored:
+                return True
+            size = len(spec.blob)
+            if size > payload.MAX_STORED_FUNCTION_BYTES or \
+                    len(stored) >= payload.MAX_CLIENT_FUNCTIONS or \
+                    self._stored_bytes + size > payload.MAX_CLIENT_FUNCTION_BYTES:
+                return False
+            self._stored_bytes += size
+            stored[spec.digest] = spec.blob
+            return True
 
     def options(self, *, timeout: float | None = None,
                 capture_output: bool = False) -> "TaskOptions":

@@ -20,6 +20,7 @@ import itertools
 import logging
 from typing import Iterator, Mapping
 
+from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon.constants import FRAME_SOFT_BYTES, MAX_BATCH, PING_SECONDS
 from zfalkon.stream import ACCEPT, GAP, Inbound, Outbound, Pings
@@ -50,11 +51,15 @@ class ClientSession:
     """One client's session state; see the module docstring."""
 
     def __init__(self, key: int, name: str, blobs: Mapping[int, bytes],
-                 hints: Mapping[int, str]) -> None:
+                 hints: Mapping[int, str], functions: Mapping[bytes, bytes] = {}) -> None:
         self.key = key
         self.name = name
         self.blobs = blobs  # pending tasks' blobs (the owner's)
         self.hints = hints  # data hints of pending tasks that have one (the owner's)
+        #: The pickles of the functions its tasks by digest call (the owner's), and the
+        #: frame of this session that carries each (the first whose tasks call it).
+        self.functions = functions
+        self.carried_by: dict[bytes, int] = {}
         self.tx: Outbound[tuple[int, list[int]]] = Outbound()  # SUBMIT/CANCEL: (kind, ids)
         self.rx = Inbound()  # DELIVER
         #: The token of DELIVER ``rx.last``, sent with every ``ack`` of it (the broker
@@ -80,13 +85,35 @@ class ClientSession:
         seq = self.tx.push((SUBMIT, ids))
         self.told, self._unacked_bytes = self.rx.last, 0
         hints = self.hints
+        functions: list[bytes] = []
+        if self.functions:
+            carried_by, digest_of = self.carried_by, payload.stored_digest
+            for blob in blobs:
+                digest = digest_of(blob)
+                if digest is not None and digest not in carried_by:
+                    function = self.functions.get(digest)
+                    if function is not None:
+                        carried_by[digest] = seq
+                        functions += (digest, function)
         return P.Submit(seq, self.rx.last, ids, blobs,
-                        [hints.get(t, "") for t in ids] if hints else [], self.token)
+                        [hints.get(t, "") for t in ids] if hints else [], self.token,
+                        functions)
+
+    def _carried(self, seq: int) -> list[bytes]:
+        """The ``functions`` of SUBMIT ``seq`` (sent again as they were first sent)."""
+        functions: list[bytes] = []
+        for digest, carrier in self.carried_by.items():
+            if carrier == seq:
+                functions += (digest, self.functions[digest])
+        return functions
 
     def unsubmit(self) -> None:
         """The frame just made was not sent after all (it goes out later, renumbered)."""
         self.tx.unacked.pop()
+        seq = self.tx.seq
         self.tx.seq -= 1
+        for digest in [d for d, carrier in self.carried_by.items() if carrier == seq]:
+            del self.carried_by[digest]
 
     def cancel(self, ids: list[int], mode: int = P.CANCEL_DROP) -> P.Cancel:
         """The next CANCEL frame (kept until acknowledged)."""
@@ -111,6 +138,7 @@ class ClientSession:
         self._hello_at = now
         self.rx.reset()
         self.tx.reset()
+        self.carried_by.clear()  # (the broker may have forgotten them: carried again)
         self.token = b""
         self.told = 0
         info: dict = {"name": self.name}
@@ -182,7 +210,7 @@ class ClientSession:
                 ids = [t for t in ids if t in blobs]
                 self.out.append(P.Submit(seq, self.rx.last, ids, [blobs[t] for t in ids],
                                          [hints.get(t, "") for t in ids] if hints else [],
-                                         self.token))
+                                         self.token, self._carried(seq)))
             else:
                 self.out.append(P.Cancel(seq, self.rx.last, ids, self.token, _MODES[kind]))
         self.told, self._unacked_bytes = self.rx.last, 0

@@ -153,6 +153,11 @@ MAX_CANCELLED_QUEUED_BYTES = 32 * 1024 * 1024
 MAX_CANCELLED_QUEUED = 65_536
 #: Clients with no connection (quiet, or journal placeholders) the broker keeps; past
 #: this, the oldest are forgotten, those holding nothing (no live task) first.
+#: Functions a slot is counted on to keep (sent beside its tasks by digest, see
+#: :meth:`BrokerCore._functions_for`); past these, the oldest are forgotten (TASKS
+#: ``forget``) and sent again when next needed.
+MAX_SLOT_FUNCTIONS = 256
+MAX_SLOT_FUNCTION_BYTES = 64 * 1024 * 1024
 MAX_AWAY_CLIENTS = 4096
 #: Result bytes kept in full for all clients with no connection together (each also
 #: within MAX_HELD_BYTES); past this, the results of the longest silent are replaced by
@@ -182,6 +187,7 @@ class Recorder:
     def held(self, ids: list[int], blobs: list[bytes]) -> None: ...
     def gone(self, key: int) -> None: ...
     def key(self, key: int, owner: str) -> None: ...
+    def function(self, key: int, digest: bytes, blob: bytes) -> None: ...
 
     def stats(self) -> dict | None:
         """What STATUS shows of it (None: no journal)."""
@@ -194,6 +200,7 @@ class Replay(Protocol):
     tasks: dict[int, bytes]
     held: dict[int, bytes]
     owners: dict[int, str]
+    functions: dict[int, dict[bytes, bytes]]
 
 
 @dataclass(eq=False)
@@ -224,6 +231,10 @@ class Client:
     live_tasks: int = 0  # its tasks in BrokerCore.live
     task_bytes: int = 0  # their blobs and hints (approximately, once some finish)
     hinted: int = 0  # those with a data hint (approximately)
+    #: Functions its tasks by digest call: digest -> pickle (SUBMIT ``functions``), kept
+    #: as long as this record (journaled), within MAX_CLIENT_FUNCTIONS / _BYTES.
+    functions: dict[bytes, bytes] = field(default_factory=dict)
+    function_bytes: int = 0
     #: The key of its session's acknowledgement tokens (:func:`ack_token`): new at each
     #: HELLO (its stream's numbers start again from 1), never sent, never journaled.
     secret: bytes = field(default_factory=lambda: os.urandom(16))
@@ -268,6 +279,11 @@ class Slot:
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
     resend_mark: int = -1  # its acknowledgement then
     resends: int = 0  # RESENDs honoured since its acknowledgement last moved
+    #: Functions sent to it this session (TASKS ``functions``): digest -> size, oldest
+    #: first; it keeps them until told to forget them.
+    functions: collections.OrderedDict[bytes, int] = field(
+        default_factory=collections.OrderedDict)
+    function_bytes: int = 0
 
 
 Peer = Client | Worker | Slot
@@ -338,6 +354,7 @@ class BrokerCore:
         self.parked_count = 0
         self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
         self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
+        self.storing = 0  # clients with functions stored (tasks by digest may be queued)
         self.started = now
         self._purged_at = now
         self._rate: collections.deque[tuple[float, int]] = collections.deque(
@@ -358,6 +375,8 @@ class BrokerCore:
         self.max_away_clients = MAX_AWAY_CLIENTS
         self.max_away_held_bytes = MAX_AWAY_HELD_BYTES
         self.max_idle_clients = MAX_IDLE_CLIENTS
+        self.max_slot_functions = MAX_SLOT_FUNCTIONS
+        self.max_slot_function_bytes = MAX_SLOT_FUNCTION_BYTES
         self._idle: dict[int, None] = {}  # keys of clients never given a task (oldest first)
         self._hellos: collections.Counter[bytes] = collections.Counter()
         self._status_bytes: collections.Counter[bytes] = collections.Counter()
@@ -399,6 +418,7 @@ class BrokerCore:
             client = self.clients[key] = Client(b"", key, "", now, quiet=True, submitted=True)
             ids, blobs = by_key.get(key, ([], []))
             client.live_tasks, client.task_bytes = counts[key] + len(ids), sizes[key]
+            self._store(client, list(got.functions.get(key, {}).items()))
             for i in range(0, len(ids), MAX_BATCH):
                 client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
         self.next_key = max(keys | set(got.owners), default=0) + 1
@@ -749,8 +769,15 @@ class BrokerCore:
             return
         if msg.seq == client.rx.last + 1 and msg.ids and self._over_limit(client, msg, now):
             return
+        functions = None
+        if msg.functions and msg.seq == client.rx.last + 1:
+            functions = self._new_functions(client, msg, now)
+            if functions is None:
+                return
         if not self._stream_in(client, msg.seq, msg.ack, msg.token):
             return
+        if functions:
+            self._store(client, functions)
         ids = msg.ids
         if not ids:
             return
@@ -836,6 +863,106 @@ class BrokerCore:
                 f"{self.max_client_bytes >> 20} MiB of tasks and hints, "
                 f"{self.max_client_hinted} tasks with a data hint; this SUBMIT waits")[:512])))
         return True
+
+    def _new_functions(self, client: Client, msg: P.Submit,
+                       now: float) -> list[tuple[bytes, bytes]] | None:
+        """The functions of a SUBMIT frame not yet stored for the client, checked (each
+        pickle must have its digest: a slot keeps one pickle per digest for every client);
+        None if the frame is refused: malformed, or past the client's function limits
+        (told ERROR ``limit``, as for :meth:`_over_limit`)."""
+        pairs, stored = msg.functions, client.functions
+        new: list[tuple[bytes, bytes]] = []
+        size = client.function_bytes
+        if len(pairs) % 2 == 0:
+            for i in range(0, len(pairs), 2):
+                digest, blob = pairs[i], pairs[i + 1]
+                if digest in stored:
+                    continue
+                if len(blob) > payload.MAX_STORED_FUNCTION_BYTES or \
+                        payload.function_digest(blob) != digest:
+                    break
+                new.append((digest, blob))
+                size += len(blob)
+            else:
+                if len(stored) + len(new) <= payload.MAX_CLIENT_FUNCTIONS and \
+                        size <= payload.MAX_CLIENT_FUNCTION_BYTES:
+                    return new
+                self._peer_has(client, msg.ack, msg.token)
+                if now - client.refused_at >= RESEND_SECONDS:
+                    client.refused_at = now
+                    self.refused["limit"] += 1
+                    self.outbox.append((client.ident, P.Error("limit", (
+                        f"client {client.key} would store more than "
+                        f"{payload.MAX_CLIENT_FUNCTIONS} functions or "
+                        f"{payload.MAX_CLIENT_FUNCTION_BYTES >> 20} MiB of them at the "
+                        f"broker; this SUBMIT waits"))))
+                return None
+        self.refuse(client.ident, ProtocolError(
+            "SUBMIT functions must be [digest, pickle, ...] pairs, each pickle at most "
+            f"{payload.MAX_STORED_FUNCTION_BYTES >> 20} MiB with its BLAKE2b-128 digest",
+            "malformed"))
+        return None
+
+    def _store(self, client: Client, functions: list[tuple[bytes, bytes]]) -> None:
+        """Keep these functions for the client's tasks by digest (and journal them)."""
+        if not functions:
+            return
+        if not client.functions:
+            self.storing += 1
+        for digest, blob in functions:
+            client.functions[digest] = blob
+            client.function_bytes += len(blob)
+            self.recorder.function(client.key, digest, blob)
+
+    def _functions_for(self, slot: Slot, ids: list[int], blobs: list[bytes]
+                       ) -> tuple[int, list[bytes], list[bytes]]:
+        """For a TASKS frame to ``slot``: how many of these tasks to send (the pickles sent
+        beside them stay within MAX_SLOT_FUNCTION_BYTES, but the first task's always go),
+        the ``functions`` of theirs the slot was not sent yet, and the digests it may
+        ``forget`` (the oldest, past MAX_SLOT_FUNCTIONS / _BYTES, that no task it holds
+        or is sent calls)."""
+        sent, clients, digest_of = slot.functions, self.clients, payload.stored_digest
+        functions: list[bytes] = []
+        needed: set[bytes] = set()
+        added = 0
+        for i, (tid, blob) in enumerate(zip(ids, blobs)):
+            digest = digest_of(blob)
+            if digest is None:
+                continue
+            needed.add(digest)
+            if digest in sent:
+                continue
+            client = clients.get(tid >> P.ID_SHIFT)
+            body = client.functions.get(digest) if client is not None else None
+            if body is None:
+                continue  # (the slot answers that the function is missing)
+            if added and added + len(body) > self.max_slot_function_bytes:
+                needed.discard(digest)
+                return i, functions, self._forget_functions(slot, needed, ids[:i])
+            added += len(body)
+            sent[digest] = len(body)
+            slot.function_bytes += len(body)
+            functions += (digest, body)
+        return len(ids), functions, self._forget_functions(slot, needed, ids)
+
+    def _forget_functions(self, slot: Slot, needed: set[bytes], ids: list[int]) -> list[bytes]:
+        sent, most, most_bytes = slot.functions, self.max_slot_functions, \
+            self.max_slot_function_bytes
+        if len(sent) <= most and slot.function_bytes <= most_bytes:
+            return []
+        digest_of = payload.stored_digest
+        for blob in slot.inflight.values():  # (rare: only past the limits)
+            digest = digest_of(blob)
+            if digest is not None:
+                needed.add(digest)
+        forget = []
+        for digest in list(sent):
+            if len(sent) <= most and slot.function_bytes <= most_bytes:
+                break
+            if digest not in needed:
+                slot.function_bytes -= sent.pop(digest)
+                forget.append(digest)
+        return forget
 
     def _untrack(self, client: Client, n: int) -> None:
         """``n`` of the client's live tasks are no longer live."""
@@ -1041,10 +1168,11 @@ class BrokerCore:
         else:
             assert type(peer) is Slot
             held = peer.inflight
-            for seq, (ids, revoke, kill) in peer.tx.unacked:
+            for seq, (ids, revoke, kill, functions) in peer.tx.unacked:
                 ids = [t for t in ids if t in held]
                 self.outbox.append((peer.ident, P.Tasks(
-                    seq, peer.rx.last, ids, [held[t] for t in ids], revoke, kill)))
+                    seq, peer.rx.last, ids, [held[t] for t in ids], revoke, kill,
+                    *functions)))
         peer.told = peer.rx.last
         self._owed.pop(peer, None)
 
@@ -1214,6 +1342,9 @@ class BrokerCore:
                         live.difference_update(ids)
                         self._revoke(slot, ids)
                         self._make_ready(slot)
+        if client.functions:
+            client.functions, client.function_bytes = {}, 0
+            self.storing -= 1
         if self.key_owner.pop(key, None) is not None or client.submitted:
             self.recorder.gone(key)
 
@@ -1288,12 +1419,13 @@ class BrokerCore:
             slot.ready = False
 
     def _send_tasks(self, slot: Slot, ids: list[int], blobs: list[bytes],
-                    revoke: list[int], kill: list[int] | None = None) -> None:
-        seq = slot.tx.push((ids, revoke, kill or []))
+                    revoke: list[int], kill: list[int] | None = None,
+                    functions: tuple[list[bytes], list[bytes]] = ([], [])) -> None:
+        seq = slot.tx.push((ids, revoke, kill or [], functions))
         slot.told = slot.rx.last
         self._owed.pop(slot, None)
         self.outbox.append((slot.ident, P.Tasks(seq, slot.rx.last, ids, blobs, revoke,
-                                                kill or [])))
+                                                kill or [], *functions)))
 
     def _take_back(self, slot: Slot, ids: list[int], lost: bool) -> None:
         """Take tasks away from a slot (lease lapsed, or stolen): revoke them there, queue
@@ -1374,12 +1506,19 @@ class BrokerCore:
                 ids, blobs = self._park(ids, blobs)
             if not ids:
                 continue  # everything taken was cancelled; the queue shrank
+            functions: tuple[list[bytes], list[bytes]] = ([], [])
+            if self.storing:  # (tasks by digest may be queued: their functions go along)
+                n, fns, forget = self._functions_for(slot, ids, blobs)
+                if n < len(ids):
+                    queue.push_front(ids[n:], blobs[n:])
+                    ids, blobs = ids[:n], blobs[:n]
+                functions = (fns, forget)
             if not slot.inflight:
                 slot.progress = now
                 slot.lease = max(slot.lease, now + LEASE_SECONDS)
             slot.inflight.update(zip(ids, blobs))
             self.running += len(ids)
-            self._send_tasks(slot, ids, blobs, [])
+            self._send_tasks(slot, ids, blobs, [], None, functions)
             if len(slot.inflight) >= min(slot.window, cap):
                 ready.popleft()
                 slot.ready = False
@@ -1531,6 +1670,13 @@ class BrokerCore:
             ids, blobs = self._live(ids, blobs)
             for i in range(0, len(ids), MAX_BATCH):
                 yield ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]
+
+    def functions(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """Every function stored for tasks by digest, ``(key, digest, pickle)``, for
+        journal snapshots."""
+        for client in self.clients.values():
+            for digest, blob in client.functions.items():
+                yield client.key, digest, blob
 
     def held(self) -> Iterator[tuple[list[int], list[bytes]]]:
         """Every result delivered and not yet acknowledged, for journal snapshots."""

@@ -90,6 +90,11 @@ def resolve(ref: str) -> Callable[..., Any]:
     return obj
 
 
+#: What :meth:`Runner.run` returns for a task by digest whose function it has not loaded
+#: (not a result: its host asks the slot to send the task again with the function).
+FUNCTION_NEEDED = b"\xc1function-needed"
+
+
 class Runner:
     """Executes task blobs; keeps imported callables cached by reference, and callables
     sent by value cached by digest (so a million calls load a function once)."""
@@ -124,7 +129,13 @@ class Runner:
                                         task[3] if len(task) > 3 else None, flags)
             if kind == payload.TASK_FUNCTION and len(task) == 7:
                 _, digest, fn_blob, env, args, kwargs, flags = task
-                fn = self._function(digest, fn_blob, env)
+                if fn_blob is None:  # by digest: loaded before, or the slot sends it
+                    fn = self._by_value.get(digest)
+                    if fn is None:
+                        return FUNCTION_NEEDED, True
+                    self._by_value.move_to_end(digest)
+                else:
+                    fn = self._function(digest, fn_blob, env)
                 return self._run_python(getattr(fn, "__qualname__", "the function"), fn,
                                         args, kwargs, flags)
             if kind == payload.TASK_SHELL and 5 <= len(task) <= 6:

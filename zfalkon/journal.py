@@ -96,6 +96,7 @@ from zfalkon.protocol import ID_SHIFT
 log = logging.getLogger("zfalkon.journal")
 
 SUBMIT, DONE, HELD, GONE, KEY = 1, 2, 3, 4, 5
+FUNCTION = 6  # (key, digest, pickle): a function a client's tasks by digest call
 FSYNC_POLICIES = ("always", "interval", "never")
 #: A log smaller than this is never compacted (except by truncation when nothing is live).
 COMPACT_BYTES = 256 * 1024 * 1024
@@ -191,6 +192,8 @@ class Replayed:
     tasks: dict[int, bytes] = field(default_factory=dict)
     held: dict[int, bytes] = field(default_factory=dict)
     owners: dict[int, str] = field(default_factory=dict)  # client key -> owner
+    #: client key -> {digest: pickle}: the functions its tasks by digest call
+    functions: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
     records: int = 0
 
 
@@ -631,11 +634,14 @@ class Journal:
         elif kind == GONE:
             key = record[1]
             out.owners.pop(key, None)
+            out.functions.pop(key, None)
             for table in (tasks, held):
                 for tid in [t for t in table if t >> ID_SHIFT == key]:
                     del table[tid]
         elif kind == KEY:
             out.owners[record[1]] = record[2]
+        elif kind == FUNCTION:
+            out.functions.setdefault(record[1], {})[record[2]] = record[3]
         else:
             raise ValueError(f"unknown journal record kind {kind!r}")
 
@@ -667,6 +673,9 @@ class Journal:
 
     def key(self, key: int, owner: str) -> None:
         self._add((KEY, key, owner))
+
+    def function(self, key: int, digest: bytes, blob: bytes) -> None:
+        self._add((FUNCTION, key, digest, blob))
 
     @staticmethod
     def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -770,14 +779,17 @@ class Journal:
 
     def compact(self, live_tasks: Iterable[tuple[list[int], list[bytes]]],
                 held: Iterable[tuple[list[int], list[bytes]]],
-                owners: dict[int, str] | None = None, now: float = 0.0) -> bool:
-        """Replace the log by a snapshot of what is live: key owners, unfinished tasks,
-        held results (an empty snapshot is just the header). False if the disk refused
-        it (the log is left as it was)."""
+                owners: dict[int, str] | None = None, now: float = 0.0,
+                functions: Iterable[tuple[int, bytes, bytes]] = ()) -> bool:
+        """Replace the log by a snapshot of what is live: key owners, the functions of
+        tasks by digest (``(key, digest, pickle)``), unfinished tasks, held results (an
+        empty snapshot is just the header). False if the disk refused it (the log is
+        left as it was)."""
         pack = self._pack
         try:
             size = self._replace(_Format.new(), (pack(record) for record in itertools.chain(
                 ((KEY, key, owner) for key, owner in (owners or {}).items()),
+                ((FUNCTION, *function) for function in functions),
                 ((SUBMIT, ids, blobs) for ids, blobs in live_tasks),
                 ((HELD, ids, blobs) for ids, blobs in held))))
         except OSError as exc:
@@ -857,6 +869,9 @@ class JournalRecorder(Recorder):
 
     def key(self, key: int, owner: str) -> None:
         self.journal.key(key, owner)
+
+    def function(self, key: int, digest: bytes, blob: bytes) -> None:
+        self.journal.function(key, digest, blob)
 
     def stats(self) -> dict:
         j = self.journal

@@ -9,7 +9,10 @@ by reference               or ``[..., kwargs, flags]`` if it has flags
 task, Python callable      ``[2, digest, function, env, args, kwargs, flags]``: a
 by value                   cloudpickle of the function, its BLAKE2b-128 digest (a worker
                            loads each digest once), the client's ``[python, cloudpickle,
-                           {package: version}]`` versions
+                           {package: version}]`` versions. ``function`` is nil in a task
+                           *by digest*: its pickle travels once per hop instead, beside
+                           the tasks (SUBMIT and TASKS ``functions``; see
+                           :func:`stored_digest`)
 task with options          ``[3, options, task]``: ``task`` is one of the Python task
                            blobs above (msgpack bytes), ``options`` a small map
                            (``timeout``: seconds, ``capture``: true); the slot reads the
@@ -70,6 +73,15 @@ TASK_FUNCTION = 2  # a Python callable sent by value
 TASK_OPTIONS = 3  # a Python task wrapped with its options (timeout, capture)
 
 FLAG_PICKLE = 1  # the client accepts pickled results
+#: How a task by digest begins: ``[2, <bin8 of 16 bytes>`` (the digest), then nil at
+#: STORED_NIL_AT where a task by value has the function's pickle.
+_BY_VALUE_HEAD = b"\x97\x02\xc4\x10"
+_STORED_NIL_AT = len(_BY_VALUE_HEAD) + 16
+#: The largest function pickle sent by digest (bigger ones travel in every task), and
+#: how many bytes and functions a client may have stored at the broker under its key.
+MAX_STORED_FUNCTION_BYTES = 16 * 1024 * 1024
+MAX_CLIENT_FUNCTION_BYTES = 64 * 1024 * 1024
+MAX_CLIENT_FUNCTIONS = 256
 FUNCTION_POLICIES = ("auto", "reference", "value")
 
 RESULT_VALUE = 0
@@ -272,7 +284,7 @@ def _by_value(fn: Any) -> Function:
             if register:
                 cloudpickle.unregister_pickle_by_value(top)
     env = [platform.python_version(), cloudpickle.__version__, _package_versions(fn)]
-    return Function(f"{module}:{name}", blob, hashlib.blake2b(blob, digest_size=16).digest(),
+    return Function(f"{module}:{name}", blob, function_digest(blob),
                     env)
 
 
@@ -335,12 +347,32 @@ def _package_versions(fn: Any) -> dict[str, str]:
     return versions
 
 
+def function_digest(blob: bytes) -> bytes:
+    """The digest naming a function's pickle (BLAKE2b-128)."""
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def stored_digest(blob: bytes) -> bytes | None:
+    """The digest of the function a task *by digest* calls (its pickle not in the blob,
+    but sent once per hop beside the tasks), or None for any other task."""
+    if blob.startswith(_BY_VALUE_HEAD) and blob[_STORED_NIL_AT:_STORED_NIL_AT + 1] == b"\xc0":
+        return blob[4:_STORED_NIL_AT]
+    return None
+
+
+def with_function(blob: bytes, function: bytes) -> bytes:
+    """A task by digest (:func:`stored_digest`) made a task by value: ``function`` (its
+    pickle) put in place."""
+    return b"".join((blob[:_STORED_NIL_AT], _packb(function), blob[_STORED_NIL_AT + 1:]))
+
+
 def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, Any],
-                flags: int = 0) -> bytes:
+                flags: int = 0, stored: bool = False) -> bytes:
     """Encode a call of ``fn`` (a reference or a :class:`Function`) with its arguments.
 
     Arguments are typed values (:mod:`zfalkon.values`); with :data:`FLAG_PICKLE` in
     ``flags`` what has no typed encoding is pickled, and so may the result be.
+    ``stored``: a :class:`Function` goes by digest (:func:`stored_digest`).
     """
     try:
         if type(fn) is str:
@@ -352,14 +384,16 @@ def python_task(fn: "str | Function", args: Sequence[Any], kwargs: Mapping[str, 
                 return values.pack([TASK_PYTHON, fn, list(args)])
         else:
             assert isinstance(fn, Function)
-            task = [TASK_FUNCTION, fn.digest, fn.blob, fn.env, list(args), kwargs or {}, flags]
+            task = [TASK_FUNCTION, fn.digest, None if stored else fn.blob, fn.env, list(args),
+                    kwargs or {}, flags]
         return values.pack(task, bool(flags & FLAG_PICKLE))
     except (TypeError, ValueError, OverflowError) as exc:
         name = fn if type(fn) is str else fn.name  # type: ignore[union-attr]
         raise SerializationError(f"arguments of {name} cannot be sent: {exc}") from None
 
 
-def task_encoder(fn: "str | Function", flags: int = 0) -> Callable[[Sequence[Any]], bytes]:
+def task_encoder(fn: "str | Function", flags: int = 0,
+                 stored: bool = False) -> Callable[[Sequence[Any]], bytes]:
     """A function encoding calls of ``fn`` with positional arguments only, into exactly
     the blobs :func:`python_task` makes, with what does not change packed once (``map``
     encodes its elements with it: the function's pickle is not packed again per task)."""
@@ -372,7 +406,8 @@ def task_encoder(fn: "str | Function", flags: int = 0) -> Callable[[Sequence[Any
         name = fn
     else:
         assert isinstance(fn, Function)
-        head = b"".join((b"\x97\x02", _packb(fn.digest), _packb(fn.blob), values.pack(fn.env)))
+        head = b"".join((b"\x97\x02", _packb(fn.digest), _packb(None if stored else fn.blob),
+                         values.pack(fn.env)))
         tail, name = _packb({}) + _packb(flags), fn.name
     pack, join = values.pack, b"".join
 

@@ -68,6 +68,9 @@ class Submit(NamedTuple):
     client has (see :mod:`zfalkon.stream`). ``hints``: empty, or one data key per task
     (``""`` for none): the S3 input the broker's data-aware dispatch sends the task
     towards (see HOLDING). ``token``: the token of DELIVER ``ack`` (see :class:`Ack`).
+    ``functions``: ``[digest, pickle, ...]`` pairs: functions the broker keeps under the
+    client's key for its tasks *by digest* (see :func:`zfalkon.payload.stored_digest`),
+    each in the first frame of a session whose tasks call it.
     """
 
     seq: int
@@ -76,6 +79,7 @@ class Submit(NamedTuple):
     blobs: list[bytes]
     hints: list[str] = []
     token: bytes = b""
+    functions: list[bytes] = []
 
 
 class Tasks(NamedTuple):
@@ -86,6 +90,9 @@ class Tasks(NamedTuple):
     ``kill``: tasks sent earlier that their client cancelled by force (CANCEL_KILL): the
     slot drops them if queued, kills the process running or holding them otherwise, and
     answers a CANCELLED result for each (unless its result is already on its way).
+    ``functions``: ``[digest, pickle, ...]`` pairs for the tasks by digest in this frame
+    whose function the slot was not sent before in its session; ``forget``: digests the
+    slot may drop first (the broker no longer counts on it having them).
     """
 
     seq: int
@@ -94,6 +101,8 @@ class Tasks(NamedTuple):
     blobs: list[bytes]
     revoke: list[int] = []
     kill: list[int] = []
+    functions: list[bytes] = []
+    forget: list[bytes] = []
 
 
 class Results(NamedTuple):

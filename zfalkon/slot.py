@@ -49,7 +49,10 @@ _IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still al
 _HELLO_RETRY_SECONDS = 2.0  # a HELLO unanswered this long is sent again
 _PIPELINE_SECONDS = 0.002  # estimated work a slot keeps queued in its task host
 _MAX_PIPELINE = 1024  # tasks a slot keeps queued in its task host, at most
-_OPTIONS_HEAD = b"\x93\x03"  # how a task blob with options starts (payload.with_options)
+_OPTIONS_HEAD = b"\x93\x03"
+#: Functions a slot counts on its host having loaded (the host keeps 64): past this it
+#: sends them again (a host that no longer has one sends the task back anyway)
+_HOST_FUNCTIONS = 48  # how a task blob with options starts (payload.with_options)
 
 
 def describe_exit(returncode: int) -> str:
@@ -226,8 +229,14 @@ class Slot:
             except HostDied:
                 self._host_died()
                 continue
+            if host.needed:  # (its function not loaded there: again, with the function)
+                for _, blob in host.needed:
+                    host.functions.discard(payload.stored_digest(blob) or b"")
+                session.queue.extendleft(reversed(host.needed))
+                host.needed = []
             if not results:
-                self._wait(host)
+                if host.inflight:
+                    self._wait(host)
                 continue
             now = monotonic()
             for tid, result, failed, seconds in results:
@@ -339,8 +348,10 @@ class Slot:
         batch: list[tuple[int, bytes]] = []
         now = time.monotonic()
         limit = 0.0
+        stored_digest = payload.stored_digest
         while room > 0 and queue and queue[0][0] >> shift == key:
-            if queue[0][1][:2] == _OPTIONS_HEAD:
+            blob = queue[0][1]
+            if blob[:2] == _OPTIONS_HEAD:
                 limit = _time_limit(queue[0][1])
                 if limit:  # alone, in a host with nothing else: it starts when sent
                     if batch or host.inflight:
@@ -350,11 +361,25 @@ class Slot:
                     assert task is not None
                     batch.append(task)
                     break
-            size = len(queue[0][1]) + TASK_HEAD_BYTES
+            size = len(blob) + TASK_HEAD_BYTES
+            digest = stored_digest(blob)
+            function = None
+            if digest is not None and digest not in host.functions:
+                function = session.functions.get(digest)
+                if function is None:  # (the broker did not have it to send)
+                    tid, _ = session.next_task(now) or (0, b"")
+                    session.finished(tid, _function_unavailable(digest), True, 0.0, now)
+                    continue
+                size += len(function) + 5
             if size > budget and (batch or host.inflight):
                 break  # (a task bigger than a pipe goes alone, to an idle host)
             task = session.next_task(now)
             assert task is not None
+            if function is not None:  # the host's first task calling it: it goes along
+                if len(host.functions) >= _HOST_FUNCTIONS:
+                    host.functions.clear()  # (a host that dropped one sends the task back)
+                host.functions.add(digest)  # type: ignore[arg-type]
+                task = (task[0], payload.with_function(task[1], function))
             batch.append(task)
             room -= 1
             budget -= size
@@ -425,6 +450,12 @@ class Slot:
             kills, session.kills = session.kills, []
             self._kill(kills)
         self._send_out()
+
+
+def _function_unavailable(digest: bytes) -> bytes:
+    return payload.error_result(
+        "FunctionUnavailable", f"the function this task calls (digest {digest.hex()}) was "
+        "not sent to this worker: its client's session ended before the task ran")
 
 
 def _time_limit(blob: bytes) -> float:

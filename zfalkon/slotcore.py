@@ -87,6 +87,9 @@ class SlotSession:
         #: Tasks to kill that were not queued here (started, or done): the owner's to kill
         #: if it still runs or holds them, and to clear.
         self.kills: list[int] = []
+        #: The functions of tasks by digest the broker sent this session (TASKS
+        #: ``functions``): digest -> pickle, kept until it says ``forget``.
+        self.functions: dict[bytes, bytes] = {}
 
     # -- the broker's messages ---------------------------------------------------------
 
@@ -98,6 +101,7 @@ class SlotSession:
         self.result_ids, self.result_blobs = [], []
         self.result_bytes = self.failed = 0
         self.kills = []
+        self.functions = {}
         self.welcomed = True
         self._send_results(now)  # announce the first window
         self._ping(now)
@@ -110,6 +114,12 @@ class SlotSession:
             self.tx.ack(msg.ack)
             verdict = self.rx.accept(msg.seq)
             if verdict == ACCEPT:
+                if msg.forget or msg.functions:
+                    functions = self.functions
+                    for digest in msg.forget:
+                        functions.pop(digest, None)
+                    pairs = msg.functions
+                    functions.update(zip(pairs[::2], pairs[1::2]))
                 if msg.revoke:
                     revoked = set(msg.revoke)
                     self.queue = collections.deque(t for t in self.queue if t[0] not in revoked)

@@ -138,7 +138,7 @@ PIPE_BYTES = 60_000
 _TASK_HEAD = struct.Struct("<IQ")  # blob length, task id
 TASK_HEAD_BYTES = _TASK_HEAD.size  #: what a task costs in the pipe besides its blob
 _RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
-_OK, _FAILED, _HELD = 0, 1, 2
+_OK, _FAILED, _HELD, _NEED = 0, 1, 2, 3  # _NEED: a task by digest, its function not loaded
 _FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
 _FLUSH_BYTES = 60_000
 _READ_SIZE = 1 << 16  # a pipe's capacity; a bigger read buys nothing and costs
@@ -183,6 +183,11 @@ class Host:
         self.inflight_bytes = 0
         self._buf = bytearray()
         self.held: list[str] = []  #: data keys the host's stager reported (HOLDING)
+        #: Digests of the functions (tasks by digest) it was sent, as far as the slot
+        #: knows; a host that no longer has one sends the task back (:attr:`needed`).
+        self.functions: set[bytes] = set()
+        #: Tasks by digest it sent back unrun: their function is not loaded there.
+        self.needed: list[tuple[int, bytes]] = []
 
     def send(self, tasks: list[tuple[int, bytes]]) -> None:
         """Queue ``tasks`` (id, blob) in the host. Raises HostDied."""
@@ -228,9 +233,12 @@ class Host:
                     raise HostDied("a result for no task")  # a confused host
                 tid, sent = self.inflight.popleft()
                 self.inflight_bytes -= _TASK_HEAD.size + len(sent)
+                if kind == _NEED:
+                    self.needed.append((tid, sent))
+                    continue
                 out.append((tid, blob, kind == _FAILED, seconds))
             del buf[:pos]
-            if out:
+            if out or self.needed:
                 return out  # (else a partial frame: wait for the rest)
 
     def running(self) -> int:
@@ -660,6 +668,8 @@ def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict,
 def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
     """The host's loop: run the tasks read from ``task_r``, write results to ``result_w``,
     until ``task_r`` ends."""
+    from zfalkon.execute import FUNCTION_NEEDED
+
     run = runner.run
     stager = runner.stager
     head, size = _TASK_HEAD.unpack_from, _TASK_HEAD.size
@@ -698,7 +708,8 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
         now = clock()
         if not out:
             first_at = now
-        out.append(result_head(len(result), _FAILED if failed else _OK, now - t0))
+        out.append(result_head(len(result), _NEED if result is FUNCTION_NEEDED
+                               else _FAILED if failed else _OK, now - t0))
         out.append(result)
         out_bytes += len(result)
         if stager.new_held:
