@@ -306,7 +306,7 @@ def where(i):
     import psutil
 
     me = psutil.Process()
-    return {"i": i * i, "job": os.environ.get("SLURM_JOB_ID"),
+    return {"square": i * i, "job": os.environ.get("SLURM_JOB_ID"),
             "step": os.environ.get("SLURM_STEP_ID"), "pid": me.pid,
             "ancestors": [p.name() for p in me.parents()]}
 
@@ -355,7 +355,7 @@ def _wait_for_worker(slurm: SlurmCluster, executor: ZfalkonExecutor, job_id: str
 def test_parsl_workflow_on_slurm_jobs(slurm, tmp_path):
     dfk = parsl.load(slurm_config(str(tmp_path / "runinfo")))
     executor = dfk.executors["zfalkon_slurm"]
-    worker_pids: list[int] = []
+    task_pids: list[int] = []
     job_id = None
     try:
         job_id = _block_job(slurm, executor)
@@ -369,7 +369,7 @@ def test_parsl_workflow_on_slurm_jobs(slurm, tmp_path):
         results = [f.result(timeout=APPS_TIMEOUT) for f in futures]
         assert bash.result(timeout=APPS_TIMEOUT) == 0
 
-        assert [r["i"] for r in results] == [i * i for i in range(50)]
+        assert [r["square"] for r in results] == [i * i for i in range(50)]
         # Every app ran inside the block's Slurm job, in the srun step the launcher made,
         # under Slurm's step daemon: the worker was launched by Slurm, not beside it.
         assert {r["job"] for r in results} == {job_id}
@@ -377,7 +377,7 @@ def test_parsl_workflow_on_slurm_jobs(slurm, tmp_path):
         for r in results:
             assert "slurmstepd" in r["ancestors"], r["ancestors"]
         assert out.read_text().strip() == f"job={job_id} step=0"
-        worker_pids = sorted({r["pid"] for r in results})
+        task_pids = sorted({r["pid"] for r in results})
     finally:
         dfk.cleanup()
         parsl.clear()
@@ -388,7 +388,7 @@ def test_parsl_workflow_on_slurm_jobs(slurm, tmp_path):
         while slurm.job(job_id).get("JobState", "(gone)") in ("RUNNING", "COMPLETING"):
             assert time.monotonic() < deadline, f"job {job_id} still running after shutdown"
             time.sleep(0.2)
-        for pid in worker_pids:
+        for pid in task_pids:
             while _alive(pid):
                 assert time.monotonic() < deadline, f"task process {pid} outlived its job"
                 time.sleep(0.2)
