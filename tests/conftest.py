@@ -205,6 +205,23 @@ class Raw:
         assert isinstance(msg, P.Welcome), msg
         return msg
 
+    def sync(self, timeout: float = 30.0) -> list:
+        """PING the broker and read until its PONG: the broker has then handled every frame
+        this connection sent before the PING (it handles one connection's frames in order).
+        Returns the other messages read meanwhile. For a registered peer."""
+        mark = time.monotonic()
+        self.send_msg(P.Ping(mark))
+        others = []
+        deadline = mark + timeout
+        for _ in range(100_000):
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sock.poll(left * 1000), f"no PONG within {timeout} s"
+            msg = P.decode(self.sock.recv())
+            if isinstance(msg, P.Pong) and msg.sent == mark:
+                return others
+            others.append(msg)
+        raise AssertionError("no PONG among 100,000 messages")
+
     def stop_reading(self) -> "Raw":
         """Read nothing more than ZeroMQ and the kernel must (a peer that does not read)."""
         self.sock.setsockopt(zmq.RCVHWM, 1)

@@ -50,12 +50,14 @@ class PeakRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        deadline = time.monotonic() + 600  # (bounded: no block here lasts that long)
+        while time.monotonic() < deadline:
             try:
                 self.peak = max(self.peak, self.process.memory_info().rss)
             except psutil.NoSuchProcess:
                 return
-            time.sleep(0.005)
+            if self._stop.wait(0.005):  # the sampling interval; set when the block ends
+                return
 
     def __enter__(self) -> "PeakRss":
         self._thread.start()
@@ -222,7 +224,7 @@ def test_blind_acks_without_reading_keep_the_broker_bounded(ctx):
                         raw.send_msg(P.Ack(10_000))
                         acks += 4
                         time.sleep(0.1)
-                    for _ in range(10):
+                    for _ in range(10):  # the blind ACKs go on for 0.5 s after the last result
                         raw.send_msg(P.Ack(10_000))
                         acks += 1
                         time.sleep(0.05)
@@ -263,7 +265,7 @@ def test_an_ack_past_the_last_frame_sent_does_not_kill_the_broker(ctx):
                     wait_until(lambda: query_status(address)["done"] >= seq, 30,
                                message=f"task {seq} ran")
                 raw.send_msg(P.Ack(2))
-                time.sleep(0.5)
+                raw.sync()  # (its PONG: the broker has handled the ACK)
                 assert proc.poll() is None, f"broker exited with status {proc.returncode}"
                 assert_serving(address, 5)
             finally:
@@ -396,7 +398,7 @@ def test_submit_with_distinct_hints_is_not_a_memory_amplifier(ctx):
                                       hints[start:start + 1000]))
             wait_until(lambda: query_status(address)["queued"] >= core.MAX_CLIENT_HINTED
                        - 1000, 60, message="queued up to the limit")
-            time.sleep(0.5)
+            raw.sync(60)  # (its PONG: the broker has handled every SUBMIT, taken or refused)
             status = query_status(address)
             growth = rss(proc) - before
             report(f"one {len(frame) / 1e6:.1f} MB SUBMIT, then 200 of 1,000, {n} distinct "
@@ -458,6 +460,8 @@ def test_honest_latency_while_two_peers_flood_capped_hellos(ctx):
                            for r in attackers]
                 for t in threads:
                     t.start()
+                # (no state to synchronise on, as above: the broker is busy and answers
+                # nothing; give the flood a moment to reach its socket)
                 time.sleep(0.5)
                 try:
                     attacked = honest_latencies(ex, 3)
