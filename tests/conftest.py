@@ -27,11 +27,15 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from zfalkon import Executor, LocalCluster  # noqa: E402
+from zfalkon import Executor, LocalCluster, query_status  # noqa: E402
 from zfalkon import payload  # noqa: E402
 from zfalkon import protocol as P  # noqa: E402
 
 READY_PREFIX = "zfalkon broker listening on "
+
+#: Most a broker's resident memory may grow under one hostile peer's attack
+#: (docs/protocol.md, "Limits per peer").
+RSS_BOUND = 50 * 2**20
 
 
 def worker_env() -> dict[str, str]:
@@ -167,6 +171,19 @@ def worker_process(address: str, *extra: str, stderr=None) -> Iterator[subproces
         kids = descendants(proc.pid)
         stop_process(proc)
         kill_tree(kids)
+
+
+@contextlib.contextmanager
+def served_broker(*extra: str, slots: int = 1, name: str | None = None
+                  ) -> Iterator[tuple[subprocess.Popen, str, subprocess.Popen]]:
+    """A broker process (``EXTRA`` arguments) with one worker of ``slots`` slots (named
+    ``name``) registered: yields (broker process, address, worker process)."""
+    named = ("--name", name) if name else ()
+    with broker_process(*extra) as (proc, address):
+        with worker_process(address, "--slots", str(slots), *named) as worker:
+            wait_until(lambda: query_status(address, timeout=5)["slots"] >= slots, 30,
+                       message="worker slots registered")
+            yield proc, address, worker
 
 
 class Raw:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -22,11 +21,12 @@ import pytest
 import tasks
 import zmq
 from conftest import (
+    RSS_BOUND,
     Raw,
     assert_serving,
     broker_process,
-    child_env,
-    read_ready_line,
+    served_broker,
+    start_broker,
     stop_process,
     wait_until,
     worker_env,
@@ -39,7 +39,7 @@ from zfalkon import Executor, LocalCluster, core, payload, query_status
 from zfalkon import protocol as P
 
 MIB = 2**20
-PER_PEER = 50 * MIB
+PER_PEER = RSS_BOUND  # 50 MiB
 #: A pause before the RSS baseline, once the attacker's state is in place (each test waits
 #: for that first): the broker's ZeroMQ io thread may still be copying frames, which no
 #: status shows.
@@ -96,29 +96,27 @@ def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
 
 @pytest.mark.timeout(200)
 def test_resend_spam_from_a_client_that_never_reads_is_bounded(ctx):
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            try:
-                base = raw.hello().key << P.ID_SHIFT
-                raw.stop_reading()
-                blob = payload.python_task("builtins:bytes", (3_900_000,), {})
-                raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
-                wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
-                time.sleep(SETTLE)
-                with PeakRss(proc) as peak:
-                    end = time.monotonic() + 45
-                    while time.monotonic() < end:
-                        raw.send_msg(P.Resend(0))
-                        time.sleep(RESEND_PERIOD)  # the attack's pace
-                report("one 3.9 MiB result, RESEND every 2.05 s for 45 s, never read: broker "
-                       "RSS peak growth", peak.growth / MIB)
-                assert proc.poll() is None
-                assert peak.growth < PER_PEER
-                assert_serving(address, 5)
-            finally:
-                raw.close()
+    with served_broker() as (proc, address, _):
+        raw = Raw(ctx, address)
+        try:
+            base = raw.hello().key << P.ID_SHIFT
+            raw.stop_reading()
+            blob = payload.python_task("builtins:bytes", (3_900_000,), {})
+            raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
+            wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
+            time.sleep(SETTLE)
+            with PeakRss(proc) as peak:
+                end = time.monotonic() + 45
+                while time.monotonic() < end:
+                    raw.send_msg(P.Resend(0))
+                    time.sleep(RESEND_PERIOD)  # the attack's pace
+            report("one 3.9 MiB result, RESEND every 2.05 s for 45 s, never read: broker "
+                   "RSS peak growth", peak.growth / MIB)
+            assert proc.poll() is None
+            assert peak.growth < PER_PEER
+            assert_serving(address, 5)
+        finally:
+            raw.close()
 
 
 RESEND_PERIOD = core.RESEND_SECONDS + 0.05
@@ -372,17 +370,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-def _broker_on(journal: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "zfalkon", "broker", "--listen",
-                             "tcp://127.0.0.1:0", "--journal", journal],
-                            stdout=subprocess.PIPE, text=True, env=child_env())
-    try:
-        return proc, read_ready_line(proc)
-    except BaseException:
-        stop_process(proc)
-        raise
-
-
 @pytest.mark.timeout(240)
 def test_a_task_that_fills_the_journals_disk_loses_nothing_and_the_journal_replays(
         small_disk, tmp_path):
@@ -392,7 +379,7 @@ def test_a_task_that_fills_the_journals_disk_loses_nothing_and_the_journal_repla
     broker is SIGKILLed and a new one replays the journal (no damage, nothing live)."""
     journal, hog, marker = str(small_disk / "j"), small_disk / "hog", tmp_path / "ran"
     pad = "x" * 3000
-    proc, address = _broker_on(journal)
+    proc, address = start_broker("tcp://127.0.0.1:0", "--journal", journal)
     second = None
     try:
         with worker_process(address, "--slots", "2"):
@@ -422,7 +409,7 @@ def test_a_task_that_fills_the_journals_disk_loses_nothing_and_the_journal_repla
         assert sorted(lines) == list(range(120)), "a task lost or run twice"
         proc.kill()
         proc.wait()
-        second, address = _broker_on(journal)
+        second, address = start_broker("tcp://127.0.0.1:0", "--journal", journal)
         status = query_status(address)
         assert status["queued"] == 0 and status["unacknowledged_results"] == 0, status
     finally:
@@ -436,41 +423,39 @@ def test_a_task_that_fills_the_journals_disk_loses_nothing_and_the_journal_repla
 
 @pytest.mark.timeout(240)
 def test_submit_cancel_loop_is_bounded_by_the_clients_limits(ctx):
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            honest = Executor(address)
-            raw = Raw(ctx, address)
-            try:
-                busy = honest.submit(tasks.sleep_then, "honest", 40)
-                wait_until(lambda: query_status(address)["running"] >= 1, 30,
-                           message="the slot busy with an honest task")
-                base = raw.hello().key << P.ID_SHIFT
-                blob = b"x" * (15 * MIB)
-                seq, tid, rounds = 0, base, 8
-                with PeakRss(proc) as peak:
-                    for r in range(rounds):
-                        ids = []
-                        for _ in range(4):
-                            seq += 1
-                            tid += 1
-                            ids.append(tid)
-                            raw.send_msg(P.Submit(seq, 0, [tid], [blob]))
-                        wait_until(lambda r=r: query_status(address)["submitted"] >= 4 * (r + 1),
-                                   60, message=f"round {r} taken")
+    with served_broker() as (proc, address, _):
+        honest = Executor(address)
+        raw = Raw(ctx, address)
+        try:
+            busy = honest.submit(tasks.sleep_then, "honest", 40)
+            wait_until(lambda: query_status(address)["running"] >= 1, 30,
+                       message="the slot busy with an honest task")
+            base = raw.hello().key << P.ID_SHIFT
+            blob = b"x" * (15 * MIB)
+            seq, tid, rounds = 0, base, 8
+            with PeakRss(proc) as peak:
+                for r in range(rounds):
+                    ids = []
+                    for _ in range(4):
                         seq += 1
-                        raw.send_msg(P.Cancel(seq, 0, ids, b"", P.CANCEL_DROP))
-                    raw.sync()  # (its PONG: the broker has handled the last CANCEL)
-                    status = query_status(address)
-                report(f"{rounds} rounds of 4 x 15 MiB submitted and cancelled (DROP), slot busy:"
-                       " broker RSS peak growth", peak.growth / MIB)
-                report("  queued", status["queued"], "")
-                assert proc.poll() is None
-                assert peak.growth < core.MAX_CLIENT_BYTES + PER_PEER
-                assert busy.result(timeout=60) == "honest"
-            finally:
-                raw.close()
-                honest.shutdown(wait=False, cancel_futures=True)
+                        tid += 1
+                        ids.append(tid)
+                        raw.send_msg(P.Submit(seq, 0, [tid], [blob]))
+                    wait_until(lambda r=r: query_status(address)["submitted"] >= 4 * (r + 1),
+                               60, message=f"round {r} taken")
+                    seq += 1
+                    raw.send_msg(P.Cancel(seq, 0, ids, b"", P.CANCEL_DROP))
+                raw.sync()  # (its PONG: the broker has handled the last CANCEL)
+                status = query_status(address)
+            report(f"{rounds} rounds of 4 x 15 MiB submitted and cancelled (DROP), slot busy:"
+                   " broker RSS peak growth", peak.growth / MIB)
+            report("  queued", status["queued"], "")
+            assert proc.poll() is None
+            assert peak.growth < core.MAX_CLIENT_BYTES + PER_PEER
+            assert busy.result(timeout=60) == "honest"
+        finally:
+            raw.close()
+            honest.shutdown(wait=False, cancel_futures=True)
 
 
 # -- 10. a task names another client's task in its slot's state file, then kills the slot ------
