@@ -186,6 +186,24 @@ def served_broker(*extra: str, slots: int = 1, name: str | None = None
             yield proc, address, worker
 
 
+def marker_lines(path) -> list[str]:
+    """The lines tasks appended to the file ``path`` (none if no task wrote it)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().split()
+
+
+def status_brief(status: Callable[[], dict]) -> dict | str:
+    """The counters of ``status()`` for a failure message, or the error asking raised."""
+    try:
+        s = status()
+        return {k: s[k] for k in ("submitted", "done", "failed", "queued", "running",
+                                  "slots", "workers")}
+    except Exception as exc:  # noqa: BLE001
+        return repr(exc)
+
+
 class Raw:
     """A raw DEALER connection to the broker."""
 
