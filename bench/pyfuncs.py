@@ -20,10 +20,12 @@ import argparse
 import concurrent.futures as cf
 import json
 import pathlib
-import statistics
-import time
+import sys
 
 from zfalkon import Executor, LocalCluster
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from core import median_rate  # noqa: E402  (bench/core.py, imported as bench/report does)
 
 
 def noop(x):  # defined in __main__: zfalkon sends it by value
@@ -32,15 +34,6 @@ def noop(x):  # defined in __main__: zfalkon sends it by value
 
 def array_sum(a):
     return float(a.sum())
-
-
-def rate(n: int, fn, repeat: int) -> tuple[float, list[float]]:
-    rates = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates), rates
 
 
 def main() -> None:
@@ -59,8 +52,8 @@ def main() -> None:
             Executor(cluster.address) as ex:
         list(ex.map(noop, range(20_000)))  # warm up (and load the function on each slot)
         for name, fn in (("value", noop), ("reference", abs)):
-            out[f"map_{name}"] = rate(n, lambda: list(ex.map(fn, range(n))), repeat)
-            out[f"submit_{name}"] = rate(
+            out[f"map_{name}"] = median_rate(n, lambda: list(ex.map(fn, range(n))), repeat)
+            out[f"submit_{name}"] = median_rate(
                 m, lambda: [f.result() for f in [ex.submit(fn, i) for i in range(m)]],
                 repeat)
         array = np.random.default_rng(0).random(args.array_mib * 2**20 // 8)
@@ -69,14 +62,14 @@ def main() -> None:
         ex.submit(array_sum, array).result()
         ex.submit(len, raw).result()
         mib = args.array_mib * k
-        out["array_mib_s"] = rate(mib, lambda: [ex.submit(array_sum, array).result()
-                                                for _ in range(k)], repeat)
-        out["bytes_mib_s"] = rate(mib, lambda: [ex.submit(len, raw).result()
-                                                for _ in range(k)], repeat)
+        out["array_mib_s"] = median_rate(mib, lambda: [ex.submit(array_sum, array).result()
+                                                       for _ in range(k)], repeat)
+        out["bytes_mib_s"] = median_rate(mib, lambda: [ex.submit(len, raw).result()
+                                                       for _ in range(k)], repeat)
     with cf.ProcessPoolExecutor(2) as pool:
         list(pool.map(noop, range(1000)))
-        out["pool_map"] = rate(n, lambda: list(pool.map(noop, range(n))), repeat)
-        out["pool_submit"] = rate(
+        out["pool_map"] = median_rate(n, lambda: list(pool.map(noop, range(n))), repeat)
+        out["pool_submit"] = median_rate(
             m, lambda: [f.result() for f in [pool.submit(noop, i) for i in range(m)]], repeat)
 
     def row(label: str, key: str, base: str, unit: str = "tasks/s") -> str:

@@ -27,11 +27,15 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from zfalkon import Executor, LocalCluster  # noqa: E402
+from zfalkon import Executor, LocalCluster, query_status  # noqa: E402
 from zfalkon import payload  # noqa: E402
 from zfalkon import protocol as P  # noqa: E402
 
 READY_PREFIX = "zfalkon broker listening on "
+
+#: Most a broker's resident memory may grow under one hostile peer's attack
+#: (docs/protocol.md, "Limits per peer").
+RSS_BOUND = 50 * 2**20
 
 
 def worker_env() -> dict[str, str]:
@@ -169,6 +173,37 @@ def worker_process(address: str, *extra: str, stderr=None) -> Iterator[subproces
         kill_tree(kids)
 
 
+@contextlib.contextmanager
+def served_broker(*extra: str, slots: int = 1, name: str | None = None
+                  ) -> Iterator[tuple[subprocess.Popen, str, subprocess.Popen]]:
+    """A broker process (``EXTRA`` arguments) with one worker of ``slots`` slots (named
+    ``name``) registered: yields (broker process, address, worker process)."""
+    named = ("--name", name) if name else ()
+    with broker_process(*extra) as (proc, address):
+        with worker_process(address, "--slots", str(slots), *named) as worker:
+            wait_until(lambda: query_status(address, timeout=5)["slots"] >= slots, 30,
+                       message="worker slots registered")
+            yield proc, address, worker
+
+
+def marker_lines(path) -> list[str]:
+    """The lines tasks appended to the file ``path`` (none if no task wrote it)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().split()
+
+
+def status_brief(status: Callable[[], dict]) -> dict | str:
+    """The counters of ``status()`` for a failure message, or the error asking raised."""
+    try:
+        s = status()
+        return {k: s[k] for k in ("submitted", "done", "failed", "queued", "running",
+                                  "slots", "workers")}
+    except Exception as exc:  # noqa: BLE001
+        return repr(exc)
+
+
 class Raw:
     """A raw DEALER connection to the broker."""
 
@@ -204,6 +239,23 @@ class Raw:
         msg = self.recv()
         assert isinstance(msg, P.Welcome), msg
         return msg
+
+    def sync(self, timeout: float = 30.0) -> list:
+        """PING the broker and read until its PONG: the broker has then handled every frame
+        this connection sent before the PING (it handles one connection's frames in order).
+        Returns the other messages read meanwhile. For a registered peer."""
+        mark = time.monotonic()
+        self.send_msg(P.Ping(mark))
+        others = []
+        deadline = mark + timeout
+        for _ in range(100_000):
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sock.poll(left * 1000), f"no PONG within {timeout} s"
+            msg = P.decode(self.sock.recv())
+            if isinstance(msg, P.Pong) and msg.sent == mark:
+                return others
+            others.append(msg)
+        raise AssertionError("no PONG among 100,000 messages")
 
     def stop_reading(self) -> "Raw":
         """Read nothing more than ZeroMQ and the kernel must (a peer that does not read)."""

@@ -21,20 +21,20 @@ import zmq
 
 import tasks
 from conftest import (
+    RSS_BOUND,
     Raw,
     assert_serving,
     broker_process,
     rss,
+    served_broker,
     wait_until,
     worker_hello,
-    worker_process,
 )
 from zfalkon import Executor, core, payload, query_status
 from zfalkon import protocol as P
 from zfalkon.constants import PROTOCOL_VERSION
 from zfalkon.journal import Journal
 
-RSS_BOUND = 50 * 2**20
 #: What the broker may keep for a client that does not read its results (see
 #: tests/test_limits.py::test_client_that_never_reads_its_results).
 NOT_READING_BOUND = 2 * core.MAX_WAITING_BYTES + core.SEND_WINDOW_BYTES + 24 * 2**20
@@ -50,12 +50,14 @@ class PeakRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        deadline = time.monotonic() + 600  # (bounded: no block here lasts that long)
+        while time.monotonic() < deadline:
             try:
                 self.peak = max(self.peak, self.process.memory_info().rss)
             except psutil.NoSuchProcess:
                 return
-            time.sleep(0.005)
+            if self._stop.wait(0.005):  # the sampling interval; set when the block ends
+                return
 
     def __enter__(self) -> "PeakRss":
         self._thread.start()
@@ -79,11 +81,8 @@ def report(what: str, value: float, unit: str = "MiB") -> None:
 @pytest.fixture(scope="module")
 def served():
     """One broker with one 1-slot worker, for the attacks that do not bloat it."""
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1", "--name", "adv-worker"):
-            wait_until(lambda: query_status(address, timeout=5)["slots"] >= 1, 30,
-                       message="worker slot registered")
-            yield proc, address
+    with served_broker(name="adv-worker") as (proc, address, _):
+        yield proc, address
 
 
 # -- batch frames are unpacked in full, before the peer is even known ---------------------
@@ -160,35 +159,33 @@ def test_non_fixint_tag_and_array16_header_fall_under_the_control_cap(served, ct
 
 
 def test_hello_replay_of_unacknowledged_results_is_bounded(ctx):
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            raw.stop_reading()
-            try:
-                key = raw.hello().key
-                blob = payload.python_task("builtins:bytes", (4 << 20,), {})
-                raw.send_msg(P.Submit(1, 0, [(key << P.ID_SHIFT) + 1], [blob]))
-                wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
-                wait_until(lambda: query_status(address)["unacknowledged_results"] == 1, 10,
-                           message="held")
-                before = rss(proc)
-                hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "replayer", "key": key}))
-                for _ in range(30):
-                    raw.send(hello)
-                # synchronise: the broker has taken every HELLO once a STATUS (asked on
-                # another connection, after them) is answered; then let the io thread copy
-                wait_until(lambda: query_status(address)["clients"] >= 1, 10)
-                growth = max(rss(proc) - before, 0)
-                for _ in range(20):
-                    time.sleep(0.05)
-                    growth = max(growth, rss(proc) - before)
-                report("30 HELLOs replaying one unread 4 MiB result: broker RSS growth",
-                       growth / 2**20)
-                assert_serving(address, 5)
-                assert growth < RSS_BOUND
-            finally:
-                raw.close()
+    with served_broker() as (proc, address, _):
+        raw = Raw(ctx, address)
+        raw.stop_reading()
+        try:
+            key = raw.hello().key
+            blob = payload.python_task("builtins:bytes", (4 << 20,), {})
+            raw.send_msg(P.Submit(1, 0, [(key << P.ID_SHIFT) + 1], [blob]))
+            wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
+            wait_until(lambda: query_status(address)["unacknowledged_results"] == 1, 10,
+                       message="held")
+            before = rss(proc)
+            hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "replayer", "key": key}))
+            for _ in range(30):
+                raw.send(hello)
+            # synchronise: the broker has taken every HELLO once a STATUS (asked on
+            # another connection, after them) is answered; then let the io thread copy
+            wait_until(lambda: query_status(address)["clients"] >= 1, 10)
+            growth = max(rss(proc) - before, 0)
+            for _ in range(20):
+                time.sleep(0.05)
+                growth = max(growth, rss(proc) - before)
+            report("30 HELLOs replaying one unread 4 MiB result: broker RSS growth",
+                   growth / 2**20)
+            assert_serving(address, 5)
+            assert growth < RSS_BOUND
+        finally:
+            raw.close()
 
 
 def test_blind_acks_without_reading_keep_the_broker_bounded(ctx):
@@ -199,75 +196,71 @@ def test_blind_acks_without_reading_keep_the_broker_bounded(ctx):
     more of them than for a client that never reads (the bound of
     test_limits.py::test_client_that_never_reads_its_results: its results wait in the
     broker, 2 x MAX_WAITING_BYTES, then MAX_HELD_BYTES once it is quiet)."""
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            raw.stop_reading()
-            try:
-                key = raw.hello().key
-                base = key << P.ID_SHIFT
-                n = 48  # 2 MiB each: 96 MiB of results, one DELIVER frame each at most
-                blob = payload.python_task("builtins:bytes", (2 << 20,), {})
-                before = rss(proc)
-                growth = 0
-                acks = 0
-                with PeakRss(proc) as peak:
-                    raw.send_msg(P.Submit(1, 0, list(range(base + 1, base + n + 1)),
-                                          [blob] * n))
-                    deadline = time.monotonic() + 90
-                    while query_status(address)["done"] < n and time.monotonic() < deadline:
-                        for seq in (1, 2, 10_000):  # "I have everything you sent"
-                            raw.send_msg(P.Ack(seq, bytes(8)))
-                        raw.send_msg(P.Ack(10_000))
-                        acks += 4
-                        time.sleep(0.1)
-                    for _ in range(10):
-                        raw.send_msg(P.Ack(10_000))
-                        acks += 1
-                        time.sleep(0.05)
-                    growth = rss(proc) - before
-                # what the broker handed the socket: read it now (acknowledging nothing)
-                frames = []
-                while raw.sock.poll(2000):
-                    msg = P.decode(raw.sock.recv())
-                    if type(msg) is P.Deliver:
-                        frames.append(msg)
-                sent = sum(len(b) for d in frames for b in d.blobs)
-                report(f"blind ACKs ({acks}) over {n} x 2 MiB results never read: "
-                       f"DELIVER frames sent ({len(frames)})", sent / 2**20)
-                report(f"blind ACKs over {n} x 2 MiB results never read: broker RSS growth",
-                       growth / 2**20)
-                report("blind ACKs: broker RSS peak growth", peak.growth / 2**20)
-                assert_serving(address, 5)
-                assert sent <= core.SEND_WINDOW_BYTES or len(frames) == 1
-                assert peak.growth < NOT_READING_BOUND
-            finally:
-                raw.close()
+    with served_broker() as (proc, address, _):
+        raw = Raw(ctx, address)
+        raw.stop_reading()
+        try:
+            key = raw.hello().key
+            base = key << P.ID_SHIFT
+            n = 48  # 2 MiB each: 96 MiB of results, one DELIVER frame each at most
+            blob = payload.python_task("builtins:bytes", (2 << 20,), {})
+            before = rss(proc)
+            growth = 0
+            acks = 0
+            with PeakRss(proc) as peak:
+                raw.send_msg(P.Submit(1, 0, list(range(base + 1, base + n + 1)),
+                                      [blob] * n))
+                deadline = time.monotonic() + 90
+                while query_status(address)["done"] < n and time.monotonic() < deadline:
+                    for seq in (1, 2, 10_000):  # "I have everything you sent"
+                        raw.send_msg(P.Ack(seq, bytes(8)))
+                    raw.send_msg(P.Ack(10_000))
+                    acks += 4
+                    time.sleep(0.1)
+                for _ in range(10):  # the blind ACKs go on for 0.5 s after the last result
+                    raw.send_msg(P.Ack(10_000))
+                    acks += 1
+                    time.sleep(0.05)
+                growth = rss(proc) - before
+            # what the broker handed the socket: read it now (acknowledging nothing)
+            frames = []
+            while raw.sock.poll(2000):
+                msg = P.decode(raw.sock.recv())
+                if type(msg) is P.Deliver:
+                    frames.append(msg)
+            sent = sum(len(b) for d in frames for b in d.blobs)
+            report(f"blind ACKs ({acks}) over {n} x 2 MiB results never read: "
+                   f"DELIVER frames sent ({len(frames)})", sent / 2**20)
+            report(f"blind ACKs over {n} x 2 MiB results never read: broker RSS growth",
+                   growth / 2**20)
+            report("blind ACKs: broker RSS peak growth", peak.growth / 2**20)
+            assert_serving(address, 5)
+            assert sent <= core.SEND_WINDOW_BYTES or len(frames) == 1
+            assert peak.growth < NOT_READING_BOUND
+        finally:
+            raw.close()
 
 
 def test_an_ack_past_the_last_frame_sent_does_not_kill_the_broker(ctx):
     """Two 3 MiB results in two DELIVER frames: the second is held back by the 4 MiB send
     window. A client that has read nothing sends ACK 2: the broker must stay up (and
     should ignore, or clamp, an ack past its last frame sent)."""
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            raw.sock.setsockopt(zmq.RCVHWM, 1)
-            try:
-                base = raw.hello().key << P.ID_SHIFT
-                blob = payload.python_task("builtins:bytes", (3 << 20,), {})
-                for seq in (1, 2):  # one at a time: two RESULTS, two DELIVER frames
-                    raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
-                    wait_until(lambda: query_status(address)["done"] >= seq, 30,
-                               message=f"task {seq} ran")
-                raw.send_msg(P.Ack(2))
-                time.sleep(0.5)
-                assert proc.poll() is None, f"broker exited with status {proc.returncode}"
-                assert_serving(address, 5)
-            finally:
-                raw.close()
+    with served_broker() as (proc, address, _):
+        raw = Raw(ctx, address)
+        raw.sock.setsockopt(zmq.RCVHWM, 1)
+        try:
+            base = raw.hello().key << P.ID_SHIFT
+            blob = payload.python_task("builtins:bytes", (3 << 20,), {})
+            for seq in (1, 2):  # one at a time: two RESULTS, two DELIVER frames
+                raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
+                wait_until(lambda: query_status(address)["done"] >= seq, 30,
+                           message=f"task {seq} ran")
+            raw.send_msg(P.Ack(2))
+            raw.sync()  # (its PONG: the broker has handled the ACK)
+            assert proc.poll() is None, f"broker exited with status {proc.returncode}"
+            assert_serving(address, 5)
+        finally:
+            raw.close()
 
 
 # -- forged results --------------------------------------------------------------------
@@ -313,32 +306,30 @@ def honest_latencies(ex: Executor, n: int) -> list[float]:
 
 
 def test_honest_latency_while_unregistered_peers_send_huge_frames(ctx):
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            ex = Executor(address, connect_timeout=30)
-            base = honest_latencies(ex, 10)
-            frame = zeros_cancel(16 * 2**20)
-            attackers = [Raw(ctx, address) for _ in range(2)]
-            try:
+    with served_broker() as (proc, address, _):
+        ex = Executor(address, connect_timeout=30)
+        base = honest_latencies(ex, 10)
+        frame = zeros_cancel(16 * 2**20)
+        attackers = [Raw(ctx, address) for _ in range(2)]
+        try:
+            for raw in attackers:
+                raw.sock.setsockopt(zmq.RCVHWM, 1)
+            for _ in range(8):  # bounded: 16 frames, ~0.7 s of broker time each
                 for raw in attackers:
-                    raw.sock.setsockopt(zmq.RCVHWM, 1)
-                for _ in range(8):  # bounded: 16 frames, ~0.7 s of broker time each
-                    for raw in attackers:
-                        raw.send(frame)
-                # (no state to synchronise on: the broker is busy and answers nothing
-                # until its burst ends; give the frames a moment to reach its socket)
-                time.sleep(0.3)
-                attacked = honest_latencies(ex, 3)
-                report("honest round trip, median, no attack",
-                       statistics.median(base) * 1000, "ms")
-                report("honest round trip, worst of 3, under 2 x 8 16 MiB frames",
-                       max(attacked) * 1000, "ms")
-                assert max(attacked) < 1.0
-            finally:
-                ex.shutdown(wait=False, cancel_futures=True)
-                for raw in attackers:
-                    raw.close()
+                    raw.send(frame)
+            # (no state to synchronise on: the broker is busy and answers nothing
+            # until its burst ends; give the frames a moment to reach its socket)
+            time.sleep(0.3)
+            attacked = honest_latencies(ex, 3)
+            report("honest round trip, median, no attack",
+                   statistics.median(base) * 1000, "ms")
+            report("honest round trip, worst of 3, under 2 x 8 16 MiB frames",
+                   max(attacked) * 1000, "ms")
+            assert max(attacked) < 1.0
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
+            for raw in attackers:
+                raw.close()
 
 
 # -- amplification through what one peer may legitimately make the broker keep ------------
@@ -396,7 +387,7 @@ def test_submit_with_distinct_hints_is_not_a_memory_amplifier(ctx):
                                       hints[start:start + 1000]))
             wait_until(lambda: query_status(address)["queued"] >= core.MAX_CLIENT_HINTED
                        - 1000, 60, message="queued up to the limit")
-            time.sleep(0.5)
+            raw.sync(60)  # (its PONG: the broker has handled every SUBMIT, taken or refused)
             status = query_status(address)
             growth = rss(proc) - before
             report(f"one {len(frame) / 1e6:.1f} MB SUBMIT, then 200 of 1,000, {n} distinct "
@@ -409,70 +400,68 @@ def test_submit_with_distinct_hints_is_not_a_memory_amplifier(ctx):
 
 
 def test_many_abandoned_sessions_from_one_process_are_bounded(ctx):
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            before = rss(proc)
-            n = 6
-            blob = payload.python_task("builtins:bytes", (15 << 20,), {})
-            for i in range(n):
-                raw = Raw(ctx, address)
-                raw.stop_reading()
-                base = raw.hello().key << P.ID_SHIFT
-                raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
-                wait_until(lambda: query_status(address)["done"] >= i + 1, 60,
-                           message=f"session {i} ran")
-                raw.close()
-            wait_until(lambda: query_status(address)["away_clients"] >= n, 20,
-                       message="sessions away")
-            growth = rss(proc) - before
-            status = query_status(address)
-            report(f"{n} abandoned sessions x 15 MiB result: broker RSS growth",
-                   growth / 2**20)
-            report("  results replaced by ResultDropped", status["dropped_results"], "")
-            assert status["unacknowledged_results"] == n
-            assert_serving(address, 5)
-            assert growth < RSS_BOUND
+    with served_broker() as (proc, address, _):
+        before = rss(proc)
+        n = 6
+        blob = payload.python_task("builtins:bytes", (15 << 20,), {})
+        for i in range(n):
+            raw = Raw(ctx, address)
+            raw.stop_reading()
+            base = raw.hello().key << P.ID_SHIFT
+            raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
+            wait_until(lambda: query_status(address)["done"] >= i + 1, 60,
+                       message=f"session {i} ran")
+            raw.close()
+        wait_until(lambda: query_status(address)["away_clients"] >= n, 20,
+                   message="sessions away")
+        growth = rss(proc) - before
+        status = query_status(address)
+        report(f"{n} abandoned sessions x 15 MiB result: broker RSS growth",
+               growth / 2**20)
+        report("  results replaced by ResultDropped", status["dropped_results"], "")
+        assert status["unacknowledged_results"] == n
+        assert_serving(address, 5)
+        assert growth < RSS_BOUND
 
 
 def test_honest_latency_while_two_peers_flood_capped_hellos(ctx):
     hello = msgpack.packb([P.TAGS[P.Hello], PROTOCOL_VERSION, "0", P.ROLE_CLIENT,
                            {"name": "x", "pad": [[]] * 15_000}])
     assert len(hello) <= P.MAX_HELLO_BYTES
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            ex = Executor(address, connect_timeout=30)
-            base = honest_latencies(ex, 10)
-            attackers = [Raw(ctx, address) for _ in range(2)]
+    with served_broker() as (proc, address, _):
+        ex = Executor(address, connect_timeout=30)
+        base = honest_latencies(ex, 10)
+        attackers = [Raw(ctx, address) for _ in range(2)]
+        try:
+            for raw in attackers:
+                raw.sock.setsockopt(zmq.RCVHWM, 1)
+                raw.sock.setsockopt(zmq.SNDHWM, 100_000)
+
+            def flood(raw: Raw) -> None:
+                for _ in range(800):  # bounded: ~11 s of broker time per peer
+                    raw.sock.send(hello)
+
+            threads = [threading.Thread(target=flood, args=(r,), daemon=True)
+                       for r in attackers]
+            for t in threads:
+                t.start()
+            # (no state to synchronise on, as above: the broker is busy and answers
+            # nothing; give the flood a moment to reach its socket)
+            time.sleep(0.5)
             try:
-                for raw in attackers:
-                    raw.sock.setsockopt(zmq.RCVHWM, 1)
-                    raw.sock.setsockopt(zmq.SNDHWM, 100_000)
-
-                def flood(raw: Raw) -> None:
-                    for _ in range(800):  # bounded: ~11 s of broker time per peer
-                        raw.sock.send(hello)
-
-                threads = [threading.Thread(target=flood, args=(r,), daemon=True)
-                           for r in attackers]
-                for t in threads:
-                    t.start()
-                time.sleep(0.5)
-                try:
-                    attacked = honest_latencies(ex, 3)
-                finally:
-                    for t in threads:
-                        t.join(60)
-                report("honest round trip, median, no attack",
-                       statistics.median(base) * 1000, "ms")
-                report("honest round trip, worst of 3, under 2 x 800 15 KB HELLOs",
-                       max(attacked) * 1000, "ms")
-                assert max(attacked) < 1.0
+                attacked = honest_latencies(ex, 3)
             finally:
-                ex.shutdown(wait=False, cancel_futures=True)
-                for raw in attackers:
-                    raw.close()
+                for t in threads:
+                    t.join(60)
+            report("honest round trip, median, no attack",
+                   statistics.median(base) * 1000, "ms")
+            report("honest round trip, worst of 3, under 2 x 800 15 KB HELLOs",
+                   max(attacked) * 1000, "ms")
+            assert max(attacked) < 1.0
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
+            for raw in attackers:
+                raw.close()
 
 
 def test_a_client_cannot_cancel_or_submit_under_another_clients_key(served, ctx):
@@ -497,34 +486,32 @@ def test_a_client_cannot_cancel_or_submit_under_another_clients_key(served, ctx)
 
 
 def test_a_client_flapping_quiet_does_not_rewrite_its_held_results_to_the_journal(ctx, tmp_path):
-    with broker_process("--journal", str(tmp_path / "j")) as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            raw.stop_reading()
-            try:
-                key = raw.hello().key
-                base = key << P.ID_SHIFT
-                blob = payload.python_task("builtins:bytes", (2 << 20,), {})
-                for seq in range(1, 7):  # 6 results of 2 MiB, one DELIVER frame each
-                    raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
-                    wait_until(lambda: query_status(address)["done"] >= seq, 30,
-                               message=f"task {seq}")
-                io = psutil.Process(proc.pid)
-                written = io.io_counters().write_chars
-                hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "flapper", "key": key}))
-                for _ in range(200):  # bounded: 10 s
-                    raw.send(hello)
-                    time.sleep(0.05)
-                query_status(address)  # (the broker has taken them all)
-                written = io.io_counters().write_chars - written
-                status = query_status(address)
-                report("10 s of HELLOs from a client with 12 MiB of unread results: "
-                       "broker wrote", written / 2**20)
-                report("  journal compactions meanwhile", status["journal"]["compactions"], "")
-                assert written < 100 * 2**20
-            finally:
-                raw.close()
+    with served_broker("--journal", str(tmp_path / "j")) as (proc, address, _):
+        raw = Raw(ctx, address)
+        raw.stop_reading()
+        try:
+            key = raw.hello().key
+            base = key << P.ID_SHIFT
+            blob = payload.python_task("builtins:bytes", (2 << 20,), {})
+            for seq in range(1, 7):  # 6 results of 2 MiB, one DELIVER frame each
+                raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
+                wait_until(lambda: query_status(address)["done"] >= seq, 30,
+                           message=f"task {seq}")
+            io = psutil.Process(proc.pid)
+            written = io.io_counters().write_chars
+            hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "flapper", "key": key}))
+            for _ in range(200):  # bounded: 10 s
+                raw.send(hello)
+                time.sleep(0.05)
+            query_status(address)  # (the broker has taken them all)
+            written = io.io_counters().write_chars - written
+            status = query_status(address)
+            report("10 s of HELLOs from a client with 12 MiB of unread results: "
+                   "broker wrote", written / 2**20)
+            report("  journal compactions meanwhile", status["journal"]["compactions"], "")
+            assert written < 100 * 2**20
+        finally:
+            raw.close()
 
 
 def drain(raw: Raw, timeout: float = 0.5) -> list:
@@ -536,37 +523,35 @@ def drain(raw: Raw, timeout: float = 0.5) -> list:
 
 def test_a_second_resend_within_two_seconds_keeps_the_books(ctx, tmp_path):
     directory = tmp_path / "j"
-    with broker_process("--journal", str(directory)) as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            try:
-                key = raw.hello().key
-                base = key << P.ID_SHIFT
-                blob = payload.python_task("builtins:bytes", (1 << 20,), {})
-                for seq in range(1, 7):  # 6 results of 1 MiB, one DELIVER frame each
-                    raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
-                    wait_until(lambda: query_status(address)["done"] >= seq, 30,
-                               message=f"task {seq}")
-                got = [m for m in drain(raw) if isinstance(m, P.Deliver)]
-                assert [m.seq for m in got] == [1, 2, 3]  # (the 4 MiB window holds back 4..6)
-                token = got[-1].token  # (what acknowledges frame 3)
-                raw.send_msg(P.Resend(0))  # a gap: everything again
-                again = [m for m in drain(raw) if isinstance(m, P.Deliver)]
-                assert [(m.seq, m.token) for m in again] == [(m.seq, m.token) for m in got]
-                raw.send_msg(P.Resend(3, token))  # soon after: "I have 1..3, send the rest"
-                raw.send_msg(P.Ack(3, token))
-                raw.send_msg(P.Ping(1.0, 3, token))
-                later = []
-                deadline = time.monotonic() + 8
-                while time.monotonic() < deadline and len(later) < 3:
-                    later += [m.seq for m in drain(raw, 1.0) if isinstance(m, P.Deliver)]
-                    raw.send_msg(P.Ping(2.0, 3, token))
-                report("DELIVER frames after the client acknowledged 1..3 by RESEND",
-                       len(later), "frames")
-            finally:
-                raw.close()
-        # (broker_process stopped the broker by SIGTERM: a clean stop)
+    with served_broker("--journal", str(directory)) as (proc, address, _):
+        raw = Raw(ctx, address)
+        try:
+            key = raw.hello().key
+            base = key << P.ID_SHIFT
+            blob = payload.python_task("builtins:bytes", (1 << 20,), {})
+            for seq in range(1, 7):  # 6 results of 1 MiB, one DELIVER frame each
+                raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
+                wait_until(lambda: query_status(address)["done"] >= seq, 30,
+                           message=f"task {seq}")
+            got = [m for m in drain(raw) if isinstance(m, P.Deliver)]
+            assert [m.seq for m in got] == [1, 2, 3]  # (the 4 MiB window holds back 4..6)
+            token = got[-1].token  # (what acknowledges frame 3)
+            raw.send_msg(P.Resend(0))  # a gap: everything again
+            again = [m for m in drain(raw) if isinstance(m, P.Deliver)]
+            assert [(m.seq, m.token) for m in again] == [(m.seq, m.token) for m in got]
+            raw.send_msg(P.Resend(3, token))  # soon after: "I have 1..3, send the rest"
+            raw.send_msg(P.Ack(3, token))
+            raw.send_msg(P.Ping(1.0, 3, token))
+            later = []
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline and len(later) < 3:
+                later += [m.seq for m in drain(raw, 1.0) if isinstance(m, P.Deliver)]
+                raw.send_msg(P.Ping(2.0, 3, token))
+            report("DELIVER frames after the client acknowledged 1..3 by RESEND",
+                   len(later), "frames")
+        finally:
+            raw.close()
+    # (served_broker stopped the broker by SIGTERM: a clean stop)
     journal = Journal(str(directory))
     try:
         left = journal.replay()
@@ -582,21 +567,19 @@ def test_a_second_resend_within_two_seconds_keeps_the_books(ctx, tmp_path):
 
 
 def test_an_honest_executor_with_100_mib_of_results_gets_every_result():
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "2"):
-            wait_until(lambda: query_status(address)["slots"] >= 2, 30, message="slots")
-            with Executor(address, connect_timeout=30) as ex:
-                futures = [ex.submit(bytes, 256 * 1024) for _ in range(400)]
-                failed = 0
-                for f in futures:
-                    try:
-                        assert f.result(timeout=120) == bytes(256 * 1024)
-                    except Exception:  # noqa: BLE001 (TaskError ResultDropped)
-                        failed += 1
-            dropped = query_status(address)["dropped_results"]
-            report("honest Executor, 400 x 256 KiB results: results lost (ResultDropped)",
-                   failed, "results")
-            assert failed == 0 and dropped == 0
+    with served_broker(slots=2) as (proc, address, _):
+        with Executor(address, connect_timeout=30) as ex:
+            futures = [ex.submit(bytes, 256 * 1024) for _ in range(400)]
+            failed = 0
+            for f in futures:
+                try:
+                    assert f.result(timeout=120) == bytes(256 * 1024)
+                except Exception:  # noqa: BLE001 (TaskError ResultDropped)
+                    failed += 1
+        dropped = query_status(address)["dropped_results"]
+        report("honest Executor, 400 x 256 KiB results: results lost (ResultDropped)",
+               failed, "results")
+        assert failed == 0 and dropped == 0
 
 
 def test_hello_churn_from_fresh_routing_ids_is_bounded(ctx):
@@ -630,24 +613,22 @@ def test_hello_churn_from_fresh_routing_ids_is_bounded(ctx):
 
 
 def test_pong_does_not_announce_frames_held_back_by_the_send_window(ctx):
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1"):
-            wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
-            raw = Raw(ctx, address)
-            try:
-                base = raw.hello().key << P.ID_SHIFT
-                blob = payload.python_task("builtins:bytes", (3 << 20,), {})
-                for seq in (1, 2):  # two DELIVER frames of 3 MiB: the second held back
-                    raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
-                    wait_until(lambda: query_status(address)["done"] >= seq, 30,
-                               message=f"task {seq}")
-                got = [m for m in drain(raw)]
-                delivered = [m.seq for m in got if isinstance(m, P.Deliver)]
-                assert delivered == [1]
-                raw.send_msg(P.Ping(7.0, 0))  # (ack 0: the window stays shut)
-                pong = [m for m in drain(raw) if isinstance(m, P.Pong)]
-                assert pong and pong[0].sent == 7.0
-                report("PONG seq with 1 frame sent and 1 held back", pong[0].seq, "")
-                assert pong[0].seq == max(delivered)
-            finally:
-                raw.close()
+    with served_broker() as (proc, address, _):
+        raw = Raw(ctx, address)
+        try:
+            base = raw.hello().key << P.ID_SHIFT
+            blob = payload.python_task("builtins:bytes", (3 << 20,), {})
+            for seq in (1, 2):  # two DELIVER frames of 3 MiB: the second held back
+                raw.send_msg(P.Submit(seq, 0, [base + seq], [blob]))
+                wait_until(lambda: query_status(address)["done"] >= seq, 30,
+                           message=f"task {seq}")
+            got = [m for m in drain(raw)]
+            delivered = [m.seq for m in got if isinstance(m, P.Deliver)]
+            assert delivered == [1]
+            raw.send_msg(P.Ping(7.0, 0))  # (ack 0: the window stays shut)
+            pong = [m for m in drain(raw) if isinstance(m, P.Pong)]
+            assert pong and pong[0].sent == 7.0
+            report("PONG seq with 1 frame sent and 1 held back", pong[0].seq, "")
+            assert pong[0].seq == max(delivered)
+        finally:
+            raw.close()

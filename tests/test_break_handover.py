@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import (child_env, descendants, kill_tree, start_broker, stop_process,
-                      wait_until)
+from conftest import (child_env, descendants, kill_tree, marker_lines, start_broker,
+                      status_brief, stop_process, wait_until)
 from zfalkon import Executor, query_status, security
 from zfalkon.linkproxy import LinkProxy
 
@@ -77,17 +76,12 @@ def count_done(futs):
 def finish(futs, marker, fault_over, label, status):
     _, not_done = cf.wait(futs, AFTER_FAULT)
     took = time.monotonic() - fault_over
-    lines = open(marker).read().split() if os.path.exists(marker) else []
+    lines = marker_lines(marker)
     counts: dict[str, int] = {}
     for x in lines:
         counts[x] = counts.get(x, 0) + 1
     dups = sum(c - 1 for c in counts.values())
-    try:
-        s = status()
-        brief = {k: s[k] for k in ("submitted", "done", "failed", "queued", "running",
-                                   "slots", "workers")}
-    except Exception as exc:  # noqa: BLE001
-        brief = repr(exc)
+    brief = status_brief(status)
     if True:  # (figures: run with -s)
         print(f"{label}: not_done={len(not_done)} after_fault={took:.1f}s "
                 f"executions={len(lines)} distinct={len(counts)} dup_execs={dups} "
@@ -129,7 +123,7 @@ def test_worker_link_frozen_30s(tmp_path, keyed):
         assert count_done(futs) < N
         assert wproxy.freeze()
         try:
-            time.sleep(FREEZE)
+            time.sleep(FREEZE)  # the fault itself
         finally:
             wproxy.thaw()
         # at-least-once: tasks run by the frozen worker may run again after their lease

@@ -11,12 +11,11 @@ run again when B kills its own host: at least once, as for any crashed process).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import time
 
 import pytest
 
-from conftest import worker_env
+from conftest import marker_lines, status_brief, worker_env
 from zfalkon import Executor, LocalCluster
 
 BAD = {
@@ -57,17 +56,13 @@ def run(kind: str, tmp_path, only_a: bool = False) -> tuple[int, int]:
                         good_a.append(good[-1])
                     not_done |= cf.wait(good[-1:], BOUND / 4).not_done
             took = time.monotonic() - start
-            lines = open(marker).read().split() if os.path.exists(marker) else []
+            lines = marker_lines(marker)
             dup = len(lines) - len(set(lines))
             lines_a = [x for x in lines if x.startswith(("a", "ta"))]
             dup_a = len(lines_a) - len(set(lines_a))
             outcomes = [type(f.exception()).__name__ if f.done() and f.exception()
                         else ("ok" if f.done() else "pending") for f in bad]
-            try:
-                status = {k: cluster.status()[k] for k in
-                          ("submitted", "done", "failed", "queued", "running", "slots")}
-            except Exception as exc:  # noqa: BLE001
-                status = repr(exc)
+            status = status_brief(cluster.status)
             if True:  # (figures: run with -s)
                 print(f"{kind}: not_done={len(not_done)} took={took:.1f}s "
                         f"lines={len(lines)} distinct={len(set(lines))} dup={dup} "

@@ -15,13 +15,14 @@ import tasks
 from conftest import (
     Raw,
     broker_process,
-    submit_markers,
     child_env,
     descendants,
     kill_tree,
+    served_broker,
     start_broker,
     start_worker,
     stop_process,
+    submit_markers,
     wait_until,
     worker_process,
 )
@@ -42,12 +43,10 @@ WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory",
 
 @pytest.fixture(scope="module")
 def served():
-    """A broker process with one worker (1 slot) attached: yields (broker proc, address)."""
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1", "--name", "broker-test-worker") as worker:
-            wait_until(lambda: query_status(address, timeout=5)["slots"] >= 1, 30,
-                       message="worker slot registered")
-            yield proc, address, worker
+    """A broker process with one worker (1 slot) attached: yields (broker proc, address,
+    worker proc)."""
+    with served_broker(name="broker-test-worker") as served:
+        yield served
 
 
 @pytest.fixture

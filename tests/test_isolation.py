@@ -205,10 +205,7 @@ def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):
         (worker,) = cluster.worker_procs
         with Executor(cluster.address) as ex:
             f = ex.shell(f"echo go > {started}; sleep 1; echo done")
-            deadline = time.monotonic() + 20
-            while not started.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert started.exists()
+            wait_until(started.exists, 20, message="the task started")
             kids = descendants(worker.pid)
             assert len(kids) >= 4  # slot, zygote, host, sh (and sleep)
             code, seconds = stop_process(worker, timeout=15)
@@ -281,11 +278,13 @@ from zfalkon.taskhost import Zygote
 zygote = Zygote.start()
 host = zygote.fork_host(1)
 host.send([(1, payload.python_task("time:sleep", (float(sys.argv[2]),), {}))])
-time.sleep(0.2)
-print(zygote.pid, host.pid, flush=True)
+deadline = time.monotonic() + 20
+while host.running() != 1 and time.monotonic() < deadline:  # (the host's own word)
+    time.sleep(0.01)
+print(zygote.pid, host.pid, host.running(), flush=True)
 if sys.argv[1] == "zygote-first":
     os.kill(zygote.pid, 9)
-time.sleep(60)
+time.sleep(60)  # (the slot idles until the test kills it)
 """
 
 
@@ -299,7 +298,8 @@ def test_hosts_die_with_their_slot(how, task_seconds):
     host = 0
     try:
         assert slot.stdout is not None
-        zygote, host = map(int, slot.stdout.readline().split())
+        zygote, host, running = map(int, slot.stdout.readline().split())
+        assert running == 1, "the host did not start its task"
         assert alive(host)
         slot.kill()
         slot.wait()

@@ -12,10 +12,12 @@ import pytest
 import zmq
 
 from conftest import (
+    RSS_BOUND,
     Raw,
     assert_serving,
     broker_process,
     rss,
+    served_broker,
     wait_until,
     worker_hello,
     worker_process,
@@ -24,17 +26,11 @@ from zfalkon import payload, query_status
 from zfalkon import core
 from zfalkon import protocol as P
 
-#: Most the broker's resident memory may grow under one peer's attack.
-RSS_BOUND = 50 * 2**20
-
 
 @pytest.fixture(scope="module")
 def served():
-    with broker_process() as (proc, address):
-        with worker_process(address, "--slots", "1", "--name", "limits-worker"):
-            wait_until(lambda: query_status(address, timeout=5)["slots"] >= 1, 30,
-                       message="worker slot registered")
-            yield proc, address
+    with served_broker(name="limits-worker") as (proc, address, _):
+        yield proc, address
 
 
 def grew(proc, before: int, what: str) -> int:

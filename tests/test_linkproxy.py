@@ -188,7 +188,7 @@ def test_jitter_keeps_order() -> None:
             for i, msg in enumerate(messages):
                 c.sendall(msg)  # separate sends, so the proxy reads many chunks
                 if i % 10 == 0:
-                    time.sleep(0.002)
+                    time.sleep(0.002)  # (pacing: many chunks, each with its own jitter)
         wait_until(lambda: server.results or server.errors, IO_TIMEOUT, message="sink done")
         assert not server.errors
         assert server.results[0] == b"".join(messages)
@@ -392,12 +392,14 @@ def test_freeze_holds_client_bytes_and_thaw_delivers_them_in_order(echo_server: 
 
 def test_freeze_holds_server_bytes_and_thaw_delivers_them_in_order() -> None:
     data = lines(3000, "down ")
+    frozen, answered = threading.Event(), threading.Event()
 
     def answer_late(conn: socket.socket) -> None:
         assert conn.recv(10) == b"go"
-        time.sleep(0.3)  # by now the test has frozen the link
+        assert frozen.wait(IO_TIMEOUT)  # the test has frozen the link
         conn.sendall(data)
         conn.close()
+        answered.set()
 
     with Server(answer_late) as server, LinkProxy(server.address) as proxy, \
             connect(proxy.address) as c:
@@ -405,8 +407,10 @@ def test_freeze_holds_server_bytes_and_thaw_delivers_them_in_order() -> None:
         wait_until(lambda: proxy.bytes_up == 2, IO_TIMEOUT, interval=0.001,
                    message="the request reached the server")
         assert proxy.freeze() == [0]
+        frozen.set()
         down = proxy.bytes_down
-        assert silent(c, 0.3 + QUIET)  # the server's answer (and its EOF) wait at the proxy
+        assert answered.wait(IO_TIMEOUT)
+        assert silent(c)  # the server's answer (and its EOF) wait at the proxy
         assert proxy.bytes_down == down
         proxy.thaw()
         assert recv_all(c) == data  # every byte, in order, then the EOF
@@ -421,7 +425,10 @@ def test_thaw_releases_bytes_the_proxy_held_in_order(echo_server: Server) -> Non
         first, second = lines(500, "a "), lines(500, "b ")
         up = proxy.bytes_up
         c.sendall(first)
-        time.sleep(0.05)  # the proxy reads it at once, and holds it for its 400 ms delay
+        # the proxy reads it at once, and holds it for its 400 ms delay (its queue is
+        # private: no public counter shows bytes read and not yet written)
+        wait_until(lambda: sum(conn.up.pending for conn in list(proxy._conns))
+                   == len(first), IO_TIMEOUT, interval=0.001, message="the proxy holds it")
         proxy.freeze()
         assert proxy.bytes_up == up  # still in the proxy's queue
         c.sendall(second)

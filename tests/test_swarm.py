@@ -331,7 +331,7 @@ def test_swarm_processes_exit_when_their_parent_dies(broker):
         swarm = Swarm(sys.argv[1], workers=4, slots_per_worker=2, processes=2)
         swarm.start(timeout=30)
         print(swarm.prefix, *swarm.pids, flush=True)
-        time.sleep(60)
+        time.sleep(60)  # (the parent idles until the test SIGKILLs it)
     """)
     parent = subprocess.Popen([sys.executable, "-c", script, broker], stdout=subprocess.PIPE,
                               text=True, env=child_env())
