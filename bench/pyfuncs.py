@@ -7,7 +7,9 @@ On LocalCluster(workers=2, slots_per_worker=1) on 127.0.0.1:
    by-reference builtin (``abs``) and beside ``ProcessPoolExecutor(2)`` running the same
    ``__main__`` function (chunksize 1: one task per element);
 2. a 10 MiB numpy array as a task's argument (the task returns its sum), beside 10 MiB
-   of raw ``bytes`` (the task returns its length): MiB/s of argument moved, and the ratio.
+   of raw ``bytes`` (the task returns its length): MiB/s of argument moved, and the ratio;
+3. ``map`` of a closure over ``--closure-mib`` MiB of data (its pickle is that big: it
+   crosses each link once, not with every task) beside the same closure over 1 byte.
 
 Medians of ``--repeat`` runs; prints a Markdown table, writes ``bench/out/pyfuncs.json``.
 
@@ -36,6 +38,12 @@ def array_sum(a):
     return float(a.sum())
 
 
+def closure_over(data: bytes):
+    def pick(i):
+        return data[i % len(data)]
+    return pick
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -43,6 +51,8 @@ def main() -> None:
     parser.add_argument("--submits", type=int, default=30_000)
     parser.add_argument("--array-mib", type=int, default=10)
     parser.add_argument("--arrays", type=int, default=20)
+    parser.add_argument("--closure-mib", type=int, default=1)
+    parser.add_argument("--closure-tasks", type=int, default=20_000)
     args = parser.parse_args()
     import numpy as np
 
@@ -66,6 +76,10 @@ def main() -> None:
                                                        for _ in range(k)], repeat)
         out["bytes_mib_s"] = median_rate(mib, lambda: [ex.submit(len, raw).result()
                                                        for _ in range(k)], repeat)
+        c = args.closure_tasks
+        for name, size in (("closure_big", args.closure_mib * 2**20), ("closure_small", 1)):
+            pick = closure_over(bytes(range(256)) * (size // 256) or b"x")
+            out[name] = median_rate(c, lambda: list(ex.map(pick, range(c))), repeat)
     with cf.ProcessPoolExecutor(2) as pool:
         list(pool.map(noop, range(1000)))
         out["pool_map"] = median_rate(n, lambda: list(pool.map(noop, range(n))), repeat)
@@ -88,6 +102,8 @@ def main() -> None:
     print(row("submit, by value vs by reference (`abs`)", "submit_value", "submit_reference"))
     print(row(f"{args.array_mib} MiB numpy argument vs raw bytes", "array_mib_s",
               "bytes_mib_s", "MiB/s"))
+    print(row(f"map, closure over {args.closure_mib} MiB vs over 1 byte "
+              f"({args.closure_tasks} tasks)", "closure_big", "closure_small"))
     path = pathlib.Path(__file__).resolve().parent / "out" / "pyfuncs.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
