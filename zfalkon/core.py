@@ -853,16 +853,23 @@ class BrokerCore:
         if n <= self.max_client_tasks and size <= self.max_client_bytes and \
                 hinted <= self.max_client_hinted:
             return False
+        self._wait_submit(client, msg, now, lambda: (
+            f"client {client.key} has {client.live_tasks} tasks live (queued, running, "
+            f"or results not acknowledged): limits {self.max_client_tasks} tasks, "
+            f"{self.max_client_bytes >> 20} MiB of tasks and hints, "
+            f"{self.max_client_hinted} tasks with a data hint; this SUBMIT waits"))
+        return True
+
+    def _wait_submit(self, client: Client, msg: P.Submit, now: float,
+                     why: Callable[[], str]) -> None:
+        """A SUBMIT frame past a limit is dropped, not acknowledged (the client sends it
+        again later: backpressure); the client is told ERROR ``limit`` at most once per
+        RESEND_SECONDS."""
         self._peer_has(client, msg.ack, msg.token)
         if now - client.refused_at >= RESEND_SECONDS:
             client.refused_at = now
             self.refused["limit"] += 1
-            self.outbox.append((client.ident, P.Error("limit", (
-                f"client {client.key} has {client.live_tasks} tasks live (queued, running, "
-                f"or results not acknowledged): limits {self.max_client_tasks} tasks, "
-                f"{self.max_client_bytes >> 20} MiB of tasks and hints, "
-                f"{self.max_client_hinted} tasks with a data hint; this SUBMIT waits")[:512])))
-        return True
+            self.outbox.append((client.ident, P.Error("limit", why()[:512])))
 
     def _new_functions(self, client: Client, msg: P.Submit,
                        now: float) -> list[tuple[bytes, bytes]] | None:
@@ -887,15 +894,11 @@ class BrokerCore:
                 if len(stored) + len(new) <= payload.MAX_CLIENT_FUNCTIONS and \
                         size <= payload.MAX_CLIENT_FUNCTION_BYTES:
                     return new
-                self._peer_has(client, msg.ack, msg.token)
-                if now - client.refused_at >= RESEND_SECONDS:
-                    client.refused_at = now
-                    self.refused["limit"] += 1
-                    self.outbox.append((client.ident, P.Error("limit", (
-                        f"client {client.key} would store more than "
-                        f"{payload.MAX_CLIENT_FUNCTIONS} functions or "
-                        f"{payload.MAX_CLIENT_FUNCTION_BYTES >> 20} MiB of them at the "
-                        f"broker; this SUBMIT waits"))))
+                self._wait_submit(client, msg, now, lambda: (
+                    f"client {client.key} would store more than "
+                    f"{payload.MAX_CLIENT_FUNCTIONS} functions or "
+                    f"{payload.MAX_CLIENT_FUNCTION_BYTES >> 20} MiB of them at the "
+                    "broker; this SUBMIT waits"))
                 return None
         self.refuse(client.ident, ProtocolError(
             "SUBMIT functions must be [digest, pickle, ...] pairs, each pickle at most "
