@@ -65,15 +65,6 @@ def _fat_workers(ctx: zmq.Context, address: str, n: int) -> list[Raw]:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, reason=(
-    "STATUS is bounded per routing id only: 12 non-reading client routing ids opened by one "
-    "process, each asking 8 STATUS/s (answers ~80 KB, 300 fat workers registered), make the "
-    "broker queue up to 256 answers per id in ZeroMQ (SNDHWM) = ~20 MiB each: measured "
-    "broker RSS peak growth 210 MiB in 40 s, 2 of 2 runs (bound asked: 100 MiB for the "
-    "whole attacker). "
-    "Nothing bounds the number of ids (4,096 idle clients, workers unbounded): N x 25 MiB. "
-    "Root cause: core.py _on_status/_afford/_status_bytes keyed by peer.ident, no global "
-    "STATUS byte budget, and no check that the peer's previous answers were read"))
 def test_status_flood_from_many_routing_ids_is_bounded_globally(ctx):
     with broker_process() as (proc, address):
         workers = _fat_workers(ctx, address, 300)
@@ -182,16 +173,6 @@ def test_resend_with_hoarded_tokens_stays_within_the_per_peer_bound(ctx):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "the purge covers CANCEL_DROP only: TaskFuture.cancel() (CANCEL_IF_QUEUED) marks the "
-    "task cancelled and delivers a CANCELLED result; once the client acknowledges it, "
-    "core.py _acked removes the id from live AND from cancelled, so the blob stays in the "
-    "queue (skipped only when dispatch reaches it) yet is neither counted against the "
-    "client (_untrack) nor found by _purge_cancelled (which looks in self.cancelled) nor "
-    "counted in _dropped_bytes. With no free slot, an honest Executor looping submit(15 "
-    "MiB) / cancel() -> True leaves every blob in the broker: measured 20 rounds -> "
-    "STATUS queued 20, broker RSS growth ~300 MiB (bound: MAX_CANCELLED_QUEUED_BYTES + 50 "
-    "MiB = 82 MiB); unbounded with more rounds (core-level: 30 rounds -> 450 MiB queued)"))
 def test_cancel_if_queued_loop_does_not_fill_the_queue():
     with broker_process() as (proc, address):  # (no worker: no slot is free)
         big = b"x" * (15 * MIB)

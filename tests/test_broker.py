@@ -35,7 +35,7 @@ STATUS_KEYS = {"version", "protocol", "uptime", "clients", "away_clients", "work
                "queued", "running", "submitted", "done", "failed", "tasks_per_second",
                "worker_list", "journal", "dispatch", "expired_leases", "stolen",
                "unacknowledged_results", "duplicate_submits", "dropped_results", "parked",
-               "workers_omitted"}
+               "workers_omitted", "partial"}
 WORKER_KEYS = {"name", "hostname", "slots", "connected_slots", "cpus", "memory", "tags",
                "version", "running", "done", "window", "stalled_slots", "draining",
                "idle_seconds", "data_keys", "tags_omitted"}
@@ -422,8 +422,17 @@ def test_status_answer(served, raw):
     raw.send_msg(P.StatusRequest())
     msg = raw.recv()
     assert isinstance(msg, P.Status)
+    # Without a token (no answer read before): the counters only.
+    assert msg.info["partial"] and msg.info["worker_list"] == [] and msg.token
+    assert msg.info["workers_omitted"] == msg.info["workers"] == 1
+    raw.send_msg(P.StatusRequest(b"not its token"))
+    forged = raw.recv()
+    assert isinstance(forged, P.Status) and forged.info["partial"]
+    raw.send_msg(P.StatusRequest(forged.token))
+    msg = raw.recv()
+    assert isinstance(msg, P.Status)
     info = msg.info
-    assert set(info) == STATUS_KEYS
+    assert set(info) == STATUS_KEYS and not info["partial"]
     assert info["version"] == __version__ and info["protocol"] == PROTOCOL_VERSION
     assert info["workers"] == 1 and info["slots"] == 1
     assert info["clients"] >= 1

@@ -112,15 +112,21 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
     try:
         sock.connect(endpoint)
         _handshake(sock, endpoint, {"name": "status"}, timeout, bundle)
-        sock.send(P.encode(P.StatusRequest()))
-        if not sock.poll(int(timeout * 1000)):
-            raise BrokerUnavailable(f"broker at {endpoint} did not answer STATUS")
-        msg = P.decode(sock.recv())
-        if not isinstance(msg, P.Status):
-            raise ProtocolError(f"broker answered STATUS with {type(msg).__name__}")
+        info: dict = {"partial": True}
+        token = b""
+        for _ in range(2):  # (the first answer is the counters: the second, with its
+            sock.send(P.encode(P.StatusRequest(token)))  # token, has the worker list)
+            if not sock.poll(int(timeout * 1000)):
+                raise BrokerUnavailable(f"broker at {endpoint} did not answer STATUS")
+            msg = P.decode(sock.recv())
+            if not isinstance(msg, P.Status):
+                raise ProtocolError(f"broker answered STATUS with {type(msg).__name__}")
+            info, token = msg.info, msg.token
+            if not info.get("partial"):
+                break
         sock.setsockopt(zmq.LINGER, 1000)  # let the BYE out, or the broker keeps a stale client
         sock.send(P.encode(P.Bye("status done")))
-        return msg.info
+        return info
     finally:
         sock.close()
         ctx.term()

@@ -341,6 +341,9 @@ class BrokerCore:
         #: of the queue (:meth:`_purge_cancelled`).
         self._dropped_tasks = self._dropped_bytes = 0
         self.cancelled: set[int] = set()  # cancelled while queued or running (not live)
+        #: Tasks cancelled exactly (CANCEL IF_QUEUED, KILL) since the last purge: they may
+        #: wait in the queue after their CANCELLED result is acknowledged.
+        self._exact_dead: set[int] = set()
         # Tasks that may have run although no slot holds them now (taken back from a slot,
         # or restored from the journal: restored_max, the highest such id per client key):
         # a CANCEL (IF_QUEUED) does not cancel them.
@@ -380,6 +383,7 @@ class BrokerCore:
         self._idle: dict[int, None] = {}  # keys of clients never given a task (oldest first)
         self._hellos: collections.Counter[bytes] = collections.Counter()
         self._status_bytes: collections.Counter[bytes] = collections.Counter()
+        self._status_tokens: dict[bytes, bytes] = {}  # routing id -> its last STATUS token
         self._owed: dict[Client | Slot, None] = {}  # peers owed an acknowledgement (ordered)
         self._handlers: dict[type, Callable] = {
             P.Submit: self._on_submit, P.Cancel: self._on_cancel, P.Results: self._on_results,
@@ -1004,7 +1008,11 @@ class BrokerCore:
                 return
             self.cancelled.update(ids)  # skipped when taken from the queue
             self._dead_queued = True
+            if client.live_tasks:  # (their blobs may wait in the queue: purged past a bound)
+                self._dropped_bytes += client.task_bytes * len(ids) // client.live_tasks
+            self._dropped_tasks += len(ids)
             if exact:  # results: live until acknowledged, journaled (a restart keeps them)
+                self._exact_dead.update(ids)  # (no longer in ``cancelled`` once acknowledged)
                 for i in range(0, len(ids), MAX_BATCH):
                     chunk = ids[i:i + MAX_BATCH]
                     blobs = [payload.CANCELLED] * len(chunk)
@@ -1016,19 +1024,18 @@ class BrokerCore:
             else:  # not live any more: skipped if queued, its result dropped if running
                 self.recorder.done(ids)
                 live.difference_update(ids)
-                if client.live_tasks:
-                    self._dropped_bytes += client.task_bytes * len(ids) // client.live_tasks
-                self._dropped_tasks += len(ids)
                 self._untrack(client, len(ids))
-                if self._dropped_bytes > MAX_CANCELLED_QUEUED_BYTES or \
-                        self._dropped_tasks > MAX_CANCELLED_QUEUED:
-                    self._purge_cancelled()
+            if self._dropped_bytes > MAX_CANCELLED_QUEUED_BYTES or \
+                    self._dropped_tasks > MAX_CANCELLED_QUEUED:
+                self._purge_cancelled()
 
     def _purge_cancelled(self) -> None:
-        """Remove from the queue (and the parked tasks) every task cancelled with DROP
-        that waits there: it is no longer live and would only be skipped when taken."""
+        """Remove from the queue (and the parked tasks) every cancelled task that waits
+        there: it will only be skipped when taken (a task cancelled exactly has its
+        CANCELLED result; one cancelled with DROP is no longer live)."""
         self._dropped_tasks = self._dropped_bytes = 0
-        dead = {t for t in self.cancelled if t not in self.live}
+        dead = {t for t in self.cancelled if t not in self.live} | self._exact_dead
+        self._exact_dead = set()
         if not dead:
             return
         removed = self.queue.remove(set(), dead)
@@ -1038,7 +1045,8 @@ class BrokerCore:
                 removed += [t for t in ids if t in dead]
                 self.parked_count -= len(ids) - len(keep)
                 self.parked[key] = ([ids[i] for i in keep], [blobs[i] for i in keep])
-        self.cancelled.difference_update(removed)
+        live = self.live  # (a live one keeps its mark until its CANCELLED result is read)
+        self.cancelled.difference_update([t for t in removed if t not in live])
         log.info("removed %d cancelled tasks from the queue", len(removed))
 
     def _kill(self, ids: list[int]) -> list[int]:
@@ -1318,6 +1326,7 @@ class BrokerCore:
         if client.ident and self.peers.get(client.ident) is client:
             del self.peers[client.ident]
             self.bound.pop(client.ident, None)
+            self._status_tokens.pop(client.ident, None)
         self._owed.pop(client, None)
         if client.submitted:  # its queued tasks are purged on the tick (``gone``), its
             self.gone.add(key)  # running ones are revoked, its results are dropped
@@ -1605,11 +1614,20 @@ class BrokerCore:
     # -- everyone ----------------------------------------------------------------------
 
     def _on_status(self, peer: Peer, msg: P.StatusRequest, now: float) -> None:
-        if self._afford(peer.ident) and \
-                self._status_bytes[peer.ident] < STATUS_BYTES_PER_TICK:
-            answer = P.Status(self.status(now))
-            self._status_bytes[peer.ident] += len(P.encode(answer))
-            self.outbox.append((peer.ident, answer))
+        """The worker list only for a peer that read its last answer (its token), within
+        STATUS_BYTES_PER_TICK; else the counters: what ZeroMQ queues for a peer that asks
+        and never reads stays ~1 KB an answer, whatever its number of routing ids."""
+        ident = peer.ident
+        if not self._afford(ident):
+            return
+        tokens = self._status_tokens
+        full = bool(msg.token) and hmac.compare_digest(msg.token, tokens.get(ident, b"")) \
+            and self._status_bytes[ident] < STATUS_BYTES_PER_TICK
+        tokens[ident] = token = os.urandom(8)
+        answer = P.Status(self.status(now, full), token)
+        if full:
+            self._status_bytes[ident] += len(P.encode(answer))
+        self.outbox.append((ident, answer))
 
     def _afford(self, ident: bytes) -> bool:
         """A costly answer (STATUS): at most _COSTLY_PER_TICK per peer per tick, so that a
@@ -1643,6 +1661,7 @@ class BrokerCore:
         if self.peers.get(peer.ident) is peer:
             del self.peers[peer.ident]
             self.bound.pop(peer.ident, None)
+            self._status_tokens.pop(peer.ident, None)
         if type(peer) is Slot:
             peer.worker.slots.pop(peer.ident, None)
             self._unready(peer)
@@ -1687,15 +1706,16 @@ class BrokerCore:
             for _, (_, ids, blobs) in client.tx.unacked:
                 yield ids, blobs
 
-    def status(self, now: float) -> dict:
-        """Counters and workers, as answered to STATUS (documented in docs/protocol.md)."""
+    def status(self, now: float, full: bool = True) -> dict:
+        """Counters and workers, as answered to STATUS (documented in docs/protocol.md);
+        not ``full``: no worker list (``partial``)."""
         rate = 0.0
         if len(self._rate) >= 2:
             (t0, d0), (t1, d1) = self._rate[0], self._rate[-1]
             rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
         workers: list[dict] = []
         size = omitted = 0
-        for w in self.workers.values():
+        for w in self.workers.values() if full else ():
             if size > STATUS_MAX_BYTES:
                 omitted += 1
                 continue
@@ -1734,7 +1754,7 @@ class BrokerCore:
             "running": self.running, "parked": self.parked_count,
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
             "tasks_per_second": round(rate, 1), "worker_list": workers,
-            "workers_omitted": omitted,
+            "workers_omitted": omitted if full else len(self.workers), "partial": not full,
             "expired_leases": self.expired_leases, "stolen": self.stolen,
             "unacknowledged_results": sum(
                 len(ids) for c in self.clients.values() for _, (_, ids, _) in c.tx.unacked),

@@ -167,14 +167,21 @@ class Started(NamedTuple):
 
 
 class StatusRequest(NamedTuple):
-    """Client -> broker: ask for a STATUS."""
+    """Any registered peer -> broker: ask for a STATUS. ``token``: the one of the last
+    STATUS this peer read: only a request that proves it read the last answer gets the
+    worker list (see :class:`Status`)."""
 
+    token: bytes = b""
 
 
 class Status(NamedTuple):
-    """Broker -> client: counters and the worker list (see ``Broker.status``)."""
+    """Broker -> peer: counters and the worker list (see ``BrokerCore.status``). Without
+    a proof of reading the previous answer (StatusRequest ``token``) the answer is the
+    counters only (``partial``: true, ``worker_list`` empty): answers a peer never reads
+    stay small. ``token``: to send with the next request."""
 
     info: dict
+    token: bytes = b""
 
 
 class Heartbeat(NamedTuple):

@@ -459,8 +459,9 @@ class _Engine:
             return
         sock = asker.sock
         assert sock is not None
+        token = b""
         while time.monotonic() < deadline:
-            sock.send(P.encode(P.StatusRequest()))
+            sock.send(P.encode(P.StatusRequest(token)))
             status = None
             while status is None:
                 left = deadline - time.monotonic()
@@ -471,7 +472,9 @@ class _Engine:
                 except ProtocolError:
                     continue
                 if isinstance(msg, P.Status):
-                    status = msg.info
+                    status, token = msg.info, msg.token
+            if status.get("partial"):
+                continue  # (the counters only: again, with the token, for the worker list)
             remaining = sum(w.get("connected_slots", 0) for w in status.get("worker_list", [])
                             if w.get("name") in self.names)
             if remaining == 0:
