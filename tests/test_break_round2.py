@@ -256,18 +256,6 @@ def _append(path, text: str, then: str = "") -> tuple[str, str]:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, reason=(
-    "a task host holds finished tasks' results back while the NEXT task of the same client "
-    "runs (taskhost.py serve(): first_at is set when the first result is ready and the 1 ms "
-    "flush check runs only after the next task ends), so (a) F (0.5 s) and J (1 ms) "
-    "queued in one host ahead of K (60 s) get no result while K runs (measured 3 of 3 runs: "
-    "neither done 5 s after K started; a variant with a 1 s task first timed out its "
-    "result(timeout=30)), and (b) "
-    "cancel(force=True) of K kills the host with F and J unanswered: slot.py _abort puts "
-    "every unanswered task back in the slot's queue, so F and J, which already ran, run a "
-    "second time (measured: J appended twice in 3 of 3 runs, F in 2 of 3). Fix: the host flushes its "
-    "pending results before it starts a task (or the 1 ms check runs on a timer), and the "
-    "slot drains the result pipe before it kills the host"))
 def test_force_cancel_does_not_run_finished_neighbours_twice(tmp_path):
     marker = tmp_path / "ran"
     with LocalCluster(workers=1, slots_per_worker=1, env=worker_env()) as cluster:

@@ -36,7 +36,12 @@ import zmq
 
 from zfalkon import payload
 from zfalkon import protocol as P
-from zfalkon.constants import CONNECT_TIMEOUT_SECONDS, MAX_RESULT_BYTES, OUTPUT_CAP_BYTES
+from zfalkon.constants import (
+    CONNECT_TIMEOUT_SECONDS,
+    MAX_RESULT_BYTES,
+    OUTPUT_CAP_BYTES,
+    RESULT_FLUSH_SECONDS,
+)
 from zfalkon.errors import ProtocolError
 from zfalkon.net import make_socket, readable
 from zfalkon.security import PeerKeys
@@ -258,31 +263,41 @@ class Slot:
 
     def _wait(self, host: Host) -> None:
         """Wait until the host has results, the broker has sent something (which may kill
-        a task), or the timed task's limit is past (then kill it)."""
+        a task), results waiting here are due (then send them: a result never waits
+        for a long task behind it), or the timed task's limit is past (then kill it)."""
         if self._waiter is None or self._waiter[0] is not host:
             poller = zmq.Poller()
             poller.register(self.sock, zmq.POLLIN)
             poller.register(host.result_r, zmq.POLLIN)
             self._waiter = (host, poller)
+        session = self.session
+        now = time.monotonic()
+        wait = -1.0  # (forever)
+        if session.result_ids:
+            wait = max(0.0, session.first_result_at + RESULT_FLUSH_SECONDS - now)
         timed = self.timed
-        if timed is None:
-            ready = self._waiter[1].poll()
-        else:
+        if timed is not None:
             tid, limit, started = timed
-            left = started + limit - time.monotonic()
+            left = started + limit - now
             if left <= 0:
                 log.warning("slot %d: task %d ran past its time limit of %g s: killing it",
                             self.index, tid, limit)
-                self._abort({tid: payload.timeout_result(limit, time.monotonic() - started)})
+                self._abort({tid: payload.timeout_result(limit, now - started)})
                 return
-            ready = self._waiter[1].poll(int(left * 1000) + 1)
+            wait = left if wait < 0 else min(wait, left)
+        ready = self._waiter[1].poll(None if wait < 0 else int(wait * 1000) + 1)
+        if session.result_ids and \
+                time.monotonic() - session.first_result_at >= RESULT_FLUSH_SECONDS:
+            session.flush(time.monotonic())
+            self._send_out()
         if any(s is self.sock for s, _ in ready):
             self._receive()
 
     def _abort(self, results: dict[int, bytes]) -> None:
         """Kill the host (and the shell command it runs) for tasks it runs or holds: each
-        of ``results``' tasks gets its result (timeout, CANCELLED); the host's other
-        unanswered tasks run again in a fresh host, as after a crash."""
+        of ``results``' tasks gets its result (timeout, CANCELLED), unless its own was
+        already written; the host's other answered tasks keep their results, the
+        unanswered ones run again in a fresh host, as after a crash."""
         host = self.host
         assert host is not None
         self.host = None
@@ -291,7 +306,18 @@ class Slot:
         self.zygote.reap(host)
         session = self.session
         now = time.monotonic()
-        again = []
+        again: list[tuple[int, bytes]] = []
+        for _ in range(1024):  # what it wrote before it died (the pipe holds ~64 KiB)
+            try:
+                answered = host.receive()
+            except HostDied:
+                break
+            if not answered and not host.needed:
+                break
+            for tid, result, failed, seconds in answered:
+                session.finished(tid, result, failed, seconds, now)
+            again += host.needed  # (sent back unrun: they run again)
+            host.needed = []
         for tid, blob in host.inflight:
             if tid in results:
                 session.finished(tid, results[tid], results[tid] != payload.CANCELLED,

@@ -122,6 +122,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -667,7 +668,10 @@ def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict,
 
 def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
     """The host's loop: run the tasks read from ``task_r``, write results to ``result_w``,
-    until ``task_r`` ends."""
+    until ``task_r`` ends. Results go out in batches: when nothing is left to run, past
+    _FLUSH_BYTES, or once the oldest is _FLUSH_SECONDS old, by a *flusher* thread if the
+    loop is running the next task by then (a result never waits for a long task behind
+    it; a pure-Python task gives the flusher the interpreter every switch interval)."""
     from zfalkon.execute import FUNCTION_NEEDED
 
     run = runner.run
@@ -680,18 +684,38 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
     out: list[bytes] = []
     out_bytes = 0
     first_at = 0.0
+    lock = threading.Lock()  # out, out_bytes, first_at, armed; writes to result_w
+    wake = threading.Condition(lock)
+    armed = False  # the flusher is to flush out at first_at + _FLUSH_SECONDS
 
-    def flush() -> None:
+    def flush() -> None:  # (with the lock)
         nonlocal out, out_bytes
         view = memoryview(b"".join(out))
         while view:
             view = view[os.write(result_w, view):]
         out, out_bytes = [], 0
 
+    def flusher() -> None:
+        nonlocal armed
+        with wake:
+            while True:
+                if not armed:
+                    wake.wait()
+                    continue
+                left = first_at + _FLUSH_SECONDS - clock()
+                if out and left > 0:
+                    wake.wait(left)
+                    continue
+                if out:
+                    flush()
+                armed = False
+
+    threading.Thread(target=flusher, name="zfalkon-flusher", daemon=True).start()
     while True:
         if len(buf) - pos < size or len(buf) - pos - size < head(buf, pos)[0]:
             if out:
-                flush()  # nothing (whole) left to run: return what is done
+                with lock:
+                    flush()  # nothing (whole) left to run: return what is done
             del buf[:pos]
             pos = 0
             chunk = os.read(task_r, _READ_SIZE)
@@ -702,22 +726,27 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
         n, tid = head(buf, pos)
         blob = bytes(buf[pos + size:pos + size + n])
         pos += size + n
+        if out and not armed:  # (results wait while this task runs: at most ~1 ms)
+            with wake:
+                armed = True
+                wake.notify()
         counter[0] = tid
         t0 = clock()
         result, failed = run(blob)
         now = clock()
-        if not out:
-            first_at = now
-        out.append(result_head(len(result), _NEED if result is FUNCTION_NEEDED
-                               else _FAILED if failed else _OK, now - t0))
-        out.append(result)
-        out_bytes += len(result)
-        if stager.new_held:
-            held = msgpack.packb(stager.take_new_held())
-            out.append(result_head(len(held), _HELD, 0.0))
-            out.append(held)
-        if out_bytes >= _FLUSH_BYTES or now - first_at >= _FLUSH_SECONDS:
-            flush()
+        with lock:
+            if not out:
+                first_at = now
+            out.append(result_head(len(result), _NEED if result is FUNCTION_NEEDED
+                                   else _FAILED if failed else _OK, now - t0))
+            out.append(result)
+            out_bytes += len(result)
+            if stager.new_held:
+                held = msgpack.packb(stager.take_new_held())
+                out.append(result_head(len(held), _HELD, 0.0))
+                out.append(held)
+            if out_bytes >= _FLUSH_BYTES or now - first_at >= _FLUSH_SECONDS:
+                flush()
 
 
 if __name__ == "__main__":  # a replacement zygote (Zygote._spawn): its socket's fd in argv
