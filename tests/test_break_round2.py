@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import time
 
 import psutil
