@@ -185,7 +185,8 @@ def test_a_function_that_cannot_be_loaded_names_the_packages_whose_versions_diff
     assert spec.env[2] == {"numpy": np.__version__}
     import dataclasses
 
-    broken = dataclasses.replace(spec, blob=spec.blob[:-5], digest=b"x" * 16,
+    broken = dataclasses.replace(spec, blob=spec.blob[:-5],
+                                 digest=payload.function_digest(spec.blob[:-5]),
                                  env=[spec.env[0], spec.env[1], {"numpy": "0.0.1"}])
     blob, failed = Runner().run(payload.python_task(broken, (), {}))
     fields = payload.unpack(blob)

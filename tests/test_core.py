@@ -133,7 +133,8 @@ class ClientModel:
         self.pending.update(zip(ids, blobs))
         if hinted:
             self.hints.update((t, f"s3://b/{t % 3}") for t in ids)
-        self.send(self.session.submit(ids, blobs))
+        for frame in self.session.submit(ids, blobs):
+            self.send(frame)
 
     def cancel(self, ids: list[int]) -> None:
         for tid in ids:
@@ -258,7 +259,8 @@ class SlotModel:
         """As zfalkon.slot: a task by digest runs with the function the broker sent."""
         digest = payload.stored_digest(task[1])
         if digest is not None:
-            body = self.session.functions.get(digest)
+            body = self.session.functions.get(
+                payload.scoped_digest(task[0] >> P.ID_SHIFT, digest))
             if body is None or payload.function_digest(body) != digest:
                 self.unresolved.add(task[0])
 
@@ -442,7 +444,8 @@ class FabricMachine(RuleBasedStateMachine):
             blobs = [payload.python_task("builtins:abs", (t,), {}) for t in again]
             c.cancelled.difference_update(again)
             c.pending.update(zip(again, blobs))
-            c.send(c.session.submit(again, blobs))
+            for frame in c.session.submit(again, blobs):
+                c.send(frame)
 
     @rule(data=st.data())
     def deliver_up(self, data) -> None:

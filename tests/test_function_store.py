@@ -52,15 +52,16 @@ def a_client(core: BrokerCore, ident: bytes = b"c") -> ClientSession:
 
 
 def submit(core: BrokerCore, session: ClientSession, ident: bytes, f: payload.Function,
-           n: int, first: int = 1) -> P.Submit:
+           n: int, first: int = 1) -> list[P.Submit]:
     """``n`` tasks by digest calling ``f``, through the client's session rules."""
     session.functions[f.digest] = f.blob  # type: ignore[index]
     ids = [(session.key << P.ID_SHIFT) + first + i for i in range(n)]
     blobs = [payload.python_task(f, (t,), {}, stored=True) for t in ids]
     session.blobs.update(zip(ids, blobs))  # type: ignore[attr-defined]
-    msg = session.submit(ids, blobs)
-    core.message(ident, msg, None, 0.0)
-    return msg
+    frames = session.submit(ids, blobs)
+    for msg in frames:
+        core.message(ident, msg, None, 0.0)
+    return frames
 
 
 def tasks_to(core: BrokerCore, ident: bytes) -> list[P.Tasks]:
@@ -69,8 +70,14 @@ def tasks_to(core: BrokerCore, ident: bytes) -> list[P.Tasks]:
     return out
 
 
-def pairs(msg: P.Tasks | P.Submit) -> dict[bytes, bytes]:
-    return dict(zip(msg.functions[::2], msg.functions[1::2]))
+def pairs(msg: P.Tasks | P.Submit | list[P.Submit]) -> dict[bytes, bytes]:
+    """The functions a frame (or frames) carry, by digest (TASKS: by scoped digest)."""
+    frames = msg if isinstance(msg, list) else [msg]
+    return {d: f for m in frames for d, f in zip(m.functions[::2], m.functions[1::2])}
+
+
+def scoped(session: ClientSession, f: payload.Function) -> bytes:
+    return payload.scoped_digest(session.key, f.digest)
 
 
 # -- the wire form ---------------------------------------------------------------------
@@ -93,23 +100,25 @@ def test_the_session_carries_a_function_in_the_first_frame_calling_it_and_again_
     session = a_client(core)
     f, g = fn(1), fn(2)
     first = submit(core, session, b"c", f, 3)
+    # its own frame ahead of the tasks' (pickles beside a full frame would not fit)
+    assert [len(m.ids) for m in first] == [0, 3] and first[1].functions == []
     assert pairs(first) == {f.digest: f.blob}
     second = submit(core, session, b"c", f, 2, first=10)
-    assert second.functions == []
+    assert len(second) == 1 and pairs(second) == {}
     session.functions[g.digest] = g.blob  # type: ignore[index]
     third = submit(core, session, b"c", g, 1, first=20)
     assert pairs(third) == {g.digest: g.blob}
-    # The broker lacks frames 1-3 (a replaced connection): each goes again as first sent.
+    # The broker lacks frames 1-5 (a replaced connection): each goes again as first sent.
     session.out.clear()
     session._resend_after(0)
     resent = [m for m in session.out if type(m) is P.Submit]
-    assert [pairs(m) for m in resent] == [{f.digest: f.blob}, {}, {g.digest: g.blob}]
-    # A frame made and not sent gives its functions to the next one.
+    assert [pairs(m) for m in resent] == [{f.digest: f.blob}, {}, {}, {g.digest: g.blob}, {}]
+    # Frames made and not sent give their functions to the next ones.
     session.functions[fn(3).digest] = fn(3).blob  # type: ignore[index]
     blob = payload.python_task(fn(3), (1,), {}, stored=True)
-    assert pairs(session.submit([(session.key << P.ID_SHIFT) + 30], [blob])) \
-        == {fn(3).digest: fn(3).blob}
-    session.unsubmit()
+    made = session.submit([(session.key << P.ID_SHIFT) + 30], [blob])
+    assert pairs(made) == {fn(3).digest: fn(3).blob}
+    session.unsubmit(len(made))
     assert pairs(session.submit([(session.key << P.ID_SHIFT) + 30], [blob])) \
         == {fn(3).digest: fn(3).blob}
     # Registering again (the broker may have forgotten us): every function is carried again.
@@ -132,12 +141,13 @@ def test_the_broker_sends_a_function_once_per_slot_and_again_with_a_resent_frame
     out = {}
     for ident in (s1, s2):
         mine = [m for i, m in frames if i == ident]
-        assert mine and pairs(mine[0]) == {f.digest: f.blob}, "each slot gets it with its first"
+        assert mine and pairs(mine[0]) == {scoped(session, f): f.blob}, \
+            "each slot gets it with its first"
         out[ident] = mine[0]
     # A slot that missed its first frame gets it again whole, its function included.
     core.message(s1, P.Resend(0), None, 10.0)
     resent = tasks_to(core, s1)
-    assert resent and pairs(resent[0]) == {f.digest: f.blob}
+    assert resent and pairs(resent[0]) == {scoped(session, f): f.blob}
     # Both slots finish; their next frames carry no function.
     for ident, frame in out.items():
         core.message(ident, P.Results(2, frame.seq, 3, 0, frame.ids, [b"r"] * len(frame.ids)),
@@ -183,32 +193,30 @@ def test_a_slot_is_told_to_forget_the_oldest_functions_no_task_it_holds_calls():
     core.max_slot_functions = 2
     slot = worker_slot(core, window=100)
     session = a_client(core)
-    digests = []
-    for i in range(4):
+    for i in range(2):
         submit(core, session, b"c", fn(i), 1, first=1 + i)
         core.dispatch(0.0)
         frame = tasks_to(core, slot)[0]
         core.message(slot, P.Results(2 + i, frame.seq, 100, 0, [], []), None, 0.0)  # (ready)
-        assert pairs(frame) == {fn(i).digest: fn(i).blob}
-        digests.append(fn(i).digest)
-        if i < 2:
-            assert frame.forget == []
-        else:  # every earlier function is still called by a task the slot holds
-            assert frame.forget == []
-    # The slot finishes everything; the next new function makes it forget the oldest two.
+        assert pairs(frame) == {scoped(session, fn(i)): fn(i).blob} and frame.forget == []
+    # A third function: the slot holds tasks calling both it has, so it waits.
+    submit(core, session, b"c", fn(2), 1, first=10)
+    core.dispatch(0.0)
+    assert tasks_to(core, slot) == [] and core.queue.count == 1
+    # The slot returns its tasks: the oldest is forgotten, the third goes.
     held = list(core.peers[slot].inflight)  # type: ignore[union-attr]
-    core.message(slot, P.Results(6, 4, 100, 0, held, [b"r"] * len(held)), None, 0.0)
-    submit(core, session, b"c", fn(9), 1, first=20)
+    core.message(slot, P.Results(4, 2, 100, 0, held, [b"r"] * len(held)), None, 0.0)
     core.dispatch(0.0)
     frame = tasks_to(core, slot)[0]
-    assert frame.forget == digests[:3]
+    assert frame.forget == [scoped(session, fn(0))]
+    assert pairs(frame) == {scoped(session, fn(2)): fn(2).blob}
     slot_session = SlotSession()
-    slot_session.functions = {d: b"x" for d in digests}
+    slot_session.functions = {scoped(session, fn(i)): b"x" for i in range(2)}
     slot_session.receive(P.Tasks(1, 0, [], [], [], [], [], frame.forget), 0.0)
-    assert list(slot_session.functions) == [digests[3]]
+    assert list(slot_session.functions) == [scoped(session, fn(1))]
 
 
-def test_pickles_beyond_a_frames_budget_wait_for_the_next_frame():
+def test_a_slot_holds_at_most_its_function_bytes_beyond_one_function():
     core = BrokerCore(0.0)
     core.max_slot_function_bytes = 150
     slot = worker_slot(core, window=100)
@@ -217,9 +225,16 @@ def test_pickles_beyond_a_frames_budget_wait_for_the_next_frame():
         submit(core, session, b"c", fn(i, 100), 1, first=1 + i)
     core.dispatch(0.0)
     frames = tasks_to(core, slot)
-    assert [len(m.ids) for m in frames] == [1, 1, 1]  # (cut, the rest put back at the head)
-    assert [len(pairs(m)) for m in frames] == [1, 1, 1]
-    assert [m.forget for m in frames] == [[], [], []]  # (the slot holds tasks calling them)
+    assert [len(m.ids) for m in frames] == [1] and len(pairs(frames[0])) == 1
+    assert core.queue.count == 2  # (put back at the head: they wait for room)
+    for n in (2, 3):  # each result makes room for the next function (the old forgotten)
+        held = list(core.peers[slot].inflight)  # type: ignore[union-attr]
+        core.message(slot, P.Results(n, n - 1, 100, 0, held, [b"r"] * len(held)), None, 0.0)
+        core.dispatch(0.0)
+        frames = tasks_to(core, slot)
+        assert [len(m.ids) for m in frames] == [1] and len(pairs(frames[0])) == 1
+        assert len(frames[0].forget) == 1
+        assert core.peers[slot].function_bytes <= 150  # type: ignore[union-attr]
 
 
 def test_a_forgotten_client_takes_its_functions_with_it():
@@ -230,6 +245,42 @@ def test_a_forgotten_client_takes_its_functions_with_it():
     record = core.clients[session.key]
     core._forget(record)
     assert core.storing == 0 and not record.functions
+
+
+def test_an_away_client_past_the_away_function_bound_registers_again_and_resends_them():
+    core = BrokerCore(0.0)
+    core.max_away_function_bytes = 0
+    slot = worker_slot(core, window=10)
+    session = a_client(core)
+    f = fn(1, 500)
+    submit(core, session, b"c", f, 1)
+    core.dispatch(0.0)
+    frame = tasks_to(core, slot)[0]
+    core.message(slot, P.Results(2, frame.seq, 10, 0, frame.ids, [b"r"]), None, 0.0)
+    core.outbox.clear()
+    core.tick(10.0)  # silent: away, nothing queued or running: its functions go
+    assert core.storing == 0 and core.function_bytes == 0
+    assert session.key in core.clients  # (its result is still held for it)
+    # Back: its next frame is refused (hello-required), it registers again with its key,
+    # gets its result, and its next tasks carry the function again.
+    submit(core, session, b"c", f, 1, first=5)
+    answers = [m for _, m in core.outbox]
+    core.outbox.clear()
+    for m in answers:
+        session.receive(m, 10.0)
+    for m in session.out:
+        core.message(b"c", m, None, 10.0)
+    session.out.clear()
+    answers = [m for _, m in core.outbox]
+    core.outbox.clear()
+    assert any(type(m) is P.Welcome for m in answers)
+    delivered = [m for m in answers if type(m) is P.Deliver]
+    assert delivered and delivered[0].ids == frame.ids
+    for m in answers:
+        session.receive(m, 10.0)
+    for m in session.out:  # (the pending task resubmitted, its function carried again)
+        core.message(b"c", m, None, 10.0)
+    assert core.clients[session.key].functions == {f.digest: f.blob}
 
 
 def test_functions_survive_a_broker_restart_and_a_compaction(tmp_path):
@@ -255,8 +306,10 @@ def test_functions_survive_a_broker_restart_and_a_compaction(tmp_path):
         slot = worker_slot(core, window=10)
         core.dispatch(0.0)
         frame = tasks_to(core, slot)[0]
-        assert len(frame.ids) == 5 and pairs(frame) == {f.digest: f.blob}
+        assert len(frame.ids) == 5 and pairs(frame) == {scoped(session, f): f.blob}
         journal.close()
+    # (a replay does not journal its functions again: the log does not grow by them)
+    assert os.path.getsize(tmp_path / "journal.log") < 2 * len(f.blob) + 4096
 
 
 # -- end to end ----------------------------------------------------------------------------

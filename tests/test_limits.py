@@ -567,13 +567,13 @@ def test_core_restart_from_the_journal_every_result_once(tmp_path):
     exchange(c, 0.0)
     ids = [(session.key << P.ID_SHIFT) + i for i in range(1, 6)]
     pending.update((t, b"t") for t in ids)
-    session.out.append(session.submit(ids[:3], [b"t"] * 3))
+    session.out.extend(session.submit(ids[:3], [b"t"] * 3))
     exchange(c, 0.1)  # three results read, their acknowledgement not sent yet
     assert sorted(got) == ids[:3] and session.rx.last > session.told
     c.tick(0.2 + core.QUIET_SECONDS)  # the client falls silent: its results are HELD
     journal.flush(0.2 + core.QUIET_SECONDS)
     journal.close()  # kill -9: the client's next SUBMIT (with its ack) reaches no one
-    session.out.append(session.submit(ids[3:], [b"t"] * 2))
+    session.out.extend(session.submit(ids[3:], [b"t"] * 2))
     assert session.out[-1].ack > 0 and session.out[-1].token
 
     journal = Journal(str(tmp_path), "never")

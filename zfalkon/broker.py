@@ -242,7 +242,7 @@ class Broker:
         journal.retry(now)
         if not core.live:
             if journal.grown or journal.needs_snapshot:  # a tiny snapshot of the key owners
-                journal.compact((), (), core.key_owner, now)
+                journal.compact((), (), core.key_owner, now, core.functions())
         elif journal.wants_compaction():
             journal.compact(core.unfinished(), core.held(), core.key_owner, now,
                             core.functions())

@@ -680,11 +680,20 @@ class Executor(cf.Executor):
             done: list = []
             try:
                 if not self._sock.closed:
-                    self._sock.send(P.encode(self._session.submit([tid], [blob])), _NOBLOCK)
+                    frames = self._session.submit([tid], [blob])
+                    for i, frame in enumerate(frames):
+                        try:
+                            self._sock.send(P.encode(frame), _NOBLOCK)
+                        except zmq.Again:
+                            if i:  # (the rest wait with the frames zmq refused)
+                                self._unsent.extend(P.encode(f) for f in frames[i:])
+                                break
+                            self._session.unsubmit(len(frames))
+                            raise
                     done = self._receive()  # the send may have consumed the fd's edge
                     return fut
             except zmq.Again:
-                self._session.unsubmit()  # not sent: it goes through the outbox instead
+                pass  # not sent: it goes through the outbox instead
             finally:
                 self._lock.release()
                 self._complete(done)
@@ -853,7 +862,7 @@ class Executor(cf.Executor):
             item = outbox.popleft()
             if item[0] == _CANCEL:
                 if ids:
-                    yield P.encode(session.submit(ids, blobs))
+                    yield from map(P.encode, session.submit(ids, blobs))
                     ids, blobs, size = [], [], 0
                 mode = item[2] if len(item) > 2 else P.CANCEL_DROP
                 for i in range(0, len(item[1]), MAX_BATCH):
@@ -864,10 +873,10 @@ class Executor(cf.Executor):
                 blobs.append(blob)
                 size += len(blob)
                 if len(ids) >= MAX_BATCH or size >= FRAME_SOFT_BYTES:
-                    yield P.encode(session.submit(ids, blobs))
+                    yield from map(P.encode, session.submit(ids, blobs))
                     ids, blobs, size = [], [], 0
         if ids:
-            yield P.encode(session.submit(ids, blobs))
+            yield from map(P.encode, session.submit(ids, blobs))
 
     def _receive(self) -> list:
         """Take every message waiting (under the lock); return the deliveries, to be

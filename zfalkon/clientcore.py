@@ -80,24 +80,31 @@ class ClientSession:
 
     # -- frames out --------------------------------------------------------------------
 
-    def submit(self, ids: list[int], blobs: list[bytes]) -> P.Submit:
-        """The next SUBMIT frame (kept until acknowledged)."""
-        seq = self.tx.push((SUBMIT, ids))
-        self.told, self._unacked_bytes = self.rx.last, 0
-        hints = self.hints
-        functions: list[bytes] = []
+    def submit(self, ids: list[int], blobs: list[bytes]) -> list[P.Submit]:
+        """The next SUBMIT frames (kept until acknowledged): the tasks', after one
+        carrying the functions its tasks by digest call that this session has not sent
+        yet (their own frame: up to 64 MiB of pickles beside up to a whole frame of
+        tasks would not fit MAX_FRAME_BYTES)."""
+        frames = []
         if self.functions:
+            functions: list[bytes] = []
             carried_by, digest_of = self.carried_by, payload.stored_digest
             for blob in blobs:
                 digest = digest_of(blob)
                 if digest is not None and digest not in carried_by:
                     function = self.functions.get(digest)
                     if function is not None:
-                        carried_by[digest] = seq
+                        carried_by[digest] = self.tx.seq + 1
                         functions += (digest, function)
-        return P.Submit(seq, self.rx.last, ids, blobs,
-                        [hints.get(t, "") for t in ids] if hints else [], self.token,
-                        functions)
+            if functions:
+                frames.append(P.Submit(self.tx.push((SUBMIT, [])), self.rx.last, [], [], [],
+                                       self.token, functions))
+        seq = self.tx.push((SUBMIT, ids))
+        self.told, self._unacked_bytes = self.rx.last, 0
+        hints = self.hints
+        frames.append(P.Submit(seq, self.rx.last, ids, blobs,
+                               [hints.get(t, "") for t in ids] if hints else [], self.token))
+        return frames
 
     def _carried(self, seq: int) -> list[bytes]:
         """The ``functions`` of SUBMIT ``seq`` (sent again as they were first sent)."""
@@ -107,13 +114,15 @@ class ClientSession:
                 functions += (digest, self.functions[digest])
         return functions
 
-    def unsubmit(self) -> None:
-        """The frame just made was not sent after all (it goes out later, renumbered)."""
-        self.tx.unacked.pop()
-        seq = self.tx.seq
-        self.tx.seq -= 1
-        for digest in [d for d, carrier in self.carried_by.items() if carrier == seq]:
-            del self.carried_by[digest]
+    def unsubmit(self, frames: int = 1) -> None:
+        """The last ``frames`` made were not sent after all (they go out later,
+        renumbered)."""
+        for _ in range(frames):
+            self.tx.unacked.pop()
+            seq = self.tx.seq
+            self.tx.seq -= 1
+            for digest in [d for d, carrier in self.carried_by.items() if carrier == seq]:
+                del self.carried_by[digest]
 
     def cancel(self, ids: list[int], mode: int = P.CANCEL_DROP) -> P.Cancel:
         """The next CANCEL frame (kept until acknowledged)."""
@@ -127,10 +136,10 @@ class ClientSession:
         for i, blob in enumerate(blobs):
             size += len(blob)
             if i + 1 - start >= MAX_BATCH or size >= FRAME_SOFT_BYTES:
-                yield self.submit(ids[start:i + 1], blobs[start:i + 1])
+                yield from self.submit(ids[start:i + 1], blobs[start:i + 1])
                 start, size = i + 1, 0
         if start < len(ids):
-            yield self.submit(ids[start:], blobs[start:])
+            yield from self.submit(ids[start:], blobs[start:])
 
     def hello(self, now: float) -> None:
         """Register (again): both streams start over; nothing else goes out until WELCOME."""

@@ -158,6 +158,12 @@ MAX_CANCELLED_QUEUED = 65_536
 #: ``forget``) and sent again when next needed.
 MAX_SLOT_FUNCTIONS = 256
 MAX_SLOT_FUNCTION_BYTES = 64 * 1024 * 1024
+#: Function bytes kept for clients away with nothing live or unread (past it, the longest
+#: silent of them are forgotten: one that comes back registers again and sends its
+#: functions again), and for all clients (past it, a SUBMIT storing more waits: ERROR
+#: ``limit``).
+MAX_AWAY_FUNCTION_BYTES = 32 * 1024 * 1024
+MAX_FUNCTION_BYTES = 1024 * 1024 * 1024
 MAX_AWAY_CLIENTS = 4096
 #: Result bytes kept in full for all clients with no connection together (each also
 #: within MAX_HELD_BYTES); past this, the results of the longest silent are replaced by
@@ -215,7 +221,7 @@ class Client:
     quiet: bool = False  # silent QUIET_SECONDS: results are journaled as HELD
     submitted: bool = False  # has had tasks accepted (forgetting it has work to do)
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
-    resend_mark: int = -1  # its acknowledgement then
+    resend_mark: int = -1  # the last frame sent again then (read once acknowledged)
     resends: int = 0  # RESENDs honoured since its acknowledgement last moved
     sent: int = 0  # the last frame of its stream sent to it (none is sent while quiet)
     in_flight: int = 0  # result bytes sent to it and not acknowledged
@@ -277,10 +283,10 @@ class Slot:
     tx: Outbound = field(default_factory=Outbound)  # TASKS frames: (ids, revoke)
     told: int = 0
     resent_at: float = -1e9  # when its stream was last sent again (RESEND)
-    resend_mark: int = -1  # its acknowledgement then
+    resend_mark: int = -1  # the last frame sent again then (read once acknowledged)
     resends: int = 0  # RESENDs honoured since its acknowledgement last moved
-    #: Functions sent to it this session (TASKS ``functions``): digest -> size, oldest
-    #: first; it keeps them until told to forget them.
+    #: Functions sent to it this session (TASKS ``functions``): scoped digest (client
+    #: key and digest) -> size, oldest first; it keeps them until told to forget them.
     functions: collections.OrderedDict[bytes, int] = field(
         default_factory=collections.OrderedDict)
     function_bytes: int = 0
@@ -358,6 +364,7 @@ class BrokerCore:
         self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
         self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
         self.storing = 0  # clients with functions stored (tasks by digest may be queued)
+        self.function_bytes = 0  # stored, over all clients
         self.started = now
         self._purged_at = now
         self._rate: collections.deque[tuple[float, int]] = collections.deque(
@@ -378,6 +385,8 @@ class BrokerCore:
         self.max_away_clients = MAX_AWAY_CLIENTS
         self.max_away_held_bytes = MAX_AWAY_HELD_BYTES
         self.max_idle_clients = MAX_IDLE_CLIENTS
+        self.max_away_function_bytes = MAX_AWAY_FUNCTION_BYTES
+        self.max_function_bytes = MAX_FUNCTION_BYTES
         self.max_slot_functions = MAX_SLOT_FUNCTIONS
         self.max_slot_function_bytes = MAX_SLOT_FUNCTION_BYTES
         self._idle: dict[int, None] = {}  # keys of clients never given a task (oldest first)
@@ -422,7 +431,7 @@ class BrokerCore:
             client = self.clients[key] = Client(b"", key, "", now, quiet=True, submitted=True)
             ids, blobs = by_key.get(key, ([], []))
             client.live_tasks, client.task_bytes = counts[key] + len(ids), sizes[key]
-            self._store(client, list(got.functions.get(key, {}).items()))
+            self._store(client, list(got.functions.get(key, {}).items()), journal=False)
             for i in range(0, len(ids), MAX_BATCH):
                 client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
         self.next_key = max(keys | set(got.owners), default=0) + 1
@@ -707,7 +716,7 @@ class BrokerCore:
         record.rx.reset()
         record.tx.reset()
         record.secret = os.urandom(16)  # (numbers start again: so do tokens)
-        record.resend_mark = 0  # (a HELLO does not move its acknowledgement)
+        record.resend_mark = 1  # (a HELLO does not count as reading: frame 1 must be acked)
         record.told = record.sent = record.in_flight = record.journaled = 0
         if stale:
             record.stale, record.stale_at = stale, now
@@ -896,13 +905,15 @@ class BrokerCore:
                 size += len(blob)
             else:
                 if len(stored) + len(new) <= payload.MAX_CLIENT_FUNCTIONS and \
-                        size <= payload.MAX_CLIENT_FUNCTION_BYTES:
+                        size <= payload.MAX_CLIENT_FUNCTION_BYTES and self.function_bytes + \
+                        size - client.function_bytes <= self.max_function_bytes:
                     return new
                 self._wait_submit(client, msg, now, lambda: (
                     f"client {client.key} would store more than "
                     f"{payload.MAX_CLIENT_FUNCTIONS} functions or "
                     f"{payload.MAX_CLIENT_FUNCTION_BYTES >> 20} MiB of them at the "
-                    "broker; this SUBMIT waits"))
+                    f"broker, or the broker more than {self.max_function_bytes >> 20} MiB "
+                    "for all clients; this SUBMIT waits"))
                 return None
         self.refuse(client.ident, ProtocolError(
             "SUBMIT functions must be [digest, pickle, ...] pairs, each pickle at most "
@@ -910,7 +921,8 @@ class BrokerCore:
             "malformed"))
         return None
 
-    def _store(self, client: Client, functions: list[tuple[bytes, bytes]]) -> None:
+    def _store(self, client: Client, functions: list[tuple[bytes, bytes]],
+               journal: bool = True) -> None:
         """Keep these functions for the client's tasks by digest (and journal them)."""
         if not functions:
             return
@@ -919,7 +931,9 @@ class BrokerCore:
         for digest, blob in functions:
             client.functions[digest] = blob
             client.function_bytes += len(blob)
-            self.recorder.function(client.key, digest, blob)
+            self.function_bytes += len(blob)
+            if journal:
+                self.recorder.function(client.key, digest, blob)
 
     def _functions_for(self, slot: Slot, ids: list[int], blobs: list[bytes]
                        ) -> tuple[int, list[bytes], list[bytes]]:
@@ -930,45 +944,50 @@ class BrokerCore:
         or is sent calls)."""
         sent, clients, digest_of = slot.functions, self.clients, payload.stored_digest
         functions: list[bytes] = []
-        needed: set[bytes] = set()
-        added = 0
+        needed: set[bytes] = set()  # (scoped digests: key and digest)
+        forget: list[bytes] = []
         for i, (tid, blob) in enumerate(zip(ids, blobs)):
             digest = digest_of(blob)
             if digest is None:
                 continue
-            needed.add(digest)
-            if digest in sent:
+            key = tid >> P.ID_SHIFT
+            scoped = payload.scoped_digest(key, digest)
+            needed.add(scoped)
+            if scoped in sent:
                 continue
-            client = clients.get(tid >> P.ID_SHIFT)
+            client = clients.get(key)
             body = client.functions.get(digest) if client is not None else None
             if body is None:
-                continue  # (the slot answers that the function is missing)
-            if added and added + len(body) > self.max_slot_function_bytes:
-                needed.discard(digest)
-                return i, functions, self._forget_functions(slot, needed, ids[:i])
-            added += len(body)
-            sent[digest] = len(body)
+                continue  # (not its client's: the slot answers that it is missing)
+            if slot.function_bytes + len(body) > self.max_slot_function_bytes or \
+                    len(sent) >= self.max_slot_functions:
+                forget += self._forget_functions(slot, needed, len(body))
+                if (i or slot.inflight) and (
+                        slot.function_bytes + len(body) > self.max_slot_function_bytes
+                        or len(sent) >= self.max_slot_functions):
+                    return i, functions, forget  # (the rest wait for the next frame)
+            sent[scoped] = len(body)
             slot.function_bytes += len(body)
-            functions += (digest, body)
-        return len(ids), functions, self._forget_functions(slot, needed, ids)
+            functions += (scoped, body)
+        return len(ids), functions, forget
 
-    def _forget_functions(self, slot: Slot, needed: set[bytes], ids: list[int]) -> list[bytes]:
-        sent, most, most_bytes = slot.functions, self.max_slot_functions, \
-            self.max_slot_function_bytes
-        if len(sent) <= most and slot.function_bytes <= most_bytes:
-            return []
+    def _forget_functions(self, slot: Slot, needed: set[bytes], room: int) -> list[bytes]:
+        """Forget the oldest functions sent to ``slot`` that neither ``needed`` nor a task
+        it holds calls, until ``room`` more bytes and one more function fit its limits."""
+        sent = slot.functions
         digest_of = payload.stored_digest
-        for blob in slot.inflight.values():  # (rare: only past the limits)
+        for tid, blob in slot.inflight.items():  # (rare: only at the limits)
             digest = digest_of(blob)
             if digest is not None:
-                needed.add(digest)
+                needed.add(payload.scoped_digest(tid >> P.ID_SHIFT, digest))
         forget = []
-        for digest in list(sent):
-            if len(sent) <= most and slot.function_bytes <= most_bytes:
+        for scoped in list(sent):
+            if slot.function_bytes + room <= self.max_slot_function_bytes and \
+                    len(sent) < self.max_slot_functions:
                 break
-            if digest not in needed:
-                slot.function_bytes -= sent.pop(digest)
-                forget.append(digest)
+            if scoped not in needed:
+                slot.function_bytes -= sent.pop(scoped)
+                forget.append(scoped)
         return forget
 
     def _untrack(self, client: Client, n: int) -> None:
@@ -1150,21 +1169,24 @@ class BrokerCore:
 
     def _on_resend(self, peer: Client | Slot, msg: P.Resend, now: float) -> None:
         """The peer missed frames after ``ack`` (a replaced connection): send them again,
-        at most once per RESEND_SECONDS, and once its acknowledgement has not moved since
-        the last time, only after RESEND_IDLE_SECONDS (doubling each time): a peer that
-        asks again without reading must not make the broker copy its stream into the
-        socket's buffers without bound."""
+        at most once per RESEND_SECONDS, and unless its acknowledgement has reached the
+        last frame sent again the time before (it read them), only after
+        RESEND_IDLE_SECONDS (doubling each time): a peer that asks again without reading
+        (or reading a frame more each time) must not make the broker copy its stream
+        into the socket's buffers without bound."""
         before = peer.sent if type(peer) is Client else 0  # (its ack may send more)
         self._peer_has(peer, msg.ack, msg.token)
         acked = peer.tx.acked()
-        if acked != peer.resend_mark:
+        if acked >= peer.resend_mark:
             peer.resends = 0
         wait = RESEND_SECONDS if not peer.resends else \
             RESEND_IDLE_SECONDS * 2.0 ** min(peer.resends - 1, 30)
         if now - peer.resent_at < wait or not peer.tx.unacked or (
                 type(peer) is Client and peer.tx.unacked[0][0] > before):
             return  # (too soon, or nothing it was sent is unacknowledged)
-        peer.resent_at, peer.resend_mark = now, acked
+        last = peer.tx.unacked[-1][0]
+        peer.resent_at, peer.resend_mark = now, min(last, before) if type(peer) is Client \
+            else last
         peer.resends += 1
         if type(peer) is Client:
             if peer.resends == 1:  # (it must read them: see the ACK_STALL check)
@@ -1260,8 +1282,29 @@ class BrokerCore:
 
     def _bound_away(self, away: list[Client]) -> None:
         """Keep the clients with no connection within MAX_AWAY_CLIENTS (the longest silent
-        of those holding nothing are forgotten first) and their results within
-        MAX_AWAY_HELD_BYTES (the longest silent lose theirs to ResultDropped first)."""
+        of those holding nothing are forgotten first), their results within
+        MAX_AWAY_HELD_BYTES (the longest silent lose theirs to ResultDropped first), and
+        the functions of those with no task queued or running within
+        MAX_AWAY_FUNCTION_BYTES (the longest silent lose theirs, and their connection:
+        back, they are told ``hello-required``, register again, get their results and
+        send their functions again)."""
+        idle = [c for c in away if c.functions and c.live_tasks <= sum(
+            len(ids) for _, (_, ids, _) in c.tx.unacked)]
+        stored = sum(c.function_bytes for c in idle)
+        if stored > self.max_away_function_bytes:
+            idle.sort(key=lambda c: c.last_heard)
+            for client in idle:
+                if stored <= self.max_away_function_bytes:
+                    break
+                stored -= client.function_bytes
+                self.function_bytes -= client.function_bytes
+                client.functions, client.function_bytes = {}, 0
+                self.storing -= 1
+                if client.ident:  # (its results stay held for it)
+                    if self.peers.get(client.ident) is client:
+                        del self.peers[client.ident]
+                        self.bound.pop(client.ident, None)
+                    client.ident = b""
         extra = len(away) - self.max_away_clients
         if extra > 0:
             away.sort(key=lambda c: (c.live_tasks > 0 or len(c.tx) > 0, c.last_heard))
@@ -1355,6 +1398,7 @@ class BrokerCore:
                         self._revoke(slot, ids)
                         self._make_ready(slot)
         if client.functions:
+            self.function_bytes -= client.function_bytes
             client.functions, client.function_bytes = {}, 0
             self.storing -= 1
         if self.key_owner.pop(key, None) is not None or client.submitted:
@@ -1525,6 +1569,12 @@ class BrokerCore:
                     queue.push_front(ids[n:], blobs[n:])
                     ids, blobs = ids[:n], blobs[:n]
                 functions = (fns, forget)
+                if not ids:  # (its functions at their limits, all called by what it
+                    ready.popleft()  # holds: more once it returns some)
+                    slot.ready = False
+                    if forget:
+                        self._send_tasks(slot, [], [], [], None, functions)
+                    continue
             if not slot.inflight:
                 slot.progress = now
                 slot.lease = max(slot.lease, now + LEASE_SECONDS)

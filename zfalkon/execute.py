@@ -142,6 +142,9 @@ class Runner:
                 return self._run_shell(task)
             if (kind == payload.TASK_OPTIONS and len(task) == 3 and type(task[1]) is dict
                     and type(task[2]) is bytes and task[2][1:2] != b"\x03"):
+                if payload.stored_digest(task[2]) is not None:
+                    return payload.error_result("ProtocolError", "a task by digest cannot be "
+                                                "wrapped with options"), True
                 if task[1].get("capture"):
                     return self._run_captured(task[2])
                 return self.run(task[2])  # (the time limit is the slot's to enforce)
@@ -224,6 +227,9 @@ class Runner:
         if fn is not None:
             cache.move_to_end(digest)
             return fn
+        if type(digest) is not bytes or payload.function_digest(blob) != digest:
+            raise ValueError("the function sent by value does not have the digest it "
+                             "claims (a task made by hand?)")
         try:
             import cloudpickle  # noqa: F401  (the functions it pickled refer to it)
 

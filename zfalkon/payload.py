@@ -360,6 +360,12 @@ def stored_digest(blob: bytes) -> bytes | None:
     return None
 
 
+def scoped_digest(key: int, digest: bytes) -> bytes:
+    """A function's digest under the client key whose tasks call it: what a slot keeps
+    it by (a client's task may call only the functions its own client stored)."""
+    return key.to_bytes(8, "little") + digest
+
+
 def with_function(blob: bytes, function: bytes) -> bytes:
     """A task by digest (:func:`stored_digest`) made a task by value: ``function`` (its
     pickle) put in place."""

@@ -54,10 +54,10 @@ _IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still al
 _HELLO_RETRY_SECONDS = 2.0  # a HELLO unanswered this long is sent again
 _PIPELINE_SECONDS = 0.002  # estimated work a slot keeps queued in its task host
 _MAX_PIPELINE = 1024  # tasks a slot keeps queued in its task host, at most
-_OPTIONS_HEAD = b"\x93\x03"
 #: Functions a slot counts on its host having loaded (the host keeps 64): past this it
 #: sends them again (a host that no longer has one sends the task back anyway)
-_HOST_FUNCTIONS = 48  # how a task blob with options starts (payload.with_options)
+_HOST_FUNCTIONS = 48
+_OPTIONS_HEAD = b"\x93\x03"  # how a task blob with options starts (payload.with_options)
 
 
 def describe_exit(returncode: int) -> str:
@@ -235,10 +235,21 @@ class Slot:
                 self._host_died()
                 continue
             if host.needed:  # (its function not loaded there: again, with the function)
-                for _, blob in host.needed:
-                    host.functions.discard(payload.stored_digest(blob) or b"")
-                session.queue.extendleft(reversed(host.needed))
+                now = monotonic()
+                again = []
+                for tid, blob in host.needed:
+                    digest = payload.stored_digest(blob)
+                    if digest is None:  # (not a task by digest the slot could complete)
+                        session.finished(tid, payload.error_result(
+                            "ProtocolError", "a task by digest cannot be wrapped with "
+                            "options"), True, 0.0, now)
+                        continue
+                    host.functions.discard(digest)
+                    again.append((tid, blob))
+                session.queue.extendleft(reversed(again))
                 host.needed = []
+                if self.timed is not None and not host.inflight:
+                    self.timed = None
             if not results:
                 if host.inflight:
                     self._wait(host)
@@ -391,7 +402,7 @@ class Slot:
             digest = stored_digest(blob)
             function = None
             if digest is not None and digest not in host.functions:
-                function = session.functions.get(digest)
+                function = session.functions.get(payload.scoped_digest(key, digest))
                 if function is None:  # (the broker did not have it to send)
                     tid, _ = session.next_task(now) or (0, b"")
                     session.finished(tid, _function_unavailable(digest), True, 0.0, now)
@@ -464,6 +475,10 @@ class Slot:
                             len(session.queue))
                 self.hello_sent = self.hello_due = 0.0
                 session.start(now)
+                if self.host is not None:  # (client keys are unique within one broker
+                    self.zygote.kill(self.host)  # session only: a new one may reuse its key)
+                    self.host = self.timed = None
+                    self.state.set(0)
             elif isinstance(msg, P.Error) and msg.code in ("hello-required", "bad-hello"):
                 # The broker does not know us: register again (after our agent has). While
                 # a HELLO is unanswered, a hello-required answers a frame sent before it.

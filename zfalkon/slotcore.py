@@ -88,7 +88,8 @@ class SlotSession:
         #: if it still runs or holds them, and to clear.
         self.kills: list[int] = []
         #: The functions of tasks by digest the broker sent this session (TASKS
-        #: ``functions``): digest -> pickle, kept until it says ``forget``.
+        #: ``functions``): scoped digest (client key and digest,
+        #: :func:`zfalkon.payload.scoped_digest`) -> pickle, kept until it says ``forget``.
         self.functions: dict[bytes, bytes] = {}
 
     # -- the broker's messages ---------------------------------------------------------
