@@ -274,8 +274,10 @@ result = slot
 def test_a_task_that_stops_its_slot_does_not_strand_another_clients_tasks():
     """One worker, two slots. A's task SIGSTOPs the slot running it; B's 40 short tasks,
     submitted right after, some of them prefetched by the stopped slot: all complete within
-    60 s (taken back by work stealing or lease expiry), each correct."""
-    with LocalCluster(workers=1, slots_per_worker=2, env=worker_env()) as cluster:
+    60 s (taken back by work stealing or lease expiry), each correct. (Unsandboxed: in a
+    sandbox a task cannot see its slot: test_isolation.py, "the sandbox".)"""
+    with LocalCluster(workers=1, slots_per_worker=2, env=worker_env(),
+                      worker_args=["--sandbox", "none"]) as cluster:
         (worker,) = cluster.worker_procs
         slots = [c.pid for c in psutil.Process(worker.pid).children()]
         a = Executor(cluster.address)

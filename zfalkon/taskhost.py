@@ -301,10 +301,11 @@ def _shim_main(init: int, status_r: int) -> None:
             import resource
 
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            signal.signal(-code, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {-code})
+            if -code not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(-code, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {-code})
             os.kill(os.getpid(), -code)
-            code = 128 - code
+            code = 128 - code  # (a signal whose default is not to end a process)
     finally:
         os._exit(code & 0xFF)
 
@@ -315,13 +316,13 @@ def probe_sandbox() -> str | None:
     try:
         proc = subprocess.run([sys.executable, "-m", "zfalkon.taskhost", "--probe"],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=30)
+                              timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"the probe did not run: {exc}"
     if proc.returncode == 0:
         return None
-    return (proc.stderr.strip().splitlines() or [f"the probe exited with "
-                                                 f"{proc.returncode}"])[-1]
+    said = proc.stderr.strip().splitlines()
+    return said[-1] if said else f"the probe exited with {proc.returncode}"
 
 
 def _probe() -> int:
