@@ -52,13 +52,14 @@ Design
       state file: the oldest task its host has not answered.) If the *slot* dies, the agent
       blames the task in the running cell when it is of the same client as the state
       file's (a host that only lies in its cell gets only its own client's tasks blamed),
-      else the state file's. Both are files of the worker's Unix user: a task that writes
-      another client's task id into the state file too gets that task blamed (see below).
+      else the state file's. Both are files of the worker's Unix user: unsandboxed, a task
+      that writes another client's task id into the state file too gets that task blamed
+      (see "Sandbox").
       Limit: a task that kills its slot and returns may get the next task of its own
       client blamed, if that one was already queued in its host: the host starts it within
       microseconds, the slot's death reaches the zygote only after the slot's teardown.
-    * **Lost zygote.** A task can find its zygote (``getppid()``) and kill or stop it (same
-      Unix user). Hiding it (a double fork, so that ``getppid()`` is not the zygote) would
+    * **Lost zygote.** Unsandboxed, a task can find its zygote (``getppid()``) and kill or
+      stop it (same Unix user). Hiding it (a double fork, so that ``getppid()`` is not the zygote) would
       only be obscurity (``/proc`` lists it) and would cost the zygote its children (their
       reaping, hence PIDs the slot may safely signal). Instead a lost zygote hurts no
       task: every request to it has a timeout (2 s; 30 s for a fresh zygote to say
@@ -95,17 +96,58 @@ Design
       60 KB fits in a pipe, so the slot's write never blocks while the host writes
       results; a bigger task is sent alone, to a host with nothing unanswered.
 
-What this does not isolate: hosts run as the same Unix user as the worker, so a task can
-still read what the worker can read (files, the key files, the staging cache), signal or
-(where ptrace is allowed) inspect the machine's other processes of that user, including the
-other slots. Shell tasks run as before, as subprocesses, now spawned from the client's host.
-So a task of one client can reach another client's work through that user: SIGSTOP the
-spare host its zygote forked for the slot's next client (whose next task then hangs),
-SIGKILL another slot's host, or write another client's task id into its slot's state file
-(mapped by the slot, listed in ``/proc/SLOT/maps``) and kill the slot, so that the agent
-blames that task. What would close this: a distinct Unix uid per host (the zygote forks as
-root or with CAP_SETUID and drops to a per-client uid; state files not writable by hosts),
-or a sandbox (a user/PID namespace per host).
+* **Sandbox** (worker ``--sandbox``, Linux). A task host runs as the worker's Unix user,
+  so, unsandboxed, a task can signal or inspect every process of that user and write its
+  files: SIGSTOP the spare host its zygote forked for the slot's next client, SIGKILL
+  another slot's host, or write another client's task id into its slot's state file
+  (listed in ``/proc/SLOT/maps``) and kill the slot, so that the agent blames that task.
+  In a sandbox each host has namespaces of its own, entered by the spare before any
+  client code runs (off the switch's path, as the spare is forked ahead of time):
+
+  - the spare (the *shim*: the process the zygote forked and the slot knows, in its own
+    process group) enters a user namespace U1 (the worker's uid and gid mapped to
+    themselves) and a mount namespace, where it mounts an empty tmpfs over each
+    directory the agent names (its directory of state files and running cells), then
+    unshares a PID namespace and forks its *init*, PID 1 there;
+  - the init mounts a ``/proc`` of that namespace, forks the *host* (PID 2), and reaps
+    what is reparented to it; when the host ends it tells the shim its wait status and
+    exits, which SIGKILLs everything left in the namespace. It ignores the host's signals
+    (a namespace's init gets none it has no handler for, SIGKILL included) and is not
+    dumpable (no ptrace, no ``/proc/1/*``), though it keeps U1's powers;
+  - the host puts itself in a process group of its own and enters a nested user
+    namespace U2 (same mapping) with a mount namespace of its own: the mounts made in U1
+    are *locked* there, so a task cannot unmount the tmpfs, nor mount another ``/proc``
+    (it has no power over U1, which owns the PID namespace).
+
+  So a task sees in ``/proc`` only its host, the init and its own children; ``getppid()``
+  is 1; it can name (signal, ptrace) no other process: not its zygote, slot, agent, the
+  spare, other slots' hosts. Killing the shim's group (the zygote's ``kill``; the slot's
+  own fallback) kills the init, hence every process of the host, shell commands in their
+  own process groups and ``setsid`` escapees included: ``kill_command`` has nothing to do
+  (and the command PID a sandboxed host writes is its namespace's). The shim exits as the
+  host did (re-raising its signal, without a core), so crash reports read as before; a
+  ``reap`` of a host that died gives the shim 1 s to do so before killing it. ``auto``
+  (the default) uses the sandbox if a probe at worker start (``python -m zfalkon.taskhost
+  --probe``: the whole setup, once) succeeds, else warns once and runs hosts as before;
+  ``namespaces`` refuses to start without it (e.g. Ubuntu's AppArmor restriction of
+  unprivileged user namespaces, ``kernel.apparmor_restrict_unprivileged_userns``, or
+  ``user.max_user_namespaces=0``); ``none`` never uses it. A host that cannot enter its
+  sandbox although the probe could exits with status 71 and says why on stderr (its first
+  task fails with ``WorkerCrashed``): never unsandboxed. Cost: see ``bench/sandbox.py``.
+
+What this does not isolate, even in a sandbox: hosts run as the worker's Unix user (its
+uid mapped to itself: a root worker's tasks keep root's powers only over files of uid and
+gid 0; files of other users are reached through their permission bits for "others", and
+``chown`` to another uid fails), so a task can still read and write what that user can
+outside the hidden directory: files, the worker's key directory, the staging cache shared
+by the slots, other agents' state directories on the machine, other clients' shell tasks'
+working files. There is no network namespace: a task reaches the network, the broker and
+abstract Unix sockets as before. Without a sandbox (``--sandbox none``, or ``auto`` where
+namespaces are refused) a task can also signal or (where ptrace is allowed) inspect the
+machine's other processes of that user, including the other slots, and so reach another
+client's work as described above. What closes the rest: a distinct Unix uid per host (the
+zygote forks as root or with CAP_SETUID and drops to a per-client uid), or separate users
+or machines.
 """
 
 from __future__ import annotations
