@@ -1,11 +1,12 @@
 """The cost of the task host sandbox (worker ``--sandbox``: user, PID and mount namespaces
 per host), each figure beside its no-sandbox baseline from the same run.
 
-* ``switch``: the zygote alone, in this process: give up a host (reap), get a fresh one
-  (fork_host) and run one no-op task on it, until its result is read: what a client
-  switch costs the slot. Two cases: ``ready``, the zygote had its spare host forked
-  ahead of time (a pause of 30 ms between switches, not timed: the usual case, a spare
-  is forked once the slot is quiet for 5 ms); ``back_to_back``, switches with no pause,
+* ``switch``: the zygote alone, in this process: give up a host (``kill``, as the slot
+  does on a client switch: the zygote answers at once and reaps it later), get a fresh one
+  (``fork_host``) and run one no-op task on it, until its result is read: what a client
+  switch costs the slot; ``fork``: the kill and fork_host alone. Two cases: ``ready``,
+  the zygote had its spare host forked ahead of time (a pause of ``--pause`` s between
+  switches, not timed: the usual case, a spare is forked once the slot is quiet for 5 ms); ``back_to_back``, switches with no pause,
   so each host is forked (and, in a sandbox, enters its namespaces) while the slot waits.
   Medians of ``--switches`` rounds per case, the two modes taking turns round by round.
 * ``serial``: bench/core.py's serial round trip (submit one no-op, wait; one client, so no
@@ -18,6 +19,7 @@ per host), each figure beside its no-sandbox baseline from the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import select
@@ -40,14 +42,15 @@ def _run_one(host, tid: int) -> None:
         select.select([host.result_r], [], [], 1.0)
 
 
-def switch(rounds: int) -> dict:
+def switch(rounds: int, pause: float) -> dict:
     from zfalkon.taskhost import Zygote
 
     hidden = tempfile.mkdtemp(prefix="zfalkon-bench-")
     zygotes = {"none": Zygote.start(), "namespaces": Zygote.start()}
     zygotes["namespaces"].use_sandbox({"hide": [hidden]})
-    samples: dict[str, list[float]] = {f"{m}_{case}": [] for m in zygotes
-                                       for case in ("ready", "back_to_back")}
+    samples: dict[str, list[float]] = {f"{what}_{m}_{case}": [] for m in zygotes
+                                       for case in ("ready", "back_to_back")
+                                       for what in ("switch", "fork")}
     try:
         hosts = {m: z.fork_host(0) for m, z in zygotes.items()}
         for m in zygotes:
@@ -57,36 +60,36 @@ def switch(rounds: int) -> dict:
             for case in ("ready", "back_to_back"):
                 for m, z in (zygotes.items() if r % 2 else reversed(zygotes.items())):
                     if case == "ready":
-                        time.sleep(0.03)  # (the zygote forks its spare once we are quiet)
+                        time.sleep(pause)  # (the zygote forks its spare once we are quiet)
                     tid += 1
                     t0 = time.perf_counter()
-                    z.reap(hosts[m])
+                    z.kill(hosts[m])  # (as the slot does: the zygote reaps it later)
                     hosts[m] = z.fork_host(tid)
+                    t1 = time.perf_counter()
                     _run_one(hosts[m], tid)
-                    samples[f"{m}_{case}"].append(time.perf_counter() - t0)
+                    samples[f"switch_{m}_{case}"].append(time.perf_counter() - t0)
+                    samples[f"fork_{m}_{case}"].append(t1 - t0)
         for m, z in zygotes.items():
             z.reap(hosts[m])
     finally:
         for z in zygotes.values():
             z.close()
         pathlib.Path(hidden).rmdir()
-    return {f"switch_ms_median_{k}": statistics.median(v) * 1e3 for k, v in samples.items()}
+    return {f"{k.split('_', 1)[0]}_ms_median_{k.split('_', 1)[1]}": statistics.median(v) * 1e3
+            for k, v in samples.items()}
 
 
 def serial(n: int, blocks: int) -> dict:
     out: dict[str, list[float]] = {"none": [], "namespaces": []}
-    clusters = {m: LocalCluster(workers=1, slots_per_worker=1,
-                                worker_args=["--sandbox", m]) for m in out}
-    try:
-        executors = {m: Executor(c.address) for m, c in clusters.items()}
+    with contextlib.ExitStack() as stack:
+        executors = {}
+        for m in out:
+            cluster = stack.enter_context(LocalCluster(workers=1, slots_per_worker=1,
+                                                       worker_args=["--sandbox", m]))
+            executors[m] = stack.enter_context(Executor(cluster.address))
         for b in range(blocks):
             for m in (("none", "namespaces") if b % 2 == 0 else ("namespaces", "none")):
                 out[m].append(bench_serial(executors[m], n)["serial_rtt_ms_median"])
-        for ex in executors.values():
-            ex.shutdown()
-    finally:
-        for c in clusters.values():
-            c.close()
     return {f"serial_rtt_ms_median_{m}": statistics.median(v) for m, v in out.items()} | {
         f"serial_rtt_ms_block_medians_{m}": [round(x, 4) for x in v] for m, v in out.items()}
 
@@ -96,21 +99,25 @@ def main() -> None:
     ap.add_argument("--switches", type=int, default=300)
     ap.add_argument("--serial", type=int, default=2000)
     ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--pause", type=float, default=0.1,
+                    help="seconds between switches in the ready case (not timed)")
     args = ap.parse_args()
     from zfalkon.taskhost import probe_sandbox
 
     reason = probe_sandbox()
     if reason is not None:
         sys.exit(f"no sandbox on this machine: {reason}")
-    figures = switch(args.switches)
+    figures = switch(args.switches, args.pause)
     figures.update(serial(args.serial, args.blocks))
     print(json.dumps(figures, indent=2))
     f = figures
     print("\nsandbox cost (median, no sandbox -> namespaces, same run):")
     for case in ("ready", "back_to_back"):
-        print(f"  switch, spare {case.replace('_', ' ')}: "
-              f"{f[f'switch_ms_median_none_{case}']:.3f} ms -> "
-              f"{f[f'switch_ms_median_namespaces_{case}']:.3f} ms")
+        for what in ("switch", "fork"):
+            print(f"  {what}{' (kill + fork_host only)' if what == 'fork' else ''}, "
+                  f"spare {case.replace('_', ' ')}: "
+                  f"{f[f'{what}_ms_median_none_{case}']:.3f} ms -> "
+                  f"{f[f'{what}_ms_median_namespaces_{case}']:.3f} ms")
     print(f"  serial round trip, one client: {f['serial_rtt_ms_median_none']:.3f} ms -> "
           f"{f['serial_rtt_ms_median_namespaces']:.3f} ms")
 
