@@ -129,8 +129,14 @@ def outer_pid(who: tuple[int, int]) -> int:
 def written_pid(path, timeout: float = 20.0) -> int:
     """The PID here of the process that wrote "PID PIDNS" in ``path`` (``tasks.whoami()``,
     or ``$! $(stat -Lc %i /proc/self/ns/pid)`` in a shell task), once it has."""
-    text = wait_until(lambda: os.path.exists(path) and open(path).read().strip(), timeout,
-                      message=f"a PID written in {path}")
+    def written() -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    text = wait_until(written, timeout, message=f"a PID written in {path}")
     pid, ns = map(int, str(text).split())
     return outer_pid((pid, ns))
 

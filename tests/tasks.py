@@ -177,7 +177,8 @@ def mark_then_sleep(directory, i, seconds):
 def pid_then_sleep(path, seconds):
     """Write this process's PID to ``path``, then sleep (a long task to time out or kill)."""
     with open(path, "w") as f:  # (read by conftest.written_pid)
-        f.write("%d %d" % whoami())
+        pid, ns = whoami()
+        f.write(f"{pid} {ns}")
     time.sleep(seconds)
     return "slept"
 

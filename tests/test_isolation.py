@@ -246,8 +246,9 @@ def test_a_task_in_a_sandbox_sees_only_its_own_processes_and_no_state_file():
     with LocalCluster(workers=1, slots_per_worker=1, env=worker_env(),
                       worker_args=["--sandbox", "namespaces"]) as cluster:
         slot = slot_pid(cluster)
-        (state,) = {line.split()[5] for line in open(f"/proc/{slot}/maps")
-                    if "zfalkon-worker-" in line and line.split()[5].endswith("slot-0")}
+        with open(f"/proc/{slot}/maps") as f:
+            (state,) = {line.split()[5] for line in f
+                        if "zfalkon-worker-" in line and line.split()[5].endswith("slot-0")}
         state_dir = os.path.dirname(state)
         assert "slot-0" in os.listdir(state_dir)
         with Executor(cluster.address) as ex:
