@@ -119,7 +119,9 @@ Design
     are *locked* there, so a task cannot unmount the tmpfs, nor mount another ``/proc``
     (it has no power over U1, which owns the PID namespace).
 
-  So a task sees in ``/proc`` only its host, the init and its own children; ``getppid()``
+  So a task sees in ``/proc`` only its host, the init and its own children; ``getpid()``
+  is 2 in every host (so a PID no longer tells hosts apart: a file named after
+  ``os.getpid()`` or ``$$`` in a shared directory may collide across slots); ``getppid()``
   is 1; it can name (signal, ptrace) no other process: not its zygote, slot, agent, the
   spare, other slots' hosts. Killing the shim's group (the zygote's ``kill``; the slot's
   own fallback) kills the init, hence every process of the host, shell commands in their
