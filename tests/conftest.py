@@ -105,6 +105,42 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
+def outer_pid(who: tuple[int, int]) -> int:
+    """The PID here of the process a task described with ``tasks.whoami()``: (its PID,
+    its PID namespace). A task host in a sandbox (worker ``--sandbox``) has a PID namespace
+    of its own, where it is PID 2: found by the namespace and /proc/PID/status's NSpid.
+    0 if no such process is left."""
+    pid, ns = who
+    if os.stat("/proc/self/ns/pid").st_ino == ns:
+        return pid
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{name}/ns/pid").st_ino != ns:
+                continue
+            with open(f"/proc/{name}/status") as f:
+                nspid = next(line for line in f if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(nspid.split()[-1]) == pid:
+            return int(name)
+    return 0
+
+
+def written_pid(path, timeout: float = 20.0) -> int:
+    """The PID here of the process that wrote "PID PIDNS" in ``path`` (``tasks.whoami()``,
+    or ``$! $(stat -Lc %i /proc/self/ns/pid)`` in a shell task), once it has."""
+    def written() -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    text = wait_until(written, timeout, message=f"a PID written in {path}")
+    pid, ns = map(int, str(text).split())
+    return outer_pid((pid, ns))
+
+
 def alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:

@@ -68,6 +68,12 @@ def getpid():
     return os.getpid()
 
 
+def whoami():
+    """This process's PID and its PID namespace (the inode of /proc/self/ns/pid): a task
+    host in a sandbox has a PID namespace of its own (conftest.outer_pid finds it)."""
+    return os.getpid(), os.stat("/proc/self/ns/pid").st_ino
+
+
 def getenv(name):
     return os.environ.get(name)
 
@@ -170,8 +176,9 @@ def mark_then_sleep(directory, i, seconds):
 
 def pid_then_sleep(path, seconds):
     """Write this process's PID to ``path``, then sleep (a long task to time out or kill)."""
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
+    with open(path, "w") as f:  # (read by conftest.written_pid)
+        pid, ns = whoami()
+        f.write(f"{pid} {ns}")
     time.sleep(seconds)
     return "slept"
 

@@ -29,11 +29,15 @@ K = 20
 BOUND = 45.0
 
 
-def run(kind: str, tmp_path, only_a: bool = False) -> tuple[int, int]:
+def run(kind: str, tmp_path, only_a: bool = False, sandbox: str = "auto") -> tuple[int, int]:
     """Returns (lines run twice, lines of client A run twice). ``only_a``: only client
-    A's good tasks must succeed (B's own may be blamed for B's bad task)."""
+    A's good tasks must succeed (B's own may be blamed for B's bad task). ``sandbox``: the
+    worker's --sandbox (in one, the zygote and the slot are out of a task's reach: its
+    getppid() is its PID namespace's init, which ignores its signals; psutil's ppid() of
+    that is 0, so "kill_slot" kills the bad task's own process group)."""
     marker = str(tmp_path / "marker")
-    with LocalCluster(workers=1, slots_per_worker=1, env=worker_env()) as cluster:
+    with LocalCluster(workers=1, slots_per_worker=1, env=worker_env(),
+                      worker_args=["--sandbox", sandbox]) as cluster:
         a = Executor(cluster.address, connect_timeout=30)
         b = Executor(cluster.address, connect_timeout=30)
         try:
@@ -84,9 +88,10 @@ def run(kind: str, tmp_path, only_a: bool = False) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("sandbox", ["auto", "none"])
 @pytest.mark.parametrize("kind", ["killpg", "kill_zygote", "stop_zygote"])
-def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, tmp_path):
-    dup, dup_a = run(kind, tmp_path)
+def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, sandbox, tmp_path):
+    dup, dup_a = run(kind, tmp_path, sandbox=sandbox)
     # Only the bad task's own host died (killpg), or none did: a host outlives its zygote,
     # which the slot replaces when it next needs one (at once if it is gone, after a timeout
     # if it is stopped). The slot's session and its other tasks live on. Client A's tasks
@@ -98,7 +103,8 @@ def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_killing_the_slot_hurts_no_other_client(tmp_path):
+@pytest.mark.parametrize("sandbox", ["auto", "none"])
+def test_killing_the_slot_hurts_no_other_client(sandbox, tmp_path):
     """A task of client B that SIGKILLs its slot: client A's tasks all complete, with
     their own results.
     (B's own next task may be blamed, WorkerCrashed 'killed by SIGKILL', in about 1 run in
@@ -109,5 +115,6 @@ def test_killing_the_slot_hurts_no_other_client(tmp_path):
     for r in range(4):
         d = tmp_path / str(r)
         d.mkdir()
-        run("kill_slot", d, only_a=True)  # (A's tasks the dead slot held run again
-        # elsewhere: at least once, as for any lost slot, docs/protocol.md R12)
+        # (A's tasks the dead slot held run again elsewhere: at least once, as for any
+        # lost slot, docs/protocol.md R12)
+        run("kill_slot", d, only_a=True, sandbox=sandbox)

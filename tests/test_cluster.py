@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 import tasks
-from conftest import alive, descendants, kill_tree, wait_until, worker_env
+from conftest import alive, descendants, kill_tree, outer_pid, wait_until, worker_env
 from zfalkon import BrokerUnavailable, ConfigError, Executor, LocalCluster
 
 
@@ -119,7 +119,7 @@ def test_env_reaches_workers():
     with LocalCluster(workers=1, env={**worker_env(), "ZF_CLUSTER_VAR": "yes"}) as cluster:
         with Executor(cluster.address) as ex:
             assert ex.submit(tasks.getenv, "ZF_CLUSTER_VAR").result(timeout=30) == "yes"
-            pid = ex.submit(tasks.getpid).result(timeout=30)
+            pid = outer_pid(ex.submit(tasks.whoami).result(timeout=30))
             assert pid in descendants(cluster.worker_procs[0].pid)
     assert "ZF_CLUSTER_VAR" not in os.environ
 

@@ -21,8 +21,8 @@ import pytest
 import zmq
 
 import tasks
-from conftest import (alive, child_env, descendants, kill_tree, start_worker, stop_process,
-                      wait_until, worker_env)
+from conftest import (alive, child_env, descendants, kill_tree, outer_pid, start_worker,
+                      stop_process, wait_until, worker_env)
 from zfalkon import Executor, LocalCluster, WorkerCrashed
 from zfalkon import payload
 from zfalkon import protocol as P
@@ -153,12 +153,13 @@ def test_a_client_that_patches_its_process_cannot_see_or_forge_another_clients_t
 def test_each_client_gets_a_fresh_host_and_consecutive_tasks_share_it(one_slot):
     slot = slot_pid(one_slot)
     with Executor(one_slot.address) as a, Executor(one_slot.address) as b:
-        a1 = a.submit(tasks.getpid).result(timeout=30)
-        assert a.submit(tasks.getpid).result(timeout=30) == a1  # same client: same host
-        b1 = b.submit(tasks.getpid).result(timeout=30)
-        assert b1 != a1 and b1 != slot
+        # (PIDs here: a host in a sandbox is PID 2 of a PID namespace of its own)
+        a1 = outer_pid(a.submit(tasks.whoami).result(timeout=30))
+        assert outer_pid(a.submit(tasks.whoami).result(timeout=30)) == a1  # same host
+        b1 = outer_pid(b.submit(tasks.whoami).result(timeout=30))
+        assert b1 != a1 and b1 != slot and a1
         assert not alive(a1)  # A's host was killed before B's tasks ran
-        a2 = a.submit(tasks.getpid).result(timeout=30)
+        a2 = outer_pid(a.submit(tasks.whoami).result(timeout=30))
         assert a2 not in (a1, b1, slot) and not alive(b1)
         for pid in (a2,):
             assert pid in descendants(slot)
@@ -185,14 +186,14 @@ def test_a_task_that_kills_its_host_fails_alone_and_the_slot_lives_on(one_slot, 
         assert words in info.value.remote_message
         assert [f.result(timeout=30) for f in before] == [i + 1 for i in range(100)]
         assert [f.result(timeout=30) for f in after] == [i + 2 for i in range(100)]
-        assert ex.submit(tasks.getpid).result(timeout=30) in descendants(slot)
+        assert outer_pid(ex.submit(tasks.whoami).result(timeout=30)) in descendants(slot)
     assert slot_pid(one_slot) == slot  # the same slot process served throughout
     assert one_slot.status()["slots"] == 1
 
 
 def test_shell_tasks_run_under_the_clients_host(one_slot):
     with Executor(one_slot.address) as ex:
-        host = ex.submit(tasks.getpid).result(timeout=30)
+        host = ex.submit(tasks.whoami).result(timeout=30)[0]  # (its own namespace's PID)
         out = ex.shell("echo $PPID; grep SigIgn /proc/self/status").result(timeout=30).stdout
         ppid, ignored = out.split("\n")[:2]
         assert int(ppid) == host  # /bin/sh's parent: the host that spawned it
@@ -218,6 +219,49 @@ def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):
         kill_tree(left)
         assert not left
 
+
+
+# -- the sandbox (worker --sandbox) ----------------------------------------------------------------
+
+#: What a task sees of the processes around it, and what its signals to them do.
+LOOK_AROUND = """
+import ctypes, os, signal
+refused = ctypes.CDLL(None).umount2(STATE_DIR.encode(), 2)  # (MNT_DETACH)
+seen = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+for pid in (os.getppid(), 1):
+    os.kill(pid, signal.SIGSTOP)  # (the namespace's init: ignored)
+    os.kill(pid, signal.SIGKILL)
+result = (os.getpid(), os.getppid(), seen, refused, os.listdir(STATE_DIR))
+"""
+
+
+def test_a_task_in_a_sandbox_sees_only_its_own_processes_and_no_state_file():
+    """In a sandbox a task's host is PID 2 of a PID namespace of its own (PID 1: an init it
+    cannot signal); /proc lists those alone (and its children); the agent's directory of
+    state files is empty; the slot serves on, in the same host for the same client."""
+    from zfalkon.taskhost import probe_sandbox
+
+    if probe_sandbox() is not None:
+        pytest.skip("no namespaces here")
+    with LocalCluster(workers=1, slots_per_worker=1, env=worker_env(),
+                      worker_args=["--sandbox", "namespaces"]) as cluster:
+        slot = slot_pid(cluster)
+        with open(f"/proc/{slot}/maps") as f:
+            (state,) = {line.split()[5] for line in f
+                        if "zfalkon-worker-" in line and line.split()[5].endswith("slot-0")}
+        state_dir = os.path.dirname(state)
+        assert "slot-0" in os.listdir(state_dir)
+        with Executor(cluster.address) as ex:
+            host = ex.submit(tasks.whoami).result(timeout=30)
+            look = LOOK_AROUND.replace("STATE_DIR", repr(state_dir))
+            code = f"(lambda ns: (exec({look!r}, ns), ns['result'])[1])({{}})"
+            pid, ppid, seen, refused, state_files = ex.submit("builtins:eval", code).result(
+                timeout=30)
+            assert (pid, ppid) == (2, 1) and seen == [1, 2]
+            assert refused == -1 and state_files == []  # (a tmpfs it cannot unmount)
+            assert ex.submit(tasks.whoami).result(timeout=30) == host  # the same host
+            assert outer_pid(host) in descendants(slot)
+        assert slot_pid(cluster) == slot
 
 
 # -- a task that kills or stops its zygote -------------------------------------------------------

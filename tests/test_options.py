@@ -12,7 +12,7 @@ import time
 import pytest
 
 import tasks
-from conftest import alive, wait_until, worker_env
+from conftest import alive, wait_until, worker_env, written_pid
 from zfalkon import ConfigError, Executor, LocalCluster, TaskOptions, TaskTimeout
 
 CAP = 1000
@@ -35,8 +35,8 @@ def ex(cluster):
 
 
 def _pid(path) -> int:
-    return int(wait_until(lambda: path.exists() and path.read_text(), 20,
-                          message="the task wrote its PID"))
+    """The PID of the process that wrote its PID (and PID namespace) in ``path``."""
+    return written_pid(str(path))
 
 
 def _serving(ex: Executor) -> None:
@@ -135,7 +135,7 @@ def test_force_cancel_kills_a_running_python_task(ex, tmp_path):
 
 def test_force_cancel_kills_a_running_shell_command_and_its_group(ex, tmp_path):
     path = tmp_path / "pid"
-    fut = ex.shell(f"sleep 60 & echo $! > {path}; wait")
+    fut = ex.shell(f"sleep 60 & echo $! $(stat -Lc %i /proc/self/ns/pid) > {path}; wait")
     pid = _pid(path)  # the sleep: in the command's process group, not the host's
     assert ex.cancel_running(fut) is True
     assert fut.cancelled()

@@ -39,7 +39,8 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(args.broker, slots=args.slots, name=args.name, tags=args.tag,
                       output_cap=args.output_cap, log_level=args.log_level, keys=args.keys,
                       ready_file=args.ready_file, idle_exit=args.idle_exit,
-                      cache_dir=args.cache_dir, cache_bytes=args.cache_bytes)
+                      cache_dir=args.cache_dir, cache_bytes=args.cache_bytes,
+                      sandbox=args.sandbox)
 
 
 def _vm_agent(args: argparse.Namespace) -> int:
@@ -400,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {CACHE_BYTES}; 0: no cache, download every time)")
     p.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
                    help="drain and exit after this long without a task (default 0: never)")
+    p.add_argument("--sandbox", choices=["auto", "namespaces", "none"], default="auto",
+                   help="run each client's task host in its own user, PID and mount "
+                        "namespaces, so that a task cannot see or signal the worker's other "
+                        "processes nor touch its state files. namespaces: refuse to start "
+                        "where the kernel refuses them; auto (default): use them if a probe "
+                        "at start succeeds, else warn once and run hosts as the worker's "
+                        "Unix user, unsandboxed; none: never")
     p.set_defaults(func=_worker)
 
     from zfalkon.provision.cli import add_parsers

@@ -439,7 +439,7 @@ class Slot:
         assert host is not None
         self.host = None
         self.timed = None
-        reason = describe_exit(self.zygote.reap(host))
+        reason = describe_exit(self.zygote.reap(host, died=True))
         pending = list(host.inflight)
         said = host.running()
         running = next((i for i, (tid, _) in enumerate(pending) if tid == said), 0)
@@ -529,6 +529,8 @@ def main() -> int:
                             format="%(asctime)s zfalkon-slot %(levelname)s %(message)s")
         if config.get("running_path"):  # hosts say there which task they run (for the agent)
             zygote.use_cell(config["running_path"])
+        if config.get("sandbox"):  # (before the first host)
+            zygote.use_sandbox(config["sandbox"])
         slot = Slot(config["broker"], bytes.fromhex(config["ident"]), config["worker_id"],
                     config["index"], config["state_path"], zygote,
                     config.get("output_cap", OUTPUT_CAP_BYTES), config.get("keys"),

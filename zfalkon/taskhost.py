@@ -52,13 +52,14 @@ Design
       state file: the oldest task its host has not answered.) If the *slot* dies, the agent
       blames the task in the running cell when it is of the same client as the state
       file's (a host that only lies in its cell gets only its own client's tasks blamed),
-      else the state file's. Both are files of the worker's Unix user: a task that writes
-      another client's task id into the state file too gets that task blamed (see below).
+      else the state file's. Both are files of the worker's Unix user: unsandboxed, a task
+      that writes another client's task id into the state file too gets that task blamed
+      (see "Sandbox").
       Limit: a task that kills its slot and returns may get the next task of its own
       client blamed, if that one was already queued in its host: the host starts it within
       microseconds, the slot's death reaches the zygote only after the slot's teardown.
-    * **Lost zygote.** A task can find its zygote (``getppid()``) and kill or stop it (same
-      Unix user). Hiding it (a double fork, so that ``getppid()`` is not the zygote) would
+    * **Lost zygote.** Unsandboxed, a task can find its zygote (``getppid()``) and kill or
+      stop it (same Unix user). Hiding it (a double fork, so that ``getppid()`` is not the zygote) would
       only be obscurity (``/proc`` lists it) and would cost the zygote its children (their
       reaping, hence PIDs the slot may safely signal). Instead a lost zygote hurts no
       task: every request to it has a timeout (2 s; 30 s for a fresh zygote to say
@@ -95,17 +96,60 @@ Design
       60 KB fits in a pipe, so the slot's write never blocks while the host writes
       results; a bigger task is sent alone, to a host with nothing unanswered.
 
-What this does not isolate: hosts run as the same Unix user as the worker, so a task can
-still read what the worker can read (files, the key files, the staging cache), signal or
-(where ptrace is allowed) inspect the machine's other processes of that user, including the
-other slots. Shell tasks run as before, as subprocesses, now spawned from the client's host.
-So a task of one client can reach another client's work through that user: SIGSTOP the
-spare host its zygote forked for the slot's next client (whose next task then hangs),
-SIGKILL another slot's host, or write another client's task id into its slot's state file
-(mapped by the slot, listed in ``/proc/SLOT/maps``) and kill the slot, so that the agent
-blames that task. What would close this: a distinct Unix uid per host (the zygote forks as
-root or with CAP_SETUID and drops to a per-client uid; state files not writable by hosts),
-or a sandbox (a user/PID namespace per host).
+* **Sandbox** (worker ``--sandbox``, Linux). A task host runs as the worker's Unix user,
+  so, unsandboxed, a task can signal or inspect every process of that user and write its
+  files: SIGSTOP the spare host its zygote forked for the slot's next client, SIGKILL
+  another slot's host, or write another client's task id into its slot's state file
+  (listed in ``/proc/SLOT/maps``) and kill the slot, so that the agent blames that task.
+  In a sandbox each host has namespaces of its own, entered by the spare before any
+  client code runs (off the switch's path, as the spare is forked ahead of time):
+
+  - the spare (the *shim*: the process the zygote forked and the slot knows, in its own
+    process group) enters a user namespace U1 (the worker's uid and gid mapped to
+    themselves) and a mount namespace, where it mounts an empty tmpfs over each
+    directory the agent names (its directory of state files and running cells), then
+    unshares a PID namespace and forks its *init*, PID 1 there;
+  - the init mounts a ``/proc`` of that namespace, forks the *host* (PID 2), and reaps
+    what is reparented to it; when the host ends it tells the shim its wait status and
+    exits, which SIGKILLs everything left in the namespace. It ignores the host's signals
+    (a namespace's init gets none it has no handler for, SIGKILL included) and is not
+    dumpable (no ptrace, no ``/proc/1/*``), though it keeps U1's powers;
+  - the host puts itself in a process group of its own and enters a nested user
+    namespace U2 (same mapping) with a mount namespace of its own: the mounts made in U1
+    are *locked* there, so a task cannot unmount the tmpfs, nor mount another ``/proc``
+    (it has no power over U1, which owns the PID namespace).
+
+  So a task sees in ``/proc`` only its host, the init and its own children; ``getpid()``
+  is 2 in every host (so a PID no longer tells hosts apart: a file named after
+  ``os.getpid()`` or ``$$`` in a shared directory may collide across slots); ``getppid()``
+  is 1; it can name (signal, ptrace) no other process: not its zygote, slot, agent, the
+  spare, other slots' hosts. Killing the shim's group (the zygote's ``kill``; the slot's
+  own fallback) kills the init, hence every process of the host, shell commands in their
+  own process groups and ``setsid`` escapees included: ``kill_command`` has nothing to do
+  (and the command PID a sandboxed host writes is its namespace's). The shim exits as the
+  host did (re-raising its signal, without a core), so crash reports read as before; a
+  ``reap`` of a host that died gives the shim 1 s to do so before killing it. ``auto``
+  (the default) uses the sandbox if a probe at worker start (``python -m zfalkon.taskhost
+  --probe``: the whole setup, once) succeeds, else warns once and runs hosts as before;
+  ``namespaces`` refuses to start without it (e.g. Ubuntu's AppArmor restriction of
+  unprivileged user namespaces, ``kernel.apparmor_restrict_unprivileged_userns``, or
+  ``user.max_user_namespaces=0``); ``none`` never uses it. A host that cannot enter its
+  sandbox although the probe could exits with status 71 and says why on stderr (its first
+  task fails with ``WorkerCrashed``): never unsandboxed. Cost: see ``bench/sandbox.py``.
+
+What this does not isolate, even in a sandbox: hosts run as the worker's Unix user (its
+uid mapped to itself: a root worker's tasks keep root's powers only over files of uid and
+gid 0; files of other users are reached through their permission bits for "others", and
+``chown`` to another uid fails), so a task can still read and write what that user can
+outside the hidden directory: files, the worker's key directory, the staging cache shared
+by the slots, other agents' state directories on the machine, other clients' shell tasks'
+working files. There is no network namespace: a task reaches the network, the broker and
+abstract Unix sockets as before. Without a sandbox (``--sandbox none``, or ``auto`` where
+namespaces are refused) a task can also signal or (where ptrace is allowed) inspect the
+machine's other processes of that user, including the other slots, and so reach another
+client's work as described above. What closes the rest: a distinct Unix uid per host (the
+zygote forks as root or with CAP_SETUID and drops to a per-client uid), or separate users
+or machines.
 """
 
 from __future__ import annotations
@@ -157,6 +201,208 @@ def _set_pdeathsig(sig: int) -> None:
         pass
 
 
+# -- the sandbox (Linux namespaces) -------------------------------------------------------
+
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+_PR_SET_DUMPABLE = 4
+_SANDBOX_FAILED = 71  # the exit status of a host that could not enter its sandbox
+_HOST_DIED_SECONDS = 1.0  # a dead sandboxed host's shim has this long to exit on its own
+
+
+class SandboxError(OSError):
+    """A namespace, mapping or mount the sandbox needs was refused."""
+
+
+def _libc_call(name: str, *args: object) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        func = getattr(libc, name)
+    except AttributeError:
+        raise SandboxError(f"no {name}() in this C library") from None
+    if func(*args) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"{name}{args!r}: {os.strerror(err)}")
+
+
+def _unshare(flags: int) -> None:
+    _libc_call("unshare", ctypes.c_int(flags))
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    def enc(text: str | None) -> bytes | None:
+        return None if text is None else os.fsencode(text)
+
+    _libc_call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
+               enc(data))
+
+
+def _map_ids(uid: int, gid: int) -> None:
+    """Map, in the user namespace just entered, the worker's uid and gid to themselves (the
+    one mapping an unprivileged process may write for itself)."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        try:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        except OSError as exc:
+            raise SandboxError(exc.errno, f"/proc/self/{name}: {exc.strerror}") from None
+
+
+def _sandbox(hide: list[str]) -> None:
+    """Enter a host's sandbox; see the module docstring ("Sandbox"). Called in a fresh spare
+    (the *shim*, the zygote's child): returns in the task host only, PID 2 of a new PID
+    namespace whose PID 1 (its *init*) is the shim's child; the shim and the init never
+    return. Raises SandboxError (in the shim) if a namespace is refused."""
+    uid, gid = os.getuid(), os.getgid()
+    # The outer user namespace U1 (the shim's) owns the mount namespace where ``hide`` is
+    # covered and the PID namespace: a task ends in a nested U2, where these mounts are
+    # locked (a task cannot unmount them) and it has no power over the PID namespace.
+    _unshare(_CLONE_NEWUSER | _CLONE_NEWNS)
+    _map_ids(uid, gid)
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # (nothing propagates back out)
+    for path in hide:
+        _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+               "size=4k,nr_inodes=2,mode=0")
+    _unshare(_CLONE_NEWPID)  # (for the children: the next one forked is its PID 1)
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init == 0:  # PID 1 of the new namespace; stays in the shim's process group
+        try:
+            os.close(status_r)
+            host = _init_start()
+        except BaseException as exc:  # noqa: BLE001
+            _say(f"cannot start its sandbox's init: {exc}")
+            os._exit(_SANDBOX_FAILED)
+        if host:
+            code = 70
+            try:
+                code = _init_main(host, status_w)
+            finally:
+                os._exit(code)
+        # The task host, PID 2.
+        try:
+            os.close(status_w)
+            os.setpgid(0, 0)  # (its killpg(0) is its own; the shim's group it leaves)
+            _unshare(_CLONE_NEWUSER | _CLONE_NEWNS)
+            _map_ids(uid, gid)
+        except BaseException as exc:  # noqa: BLE001
+            _say(f"cannot enter its sandbox: {exc}")
+            os._exit(_SANDBOX_FAILED)
+        return
+    os.close(status_w)
+    _shim_main(init, status_r)
+
+
+def _say(text: str) -> None:
+    try:
+        os.write(2, f"zfalkon task host {os.getpid()}: {text}\n".encode())
+    except OSError:
+        pass
+
+
+def _init_start() -> int:
+    """In the init (PID 1): mount a /proc of the new PID namespace, then fork the host."""
+    # Not dumpable: a task (same uid) may not ptrace it, nor open its /proc entries; it
+    # keeps the powers of U1 (it could unmount what hides the worker's files).
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    _set_pdeathsig(signal.SIGKILL)  # (the shim killed: the namespace goes with it)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # (a namespace's init ignores, from
+    #                          inside, every signal it has no handler for: even SIGKILL)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    return os.fork()
+
+
+def _init_main(host: int, status_w: int) -> int:
+    """The init's loop: reap what is reparented to it; when the host ends, tell the shim
+    its wait status and exit (which SIGKILLs whatever is left in the namespace)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if pid == host:
+            os.write(status_w, struct.pack("<i", status))
+            return 0
+        if pid == 0:
+            signal.sigwaitinfo({signal.SIGCHLD})
+
+
+def _shim_main(init: int, status_r: int) -> None:
+    """The shim: the process the zygote forked and the slot knows, in the root PID namespace.
+    Waits for the namespace's init; exits as the host did (or as the init did)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = 70
+    try:
+        status = os.waitpid(init, 0)[1]
+        data = os.read(status_r, 4)
+        if len(data) == 4:
+            status = struct.unpack("<i", data)[0]
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:  # killed by a signal: the same, on itself (without a core)
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if -code not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(-code, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {-code})
+            os.kill(os.getpid(), -code)
+            code = 128 - code  # (a signal whose default is not to end a process)
+    finally:
+        os._exit(code & 0xFF)
+
+
+def probe_sandbox() -> str | None:
+    """Whether task hosts can be sandboxed here: None if so, else why not. Tries the
+    whole setup (``python -m zfalkon.taskhost --probe``, a fresh process) once."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "zfalkon.taskhost", "--probe"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the probe did not run: {exc}"
+    if proc.returncode == 0:
+        return None
+    said = proc.stderr.strip().splitlines()
+    return said[-1] if said else f"the probe exited with {proc.returncode}"
+
+
+def _probe() -> int:
+    import tempfile
+
+    hidden = tempfile.mkdtemp(prefix="zfalkon-probe-")
+    try:
+        with open(os.path.join(hidden, "state"), "wb") as f:
+            f.write(bytes(8))
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                _sandbox([hidden])
+                procs = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+                if os.listdir(hidden):
+                    _say("the sandbox hides nothing")
+                elif (os.getpid(), procs) != (2, [1, 2]):
+                    _say(f"the sandbox's /proc lists {procs}")
+                else:
+                    code = 0
+            except BaseException as exc:  # noqa: BLE001
+                _say(f"{exc}")
+            finally:
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            sys.stderr.write(f"namespaces refused (the probe {code}: see above)\n")
+        return 0 if code == 0 else 1
+    finally:
+        import shutil
+
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
 class HostDied(Exception):
     """The host's pipes broke: it died (or closed them)."""
 
@@ -168,8 +414,12 @@ class Host:
     """The slot's handle on one task host: its pipes and what it was sent."""
 
     def __init__(self, pid: int, key: int, task_w: int, result_r: int,
-                 counter: memoryview, child: memoryview | None = None) -> None:
-        self.pid = pid
+                 counter: memoryview, child: memoryview | None = None,
+                 sandboxed: bool = False) -> None:
+        self.pid = pid  #: in a sandbox, its shim's (the task host is PID 2 of its own)
+        #: In a sandbox (its own PID namespace): killing its shim's group kills every
+        #: process it started, and the PIDs it writes are its namespace's.
+        self.sandboxed = sandboxed
         try:  # (the zygote has not reaped it: the PID is the host's)
             self.pidfd: int | None = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -251,8 +501,10 @@ class Host:
         """SIGKILL the process group of the shell command the host runs, if any (it is in a
         group of its own, which killing the host's misses). The host is stopped first, so
         that it cannot reap the command meanwhile: the PID it wrote stays the command's.
-        (A host may write any PID there; it could signal that process itself anyway.)"""
-        if self._child is None:
+        (A host may write any PID there; it could signal that process itself anyway.)
+        Nothing to do for a sandboxed host: its command dies with its namespace when the
+        host is killed (and the PID it wrote is its namespace's, not ours)."""
+        if self._child is None or self.sandboxed:
             return
         try:
             if self.pidfd is not None:
@@ -316,6 +568,8 @@ class Zygote:
         self._ready = False  # (its "ready" not yet read)
         self.replaced = 0  #: zygotes found dead or stuck and replaced
         self.runner_config: dict[str, Any] = {}  #: output_cap, cache_dir, cache_bytes
+        #: None, or the sandbox hosts are forked in: ``{"hide": [dir, ...]}``
+        self.sandbox: dict[str, Any] | None = None
         fd = os.memfd_create("zfalkon-host-counter", os.MFD_CLOEXEC)
         os.ftruncate(fd, 8)
         self._use_cell(fd)
@@ -324,6 +578,21 @@ class Zygote:
         os.ftruncate(self._child_fd, 8)
         self._child_map = mmap.mmap(self._child_fd, 8)
         self._child = memoryview(self._child_map).cast("q")
+
+    def use_sandbox(self, sandbox: dict[str, Any]) -> None:
+        """Fork every host from now on in a sandbox (see the module docstring), with the
+        directories ``sandbox["hide"]`` (the agent's state files) hidden. Call before the
+        first host: a spare the zygote forked already is discarded."""
+        self.sandbox = sandbox
+        self._send_sandbox()
+
+    def _send_sandbox(self) -> None:
+        if self.sandbox is None:
+            return
+        try:  # (no answer; a zygote found lost later is replaced and told again)
+            self.sock.send(msgpack.packb(["sandbox", self.sandbox]), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
 
     def _use_cell(self, fd: int) -> None:
         self._counter_fd = fd
@@ -382,6 +651,7 @@ class Zygote:
         finally:
             theirs.close()
         self.sock, self.pid, self._proc, self._ready = ours, proc.pid, proc, False
+        self._send_sandbox()
 
     def _replace(self, reason: str) -> None:
         """SIGKILL the zygote by PID, reap it, start a fresh one. (Its hosts outlive it:
@@ -441,16 +711,19 @@ class Zygote:
             finally:
                 os.close(task_r)
                 os.close(result_w)
-            return Host(int(reply[1]), key, task_w, result_r, self._counter, self._child)
+            return Host(int(reply[1]), key, task_w, result_r, self._counter, self._child,
+                        bool(reply[2]) if len(reply) > 2 else False)
         raise AssertionError("unreachable")
 
-    def reap(self, host: Host) -> int:
+    def reap(self, host: Host, died: bool = False) -> int:
         """Kill ``host`` (its process group) and reap it; return its exit status as
         :attr:`subprocess.Popen.returncode` words it (negative: killed by that signal).
-        If the zygote is lost, the slot kills the host itself (its status is lost)."""
+        ``died``: its pipes broke (a sandboxed host's shim is given a moment to exit as
+        the host did). If the zygote is lost, the slot kills the host itself (its status
+        is lost)."""
         host.close()
         try:
-            return int(self._ask(["reap", host.pid])[1])
+            return int(self._ask(["reap", host.pid, died])[1])
         except ZygoteLost:
             host.kill()  # (its status is lost with its zygote: say SIGKILL)
             return -signal.SIGKILL
@@ -500,6 +773,9 @@ def _zygote_main(sock: socket.socket) -> None:
     hosts: set[int] = set()  # hosts handed to the slot, not yet reaped
     killed: set[int] = set()  # hosts killed, to reap
     spare: tuple[int, socket.socket] | None = None
+    sandbox: dict | None = None  # (None: hosts run unsandboxed)
+    boxed: set[int] = set()  # hosts (their shims) in a sandbox
+    spare_boxed = False  # (whether the spare is in one)
     me = os.getpid()
 
     def slot_died(*_: object) -> None:
@@ -538,7 +814,8 @@ def _zygote_main(sock: socket.socket) -> None:
     try:
         while True:
             if spare is None and not select.select([sock], [], [], _SPARE_AFTER_SECONDS)[0]:
-                spare = _fork_spare(sock)  # (when the slot is quiet: not amid its work)
+                spare = _fork_spare(sock, sandbox)  # (when the slot is quiet)
+                spare_boxed = sandbox is not None
             for pid in list(killed):
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     killed.discard(pid)
@@ -549,28 +826,50 @@ def _zygote_main(sock: socket.socket) -> None:
             if not data:
                 return  # the slot closed its end
             message = msgpack.unpackb(data)
+            if message[0] == "sandbox":  # (no answer) hosts forked from now on: in one
+                sandbox = message[1]
+                if spare is not None:  # (made before: it never ran a client's code)
+                    spare[1].close()
+                    _kill_and_reap(spare[0])
+                    spare = None
+                continue
             if message[0] == "fork":
-                pid, line = spare or _fork_spare(sock)
-                spare = None
+                if spare is None:
+                    spare = _fork_spare(sock, sandbox)
+                    spare_boxed = sandbox is not None
+                (pid, line), spare = spare, None
                 try:
                     socket.send_fds(line, [msgpack.packb(message[1])], fds)
+                except OSError:  # (it died: the slot finds it dead, and reaps it)
+                    pass
                 finally:
                     line.close()
                     for fd in fds:
                         os.close(fd)
                 hosts.add(pid)
-                sock.send(msgpack.packb(["forked", pid]))
+                if spare_boxed:
+                    boxed.add(pid)
+                sock.send(msgpack.packb(["forked", pid, spare_boxed]))
             elif message[0] == "kill":
                 pid = int(message[1])
                 if pid in hosts:
                     _kill(pid)
                     hosts.discard(pid)
+                    boxed.discard(pid)
                     killed.add(pid)
                 sock.send(msgpack.packb(["killed", pid]))
-            elif message[0] == "reap":
+            elif message[0] == "reap":  # ["reap", pid, died]
                 pid = int(message[1])
-                code = _kill_and_reap(pid) if pid in hosts else 0
+                code = 0
+                if pid in hosts:
+                    if pid in boxed and len(message) > 2 and message[2]:
+                        # (the host died: its shim exits as it did, once the namespace's
+                        # init has told it: a SIGKILL first would say SIGKILL)
+                        code = _reap_within(pid, _HOST_DIED_SECONDS)
+                    else:
+                        code = _kill_and_reap(pid)
                 hosts.discard(pid)
+                boxed.discard(pid)
                 sock.send(msgpack.packb(["reaped", code]))
     finally:
         if spare is not None:
@@ -581,8 +880,9 @@ def _zygote_main(sock: socket.socket) -> None:
             os.waitpid(pid, 0)
 
 
-def _fork_spare(sock: socket.socket) -> tuple[int, socket.socket]:
-    """Fork a host that warms up, then waits for its pipes (and becomes a client's)."""
+def _fork_spare(sock: socket.socket, sandbox: dict | None) -> tuple[int, socket.socket]:
+    """Fork a host that warms up, then waits for its pipes (and becomes a client's); in a
+    sandbox (``{"hide": [dir, ...]}``) if ``sandbox`` is not None."""
     line, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -590,7 +890,7 @@ def _fork_spare(sock: socket.socket) -> tuple[int, socket.socket]:
         try:
             sock.close()
             line.close()
-            _spare_main(theirs)
+            _spare_main(theirs, sandbox)
         except BaseException:
             code = 70
         finally:
@@ -616,15 +916,32 @@ def _kill_and_reap(pid: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def _reap_within(pid: int, seconds: float) -> int:
+    """Reap ``pid`` if it exits within ``seconds``, else kill it and reap it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.0005)
+    return _kill_and_reap(pid)
+
+
 # -- the host ----------------------------------------------------------------------------
 
 
-def _spare_main(line: socket.socket) -> None:
+def _spare_main(line: socket.socket, sandbox: dict | None = None) -> None:
     signal.signal(_SLOT_DIED, signal.SIG_DFL)
     try:
         os.setpgid(0, 0)
     except OSError:
         pass
+    if sandbox is not None:
+        try:  # (returns in the task host only)
+            _sandbox(list(sandbox.get("hide", ())))
+        except SandboxError as exc:
+            _say(f"cannot enter its sandbox: {exc}")
+            os._exit(_SANDBOX_FAILED)
     # (No parent-death signal: a host outlives a zygote that a task killed or stopped, and
     # the slot goes on using it. When the slot dies, the zygote kills its hosts; if the
     # zygote was gone too, the host ends when its task pipe does.)
@@ -749,6 +1066,8 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
                 flush()
 
 
+if __name__ == "__main__" and sys.argv[1:] == ["--probe"]:  # probe_sandbox()
+    os._exit(_probe())
 if __name__ == "__main__":  # a replacement zygote (Zygote._spawn): its socket's fd in argv
     _code = 0
     try:

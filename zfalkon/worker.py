@@ -61,13 +61,15 @@ class WorkerAgent:
                  tags: list[str] | None = None, output_cap: int = OUTPUT_CAP_BYTES,
                  log_level: str = "WARNING", keys: str | None = None,
                  ready_file: str | None = None, idle_exit: float = 0.0,
-                 cache_dir: str | None = None, cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_dir: str | None = None, cache_bytes: int = CACHE_BYTES,
+                 sandbox: str = "auto") -> None:
         self.broker = broker_endpoint(broker)
         self.keys = PeerKeys(keys) if keys else None  # checked before anything starts
         self.ready_file = ready_file  # written once registered (for zfalkon vm-agent)
         self.idle_exit = idle_exit  # drain and exit after this long with no task (0: never)
         self.cache_dir = cache_dir  # staged S3 inputs, shared by the slots (None: a temp dir)
         self.cache_bytes = cache_bytes
+        self.sandbox = _sandbox_mode(sandbox)  # (True: task hosts in namespaces)
         self.slots = (os.cpu_count() or 1) if slots is None else slots
         if self.slots < 1:
             raise ConfigError(f"a worker needs at least one slot, got {self.slots}")
@@ -174,6 +176,8 @@ class WorkerAgent:
             "log_level": self.log_level,
             "keys": self.keys.directory if self.keys else None,
             "cache_dir": self.cache_dir, "cache_bytes": self.cache_bytes,
+            # Task hosts in namespaces, this agent's directory (state files) out of sight.
+            "sandbox": {"hide": [self._dir]} if self.sandbox else None,
         }
         # The config (broker address, routing id, worker id, key paths) goes through the
         # slot's stdin, never argv: /proc/PID/cmdline is readable by every local user, and
@@ -320,6 +324,32 @@ class WorkerAgent:
                         P.SlotLost(slot.ident, task, describe_exit(slot.proc.returncode))))
                 self._close_slot(slot)
                 del self._procs[slot.index]
+
+
+#: ``--sandbox`` values: see the zfalkon.taskhost docstring, "Sandbox"
+SANDBOX_MODES = ("auto", "namespaces", "none")
+
+
+def _sandbox_mode(mode: str) -> bool:
+    """Whether task hosts run in a sandbox: ``namespaces`` (refuse to start if this machine
+    cannot), ``auto`` (if a probe at start succeeds, else say so once and run them as the
+    worker's user, unsandboxed), ``none``."""
+    if mode not in SANDBOX_MODES:
+        raise ConfigError(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {mode!r}")
+    if mode == "none":
+        return False
+    from zfalkon.taskhost import probe_sandbox
+
+    reason = probe_sandbox()
+    if reason is None:
+        return True
+    if mode == "namespaces":
+        raise ConfigError(f"--sandbox namespaces: this machine refuses the namespaces task "
+                          f"hosts need ({reason})")
+    log.warning("task hosts run without a sandbox (user/PID/mount namespaces refused: %s): "
+                "a task can reach other clients' tasks through the worker's Unix user; "
+                "--sandbox none says this is intended", reason)
+    return False
 
 
 def run_worker(broker: str, **options) -> int:
