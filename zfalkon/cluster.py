@@ -139,7 +139,7 @@ class LocalCluster:
             self._cmd("worker", "--broker", self.worker_address,
                       "--slots", str(slots or self.slots_per_worker), *self._worker_keys,
                       *self.worker_args, *extra),
-            env=self.env)
+            env=self.env, process_group=0)  # (a killpg of its group spares this process)
         self.worker_procs.append(proc)
         return proc
 
