@@ -699,7 +699,7 @@ class FabricMachine(RuleBasedStateMachine):
 
     @invariant()
     def a_task_blamed_max_crashes_times_is_never_handed_out_again(self) -> None:
-        """R15: a task is blamed for at most max_crashes crashes per broker run (a crash
+        """R17: a task is blamed for at most max_crashes crashes per broker run (a crash
         count is not journaled): the one that reaches it quarantines it, so no slot
         holds it again and it is not queued."""
         core = self.core
@@ -1031,7 +1031,7 @@ def _new_slot(core: BrokerCore, ident: bytes, index: int, now: float) -> None:
 
 
 def test_a_task_crashing_its_slot_max_crashes_times_is_quarantined_not_requeued():
-    """R15: a task blamed by SLOT_LOST goes back to the queue (no attempt counted) until
+    """R17: a task blamed by SLOT_LOST goes back to the queue (no attempt counted) until
     its max_crashes-th crash; then it fails with WorkerCrashed naming it and each crash,
     and no slot gets it again. The slot's prefetched tasks are requeued without a crash."""
     core = BrokerCore(0.0)

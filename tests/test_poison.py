@@ -2,7 +2,7 @@
 at most ``--max-crashes`` times in all (default MAX_CRASHES = 2), then fails with
 ``WorkerCrashed`` naming it, while the other tasks finish; each task host and shell task
 runs in a session of its own, so a task that signals its process group, or its agent's,
-cannot take down the provisioner (docs/protocol.md R15).
+cannot take down the provisioner (docs/protocol.md R17).
 
 Real processes: a broker, and ``zfalkon provision local`` (started in a session of its
 own, so nothing here can reach the test's process group) launching 1-slot workers. The

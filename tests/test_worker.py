@@ -206,7 +206,7 @@ def test_worker_welcomed_with_other_protocol_exits_nonzero():
 
 def test_crashing_task_is_not_rerun_when_broker_sees_the_slot_go_first(broker, tmp_path):
     """A task that kills its slot must fail with WorkerCrashed once it has crashed a slot
-    MAX_CRASHES times (docs/protocol.md R15), and never run more often than that.
+    MAX_CRASHES times (docs/protocol.md R17), and never run more often than that.
 
     (A task that crashes kills only its task host, and the slot answers for it; here the
     task SIGKILLs the slot process itself, as a task running as the same Unix user can.)

@@ -297,7 +297,7 @@ class Slot:
         """The agent died while the host ran a task (a task may have killed it): kill the
         host, send the results it had returned, and tell the broker itself (SLOT_LOST of
         this slot, naming the task the host ran: it counts a crash, see
-        docs/protocol.md R15), then stop. Without its agent no heartbeat renews this
+        docs/protocol.md R17), then stop. Without its agent no heartbeat renews this
         slot's lease: waiting for the task would only see it taken back."""
         host = self.host
         assert host is not None and host.inflight
