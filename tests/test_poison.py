@@ -16,9 +16,16 @@ import subprocess
 import sys
 
 import pytest
-
 import tasks
-from conftest import alive, child_env, start_broker, stop_process, wait_until, worker_env
+from conftest import (
+    alive,
+    child_env,
+    start_broker,
+    stop_process,
+    wait_until,
+    worker_env,
+)
+
 from zfalkon import Executor, query_status
 from zfalkon.constants import MAX_CRASHES
 from zfalkon.errors import WorkerCrashed

@@ -28,7 +28,12 @@ import zmq
 
 from zfalkon import protocol as P
 from zfalkon._version import __version__
-from zfalkon.constants import DEFAULT_PORT, MAX_CRASHES, MAX_FRAME_BYTES, PROTOCOL_VERSION
+from zfalkon.constants import (
+    DEFAULT_PORT,
+    MAX_CRASHES,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+)
 from zfalkon.core import BrokerCore
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.journal import Journal, JournalRecorder
