@@ -136,6 +136,51 @@ def kill_slot_logged(path):
     time.sleep(10)  # not reached: the slot's death takes the zygote and this host along
 
 
+def _own_agent(provisioner: int):
+    """This task host's worker agent (host -> zygote -> slot -> agent), checked to be a
+    ``zfalkon worker`` started by ``provisioner`` (a process the test started): a poison
+    task never signals anything else."""
+    import psutil
+
+    slot = psutil.Process(os.getppid()).parent()
+    agent = slot.parent()
+    assert "zfalkon.slot" in slot.cmdline(), slot.cmdline()
+    assert "worker" in agent.cmdline() and agent.ppid() == provisioner, agent.cmdline()
+    return agent
+
+
+def kill_agent_logged(path, provisioner):
+    """Log, then SIGKILL this task's worker agent (found by PID ancestry, checked to be a
+    child of ``provisioner``); hang on, as a task that killed its agent by accident would."""
+    agent = _own_agent(provisioner)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    os.kill(agent.pid, signal.SIGKILL)
+    time.sleep(30)
+
+
+def kill_agent_group_logged(path, provisioner):
+    """Log, then SIGKILL the process group of this task's worker agent (the issue's poison:
+    it used to take the provisioner along); hang on."""
+    agent = _own_agent(provisioner)
+    group = os.getpgid(agent.pid)
+    assert group not in (os.getpgid(provisioner), os.getpgrp()), "not the agent's own group"
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    os.killpg(group, signal.SIGKILL)
+    time.sleep(30)
+
+
+def killpg_own_group():
+    os.killpg(0, signal.SIGKILL)
+    time.sleep(10)  # not reached
+
+
+def session_ids():
+    """(pid, process group, session) of the process running this task."""
+    return os.getpid(), os.getpgid(0), os.getsid(0)
+
+
 def kill_self():
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)  # not reached

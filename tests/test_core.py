@@ -41,9 +41,11 @@ from zfalkon.constants import (
     HEARTBEAT_SECONDS,
     LEASE_SECONDS,
     MAX_CLIENT_KEY,
+    MAX_CRASHES,
     PING_SECONDS,
 )
 from zfalkon.core import _DROPPED, BrokerCore
+from zfalkon.errors import WorkerCrashed
 from zfalkon.journal import Journal, JournalRecorder
 from zfalkon.slotcore import SlotSession
 from zfalkon.clientcore import ClientSession
@@ -286,6 +288,7 @@ class FabricMachine(RuleBasedStateMachine):
         self.evil: SlotModel | None = None
         self.policy = "fifo"
         self.tight = False  # the per-peer limits made tiny (so that the model hits them)
+        self.max_crashes = 2
         self.dropped_before = 0  # dropped_results of cores before a restart
         SlotModel.ran = set()  # (one machine at a time: hypothesis runs them in turn)
         SlotModel.unresolved = set()
@@ -324,6 +327,26 @@ class FabricMachine(RuleBasedStateMachine):
             core.max_slot_functions, core.max_slot_function_bytes = 2, 100
         if recorder is not None:
             self.core.restore(self.journal.replay(), self.now)
+        self._watch_crashes()
+
+    def _watch_crashes(self) -> None:
+        """Count, per task, the crashes this core blamed it for (SLOT_LOST naming it while
+        a slot held it, not being killed); note those it must have quarantined."""
+        core = self.core
+        core.max_crashes = self.max_crashes
+        self.crash_counts: collections.Counter[int] = collections.Counter()
+        self.quarantined: set[int] = set()
+        crashed = core._crashed
+
+        def observe(slot, tid: int, reason: str) -> None:
+            counted = tid not in core.killing
+            crashed(slot, tid, reason)
+            if counted:
+                self.crash_counts[tid] += 1
+                if self.crash_counts[tid] >= core.max_crashes:
+                    self.quarantined.add(tid)
+
+        core._crashed = observe  # type: ignore[method-assign]
 
     def route(self) -> None:
         """Move the core's outbox onto connections (a send to nobody fails)."""
@@ -374,11 +397,13 @@ class FabricMachine(RuleBasedStateMachine):
 
     @initialize(durable=st.booleans(), policy=st.sampled_from(["fifo", "data"]),
                 nclients=st.integers(1, 2), nworkers=st.integers(1, 2),
-                nslots=st.integers(1, 2), evil=st.booleans(), tight=st.booleans())
+                nslots=st.integers(1, 2), evil=st.booleans(), tight=st.booleans(),
+                max_crashes=st.integers(1, 3))
     def setup(self, durable: bool, policy: str, nclients: int, nworkers: int, nslots: int,
-              evil: bool, tight: bool) -> None:
+              evil: bool, tight: bool, max_crashes: int) -> None:
         self.policy = policy
         self.tight = tight
+        self.max_crashes = max_crashes
         self.make_core(durable, policy)
         for i in range(nworkers):
             w = WorkerModel(bytes([0x10 + i]) * 4, f"w{i}", nslots)
@@ -517,9 +542,11 @@ class FabricMachine(RuleBasedStateMachine):
                     s.session.poll(self.now)
                     s.flush_out()
 
-    @rule(data=st.data())
-    def slot_crash(self, data) -> None:
-        """A slot process dies: its agent says SLOT_LOST and starts a fresh one."""
+    @rule(data=st.data(), by_slot=st.booleans())
+    def slot_crash(self, data, by_slot: bool) -> None:
+        """A slot process dies: its agent says SLOT_LOST and starts a fresh one. Or
+        (``by_slot``) the slot's agent dies: the slot says SLOT_LOST of itself, and (the
+        model's agent lives on) registers again."""
         slots = [s for w in self.workers for s in w.slots]
         if not slots:
             return
@@ -528,6 +555,11 @@ class FabricMachine(RuleBasedStateMachine):
                    else s.session.queue[0][0] if s.session.queue else 0)
         s.session = SlotSession()
         s.running = []
+        if by_slot:
+            s.conn.up.append(P.SlotLost(s.ident, running, "its worker agent died"))
+            if s.worker.welcomed:
+                s.hello()
+            return
         s.conn.replace()
         if s.worker.welcomed:
             s.worker.conn.up.append(P.SlotLost(s.ident, running, "killed by SIGKILL"))
@@ -667,6 +699,20 @@ class FabricMachine(RuleBasedStateMachine):
     def tasks_by_digest_reach_slots_with_their_function(self) -> None:
         assert not SlotModel.unresolved, \
             f"tasks by digest without their function at the slot: {SlotModel.unresolved}"
+
+    @invariant()
+    def a_task_blamed_max_crashes_times_is_never_handed_out_again(self) -> None:
+        """R18: a task is blamed for at most max_crashes crashes per broker run (a crash
+        count is not journaled): the one that reaches it quarantines it, so no slot
+        holds it again and it is not queued."""
+        core = self.core
+        over = {t: n for t, n in self.crash_counts.items() if n > core.max_crashes}
+        assert not over, f"requeued past max_crashes: {over}"
+        assert all(len(r) < core.max_crashes for r in core.crashes.values())
+        queued = {t for ids, _ in core.queue.batches() for t in ids}
+        queued |= {t for ids, _ in core.parked.values() for t in ids}
+        again = self.quarantined & (queued | core._dispatched())
+        assert not again, f"quarantined but handed out again: {sorted(again)}"
 
     @invariant()
     def no_task_reaches_a_user_twice(self) -> None:
@@ -980,3 +1026,74 @@ def test_a_task_killed_by_force_whose_slot_is_lost_ends_cancelled_and_is_not_req
     core.message(registered2, P.Results(1, 0, 10, 0, [], []), None, LEASE_SECONDS + 0.2)
     core.dispatch(LEASE_SECONDS + 0.3)
     assert not [m for i, m in core.outbox if type(m) is P.Tasks and tid in m.ids]
+
+
+def _new_slot(core: BrokerCore, ident: bytes, index: int, now: float) -> None:
+    core.message(ident, P.hello(P.ROLE_SLOT, {"worker_id": "w", "slot": index}), None, now)
+    core.message(ident, P.Results(1, 0, 10, 0, [], []), None, now)
+
+
+def test_a_task_crashing_its_slot_max_crashes_times_is_quarantined_not_requeued():
+    """R18: a task blamed by SLOT_LOST goes back to the queue (no attempt counted) until
+    its max_crashes-th crash; then it fails with WorkerCrashed naming it and each crash,
+    and no slot gets it again. The slot's prefetched tasks are requeued without a crash."""
+    core = BrokerCore(0.0)
+    assert core.max_crashes == MAX_CRASHES == 2
+    slot = registered(core)
+    key = client(core)
+    poison, other = (key << P.ID_SHIFT) + 1, (key << P.ID_SHIFT) + 2
+    core.message(b"c", P.Submit(1, 0, [poison, other], [b"p", b"o"]), None, 0.0)
+    core.dispatch(0.0)
+    assert list(core.peers[slot].inflight) == [poison, other]
+    core.outbox.clear()
+    core.message(b"w", P.SlotLost(slot, poison, "killed by SIGKILL"), None, 0.5)
+    assert not [m for _, m in core.outbox if type(m) is P.Deliver]  # not failed yet
+    assert core.crashes[poison] == ["killed by SIGKILL on None/0"] and not core.attempts
+    queued = [t for ids, _ in core.queue.batches() for t in ids]
+    assert sorted(queued) == [poison, other] and core.running == 0
+    _new_slot(core, b"s2", 1, 1.0)
+    core.dispatch(1.0)
+    assert sorted(core.peers[b"s2"].inflight) == [poison, other]  # its second chance
+    core.outbox.clear()
+    # the second crash: here the slot itself says its agent died while it ran the task
+    core.message(b"s2", P.SlotLost(b"s2", poison, "its worker agent died"), None, 1.5)
+    (deliver,) = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
+    assert deliver.ids == [poison]
+    with pytest.raises(WorkerCrashed) as info:
+        payload.result_value(deliver.blobs[0])
+    text = str(info.value)
+    assert f"task {poison}" in text and "2 times" in text and "quarantined" in text
+    assert "killed by SIGKILL on None/0" in text and "its worker agent died on None/1" in text
+    assert poison not in core.crashes and core.failed == 1
+    assert [t for ids, _ in core.queue.batches() for t in ids] == [other]  # (no crash)
+    _new_slot(core, b"s3", 2, 2.0)
+    core.dispatch(2.0)
+    assert list(core.peers[b"s3"].inflight) == [other]
+
+
+def test_max_crashes_1_fails_at_the_first_crash_and_a_result_clears_the_count():
+    core = BrokerCore(0.0)
+    core.max_crashes = 1
+    slot, tid = one_task_dispatched(core)
+    core.message(b"w", P.SlotLost(slot, tid, "killed by SIGSEGV"), None, 0.5)
+    (deliver,) = [m for i, m in core.outbox if i == b"c" and type(m) is P.Deliver]
+    with pytest.raises(WorkerCrashed, match="1 time "):
+        payload.result_value(deliver.blobs[0])
+    core = BrokerCore(0.0)
+    slot, tid = one_task_dispatched(core)
+    core.message(b"w", P.SlotLost(slot, tid, "killed by SIGKILL"), None, 0.5)
+    _new_slot(core, b"s2", 1, 1.0)
+    core.dispatch(1.0)
+    core.message(b"s2", P.Results(2, 1, 10, 0, [tid], [b"ok"]), None, 1.5)
+    assert not core.crashes  # (it finished: nothing kept for it)
+
+
+def test_a_slot_cannot_report_another_slots_task_crashed():
+    """SLOT_LOST from a slot speaks for itself only: naming another slot does nothing."""
+    core = BrokerCore(0.0)
+    slot, tid = one_task_dispatched(core)
+    _new_slot(core, b"s2", 1, 0.1)
+    core.outbox.clear()
+    core.message(b"s2", P.SlotLost(slot, tid, "lies"), None, 0.2)
+    assert not core.crashes and tid in core.peers[slot].inflight
+    assert b"s2" in core.peers  # (and it is not dropped either)

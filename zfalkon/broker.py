@@ -28,7 +28,12 @@ import zmq
 
 from zfalkon import protocol as P
 from zfalkon._version import __version__
-from zfalkon.constants import DEFAULT_PORT, MAX_FRAME_BYTES, PROTOCOL_VERSION
+from zfalkon.constants import (
+    DEFAULT_PORT,
+    MAX_CRASHES,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+)
 from zfalkon.core import BrokerCore
 from zfalkon.errors import ConfigError, ProtocolError
 from zfalkon.journal import Journal, JournalRecorder
@@ -84,7 +89,8 @@ class Broker:
 
     def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}",
                  journal: Journal | None = None, keys: BrokerKeys | None = None,
-                 insecure: bool = False, dispatch: str = "data") -> None:
+                 insecure: bool = False, dispatch: str = "data",
+                 max_crashes: int = MAX_CRASHES) -> None:
         self.endpoint = listen_endpoint(listen)
         if keys is None and not insecure and not is_loopback(self.endpoint):
             raise ConfigError(
@@ -95,7 +101,10 @@ class Broker:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_POLICIES)}")
         self.journal = journal
         recorder = JournalRecorder(journal) if journal is not None else None
+        if max_crashes < 1:
+            raise ConfigError(f"--max-crashes must be at least 1, got {max_crashes}")
         self.core = BrokerCore(time.monotonic(), queue=make_queue(dispatch), recorder=recorder)
+        self.core.max_crashes = max_crashes
         if recorder is not None:
             self._recover(recorder)
         self.ctx = zmq.Context()
@@ -255,7 +264,8 @@ class Broker:
 
 def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interval",
                keys: str | None = None, insecure: bool = False, dispatch: str = "data",
-               ready_line: bool = True, journal_repair: bool = False) -> int:
+               ready_line: bool = True, journal_repair: bool = False,
+               max_crashes: int = MAX_CRASHES) -> int:
     """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
 
     ``journal``: a directory for the journal (see :mod:`zfalkon.journal`), or None;
@@ -263,6 +273,8 @@ def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interva
     to start on it.
     ``keys``: a broker key directory (see :mod:`zfalkon.security`): CurveZMQ on, only
     allow-listed keys. Without keys a non-loopback ``listen`` needs ``insecure``.
+    ``max_crashes``: crashes of the process running a task (its slot or agent died)
+    after which the task fails with WorkerCrashed instead of running again.
     Prints ``zfalkon broker listening on ADDRESS`` on stdout once bound (LocalCluster and
     scripts read it to learn the port when ``--listen`` gave port 0).
     """
@@ -276,7 +288,8 @@ def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interva
     _return_large_buffers()
     opened = Journal(journal, fsync, repair=journal_repair) if journal else None
     try:
-        broker = Broker(listen, opened, BrokerKeys(keys) if keys else None, insecure, dispatch)
+        broker = Broker(listen, opened, BrokerKeys(keys) if keys else None, insecure, dispatch,
+                        max_crashes)
     except BaseException:
         if opened is not None:
             opened.close()

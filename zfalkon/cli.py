@@ -13,7 +13,8 @@ import sys
 from typing import IO, BinaryIO, Iterator
 
 from zfalkon._version import __version__
-from zfalkon.constants import BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, OUTPUT_CAP_BYTES
+from zfalkon.constants import (BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, MAX_CRASHES,
+                               OUTPUT_CAP_BYTES)
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.diagnose import explain_no_answer
@@ -30,7 +31,7 @@ def _broker(args: argparse.Namespace) -> int:
 
     return run_broker(args.listen, journal=args.journal, fsync=args.fsync, keys=args.keys,
                       insecure=args.insecure, dispatch=args.dispatch,
-                      journal_repair=args.journal_repair)
+                      journal_repair=args.journal_repair, max_crashes=args.max_crashes)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -364,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch", choices=DISPATCH_POLICIES, default="data",
                    help="data (default): send tasks with an S3 input to workers whose cache "
                         "holds it first; fifo: plain arrival order")
+    p.add_argument("--max-crashes", type=int, default=MAX_CRASHES, metavar="N",
+                   help="a task running when its slot or worker agent died N times fails "
+                        "with WorkerCrashed naming it (quarantined) instead of running on "
+                        f"another worker (default {MAX_CRASHES}; 1: at the first crash)")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("keys", help="create, list and revoke CurveZMQ keys")

@@ -139,7 +139,7 @@ class LocalCluster:
             self._cmd("worker", "--broker", self.worker_address,
                       "--slots", str(slots or self.slots_per_worker), *self._worker_keys,
                       *self.worker_args, *extra),
-            env=self.env)
+            env=self.env, start_new_session=True)  # (a killpg of its group spares us)
         self.worker_procs.append(proc)
         return proc
 

@@ -40,6 +40,12 @@ HEARTBEAT_SECONDS = 2.0
 HEARTBEAT_MISSES = 3
 #: A task exposed to this many lost workers fails with WorkerLost instead of a new try.
 MAX_ATTEMPTS = 3
+#: A task blamed for this many crashes of the process that ran it -- its slot died, or its
+#: worker agent died, while running it -- fails with WorkerCrashed naming it (quarantined)
+#: instead of going to another worker. ``zfalkon broker --max-crashes N`` sets it; 1 fails
+#: a task at its first crash. (A task that kills only its own task host fails at once:
+#: its slot answers WorkerCrashed itself.)
+MAX_CRASHES = 2
 #: A slot's lease on the tasks it holds. Anything the slot sends renews it, and so does its
 #: agent's HEARTBEAT while the slot runs a task (a 10-hour task keeps its lease). A slot
 #: silent this long loses its tasks back to the queue (each counts an attempt).

@@ -28,6 +28,9 @@ Delivery rules (``docs/protocol.md``, section 6, states them as MUST rules):
 * a slot holds tasks under a lease renewed by its traffic and its agent's heartbeat; a
   lapsed lease puts them back in the queue (one attempt each) and revokes them at the
   slot; a task lost with MAX_ATTEMPTS slots fails with WorkerLost;
+* a task running when its slot or its slot's agent died (SLOT_LOST names it) counts a
+  crash and goes back to the queue, no attempt counted; at ``max_crashes`` (MAX_CRASHES)
+  it fails with WorkerCrashed naming it (quarantined), never handed to another slot;
 * dispatch never takes a slot past its window, nor past its fair share of the work
   (``max(2, ceil((queued + running) / active slots))``).
 """
@@ -56,6 +59,7 @@ from zfalkon.constants import (
     MAX_ATTEMPTS,
     MAX_BATCH,
     MAX_CLIENT_KEY,
+    MAX_CRASHES,
     MAX_WINDOW,
     PING_SECONDS,
     PROTOCOL_VERSION,
@@ -363,6 +367,10 @@ class BrokerCore:
         self.parked_count = 0
         self.gone: set[int] = set()  # keys of forgotten clients whose tasks may be queued
         self.attempts: dict[int, int] = {}  # task id -> slots it was lost with
+        #: Task id -> why each process running it died (SLOT_LOST naming it), while fewer
+        #: than max_crashes; at max_crashes it fails with WorkerCrashed (quarantined).
+        self.crashes: dict[int, list[str]] = {}
+        self.max_crashes = MAX_CRASHES
         self.storing = 0  # clients with functions stored (tasks by digest may be queued)
         self.function_bytes = 0  # stored, over all clients
         self.started = now
@@ -403,7 +411,7 @@ class BrokerCore:
         }
         self._allowed: dict[type, tuple[type, ...]] = {
             P.Submit: (Client,), P.Cancel: (Client,), P.Results: (Slot,),
-            P.Heartbeat: (Worker,), P.SlotLost: (Worker,), P.Drain: (Worker,),
+            P.Heartbeat: (Worker,), P.SlotLost: (Worker, Slot), P.Drain: (Worker,),
             P.Holding: (Slot,), P.Ack: (Client, Slot), P.Resend: (Client, Slot),
         }
 
@@ -1382,6 +1390,8 @@ class BrokerCore:
                 self.announced = {t for t in self.announced if t >> shift != key}
             if self.killing:
                 self.killing = {t for t in self.killing if t >> shift != key}
+            if self.crashes:
+                self.crashes = {t: r for t, r in self.crashes.items() if t >> shift != key}
             self.restored_max.pop(key, None)
             if key in self.parked:  # (its parked tasks die with it)
                 ids, _ = self.parked.pop(key)
@@ -1442,10 +1452,11 @@ class BrokerCore:
             self.failed += min(max(msg.failed, 0), accepted)
             self.done += accepted
             slot.worker.done += accepted
-            if self.attempts:
+            if self.attempts or self.crashes:
                 for ids, _ in groups.values():
                     for tid in ids:
                         self.attempts.pop(tid, None)
+                        self.crashes.pop(tid, None)
             for key, (ids, blobs) in groups.items():
                 self._deliver(key, slot.name, ids, blobs)
         if not slot.ready and not slot.stalled and len(inflight) < slot.window:
@@ -1646,20 +1657,52 @@ class BrokerCore:
             self._count(slot)
             self._unready(slot)
 
-    def _on_slot_lost(self, worker: Worker, msg: P.SlotLost, now: float) -> None:
-        worker.last_seen = now
-        slot = worker.slots.get(msg.slot)
+    def _on_slot_lost(self, peer: Worker | Slot, msg: P.SlotLost, now: float) -> None:
+        """A slot died (its agent says so), or a slot's agent died (the slot says so, of
+        itself only): the task it was running counts a crash (:meth:`_crashed`); the
+        slot is dropped, its other tasks requeued with no attempt counted."""
+        slot: Slot | None
+        if isinstance(peer, Slot):
+            if msg.slot != peer.ident:
+                return  # (a slot speaks for itself only)
+            slot = peer
+        else:
+            peer.last_seen = now
+            slot = peer.slots.get(msg.slot)
         if slot is None:
             return  # it never registered, or said BYE first
-        blob = slot.inflight.pop(msg.task, None) if msg.task else None
-        if blob is not None:
-            self.running -= 1
-            self.done += 1
-            self.failed += 1
-            self._deliver(msg.task >> P.ID_SHIFT, slot.name, [msg.task], [payload.crashed_result(
-                f"the worker process running this task died ({msg.reason[:200]}; "
-                f"worker {slot.name})")])
+        if msg.task and msg.task in slot.inflight:
+            self._crashed(slot, msg.task, msg.reason[:200])
         self._drop(slot)
+
+    def _crashed(self, slot: Slot, tid: int, reason: str) -> None:
+        """``slot`` (or its agent) died running ``tid``: count a crash. Below
+        ``max_crashes`` the task goes back to the head of the queue (no attempt counted:
+        its slot did not vanish, it was killed); at ``max_crashes`` it fails with
+        WorkerCrashed naming it and every crash (quarantined: no other slot gets it)."""
+        blob = slot.inflight.pop(tid)
+        self.running -= 1
+        if tid in self.killing:  # (cancelled by force meanwhile: it ends CANCELLED)
+            self._requeue({tid: blob})
+            return
+        reasons = self.crashes.get(tid, [])
+        reasons.append(f"{reason} on {slot.name}")
+        if len(reasons) < self.max_crashes:
+            self.crashes[tid] = reasons
+            log.warning("task %d crashed %s (%s): crash %d of %d, queued again", tid,
+                        slot.name, reason, len(reasons), self.max_crashes)
+            self._requeue({tid: blob})
+            return
+        self.crashes.pop(tid, None)
+        self.attempts.pop(tid, None)
+        log.error("task %d crashed its worker %d times: quarantined (%s)", tid,
+                  len(reasons), "; ".join(reasons))
+        self.done += 1
+        self.failed += 1
+        self._deliver(tid >> P.ID_SHIFT, slot.name, [tid], [payload.crashed_result(
+            f"the process running task {tid} died {len(reasons)} "
+            f"time{'s' if len(reasons) > 1 else ''} ({'; '.join(reasons)}); "
+            "quarantined: not run again")])
 
     # -- everyone ----------------------------------------------------------------------
 

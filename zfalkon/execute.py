@@ -303,7 +303,8 @@ def run_command(
     cap: int,
     child_cell: memoryview | None = None,
 ) -> tuple[bytes, bool]:
-    """Spawn ``argv`` in its own process group, capture output, return a result blob.
+    """Spawn ``argv`` in its own session and process group, capture output, return a
+    result blob.
 
     The child gets ``/dev/null`` as stdin. When it exits (or runs past ``timeout``), its
     whole process group is killed, so background processes it left cannot linger.
@@ -323,7 +324,7 @@ def run_command(
         if cwd is not None:  # the slot is single-threaded: chdir around the spawn is safe
             old_cwd = os.getcwd()
             os.chdir(cwd)
-        pid = os.posix_spawnp(argv[0], argv, full_env, file_actions=actions, setpgroup=0)
+        pid = os.posix_spawnp(argv[0], argv, full_env, file_actions=actions, setsid=True)
     except BaseException:
         os.close(out_r)
         os.close(err_r)

@@ -125,6 +125,9 @@ class Slot:
         self.session = SlotSession()
         self.stopping = False
         self.parent = os.getppid()
+        #: Readable when the agent dies (None: no pidfd; then polled by getppid()).
+        self.agent_fd = _pidfd(self.parent)
+        self.orphaned = False  # the agent died while a task ran: said SLOT_LOST, no BYE
         self.hello_due = 0.0  # when to send HELLO again (0: not due)
         self.hello_sent = 0.0  # when the HELLO not yet answered with WELCOME left (0: none)
         # The task with a time limit in the host (alone there): (id, limit, started at).
@@ -153,7 +156,8 @@ class Slot:
             if code == 0:
                 self._loop()
                 self._send_out()
-                sock.send(P.encode(P.Bye("stopping")))
+                if not self.orphaned:
+                    sock.send(P.encode(P.Bye("stopping")))
             return code
         finally:
             if self.host is not None:
@@ -162,6 +166,8 @@ class Slot:
             sock.close()
             ctx.term()
             self.state.close()
+            if self.agent_fd is not None:
+                os.close(self.agent_fd)
 
     def _send_out(self) -> None:
         out = self.session.out
@@ -280,6 +286,8 @@ class Slot:
             poller = zmq.Poller()
             poller.register(self.sock, zmq.POLLIN)
             poller.register(host.result_r, zmq.POLLIN)
+            if self.agent_fd is not None:
+                poller.register(self.agent_fd, zmq.POLLIN)
             self._waiter = (host, poller)
         session = self.session
         now = time.monotonic()
@@ -287,6 +295,8 @@ class Slot:
         if session.result_ids:
             wait = max(0.0, session.first_result_at + RESULT_FLUSH_SECONDS - now)
         timed = self.timed
+        if self.agent_fd is None:  # (no pidfd: look at getppid() now and then)
+            wait = _IDLE_POLL_MS / 1000 if wait < 0 else min(wait, _IDLE_POLL_MS / 1000)
         if timed is not None:
             tid, limit, started = timed
             left = started + limit - now
@@ -301,8 +311,33 @@ class Slot:
                 time.monotonic() - session.first_result_at >= RESULT_FLUSH_SECONDS:
             session.flush(time.monotonic())
             self._send_out()
+        if (not ready or any(s == self.agent_fd for s, _ in ready)) and self._agent_gone():
+            self._agent_died()
+            return
         if any(s is self.sock for s, _ in ready):
             self._receive()
+
+    def _agent_gone(self) -> bool:
+        return os.getppid() != self.parent
+
+    def _agent_died(self) -> None:
+        """The agent died while the host ran a task (a task may have killed it): kill the
+        host, send the results it had returned, and tell the broker itself (SLOT_LOST of
+        this slot, naming the task the host ran: it counts a crash, see
+        docs/protocol.md R18), then stop. Without its agent no heartbeat renews this
+        slot's lease: waiting for the task would only see it taken back."""
+        host = self.host
+        assert host is not None and host.inflight
+        said = host.running()
+        tid = said if any(t == said for t, _ in host.inflight) else host.inflight[0][0]
+        reason = f"its worker agent (pid {self.parent}) died"
+        log.error("slot %d: %s while task %d ran; killing it and stopping", self.index,
+                  reason, tid)
+        self._abort({})  # (kills the host; its unanswered tasks go back to our queue)
+        self.session.queue = type(self.session.queue)(
+            t for t in self.session.queue if t[0] != tid)
+        self.sock.send(P.encode(P.SlotLost(self.ident, tid, reason)))
+        self.orphaned = self.stopping = True
 
     def _abort(self, results: dict[int, bytes]) -> None:
         """Kill the host (and the shell command it runs) for tasks it runs or holds: each
@@ -491,6 +526,15 @@ class Slot:
             kills, session.kills = session.kills, []
             self._kill(kills)
         self._send_out()
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # (not Linux >= 5.3)
+        return None
+    os.set_inheritable(fd, False)
+    return fd
 
 
 def _function_unavailable(digest: bytes) -> bytes:

@@ -26,8 +26,9 @@ Design
       once (after SIGKILL the host runs no more code; the zygote reaps it later); ``reap``
       also waits and answers its exit status (for a host that died). The zygote reaps a
       host only after the slot gave it up, so a PID the slot may signal is never reused.
-    * **Host.** In its own process group. It reads ``(length, task id)``-prefixed task
-      blobs from a pipe, runs them one at a time with a Runner, and writes ``(kind,
+    * **Host.** In its own session and process group (``setsid``: a task's ``killpg(0)``
+      reaches its host alone). It reads ``(length, task id)``-prefixed task blobs from a
+      pipe, runs them one at a time with a Runner, and writes ``(kind,
       seconds, blob)`` frames back, in batches: at the latest when it has nothing left to
       read, or when the oldest unsent result is 1 ms old. So consecutive tasks of one
       client cost a few microseconds each, not a round trip. A host does *not* die with its
@@ -896,10 +897,8 @@ def _fork_spare(sock: socket.socket, sandbox: dict | None) -> tuple[int, socket.
         finally:
             os._exit(code)
     theirs.close()
-    try:
-        os.setpgid(pid, pid)  # (the host does too: whichever runs first)
-    except OSError:
-        pass
+    # (No setpgid from here: the host makes itself a session, which a group leader cannot.
+    # Until it has, killing it by group misses; _kill and Host.kill also kill by PID.)
     return pid, line
 
 
@@ -933,9 +932,12 @@ def _reap_within(pid: int, seconds: float) -> int:
 def _spare_main(line: socket.socket, sandbox: dict | None = None) -> None:
     signal.signal(_SLOT_DIED, signal.SIG_DFL)
     try:
-        os.setpgid(0, 0)
+        # A session (and process group) of its own, with no controlling terminal: its
+        # task's killpg(0), kill(0, ...) or terminal signals reach this host alone, never
+        # its slot, agent or the provisioner that started the agent.
+        os.setsid()
     except OSError:
-        pass
+        os.setpgid(0, 0)
     if sandbox is not None:
         try:  # (returns in the task host only)
             _sandbox(list(sandbox.get("hide", ())))

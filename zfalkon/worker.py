@@ -5,9 +5,12 @@ inbound port. It registers the machine (hostname, slots, cores, memory, tags, ve
 then starts one slot process per slot (:mod:`zfalkon.slot`); each slot connects to the
 broker itself and runs tasks. When a slot process dies (a task segfaulted, called
 ``os._exit``, ran out of memory) the agent tells the broker which task it was running, so
-that task fails with ``WorkerCrashed`` and the slot's other tasks are requeued, and starts a
-new slot. SIGTERM or SIGINT stops the slots gracefully (each finishes its running task and
-hands back what it had prefetched), then the agent says BYE and exits.
+that task counts a crash (the broker runs it again, or past ``--max-crashes`` fails it
+with ``WorkerCrashed``) and the slot's other tasks are requeued, and starts a new slot.
+If the agent itself dies while a slot runs a task, the slot (in a process group of its
+own, so a ``killpg`` of the agent's group misses it) reports that task itself and stops.
+SIGTERM or SIGINT stops the slots gracefully (each finishes its running task and hands
+back what it had prefetched), then the agent says BYE and exits.
 """
 
 from __future__ import annotations
@@ -182,7 +185,12 @@ class WorkerAgent:
         # The config (broker address, routing id, worker id, key paths) goes through the
         # slot's stdin, never argv: /proc/PID/cmdline is readable by every local user, and
         # a routing id is enough to take over a slot's route on a broker without keys.
-        proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot"], stdin=subprocess.PIPE)
+        # Each slot in a session (so a process group) of its own: a task that signals the
+        # agent's group (killpg) reaches the agent alone; the slot, still alive, then reports the task
+        # it ran (SLOT_LOST of itself) instead of vanishing with it. (The agent stops its
+        # slots by PID; a terminal's ^C reaches the agent, which stops them.)
+        proc = subprocess.Popen([sys.executable, "-m", "zfalkon.slot"], stdin=subprocess.PIPE,
+                                start_new_session=True)  # (process_group: Python 3.11+)
         assert proc.stdin is not None
         try:
             proc.stdin.write(json.dumps(config).encode())

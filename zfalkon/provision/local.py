@@ -32,7 +32,8 @@ class LocalProvisioner:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "zfalkon", "--log-level", "WARNING", "worker",
                  "--broker", self.broker, "--name", name, "--slots", str(self.slots),
-                 *self.worker_args], env=self.env)
+                 *self.worker_args], env=self.env,
+                start_new_session=True)  # (a killpg of a worker's group spares us)
             inst = Instance(name, "running", name, time.time())
             self._procs[name] = (proc, inst)
             out.append(inst)
