@@ -37,13 +37,15 @@ def _runs(path) -> int:
 
 @pytest.fixture
 def provisioned():
-    """A broker and ``zfalkon provision local`` keeping 2 to 4 one-slot workers."""
+    """A broker and ``zfalkon provision local`` keeping 2 to 4 one-slot workers, with no
+    sandbox (``$ZFALKON_SANDBOX``): in one, a task can reach neither its slot nor its
+    agent (tests/test_isolation.py), so these poisons are for machines without one."""
     broker, address = start_broker()
     prov = subprocess.Popen(
         [sys.executable, "-m", "zfalkon", "--log-level", "WARNING", "provision", "local",
          "--broker", address, "--min", "2", "--max", "4", "--slots-per-instance", "1",
          "--interval", "0.5"],
-        env=child_env(), start_new_session=True)
+        env=child_env() | {"ZFALKON_SANDBOX": "none"}, start_new_session=True)
     try:
         wait_until(lambda: query_status(address)["slots"] >= 2, 60, interval=0.2,
                    message="two workers registered")
@@ -80,10 +82,12 @@ def test_a_poison_task_is_quarantined_after_max_crashes_and_the_rest_finish(
 
 def test_each_task_host_and_shell_task_is_a_session_of_its_own():
     """A task's killpg(0) or kill(0, ...) reaches its own process alone: a host is the
-    leader of its session and group, and so is each shell command it spawns."""
+    leader of its session and group, and so is each shell command it spawns (with no
+    sandbox: in one, the host is PID 2 of its own PID namespace, whose processes are all
+    it can signal)."""
     from zfalkon import LocalCluster
 
-    with LocalCluster(workers=1, env=worker_env()) as cluster, \
+    with LocalCluster(workers=1, env=worker_env() | {"ZFALKON_SANDBOX": "none"}) as cluster, \
             Executor(cluster.address) as ex:
         agent = cluster.worker_procs[0].pid
         pid, group, session = ex.submit(tasks.session_ids).result(timeout=60)

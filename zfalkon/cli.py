@@ -406,13 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {CACHE_BYTES}; 0: no cache, download every time)")
     p.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
                    help="drain and exit after this long without a task (default 0: never)")
-    p.add_argument("--sandbox", choices=["auto", "namespaces", "none"], default="auto",
+    p.add_argument("--sandbox", choices=["auto", "namespaces", "none"],
+                   default=os.environ.get("ZFALKON_SANDBOX", "auto"),
                    help="run each client's task host in its own user, PID and mount "
                         "namespaces, so that a task cannot see or signal the worker's other "
                         "processes nor touch its state files. namespaces: refuse to start "
                         "where the kernel refuses them; auto (default): use them if a probe "
                         "at start succeeds, else warn once and run hosts as the worker's "
-                        "Unix user, unsandboxed; none: never")
+                        "Unix user, unsandboxed; none: never (default $ZFALKON_SANDBOX, "
+                        "else auto; workers a provisioner starts take it from there too)")
     p.set_defaults(func=_worker)
 
     from zfalkon.provision.cli import add_parsers
