@@ -248,8 +248,9 @@ class _SignalStop:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:  # the second: at once (every line written is flushed)
-            os.write(2, b"\nzfalkon run: stopped at once; tasks still queued for this run "
-                        b"are dropped by the broker when it gives up on this client\n")
+            os.write(2, b"\nzfalkon run: stopped at once; this run's tasks stay on the "
+                        b"broker until its hold time cancels them (zfalkon cancel RUN "
+                        b"does it now)\n")
             os._exit(_SIGNAL_EXIT[signum])
         self.signum = signum
         if self.armed:
