@@ -1682,8 +1682,8 @@ class BrokerCore:
                 slot.lease = max(slot.lease, now + LEASE_SECONDS)
             slot.inflight.update(zip(ids, blobs))
             self.running += len(ids)
-            key = min(ids) >> P.ID_SHIFT  # (the run counters: one run per frame, mostly)
-            if max(ids) >> P.ID_SHIFT == key:
+            key = queue.taken_key  # (the run counters: one lookup for a frame of one run)
+            if key >= 0:
                 run = self.clients.get(key)
                 if run is not None:
                     run.queued -= len(ids)
