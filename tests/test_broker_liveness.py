@@ -32,7 +32,7 @@ def vanish(agent_pid: int) -> None:
 def running_on(cluster: LocalCluster, name_pid: int) -> int:
     for worker in cluster.status()["worker_list"]:
         if worker["name"].endswith(f"-{name_pid}"):
-            return worker["running"]
+            return worker["running"] + worker["prefetched"]  # (held by its slots)
     return -1
 
 

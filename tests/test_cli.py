@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from conftest import (broker_process, child_env, free_port, stop_process, wait_until,
-                      worker_process)
+from conftest import (alive, broker_process, child_env, free_port, served_broker,
+                      stop_process, wait_until, worker_process)
 
 from zfalkon import Executor, cli, query_status, watch
 from zfalkon.errors import ConfigError
@@ -458,3 +458,129 @@ def test_every_option_has_help_and_states_its_default():
                     (p.prog, action.option_strings)
     text = zfalkon("run", "--help").stdout
     assert "--retries N" in text and "(default: 0)" in text and "--resume" in text
+
+
+# -- runs, cancel, status (issue 14) -----------------------------------------------------
+
+def _runs(address: str) -> dict:
+    proc = zfalkon("runs", "--broker", address, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {r["run"] or r["name"]: r for r in json.loads(proc.stdout)["runs"]}
+
+
+def _nothing_left(address: str) -> bool:
+    s = query_status(address, timeout=5)
+    return s["queued"] == s["running"] == s["prefetched"] == 0
+
+
+def _sleepers(tmp_path, n: int) -> tuple:
+    """A task file of ``n`` long tasks, each writing its shell's PID (it then execs sleep,
+    so the PID is the task's process) into ``pids/LINE``."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("".join(f"echo $$ > {pids}/{i}; exec sleep 120\n"
+                                for i in range(1, n + 1)))
+    return taskfile, pids
+
+
+def _started_pids(pids) -> list[int]:
+    return [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]
+
+
+def test_runs_lists_a_live_run_and_cancel_removes_its_queued_and_kills_its_running(tmp_path):
+    taskfile, pids = _sleepers(tmp_path, 12)
+    out = tmp_path / "out.jsonl"
+    with served_broker(slots=2) as (_, address, _worker):
+        run = subprocess.Popen([sys.executable, "-m", "zfalkon", "run", "--broker", address,
+                                "--name", "nightly", "-o", str(out), str(taskfile)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=child_env())
+        try:
+            wait_until(lambda: len(_started_pids(pids)) == 2, 60, 0.1, "two tasks running")
+            entry = wait_until(lambda: (lambda r: r if r.get("running") == 2 else None)(
+                _runs(address).get("nightly", {})), 30, 0.2, "the run listed as running")
+            assert entry["state"] == "connected" and entry["submitted"] == 12
+            assert entry["queued"] + entry["prefetched"] == 10 and entry["done"] == 0
+            table = zfalkon("runs", "--broker", address)
+            assert table.returncode == 0 and "nightly" in table.stdout
+            assert "QUEUED" in table.stdout and "PREFETCH" in table.stdout
+            refused = zfalkon("cancel", "nope", "--broker", address)
+            assert refused.returncode == 2 and "no run named 'nope'" in refused.stderr
+            proc = zfalkon("cancel", "nightly", "--broker", address)
+            assert proc.returncode == 0, proc.stderr
+            assert f"cancelled run {entry['id']} (nightly)" in proc.stdout
+            assert "running or prefetched tasks being killed" in proc.stdout
+            wait_until(lambda: _nothing_left(address), 20, 0.1,
+                       "nothing of the run queued, running or prefetched")
+            _, err = run.communicate(timeout=60)
+        finally:
+            stop_process(run)
+        assert run.returncode == 4, err
+        assert "the run was cancelled on the broker" in err and "Traceback" not in err
+        started = _started_pids(pids)
+        wait_until(lambda: not any(alive(p) for p in started), 20, 0.1,
+                   "the running tasks' processes killed")
+        assert len(started) == 2  # (no other task of the run ever started)
+        assert _nothing_left(address)
+        again = zfalkon("cancel", str(entry["id"]), "--broker", address)
+        assert again.returncode == 2 and "no run" in again.stderr  # (its client left)
+
+
+def test_an_abandoned_run_is_cancelled_after_the_hold_time(tmp_path):
+    taskfile, pids = _sleepers(tmp_path, 8)
+    with served_broker("--hold-seconds", "4", slots=2) as (_, address, _worker):
+        run = subprocess.Popen([sys.executable, "-m", "zfalkon", "run", "--broker", address,
+                                "--name", "orphan", str(taskfile)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=child_env())
+        try:
+            wait_until(lambda: len(_started_pids(pids)) == 2, 60, 0.1, "two tasks running")
+            wait_until(lambda: "orphan" in _runs(address), 30, 0.2, "the run listed")
+            run.kill()  # SIGKILL: no BYE, it never comes back
+            run.wait(10)
+            killed_at = time.monotonic()
+            entry = wait_until(lambda: (lambda r: r if r.get("state") == "away" else None)(
+                _runs(address).get("orphan", {})), 10, 0.2, "the run away")
+            assert entry["running"] == 2  # (held for its client: its tasks run on)
+            started = _started_pids(pids)
+            assert all(alive(p) for p in started)
+            wait_until(lambda: "orphan" not in _runs(address), 20, 0.2, "the run dropped")
+            assert time.monotonic() - killed_at >= 3.0  # (not before the hold time)
+            wait_until(lambda: _nothing_left(address), 10, 0.1, "nothing left of the run")
+            wait_until(lambda: not any(alive(p) for p in started), 20, 0.1,
+                       "its running tasks killed")
+            assert len(_started_pids(pids)) == 2
+        finally:
+            stop_process(run)
+
+
+def test_status_reads_right_and_does_not_count_itself():
+    with broker_process() as (_, address):
+        proc = zfalkon("status", "--broker", address)
+        assert proc.returncode == 0, proc.stderr
+        assert "clients 0 (+0 away)" in proc.stdout
+        assert "running 0  prefetched 0" in proc.stdout
+        assert "tasks/s (" in proc.stdout  # (its window stated)
+        info = json.loads(zfalkon("status", "--broker", address, "--json").stdout)
+        assert info["clients"] == 0 and "rate_window_seconds" in info
+        with Executor(address, run="mine"):
+            info = query_status(address)
+            assert info["clients"] == 1  # the executor, not the query
+
+
+def test_status_watch_redraws_until_ctrl_c_and_exits_cleanly():
+    with broker_process() as (_, address):
+        proc, master, output = start_in_pty("status", "--watch", "--interval", "0.3",
+                                            "--broker", address)
+        try:
+            wait_until(lambda: b"".join(output).count(b"Ctrl-C to stop") >= 2, 30, 0.05,
+                       "two views drawn")
+            os.write(master, b"\x03")
+            assert proc.wait(15) == 0
+        finally:
+            stop_process(proc)
+            os.close(master)
+        text = b"".join(output).decode(errors="replace")
+        assert "queued 0  running 0  prefetched 0" in text
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text

@@ -460,6 +460,18 @@ class FabricMachine(RuleBasedStateMachine):
             c.forced.update(ids)
             c.send(c.session.cancel(ids, P.CANCEL_KILL))
 
+    @rule(i=st.integers(0, 1), other=st.booleans(), kill=st.booleans())
+    def cancel_run(self, i: int, other: bool, kill: bool) -> None:
+        """``zfalkon cancel RUN``: a client (this one, or the other: no keys here, so
+        anyone may) cancels a run; its queued tasks end CANCELLED, running ones are killed
+        (``kill``) or run on; each pending task ends once either way."""
+        c = self.clients[i % len(self.clients)]
+        asker = self.clients[(i + other) % len(self.clients)]
+        if c.welcomed and not c.left and asker.welcomed and not asker.left:
+            c.asked.update(c.pending)
+            c.forced.update(c.pending)  # (queued ones may have run before: taken back)
+            asker.send(P.CancelRun(c.key, P.CANCEL_KILL if kill else P.CANCEL_IF_QUEUED))
+
     @rule(i=st.integers(0, 1))
     def submit_cancelled_ids_again(self, i: int) -> None:
         """A client (not the Executor, which never reuses an id) submits ids it cancelled."""
@@ -760,6 +772,33 @@ class FabricMachine(RuleBasedStateMachine):
         ready = [s for s in core.ready]
         assert len(ready) == len(set(map(id, ready)))
         assert all(s.ready for s in ready)
+
+    @invariant()
+    def run_counters_equal_queues(self) -> None:
+        """Each run's counters (STATUS ``runs``), kept per event, equal what the queue,
+        the parked tasks and the slots hold; its running + prefetched are what slots
+        hold."""
+        core, shift = self.core, P.ID_SHIFT
+        queued: collections.Counter[int] = collections.Counter()
+        batches = [*core.queue.batches(), *core.parked.values()]
+        for ids, _ in batches:
+            queued.update(t >> shift for t in ids
+                          if t in core.live and t not in core.cancelled)
+        held: collections.Counter[int] = collections.Counter()
+        for w in core.workers.values():
+            for s in w.slots.values():
+                held.update(t >> shift for t in s.inflight)
+        for key, c in core.clients.items():
+            assert c.queued == queued[key], f"run {key}: queued {c.queued} != {queued[key]}"
+            assert c.held == held[key], f"run {key}: held {c.held} != {held[key]}"
+            assert c.failed <= c.done
+        status = core.status(self.now)
+        runs = {r["id"]: r for r in status["runs"]}
+        assert status["running"] + status["prefetched"] == core.running
+        assert status["running"] <= sum(len(w.slots) for w in core.workers.values())
+        for key, r in runs.items():
+            assert r["queued"] == queued[key]
+            assert r["running"] + r["prefetched"] == held[key] and r["prefetched"] >= 0
 
     @invariant()
     def hostile_slot_holds_a_fair_share_at_most(self) -> None:
@@ -1097,3 +1136,107 @@ def test_a_slot_cannot_report_another_slots_task_crashed():
     core.message(b"s2", P.SlotLost(slot, tid, "lies"), None, 0.2)
     assert not core.crashes and tid in core.peers[slot].inflight
     assert b"s2" in core.peers  # (and it is not dropped either)
+
+
+# -- runs (issue 14) ---------------------------------------------------------------------
+
+def _run(core: BrokerCore, key: int) -> dict:
+    return {r["id"]: r for r in core.status(0.0)["runs"]}[key]
+
+
+def test_a_run_lists_its_counters_with_started_and_prefetched_apart():
+    core = BrokerCore(0.0)
+    slot = registered(core, window=2)
+    core.message(b"c", P.hello(P.ROLE_CLIENT, {"name": "me", "run": "nightly"}), None, 0.0)
+    key = [m for i, m in core.outbox if type(m) is P.Welcome][-1].key
+    ids = [(key << P.ID_SHIFT) + i for i in range(1, 6)]
+    core.message(b"c", P.Submit(1, 0, ids, [b"t"] * 5), None, 0.0)
+    run = _run(core, key)
+    assert (run["name"], run["run"], run["state"]) == ("me", "nightly", "connected")
+    assert (run["queued"], run["running"], run["prefetched"], run["submitted"]) == (5, 0, 0, 5)
+    core.dispatch(0.0)  # the slot holds 2 (its window), runs the oldest
+    run = _run(core, key)
+    assert (run["queued"], run["running"], run["prefetched"]) == (3, 1, 1)
+    status = core.status(0.0)
+    assert (status["running"], status["prefetched"]) == (1, 1)
+    assert status["worker_list"][0]["running"] == 1
+    assert status["worker_list"][0]["prefetched"] == 1
+    error = payload.error_result("ValueError", "no")
+    core.message(slot, P.Results(2, 1, 2, 1, ids[:2], [result_for(ids[0]), error]), None, 0.1)
+    run = _run(core, key)
+    assert (run["done"], run["failed"]) == (2, 1)
+
+
+def test_the_status_asker_and_observers_are_not_counted_as_clients():
+    core = BrokerCore(0.0)
+    client(core, b"c")
+    core.message(b"o", P.hello(P.ROLE_CLIENT, {"name": "status", "observer": True}), None, 0.0)
+    core.message(b"q", P.hello(P.ROLE_CLIENT, {"name": "status"}), None, 0.0)
+    core.outbox.clear()
+    core.message(b"q", P.StatusRequest(), None, 0.0)
+    (answer,) = [m for i, m in core.outbox if i == b"q" and type(m) is P.Status]
+    assert answer.info["clients"] == 1  # b"c" only
+    assert answer.info["runs"] == [] and answer.info["runs_omitted"] == 0
+    assert "rate_window_seconds" in answer.info
+
+
+def test_cancel_run_removes_queued_tasks_and_kills_held_ones_for_the_owner_only():
+    core = BrokerCore(0.0)
+    slot = registered(core, window=2)
+    core.message(b"c", P.hello(P.ROLE_CLIENT, {"name": "run"}), "client:alice", 0.0)
+    key = [m for i, m in core.outbox if type(m) is P.Welcome][-1].key
+    ids = [(key << P.ID_SHIFT) + i for i in range(1, 6)]
+    core.message(b"c", P.Submit(1, 0, ids, [b"t"] * 5), "client:alice", 0.0)
+    core.dispatch(0.0)
+    held = list(next(iter(core.workers.values())).slots[slot].inflight)
+    core.message(b"m", P.hello(P.ROLE_CLIENT, {"name": "x"}), "client:mallory", 0.0)
+    core.message(b"a", P.hello(P.ROLE_CLIENT, {"name": "y"}), "client:alice", 0.0)
+    core.outbox.clear()
+    core.message(b"m", P.CancelRun(key, P.CANCEL_KILL), "client:mallory", 0.0)
+    assert [m.code for i, m in core.outbox if i == b"m"] == ["unauthorized"]
+    core.message(b"m", P.CancelRun(key + 100, P.CANCEL_KILL), "client:mallory", 0.0)
+    assert [m.code for i, m in core.outbox if i == b"m"][-1] == "unknown-run"
+    core.outbox.clear()
+    core.message(b"a", P.CancelRun(key, P.CANCEL_KILL), "client:alice", 0.0)
+    assert [m for i, m in core.outbox if i == b"a"] == [P.RunCancelled(key, 3, 2)]
+    (kill,) = [m for i, m in core.outbox if i == slot and type(m) is P.Tasks]
+    assert sorted(kill.kill) == held and not kill.ids
+    cancelled = [t for i, m in core.outbox if i == b"c" and type(m) is P.Deliver
+                 for t in m.ids]
+    assert sorted(cancelled) == sorted(set(ids) - set(held))
+    assert len(core.queue) == 0
+    run = _run(core, key)
+    assert (run["queued"], run["cancelled"]) == (0, 3)
+    core.dispatch(0.0)
+    assert not [m for i, m in core.outbox if type(m) is P.Tasks and m.ids]
+    # the slot kills them and answers CANCELLED: the run is empty
+    core.message(slot, P.Results(2, 1, 0, 0, held, [payload.CANCELLED] * 2), None, 0.1)
+    run = _run(core, key)
+    assert (run["queued"], run["running"], run["prefetched"]) == (0, 0, 0)
+
+
+def test_an_abandoned_run_is_cancelled_after_the_hold_time_and_its_running_tasks_killed():
+    core = BrokerCore(0.0)
+    core.hold_seconds = 20.0
+    slot = registered(core, window=10)
+    key = client(core)
+    ids = [(key << P.ID_SHIFT) + i for i in range(1, 6)]
+    core.message(b"c", P.Submit(1, 0, ids, [b"t"] * 5), None, 0.0)
+    core.dispatch(0.0)
+    held = list(next(iter(core.workers.values())).slots[slot].inflight)
+    core.outbox.clear()
+    now = 0.0
+    while now < 19.0:  # the client is silent; its slot works on (and keeps its lease)
+        now += 1.0
+        core.message(b"w", P.Heartbeat([slot]), None, now)
+        core.tick(now)
+    assert _run(core, key)["state"] == "away"
+    assert not [m for i, m in core.outbox if i == slot and type(m) is P.Tasks]
+    core.message(b"w", P.Heartbeat([slot]), None, 21.0)
+    core.tick(21.0)  # past the hold time: forgotten
+    (kill,) = [m for i, m in core.outbox if i == slot and type(m) is P.Tasks]
+    assert sorted(kill.kill) == held and not kill.revoke
+    assert core.status(21.0)["runs"] == [] and core.running == 0
+    core.dispatch(21.0)  # its queued tasks never go out
+    assert not [m for i, m in core.outbox if type(m) is P.Tasks and m.ids]
+    assert len(core.queue) == 0

@@ -329,7 +329,7 @@ class Sampler:
                 self.errors.append(exc)
                 return
             if entry is not None:
-                self.most = max(self.most, entry["running"])
+                self.most = max(self.most, entry["running"] + entry["prefetched"])
             self.samples += 1
             self._stop.wait(0.05)
 

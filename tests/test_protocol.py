@@ -35,6 +35,8 @@ EXAMPLES = {
     P.Ack: P.Ack(7, b"t" * 8),
     P.Resend: P.Resend(3),
     P.Started: P.Started([7, 8]),
+    P.CancelRun: P.CancelRun(3, P.CANCEL_KILL),
+    P.RunCancelled: P.RunCancelled(3, 10, 2),
 }
 
 #: Each message type's tag as field 0 of its frame.
@@ -298,7 +300,7 @@ def test_hello_info_is_checked_shallowly_and_the_broker_keeps_only_typed_fields(
                                       "memory": None, "pid": None}
 
 
-@pytest.mark.parametrize("tag", [0, 8, 22, 99, -1, 2**40])  # 8: CREDIT, retired
+@pytest.mark.parametrize("tag", [0, 8, 24, 99, -1, 2**40])  # 8: CREDIT, retired
 def test_unknown_tag(tag):
     exc = _decode_error(msgpack.packb([tag, 1, 2]))
     assert exc.code == "unknown-type"

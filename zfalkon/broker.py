@@ -90,7 +90,7 @@ class Broker:
     def __init__(self, listen: str = f"tcp://0.0.0.0:{DEFAULT_PORT}",
                  journal: Journal | None = None, keys: BrokerKeys | None = None,
                  insecure: bool = False, dispatch: str = "data",
-                 max_crashes: int = MAX_CRASHES) -> None:
+                 max_crashes: int = MAX_CRASHES, hold_seconds: float | None = None) -> None:
         self.endpoint = listen_endpoint(listen)
         if keys is None and not insecure and not is_loopback(self.endpoint):
             raise ConfigError(
@@ -105,6 +105,10 @@ class Broker:
             raise ConfigError(f"--max-crashes must be at least 1, got {max_crashes}")
         self.core = BrokerCore(time.monotonic(), queue=make_queue(dispatch), recorder=recorder)
         self.core.max_crashes = max_crashes
+        if hold_seconds is not None:
+            if not hold_seconds > 0:
+                raise ConfigError("--hold-seconds must be a positive number of seconds")
+            self.core.hold_seconds = float(hold_seconds)
         if recorder is not None:
             self._recover(recorder)
         self.ctx = zmq.Context()
@@ -265,12 +269,14 @@ class Broker:
 def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interval",
                keys: str | None = None, insecure: bool = False, dispatch: str = "data",
                ready_line: bool = True, journal_repair: bool = False,
-               max_crashes: int = MAX_CRASHES) -> int:
+               max_crashes: int = MAX_CRASHES, hold_seconds: float | None = None) -> int:
     """Run a broker in this process until SIGTERM/SIGINT; return the exit status.
 
     ``journal``: a directory for the journal (see :mod:`zfalkon.journal`), or None;
     ``journal_repair``: mend a damaged journal (keeping the original) instead of refusing
     to start on it.
+    ``hold_seconds``: how long a client that vanished (no BYE) is waited for before its
+    run is cancelled (default CLIENT_AWAY_SECONDS, with a journal CLIENT_HOLD_SECONDS).
     ``keys``: a broker key directory (see :mod:`zfalkon.security`): CurveZMQ on, only
     allow-listed keys. Without keys a non-loopback ``listen`` needs ``insecure``.
     ``max_crashes``: crashes of the process running a task (its slot or agent died)
@@ -289,7 +295,7 @@ def run_broker(listen: str, *, journal: str | None = None, fsync: str = "interva
     opened = Journal(journal, fsync, repair=journal_repair) if journal else None
     try:
         broker = Broker(listen, opened, BrokerKeys(keys) if keys else None, insecure, dispatch,
-                        max_crashes)
+                        max_crashes, hold_seconds)
     except BaseException:
         if opened is not None:
             opened.close()

@@ -10,11 +10,20 @@ import os
 import queue
 import signal
 import sys
+import time
 from typing import IO, BinaryIO, Iterator
 
 from zfalkon._version import __version__
-from zfalkon.constants import (BROKER_ENV, DEFAULT_PORT, KEY_DIR_ENV, KEYS_ENV, MAX_CRASHES,
-                               OUTPUT_CAP_BYTES)
+from zfalkon.constants import (
+    BROKER_ENV,
+    CLIENT_AWAY_SECONDS,
+    CLIENT_HOLD_SECONDS,
+    DEFAULT_PORT,
+    KEY_DIR_ENV,
+    KEYS_ENV,
+    MAX_CRASHES,
+    OUTPUT_CAP_BYTES,
+)
 from zfalkon.client import Executor
 from zfalkon.cluster import LocalCluster
 from zfalkon.diagnose import explain_no_answer
@@ -31,7 +40,8 @@ def _broker(args: argparse.Namespace) -> int:
 
     return run_broker(args.listen, journal=args.journal, fsync=args.fsync, keys=args.keys,
                       insecure=args.insecure, dispatch=args.dispatch,
-                      journal_repair=args.journal_repair, max_crashes=args.max_crashes)
+                      journal_repair=args.journal_repair, max_crashes=args.max_crashes,
+                      hold_seconds=args.hold_seconds)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -80,36 +90,144 @@ def _key_dir(args: argparse.Namespace) -> str:
 def _status(args: argparse.Namespace) -> int:
     from zfalkon.client import query_status
 
+    if args.watch:
+        return _watch_status(args)
     info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"broker {args.broker or ''} zfalkon {info['version']} (protocol {info['protocol']}), "
-          f"up {info['uptime']:.0f} s")
-    print(f"workers {info['workers']}  slots {info['slots']}  clients {info['clients']}")
-    print(f"queued {info['queued']}  running {info['running']}  done {info['done']}  "
-          f"failed {info['failed']}  tasks/s {info['tasks_per_second']:.1f}")
+    print("\n".join(format_status(info, args.broker or os.environ.get(BROKER_ENV, ""))))
+    return 0
+
+
+def _count(n: int, width: int) -> str:
+    return f"{n:>{width}}"
+
+
+def format_status(info: dict, broker: str = "") -> list[str]:
+    """``zfalkon status`` as text: counters, one line per worker and per run."""
+    window = info.get("rate_window_seconds")
+    rate = f"{info['tasks_per_second']:.1f} tasks/s " + (
+        f"(last {window:.0f} s)" if window else "(no finished tick yet)")
+    lines = [
+        f"broker {broker} zfalkon {info['version']} (protocol {info['protocol']}), "
+        f"up {info['uptime']:.0f} s",
+        f"workers {info['workers']}  slots {info['slots']}  clients {info['clients']} "
+        f"(+{info.get('away_clients', 0)} away)",
+        f"queued {info['queued']}  running {info['running']}  prefetched "
+        f"{info.get('prefetched', 0)}  done {info['done']}  failed {info['failed']}  {rate}"]
+    if info["worker_list"]:
+        lines.append(f"  {'WORKER':<28} {'SLOTS':>7} {'RUNNING':>8} {'PREFETCH':>8} "
+                     f"{'DONE':>10}")
     for w in info["worker_list"]:
-        version = f" v{w['version']}" if "version" in w else ""  # (listed in short)
-        print(f"  {w['name']!s:<28} {w['connected_slots']}/{w['slots']} slots  "
-              f"running {w['running']:<6} done {w['done']:<10}{version}"
-              + ("  DRAINING" if w.get("draining") else ""))
+        version = f"  v{w['version']}" if "version" in w else ""  # (listed in short)
+        lines.append(
+            f"  {w['name']!s:<28} {str(w['connected_slots']) + '/' + str(w['slots']):>7} "
+            f"{w['running']:>8} {w.get('prefetched', 0):>8} {w['done']:>10}{version}"
+            + ("  DRAINING" if w.get("draining") else ""))
     if info.get("workers_omitted"):
-        print(f"  ... and {info['workers_omitted']} more workers (STATUS lists a bounded "
-              "number)")
+        lines.append(f"  ... and {info['workers_omitted']} more workers (STATUS lists a "
+                     "bounded number)")
+    runs = info.get("runs", [])
+    if runs:
+        lines += format_runs(runs, info.get("runs_omitted", 0))
+    return lines
+
+
+def format_runs(runs: list[dict], omitted: int = 0) -> list[str]:
+    """The runs table of ``zfalkon runs`` and ``zfalkon status``."""
+    lines = [f"  {'RUN':>7} {'NAME':<28} {'CLIENT':<9} {'QUEUED':>8} {'RUNNING':>8} "
+             f"{'PREFETCH':>8} {'DONE':>8} {'FAILED':>7} {'CANCELLED':>9}"]
+    for r in runs:
+        name = r["run"] or r["name"]
+        state = r["state"] if r["state"] == "connected" else \
+            f"away {r['silent_seconds']:.0f}s"
+        lines.append(f"  {r['id']:>7} {name[:28]:<28} {state:<9} {r['queued']:>8} "
+                     f"{r['running']:>8} {r['prefetched']:>8} {r['done']:>8} "
+                     f"{r['failed']:>7} {r['cancelled']:>9}")
+    if omitted:
+        lines.append(f"  ... and {omitted} more runs (STATUS lists the newest "
+                     f"{len(runs)})")
+    return lines
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """``zfalkon status --watch``: the status again every ``--interval`` seconds, until
+    Ctrl-C (exit 0)."""
+    from zfalkon.client import query_status
+
+    if not args.interval > 0:
+        raise ConfigError("--interval must be a positive number of seconds")
+    broker = args.broker or os.environ.get(BROKER_ENV, "")
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                lines = format_status(query_status(args.broker, timeout=args.timeout,
+                                                   keys=args.keys), broker)
+            except BrokerUnavailable as exc:  # (it may come back: keep watching)
+                lines = [f"zfalkon status: {_cli_words(exc, args)}"]
+            stamp = time.strftime("%H:%M:%S")
+            text = "\n".join([f"{stamp}  every {args.interval:g} s, Ctrl-C to stop",
+                              *lines])
+            print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"),
+                  flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        print(flush=True)
+        return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from zfalkon.client import query_status
+
+    info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
+    runs = info.get("runs", [])
+    if args.json:
+        print(json.dumps({"runs": runs, "runs_omitted": info.get("runs_omitted", 0),
+                          "hold_seconds": info.get("hold_seconds")}, indent=2))
+    elif not runs:
+        print("no runs on this broker (a run is a client session that has submitted tasks)")
+    else:
+        print("\n".join(format_runs(runs, info.get("runs_omitted", 0))))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from zfalkon.client import cancel_run, query_status
+
+    run = args.run
+    if run.isdigit():
+        key, label = int(run), run
+    else:  # a name: the run whose label (or client name) it is, if only one
+        info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
+        found = [r for r in info.get("runs", []) if run in (r["run"], r["name"])]
+        if not found:
+            raise ConfigError(f"no run named {run!r} on this broker (zfalkon runs lists "
+                              "them; cancel by the number in its RUN column)")
+        if len(found) > 1:
+            raise ConfigError(f"{len(found)} runs are named {run!r} (runs "
+                              f"{', '.join(str(r['id']) for r in found)}): cancel by number")
+        key, label = found[0]["id"], f"{found[0]['id']} ({run})"
+    queued, killing = cancel_run(key, args.broker, kill=not args.queued_only,
+                                 timeout=args.timeout, keys=args.keys)
+    print(f"cancelled run {label}: {queued} queued tasks removed" + (
+        "" if args.queued_only else f", {killing} running or prefetched tasks being killed"))
     return 0
 
 
 @contextlib.contextmanager
-def _executor(broker: str | None, workers: int | None, keys: str | None) -> Iterator[Executor]:
-    """An Executor on ``broker`` ($ZFALKON_BROKER), else on a LocalCluster of ``workers``."""
+def _executor(broker: str | None, workers: int | None, keys: str | None,
+              run: str | None = None) -> Iterator[Executor]:
+    """An Executor on ``broker`` ($ZFALKON_BROKER), else on a LocalCluster of ``workers``;
+    ``run``: its run label (``zfalkon runs``)."""
     broker = broker or (None if workers else os.environ.get(BROKER_ENV))
     if broker:
-        with Executor(broker, keys=keys) as ex:
+        with Executor(broker, keys=keys, run=run) as ex:
             yield ex
     else:
         with LocalCluster(workers=workers or os.cpu_count() or 1) as cluster, \
-                Executor(cluster.address) as ex:
+                Executor(cluster.address, run=run) as ex:
             yield ex
 
 
@@ -133,8 +251,9 @@ class _SignalStop:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:  # the second: at once (every line written is flushed)
-            os.write(2, b"\nzfalkon run: stopped at once; tasks still queued for this run "
-                        b"are dropped by the broker when it gives up on this client\n")
+            os.write(2, b"\nzfalkon run: stopped at once; this run's tasks stay on the "
+                        b"broker until its hold time cancels them (zfalkon cancel RUN "
+                        b"does it now)\n")
             os._exit(_SIGNAL_EXIT[signum])
         self.signum = signum
         if self.armed:
@@ -222,7 +341,9 @@ def _run_file(args: argparse.Namespace, source: BinaryIO, tasks: int, done: set,
     stopper = _SignalStop(events)
     written_to = args.output or "standard output"
     try:
-        with _executor(args.broker, args.workers, args.keys) as ex:
+        label = args.name or ("stdin" if args.taskfile == "-" else
+                              os.path.basename(args.taskfile))
+        with _executor(args.broker, args.workers, args.keys, label) as ex:
             watch = _watch_run(ex, args, events, summary).start()
             stopper.armed = True
             try:
@@ -327,12 +448,38 @@ connect out to one broker.
   zfalkon run tasks.txt -o results.jsonl       run a task file (one command per line) on
                                                a local cluster, or on --broker ADDR
   zfalkon broker / zfalkon worker --broker ADDR    run the fabric yourself
-  zfalkon status --broker ADDR                 what a broker has: workers, queued, running
+  zfalkon status --broker ADDR [--watch]       what a broker has: workers, runs, counters
+  zfalkon runs / zfalkon cancel RUN            list the runs on a broker / cancel one
   zfalkon keys init DIR                        CurveZMQ keys for a broker on a network
   zfalkon ec2 up ...                           a pool of EC2 workers that follows the queue
 
 Set $ZFALKON_BROKER and $ZFALKON_KEYS once instead of --broker and --keys.
 'zfalkon COMMAND --help' explains each command.
+"""
+
+
+STATUS_HELP = """Show what a broker has: its counters, one line per worker, one per run.
+
+running counts tasks slots have started (a slot runs one task at a time); prefetched,
+tasks slots hold ready to run next; queued, tasks no slot has yet. tasks/s is the rate
+of finished tasks over the broker's last 10 one-second ticks. The status connection
+itself is not counted as a client. --watch redraws the view until Ctrl-C.
+"""
+
+RUNS_HELP = """A run is one client session: one 'zfalkon run', or one Python Executor (named
+with Executor(run=LABEL); 'zfalkon run --name LABEL'). The broker numbers it (the RUN
+column; Executor.key) and counts its tasks: queued, running, prefetched, done, failed,
+cancelled; CLIENT says whether its client is connected, or away and for how long.
+
+'zfalkon cancel RUN' removes the run's queued tasks and kills its running and
+prefetched ones (their futures and result lines end cancelled). With CurveZMQ keys
+(broker --keys) only a client key of the same identity as the run's may cancel it;
+without keys anyone who can reach the broker can, as anyone can submit.
+
+A run whose client vanished without saying goodbye (killed, or its link lost) is kept
+for the broker's --hold-seconds (300 s, with --journal 3600 s): its tasks run on and its
+results wait for it; if it does not come back, its queued tasks are dropped and its
+running ones killed.
 """
 
 
@@ -369,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task running when its slot or worker agent died N times fails "
                         "with WorkerCrashed naming it (quarantined) instead of running on "
                         f"another worker (default {MAX_CRASHES}; 1: at the first crash)")
+    p.add_argument("--hold-seconds", type=float, default=None, metavar="S",
+                   help=f"how long a client that vanished without BYE (killed, link lost) "
+                        f"may come back: its tasks run on and its results are kept; then "
+                        f"its run is cancelled (queued tasks dropped, running ones killed) "
+                        f"(default {CLIENT_AWAY_SECONDS:g} s, with --journal "
+                        f"{CLIENT_HOLD_SECONDS:g} s)")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("keys", help="create, list and revoke CurveZMQ keys")
@@ -426,13 +579,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the worker configuration the cloud-config wrote")
     p.set_defaults(func=_vm_agent)
 
-    p = sub.add_parser("status", help="show a broker's counters and workers")
+    p = sub.add_parser("status", help="show a broker's counters, workers and runs",
+                       description=STATUS_HELP)
     p.add_argument("--broker", default=None, help=f"tcp://HOST:PORT (default ${BROKER_ENV})")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--watch", action="store_true",
+                   help="show the status again every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="seconds between views with --watch")
     p.add_argument("--timeout", type=float, default=5.0,
                    help="seconds to wait for the broker's answer")
     p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("runs", help="list the runs on a broker with their counters",
+                       description=RUNS_HELP)
+    p.add_argument("--broker", default=None, help=f"tcp://HOST:PORT (default ${BROKER_ENV})")
+    p.add_argument("--json", action="store_true", help="print the runs as JSON")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for the broker's answer")
+    p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
+    p.set_defaults(func=_runs)
+
+    p = sub.add_parser("cancel", help="cancel a run: drop its queued tasks, kill its "
+                                      "running ones", description=RUNS_HELP)
+    p.add_argument("run", help="the run: its number (RUN column of zfalkon runs) or its name")
+    p.add_argument("--queued-only", action="store_true",
+                   help="only drop its queued tasks; running and prefetched ones finish")
+    p.add_argument("--broker", default=None, help=f"tcp://HOST:PORT (default ${BROKER_ENV})")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for the broker's answer")
+    p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
+    p.set_defaults(func=_cancel)
 
     p = sub.add_parser("run", help="run a task file: one shell command per line",
                        description=runfile.RUN_HELP)
@@ -465,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-workers", type=float, default=None, metavar="S",
                    help="stop the run (exit 4) when the broker has had no worker for S "
                         "seconds while tasks wait (default: wait, with the warning)")
+    p.add_argument("--name", default=None, metavar="LABEL",
+                   help="the run's name in zfalkon runs (default: the task file's name); "
+                        "zfalkon cancel LABEL cancels it")
     p.add_argument("taskfile", help="task file, or - for standard input")
     p.add_argument("--keys", metavar="BUNDLE", help=f"client key bundle (default ${KEYS_ENV})")
     p.set_defaults(func=_run)

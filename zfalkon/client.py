@@ -111,7 +111,7 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        _handshake(sock, endpoint, {"name": "status"}, timeout, bundle)
+        _handshake(sock, endpoint, {"name": "status", "observer": True}, timeout, bundle)
         info: dict = {"partial": True}
         token = b""
         for _ in range(2):  # (the first answer is the counters: the second, with its
@@ -127,6 +127,39 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
         sock.setsockopt(zmq.LINGER, 1000)  # let the BYE out, or the broker keeps a stale client
         sock.send(P.encode(P.Bye("status done")))
         return info
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def cancel_run(run: int, address: str | None = None, *, kill: bool = True,
+               timeout: float = CONNECT_TIMEOUT_SECONDS,
+               keys: str | None = None) -> tuple[int, int]:
+    """Cancel run ``run`` (its client key: STATUS ``runs``, ``Executor.key``) on a broker,
+    over a short connection: its queued tasks are removed (their futures end cancelled)
+    and, with ``kill``, its running and prefetched ones are killed. Allowed for a run of
+    the same key identity (``keys``; without keys, any run). Returns ``(queued tasks
+    cancelled, held tasks being killed)``; raises :class:`ProtocolError` (code
+    ``unknown-run`` or ``unauthorized``) if refused."""
+    endpoint = _resolve_address(address)
+    bundle = peer_keys(keys)
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.DEALER, endpoint, bundle)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        _handshake(sock, endpoint, {"name": "cancel", "observer": True}, timeout, bundle)
+        sock.send(P.encode(P.CancelRun(run, P.CANCEL_KILL if kill else P.CANCEL_IF_QUEUED)))
+        if not sock.poll(int(timeout * 1000)):
+            raise BrokerUnavailable(f"broker at {endpoint} did not answer CANCEL_RUN")
+        msg = P.decode(sock.recv())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.send(P.encode(P.Bye("cancel done")))
+        if isinstance(msg, P.Error):
+            raise error_from(msg, f"broker at {endpoint} refused to cancel run {run}")
+        if not isinstance(msg, P.RunCancelled):
+            raise ProtocolError(f"broker answered CANCEL_RUN with {type(msg).__name__}")
+        return msg.queued, msg.killing
     finally:
         sock.close()
         ctx.term()
@@ -379,6 +412,8 @@ class Executor(cf.Executor):
     Args:
         address: the broker, ``tcp://HOST:PORT``; defaults to ``$ZFALKON_BROKER``.
         name: shown in the broker's status; defaults to ``host-pid``.
+        run: a label for this executor's *run* (its session: ``zfalkon runs`` lists it
+            with its counters, ``zfalkon cancel`` cancels it; its id is :attr:`key`).
         connect_timeout: seconds to wait for the broker's welcome before raising
             :class:`~zfalkon.errors.BrokerUnavailable`.
         keys: a client key bundle directory (``zfalkon keys new NAME --role client``) for
@@ -408,7 +443,7 @@ class Executor(cf.Executor):
     def __init__(self, address: str | None = None, *, name: str | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
                  keys: str | None = None, functions: str = "auto",
-                 pickle: bool = False) -> None:
+                 pickle: bool = False, run: str | None = None) -> None:
         if functions not in payload.FUNCTION_POLICIES:
             raise ConfigError(f"functions must be one of "
                               f"{', '.join(payload.FUNCTION_POLICIES)}, not {functions!r}")
@@ -425,9 +460,10 @@ class Executor(cf.Executor):
         self._sock.connect(self.address)
         self._sock_fd = cast(int, self._sock.getsockopt(zmq.FD))
         self._name = name or f"{os.uname().nodename}-{os.getpid()}"
+        self._run = run or ""
         try:
-            welcome = _handshake(self._sock, self.address, {"name": self._name},
-                                 connect_timeout, bundle)
+            welcome = _handshake(self._sock, self.address, {"name": self._name} | (
+                {"run": self._run} if self._run else {}), connect_timeout, bundle)
         except BaseException:
             self._sock.close(0)
             self._ctx.term()
@@ -447,7 +483,7 @@ class Executor(cf.Executor):
         self._sinks: weakref.WeakSet[_MapSink] = weakref.WeakSet()  # of live map calls
         # The session's rules (streams, resends, registering again): used under the lock.
         self._session = ClientSession(welcome.key, self._name, self._blobs, self._hints,
-                                      self._stored)
+                                      self._stored, self._run)
         self._outbox: collections.deque[tuple] = collections.deque()
         self._unsent: collections.deque[bytes] = collections.deque()  # frames zmq refused
         self._waker = Waker()

@@ -51,9 +51,11 @@ class ClientSession:
     """One client's session state; see the module docstring."""
 
     def __init__(self, key: int, name: str, blobs: Mapping[int, bytes],
-                 hints: Mapping[int, str], functions: Mapping[bytes, bytes] = {}) -> None:
+                 hints: Mapping[int, str], functions: Mapping[bytes, bytes] = {},
+                 run: str = "") -> None:
         self.key = key
         self.name = name
+        self.run = run  # the run's label (HELLO ``run``): zfalkon runs shows it
         self.blobs = blobs  # pending tasks' blobs (the owner's)
         self.hints = hints  # data hints of pending tasks that have one (the owner's)
         #: The pickles of the functions its tasks by digest call (the owner's), and the
@@ -151,6 +153,8 @@ class ClientSession:
         self.token = b""
         self.told = 0
         info: dict = {"name": self.name}
+        if self.run:
+            info["run"] = self.run
         if self.key:
             info["key"] = self.key
         self.out.append(P.hello(P.ROLE_CLIENT, info))

@@ -143,6 +143,11 @@ STATUS_BYTES_PER_TICK = 1024 * 1024
 STATUS_MAX_WORKERS = 32
 STATUS_MAX_TAGS = 8
 STATUS_MAX_BYTES = 96 * 1024
+#: STATUS ``runs`` lists at most this many runs (newest first), within
+#: STATUS_RUNS_BYTES of the STATUS_MAX_BYTES (the worker list gets the rest); the others
+#: are counted in ``runs_omitted``.
+STATUS_MAX_RUNS = 64
+STATUS_RUNS_BYTES = 32 * 1024
 #: Live tasks (queued, running, or delivered and not acknowledged) one client may have;
 #: past any of these a SUBMIT frame is not accepted (not acknowledged: the client sends
 #: it again later) and the client is told ERROR ``limit``: backpressure, nothing is lost.
@@ -248,6 +253,22 @@ class Client:
     #: The key of its session's acknowledgement tokens (:func:`ack_token`): new at each
     #: HELLO (its stream's numbers start again from 1), never sent, never journaled.
     secret: bytes = field(default_factory=lambda: os.urandom(16))
+    #: Its *run* (``zfalkon runs``): the label from HELLO ``run``; an observer (HELLO
+    #: ``observer``: a status or cancel connection) is not counted as a client.
+    run: str = ""
+    observer: bool = False
+    #: The run's counters, kept per event (O(1), or O(1) per key in a frame):
+    #: ``queued``: its live tasks in the queue or parked and not cancelled; ``held``: its
+    #: tasks slots hold (running or prefetched, live or not); ``done``/``failed``:
+    #: results accepted for it (from slots, or made by the broker for a lost or crashed
+    #: slot); ``cancelled``: tasks cancelled before any slot had them; ``tasks``:
+    #: tasks accepted.
+    queued: int = 0
+    held: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    tasks: int = 0
 
 
 def ack_token(secret: bytes, seq: int) -> bytes:
@@ -319,6 +340,17 @@ def worker_info(info: dict) -> dict | None:
         value = info.get(name)
         kept[name] = value if type(value) is int else None
     return kept
+
+
+_FAILED_KINDS = frozenset((payload.RESULT_ERROR, payload.RESULT_TIMEOUT,
+                           payload.RESULT_CRASHED, payload.RESULT_LOST))
+
+
+def _failures(blobs: list[bytes]) -> int:
+    """How many of these results are failures (docs/protocol.md, section 5), read from
+    each blob's kind (a result with captured output counts as its kind 7: not failed)."""
+    kinds = _FAILED_KINDS
+    return sum(1 for b in blobs if len(b) > 1 and b[1] in kinds)
 
 
 class BrokerCore:
@@ -407,10 +439,11 @@ class BrokerCore:
             P.StatusRequest: self._on_status, P.Heartbeat: self._on_heartbeat,
             P.Bye: self._on_bye, P.SlotLost: self._on_slot_lost, P.Ping: self._on_ping,
             P.Drain: self._on_drain, P.Holding: self._on_holding, P.Ack: self._on_ack,
-            P.Resend: self._on_resend,
+            P.Resend: self._on_resend, P.CancelRun: self._on_cancel_run,
         }
         self._allowed: dict[type, tuple[type, ...]] = {
-            P.Submit: (Client,), P.Cancel: (Client,), P.Results: (Slot,),
+            P.Submit: (Client,), P.Cancel: (Client,), P.CancelRun: (Client,),
+            P.Results: (Slot,),
             P.Heartbeat: (Worker,), P.SlotLost: (Worker, Slot), P.Drain: (Worker,),
             P.Holding: (Slot,), P.Ack: (Client, Slot), P.Resend: (Client, Slot),
         }
@@ -439,6 +472,7 @@ class BrokerCore:
             client = self.clients[key] = Client(b"", key, "", now, quiet=True, submitted=True)
             ids, blobs = by_key.get(key, ([], []))
             client.live_tasks, client.task_bytes = counts[key] + len(ids), sizes[key]
+            client.queued = client.tasks = counts[key]
             self._store(client, list(got.functions.get(key, {}).items()), journal=False)
             for i in range(0, len(ids), MAX_BATCH):
                 client.tx.push(("", ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]))
@@ -699,8 +733,11 @@ class BrokerCore:
             self._purge({key})
         name = info.get("name")
         name = name[:MAX_NAME_CHARS] if type(name) is str else ""
+        run = info.get("run")
+        run = run[:MAX_NAME_CHARS] if type(run) is str else ""
+        observer = info.get("observer") is True
         if record is None:
-            record = Client(ident, key, name, now)
+            record = Client(ident, key, name, now, run=run, observer=observer)
             self.clients[key] = record
             self._idle[key] = None  # (until it has tasks accepted)
             if len(self._idle) > self.max_idle_clients:
@@ -713,6 +750,7 @@ class BrokerCore:
             if record.ident and record.ident != ident:
                 self.peers.pop(record.ident, None)
             record.ident, record.name, record.last_heard, record.quiet = ident, name, now, False
+            record.run, record.observer = run, observer
         self.peers[ident] = record
         # A new session: streams start again. Results it has not acknowledged go first,
         # before WELCOME, so that it does not submit those tasks again.
@@ -823,23 +861,32 @@ class BrokerCore:
         if not fresh:  # queue each task once
             seen: set[int] = set()
             keep = []
+            revived = []
             for i, tid in enumerate(ids):
                 if tid in cancelled and tid not in live:  # submitted again after a cancel
                     cancelled.discard(tid)  # (DROP): its copy still queued (or running)
                     live.add(tid)  # is wanted again. (A live one has a CANCELLED result
                     self.recorder.submit([tid], [blobs[i]])  # on its way: it stays so.)
+                    revived.append(tid)
                 elif tid not in live and tid not in seen:
                     seen.add(tid)
                     keep.append(i)
             live.update(seen)
             self.duplicate_submits += len(ids) - len(keep)
             client.live_tasks += len(live) - before
+            client.queued += len(keep)
+            client.tasks += len(keep)
+            if revived:  # (counted queued again unless a slot holds its copy)
+                held = self._dispatched() if client.held else set()
+                client.queued += sum(1 for t in revived if t not in held)
             if not keep:
                 return
             ids, blobs = [ids[i] for i in keep], [blobs[i] for i in keep]
             hints = [hints[i] for i in keep] if hints else hints
         else:
             client.live_tasks += len(ids)
+            client.queued += len(ids)
+            client.tasks += len(ids)
         self.recorder.submit(ids, blobs)
         self.submitted += len(ids)
         if not client.submitted:
@@ -1040,21 +1087,91 @@ class BrokerCore:
             self._dropped_tasks += len(ids)
             if exact:  # results: live until acknowledged, journaled (a restart keeps them)
                 self._exact_dead.update(ids)  # (no longer in ``cancelled`` once acknowledged)
-                for i in range(0, len(ids), MAX_BATCH):
-                    chunk = ids[i:i + MAX_BATCH]
-                    blobs = [payload.CANCELLED] * len(chunk)
-                    if not client.quiet:  # (else _send_deliver journals them)
-                        self.recorder.held(chunk, blobs)
-                        if client.journaled == client.tx.seq:
-                            client.journaled += 1
-                    self._send_deliver(client, "", chunk, blobs)
+                client.queued -= len(ids)  # (none of them is held by a slot)
+                client.cancelled += len(ids)
+                self._cancelled_results(client, ids)
             else:  # not live any more: skipped if queued, its result dropped if running
+                holding = self._dispatched() if client.held else set()
+                queued = sum(1 for t in ids if t not in holding)
+                client.queued -= queued
+                client.cancelled += queued
                 self.recorder.done(ids)
                 live.difference_update(ids)
                 self._untrack(client, len(ids))
             if self._dropped_bytes > MAX_CANCELLED_QUEUED_BYTES or \
                     self._dropped_tasks > MAX_CANCELLED_QUEUED:
                 self._purge_cancelled()
+
+    def _cancelled_results(self, client: Client, ids: list[int]) -> None:
+        """A CANCELLED result for each of these tasks in the client's stream: live until
+        acknowledged, journaled as HELD (a restart keeps them)."""
+        for i in range(0, len(ids), MAX_BATCH):
+            chunk = ids[i:i + MAX_BATCH]
+            blobs = [payload.CANCELLED] * len(chunk)
+            if not client.quiet:  # (else _send_deliver journals them)
+                self.recorder.held(chunk, blobs)
+                if client.journaled == client.tx.seq:
+                    client.journaled += 1
+            self._send_deliver(client, "", chunk, blobs)
+
+    def _on_cancel_run(self, asker: Client, msg: P.CancelRun, now: float) -> None:
+        """CANCEL_RUN: a client (``zfalkon cancel``) cancels a run, its own or another
+        session's of the same CURVE identity (without keys, anyone's)."""
+        if not self._afford(asker.ident):
+            return
+        client = self.clients.get(msg.key) if type(msg.key) is int else None
+        if client is None or not client.submitted:
+            self.refuse(asker.ident, ProtocolError(
+                f"no run {P.short(msg.key)} (a client key with tasks) on this broker",
+                "unknown-run"))
+            return
+        if self.key_owner.get(msg.key, "") != self.bound.get(asker.ident, ""):
+            self.refuse(asker.ident, ProtocolError(
+                f"run {msg.key} belongs to another key", "unauthorized"))
+            return
+        queued, killing = self.cancel_run(client, kill=msg.mode == P.CANCEL_KILL)
+        log.info("run %d (%s) cancelled by client %d: %d queued tasks removed, %d being "
+                 "killed", client.key, client.run or client.name, asker.key, queued, killing)
+        self.outbox.append((asker.ident, P.RunCancelled(client.key, queued, killing)))
+
+    def cancel_run(self, client: Client, kill: bool = True) -> tuple[int, int]:
+        """Cancel a run: remove its queued (and parked) tasks from the queue, each with a
+        CANCELLED result in its stream; with ``kill``, tell the slots holding its live
+        tasks to kill them (each then ends as for CANCEL mode 2). Returns ``(queued
+        tasks cancelled, held tasks being killed)``. O(queue + held): not on the hot
+        path."""
+        key, live, cancelled = client.key, self.live, self.cancelled
+        removed = self.queue.remove({key})
+        if key in self.parked:
+            ids, _ = self.parked[key]
+            self.parked[key] = ([], [])
+            self.parked_count -= len(ids)
+            removed += ids
+        if cancelled:  # (their copies are gone: a dropped one is done with for good)
+            cancelled.difference_update([t for t in removed if t not in live])
+        wanted = [t for t in removed if t in live and t not in cancelled]
+        if wanted and client.tx.unacked:  # (one whose result is on its way is done)
+            done = {t for _, (_, tids, _) in client.tx.unacked for t in tids}
+            wanted = [t for t in wanted if t not in done]
+        if wanted:
+            wanted.sort()
+            client.queued -= len(wanted)
+            client.cancelled += len(wanted)
+            if self.maybe_ran:
+                self.maybe_ran.difference_update(wanted)
+            self._cancelled_results(client, wanted)
+        killing = 0
+        if kill and client.held:
+            for worker in self.workers.values():
+                for slot in worker.slots.values():
+                    mine = [t for t in slot.inflight if t >> P.ID_SHIFT == key]
+                    if mine:
+                        doomed = [t for t in mine if t in live]  # (the others' results
+                        self.killing.update(doomed)  # are dropped anyway)
+                        killing += len(doomed)
+                        if slot.ident in self.peers:
+                            self._send_tasks(slot, [], [], [], mine)
+        return len(wanted), killing
 
     def _purge_cancelled(self) -> None:
         """Remove from the queue (and the parked tasks) every cancelled task that waits
@@ -1332,9 +1449,16 @@ class BrokerCore:
                 self._shed(client, max(0, had - over), sent=True)
                 held -= had - client.held_bytes
 
-    def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes]) -> None:
+    def _deliver(self, key: int, worker: str, ids: list[int], blobs: list[bytes],
+                 count: bool = True) -> None:
         """Finished tasks: into their client's stream (dropped if cancelled, or if the
-        client is gone)."""
+        client is gone). ``count``: results made by the broker (a lost or crashed slot, a
+        killed task taken back) count in the run's ``done`` and ``failed`` here."""
+        if count:
+            run = self.clients.get(key)
+            if run is not None:
+                run.done += len(ids)
+                run.failed += _failures(blobs)
         if self.maybe_ran:
             self.maybe_ran.difference_update(ids)
         if self.announced:
@@ -1403,9 +1527,9 @@ class BrokerCore:
             for worker in self.workers.values():
                 for slot in worker.slots.values():
                     ids = [t for t in slot.inflight if t >> P.ID_SHIFT == key]
-                    if ids:
-                        live.difference_update(ids)
-                        self._revoke(slot, ids)
+                    if ids:  # taken back, and killed if running (TASKS kill: nobody
+                        live.difference_update(ids)  # wants their results)
+                        self._revoke(slot, ids, kill=True)
                         self._make_ready(slot)
         if client.functions:
             self.function_bytes -= client.function_bytes
@@ -1457,8 +1581,16 @@ class BrokerCore:
                     for tid in ids:
                         self.attempts.pop(tid, None)
                         self.crashes.pop(tid, None)
+            clients = self.clients
             for key, (ids, blobs) in groups.items():
-                self._deliver(key, slot.name, ids, blobs)
+                run = clients.get(key)
+                if run is not None:
+                    run.held -= len(ids)
+                    run.done += len(ids)
+                    if msg.failed:  # (the slot's count if the frame is all this run's)
+                        run.failed += min(max(msg.failed, 0), len(ids)) \
+                            if len(groups) == 1 else _failures(blobs)
+                self._deliver(key, slot.name, ids, blobs, False)
         if not slot.ready and not slot.stalled and len(inflight) < slot.window:
             self._make_ready(slot)
 
@@ -1467,6 +1599,33 @@ class BrokerCore:
         if len(data) < MAX_DATA_KEYS:
             data.update(k for k in msg.keys[:MAX_DATA_KEYS - len(data)]
                         if len(k) <= MAX_DATA_KEY_CHARS)
+
+    def _hold_runs(self, ids: list[int]) -> None:
+        """Slots took these queued tasks (of several runs): count them per run."""
+        clients, shift = self.clients, P.ID_SHIFT
+        for key, n in collections.Counter(t >> shift for t in ids).items():
+            run = clients.get(key)
+            if run is not None:
+                run.queued -= n
+                run.held += n
+
+    def _unhold(self, ids) -> None:
+        """Slots no longer hold these tasks (taken back, or lost with their slot)."""
+        clients, shift = self.clients, P.ID_SHIFT
+        for key, n in collections.Counter(t >> shift for t in ids).items():
+            run = clients.get(key)
+            if run is not None:
+                run.held -= n
+
+    def _queued_again(self, ids) -> None:
+        """These tasks go back to the queue: the live ones not cancelled count as queued
+        in their runs again."""
+        live, cancelled, clients, shift = self.live, self.cancelled, self.clients, P.ID_SHIFT
+        for key, n in collections.Counter(
+                t >> shift for t in ids if t in live and t not in cancelled).items():
+            run = clients.get(key)
+            if run is not None:
+                run.queued += n
 
     def _make_ready(self, slot: Slot) -> None:
         if not slot.ready and not slot.worker.draining and len(slot.inflight) < slot.window:
@@ -1499,14 +1658,18 @@ class BrokerCore:
         them again at the head. ``lost``: each counts an attempt (see :meth:`_requeue`)."""
         self._requeue(self._revoke(slot, ids), slot.name if lost else None)
 
-    def _revoke(self, slot: Slot, ids: list[int]) -> dict[int, bytes]:
-        """Take tasks away from a slot and tell it (it drops them unless started); return
-        them, in order."""
+    def _revoke(self, slot: Slot, ids: list[int], kill: bool = False) -> dict[int, bytes]:
+        """Take tasks away from a slot and tell it (it drops them unless started; with
+        ``kill``, it kills them if started); return them, in order."""
         inflight = slot.inflight
         tasks = {t: inflight.pop(t) for t in ids}
         self.running -= len(tasks)
+        self._unhold(tasks)
         if slot.ident in self.peers:
-            self._send_tasks(slot, [], [], ids)
+            if kill:
+                self._send_tasks(slot, [], [], [], ids)
+            else:
+                self._send_tasks(slot, [], [], ids)
         return tasks
 
     def _requeue(self, tasks: dict[int, bytes], lost_on: str | None = None) -> None:
@@ -1535,6 +1698,7 @@ class BrokerCore:
                     attempts[tid] = n
         if tasks:
             self.maybe_ran.update(tasks)
+            self._queued_again(tasks)
             self.queue.push_front(list(tasks), list(tasks.values()))
 
     def _steal(self, now: float) -> None:
@@ -1591,6 +1755,14 @@ class BrokerCore:
                 slot.lease = max(slot.lease, now + LEASE_SECONDS)
             slot.inflight.update(zip(ids, blobs))
             self.running += len(ids)
+            key = queue.taken_key  # (the run counters: one lookup for a frame of one run)
+            if key >= 0:
+                run = self.clients.get(key)
+                if run is not None:
+                    run.queued -= len(ids)
+                    run.held += len(ids)
+            else:
+                self._hold_runs(ids)
             self._send_tasks(slot, ids, blobs, [], None, functions)
             if len(slot.inflight) >= min(slot.window, cap):
                 ready.popleft()
@@ -1682,6 +1854,7 @@ class BrokerCore:
         WorkerCrashed naming it and every crash (quarantined: no other slot gets it)."""
         blob = slot.inflight.pop(tid)
         self.running -= 1
+        self._unhold((tid,))
         if tid in self.killing:  # (cancelled by force meanwhile: it ends CANCELLED)
             self._requeue({tid: blob})
             return
@@ -1717,7 +1890,7 @@ class BrokerCore:
         full = bool(msg.token) and hmac.compare_digest(msg.token, tokens.get(ident, b"")) \
             and self._status_bytes[ident] < STATUS_BYTES_PER_TICK
         tokens[ident] = token = os.urandom(8)
-        answer = P.Status(self.status(now, full), token)
+        answer = P.Status(self.status(now, peer, full), token)
         if full:
             self._status_bytes[ident] += len(P.encode(answer))
         self.outbox.append((ident, answer))
@@ -1764,6 +1937,7 @@ class BrokerCore:
             self._owed.pop(peer, None)
             if peer.inflight:
                 self.running -= len(peer.inflight)
+                self._unhold(peer.inflight)
                 self._requeue(peer.inflight, peer.name if lost else None)
                 peer.inflight = {}
         elif type(peer) is Worker:
@@ -1799,24 +1973,36 @@ class BrokerCore:
             for _, (_, ids, blobs) in client.tx.unacked:
                 yield ids, blobs
 
-    def status(self, now: float, full: bool = True) -> dict:
-        """Counters and workers, as answered to STATUS (documented in docs/protocol.md);
-        not ``full``: no worker list (``partial``)."""
+    def status(self, now: float, asker: Peer | None = None, full: bool = True) -> dict:
+        """Counters, workers and runs, as answered to STATUS (documented in
+        docs/protocol.md). ``asker``: the peer asking, not counted as a client; not
+        ``full``: no worker or run list (``partial``).
+
+        A slot runs its tasks one at a time, oldest first: of the tasks a slot holds, the
+        oldest is counted ``running`` (started), the others ``prefetched``. O(workers +
+        slots + clients): the per-run counters are kept as events happen."""
         rate = 0.0
+        window = 0.0
         if len(self._rate) >= 2:
             (t0, d0), (t1, d1) = self._rate[0], self._rate[-1]
-            rate = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+            window = t1 - t0
+            rate = (d1 - d0) / window if window > 0 else 0.0
+        runs, runs_omitted, size, started = self._runs(now)
         workers: list[dict] = []
-        size = omitted = 0
+        omitted = 0
+        if not full:
+            runs_omitted, runs = runs_omitted + len(runs), []
         for w in self.workers.values() if full else ():
             if size > STATUS_MAX_BYTES:
                 omitted += 1
                 continue
             info = w.info
+            held = sum(len(s.inflight) for s in w.slots.values())
+            running = sum(1 for s in w.slots.values() if s.inflight)
             entry = {
                 "name": info.get("name"), "slots": info.get("slots"),
                 "connected_slots": len(w.slots),
-                "running": sum(len(s.inflight) for s in w.slots.values()), "done": w.done,
+                "running": running, "prefetched": held - running, "done": w.done,
                 "draining": w.draining}
             if len(workers) < STATUS_MAX_WORKERS:
                 tags = info.get("tags", [])
@@ -1836,21 +2022,64 @@ class BrokerCore:
                 continue
             size += n
             workers.append(entry)
+        counted = [c for c in self.clients.values() if not c.observer and c is not asker]
         return {
             "version": __version__, "protocol": PROTOCOL_VERSION,
             "uptime": round(now - self.started, 3),
-            "clients": sum(1 for c in self.clients.values() if c.ident and not c.quiet),
-            "away_clients": sum(1 for c in self.clients.values() if not c.ident or c.quiet),
+            "clients": sum(1 for c in counted if c.ident and not c.quiet),
+            "away_clients": sum(1 for c in counted if not c.ident or c.quiet),
             "workers": len(self.workers),
             "slots": sum(len(w.slots) for w in self.workers.values()),
             "queued": len(self.queue) + self.parked_count, "dispatch": self.queue.policy,
-            "running": self.running, "parked": self.parked_count,
+            "running": started, "prefetched": self.running - started,
+            "parked": self.parked_count,
             "submitted": self.submitted, "done": self.done, "failed": self.failed,
-            "tasks_per_second": round(rate, 1), "worker_list": workers,
+            "tasks_per_second": round(rate, 1), "rate_window_seconds": round(window, 1),
+            "worker_list": workers,
             "workers_omitted": omitted if full else len(self.workers), "partial": not full,
+            "runs": runs, "runs_omitted": runs_omitted,
+            "hold_seconds": self.hold_seconds,
             "expired_leases": self.expired_leases, "stolen": self.stolen,
             "unacknowledged_results": sum(
                 len(ids) for c in self.clients.values() for _, (_, ids, _) in c.tx.unacked),
             "duplicate_submits": self.duplicate_submits, "dropped_results": self.dropped_results,
             "journal": self.recorder.stats(),
         }
+
+    def _runs(self, now: float) -> tuple[list[dict], int, int, int]:
+        """STATUS ``runs``: the newest STATUS_MAX_RUNS runs (clients that have had tasks
+        accepted) within STATUS_RUNS_BYTES; with how many more there are, the bytes
+        listed, and the tasks slots have started (over all runs)."""
+        started: collections.Counter[int] = collections.Counter()
+        shift = P.ID_SHIFT
+        for w in self.workers.values():
+            for s in w.slots.values():
+                if s.inflight:
+                    started[next(iter(s.inflight)) >> shift] += 1
+        runs: list[dict] = []
+        size = omitted = 0
+        for key in sorted((k for k, c in self.clients.items() if c.submitted),
+                          reverse=True):
+            if len(runs) >= STATUS_MAX_RUNS or size > STATUS_RUNS_BYTES:
+                omitted += 1
+                continue
+            c = self.clients[key]
+            away = not c.ident or c.quiet
+            running = started[key]
+            entry = {
+                "id": key, "name": c.name, "run": c.run,
+                "state": "away" if away else "connected",
+                "silent_seconds": round(now - c.last_heard, 1),
+                "queued": c.queued, "running": running, "prefetched": c.held - running,
+                "done": c.done, "failed": c.failed, "cancelled": c.cancelled,
+                "submitted": c.tasks, "unacknowledged": len(c.tx) and sum(
+                    len(ids) for _, (_, ids, _) in c.tx.unacked)}
+            n = len(msgpack.packb(entry))
+            if size + n > STATUS_RUNS_BYTES:
+                size = STATUS_RUNS_BYTES + 1
+                omitted += 1
+                continue
+            size += n
+            runs.append(entry)
+        return runs, omitted, size if size <= STATUS_RUNS_BYTES else STATUS_RUNS_BYTES, \
+            sum(started.values())

@@ -35,7 +35,10 @@ ID_SHIFT = 40
 class Hello(NamedTuple):
     """First message of every peer: who it is and which protocol it speaks.
 
-    ``info`` by role: client ``{"name"}``; worker ``{"worker_id", "name", "hostname",
+    ``info`` by role: client ``{"name"}``, optionally ``"run"`` (a label for the run
+    its session is: ``zfalkon runs``), ``"observer": True`` (a connection that only
+    asks STATUS or CANCEL_RUN: not counted as a client) and ``"key"`` (its old key, when
+    registering again); worker ``{"worker_id", "name", "hostname",
     "slots", "cpus", "memory", "tags", "pid"}``; slot ``{"worker_id", "slot"}``.
     """
 
@@ -174,6 +177,28 @@ class StatusRequest(NamedTuple):
     token: bytes = b""
 
 
+class CancelRun(NamedTuple):
+    """Client -> broker: cancel the *run* (client session) with client key ``key``: its
+    queued tasks are removed (each gets a CANCELLED result in that client's stream) and,
+    with ``mode`` CANCEL_KILL, the slots holding its other tasks are told to kill them
+    (TASKS ``kill``); with CANCEL_IF_QUEUED those run on. Allowed only for a key that
+    the asker's CURVE identity owns (without keys: anyone). Answered by RUN_CANCELLED,
+    or ERROR ``unauthorized`` / ``unknown-run``."""
+
+    key: int
+    mode: int = CANCEL_KILL
+
+
+class RunCancelled(NamedTuple):
+    """Broker -> client: the answer to CANCEL_RUN: ``queued`` tasks of run ``key`` were
+    removed from the queue (cancelled), ``killing`` running or prefetched ones are being
+    killed by their slots."""
+
+    key: int
+    queued: int
+    killing: int
+
+
 class Status(NamedTuple):
     """Broker -> peer: counters and the worker list (see ``BrokerCore.status``). Without
     a proof of reading the previous answer (StatusRequest ``token``) the answer is the
@@ -268,7 +293,7 @@ class Resend(NamedTuple):
 Message = Union[
     Hello, Welcome, Error, Submit, Tasks, Results, Deliver, Cancel,
     StatusRequest, Status, Heartbeat, Bye, SlotLost, Ping, Pong, Drain, Holding, Ack, Resend,
-    Started,
+    Started, CancelRun, RunCancelled,
 ]
 
 TAGS: dict[type, int] = {
@@ -292,6 +317,8 @@ TAGS: dict[type, int] = {
     Ack: 19,
     Resend: 20,
     Started: 21,
+    CancelRun: 22,
+    RunCancelled: 23,
 }
 """Each message type's tag: field 0 of its frame. Tags are never reused."""
 
@@ -311,6 +338,7 @@ ERROR_CODES = {
     "unauthorized": "the peer's key may not do this (wrong role, or another key's routing id)",
     "too-large": "a control frame (HELLO, PING, ...) over its size limit",
     "limit": "the peer asked for more than the broker keeps for one peer (see docs/protocol.md)",
+    "unknown-run": "CANCEL_RUN names no run (client key with tasks) the broker knows",
     JOURNAL_UNAVAILABLE: "the broker cannot write its journal (disk full or failing): the "
                            "SUBMIT was not accepted; the client keeps the tasks and its stream "
                            "sends them again",
@@ -437,7 +465,8 @@ _FRAME_CAPS: dict[int, int] = {
     TAGS[Hello]: MAX_HELLO_BYTES, TAGS[Heartbeat]: MAX_HEARTBEAT_BYTES,
     TAGS[Holding]: MAX_HOLDING_BYTES,
     **{TAGS[c]: MAX_CONTROL_BYTES for c in (StatusRequest, Bye, SlotLost, Ping, Pong, Drain,
-                                            Ack, Resend, Error, Welcome)},
+                                            Ack, Resend, Error, Welcome, CancelRun,
+                                            RunCancelled)},
 }
 
 

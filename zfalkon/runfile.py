@@ -417,6 +417,9 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str | list[str], di
         line, options = task
         flying.pop(future, None)
         tries = attempts.get(line, 1)
+        if future.cancelled():  # (not by us: the run was cancelled on the broker)
+            flying[future] = line
+            raise Stopped(Stop("the run was cancelled on the broker (zfalkon cancel)"))
         rec = record(line, command, future, tries)  # raises the client's own error
         if rec["exit_code"] != 0 and tries <= retries:
             attempts[line] = tries + 1

@@ -33,21 +33,27 @@ class FifoQueue:
     policy = "fifo"
 
     def __init__(self) -> None:
-        self._chunks: collections.deque[list] = collections.deque()  # [ids, blobs, pos]
+        #: [ids, blobs, pos, key]: ``key`` the client key of every id in the chunk (a
+        #: SUBMIT frame's ids all carry their client's key), -1 if they may differ
+        self._chunks: collections.deque[list] = collections.deque()
         self.count = 0  #: tasks queued (including ones the core will drop when taken)
+        #: The client key of every task the last ``take`` returned, -1 if they may differ:
+        #: the core counts them per run at one lookup a frame (not one per task).
+        self.taken_key = -1
 
     def __len__(self) -> int:
         return self.count
 
     def add(self, ids: list[int], blobs: list[bytes], hints: list[str]) -> None:
-        """Queue tasks at the tail (``hints``: one data key per task, or empty)."""
-        self._chunks.append([ids, blobs, 0])
+        """Queue tasks at the tail (``hints``: one data key per task, or empty). They are
+        one client's (its SUBMIT frame, checked by the core)."""
+        self._chunks.append([ids, blobs, 0, ids[0] >> ID_SHIFT if ids else -1])
         self.count += len(ids)
 
     def push_front(self, ids: list[int], blobs: list[bytes]) -> None:
         """Queue tasks at the head, in this order (requeued after a slot lost them)."""
         if ids:
-            self._chunks.appendleft([ids, blobs, 0])
+            self._chunks.appendleft([ids, blobs, 0, -1])
             self.count += len(ids)
 
     def take(self, held: set[str], n: int) -> Batch:
@@ -58,9 +64,12 @@ class FifoQueue:
         ids: list[int] = []
         blobs: list[bytes] = []
         chunks = self._chunks
+        key = None
         while n > 0 and chunks and size < FRAME_SOFT_BYTES:
             chunk = chunks[0]
-            cids, cblobs, pos = chunk
+            cids, cblobs, pos, ckey = chunk
+            if key != ckey:
+                key = ckey if key is None else -1
             end = min(pos + n, len(cids))
             part = cblobs[pos:end]
             part_size = sum(map(len, part))
@@ -84,6 +93,7 @@ class FifoQueue:
             else:
                 chunk[2] = end
         self.count -= len(ids)
+        self.taken_key = -1 if key is None else key
         return ids, blobs
 
     def remove(self, dead: "set[int]", ids: "set[int] | None" = None) -> list[int]:
@@ -92,21 +102,21 @@ class FifoQueue:
         gone = _gone(dead, ids)
         removed: list[int] = []
         kept: collections.deque[list] = collections.deque()
-        for tids, blobs, pos in self._chunks:
+        for tids, blobs, pos, key in self._chunks:
             keep = [i for i in range(pos, len(tids)) if not gone(tids[i])]
             if len(keep) < len(tids) - pos:
                 removed += [tids[i] for i in range(pos, len(tids)) if gone(tids[i])]
                 if keep:
-                    kept.append([[tids[i] for i in keep], [blobs[i] for i in keep], 0])
+                    kept.append([[tids[i] for i in keep], [blobs[i] for i in keep], 0, key])
             else:
-                kept.append([tids, blobs, pos])
+                kept.append([tids, blobs, pos, key])
         self._chunks = kept
         self.count -= len(removed)
         return removed
 
     def batches(self) -> Iterator[Batch]:
         """Every queued task, in order, in batches of at most MAX_BATCH (for snapshots)."""
-        for ids, blobs, pos in self._chunks:
+        for ids, blobs, pos, _ in self._chunks:
             for i in range(pos, len(ids), MAX_BATCH):
                 yield ids[i:i + MAX_BATCH], blobs[i:i + MAX_BATCH]
 
@@ -146,6 +156,7 @@ class DataAwareQueue(FifoQueue):
         if len(ids) < n and self._local:
             more = self._take_local(None, n - len(ids))
             ids, blobs = ids + more[0], blobs + more[1]
+        self.taken_key = -1  # (data-keyed tasks: anyone's)
         return ids, blobs
 
     def _take_local(self, held: set[str] | None, n: int) -> Batch:

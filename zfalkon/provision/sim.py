@@ -16,6 +16,10 @@ instance it reports running is "booted" by running its rendered user-data in a s
 What is simulated, and so not proven here: systemd (the sandbox runs the vm-agent in the
 foreground), the pip install of zfalkon (the sandbox uses this interpreter's), and the
 real network between EC2 and the broker.
+
+``python -m zfalkon.provision.sim [--port 5000]`` runs the three until Ctrl-C, to try
+``zfalkon ec2 up --endpoint-url http://127.0.0.1:5000`` by hand (README, "Try it on a
+simulated cloud"). It needs the ``sim`` extra (moto, boto3, PyYAML).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ def _free_port() -> int:
 class MotoServer:
     """moto's server mode on 127.0.0.1 (AWS over real HTTP), as a child process."""
 
-    def __init__(self, startup_timeout: float = 30.0) -> None:
-        self.port = _free_port()
+    def __init__(self, startup_timeout: float = 30.0, port: int = 0) -> None:
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -267,3 +271,49 @@ class SimCloud:
         for iid, proc in list(self.vms.items()):
             self._shutdown(iid, proc, grace=10.0)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+#: An image id moto's EC2 knows (the simulated instances boot this package, whatever
+#: the image).
+SIM_AMI = "ami-03cf127a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m zfalkon.provision.sim``: a simulated EC2 on 127.0.0.1 until Ctrl-C."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m zfalkon.provision.sim",
+        description="A simulated EC2 on 127.0.0.1 (moto's server) that boots every "
+                    "instance it runs as a local worker VM (a sandboxed process running "
+                    "the real user-data), until Ctrl-C or SIGTERM; then the VMs are "
+                    "stopped and moto with them.")
+    parser.add_argument("--port", type=int, default=5000,
+                        help="port of the EC2 endpoint (default: 5000; 0: any free port)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s zfalkon-sim %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    server = MotoServer(port=args.port)
+    meta = FakeMetadata()
+    try:
+        ec2 = server.client()
+        ami = SIM_AMI if any(True for _ in ec2.describe_images(ImageIds=[SIM_AMI])[
+            "Images"]) else ec2.describe_images()["Images"][0]["ImageId"]
+        with SimCloud(ec2, meta):
+            print(f"simulated EC2 at {server.url} (region us-east-1; any credentials, "
+                  f"e.g. AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing); an "
+                  f"image to launch: --ami {ami}; Ctrl-C stops it", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                log.info("stopping the simulated VMs and moto")
+    finally:
+        meta.stop()
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
