@@ -304,7 +304,10 @@ def test_cancel_all_kills_python_and_shell_process_groups_and_exact_counts(tmp_p
     shell's background ``sleep``), every future ends cancelled, and of the queued marker
     tasks exactly those whose cancel the broker confirmed never run (here: all)."""
     py_pid, sh_pid, marks = tmp_path / "py.pid", tmp_path / "sh.pid", tmp_path / "marks"
-    with LocalCluster(workers=1, slots_per_worker=2, env=worker_env()) as cluster:
+    # (no sandbox: the PIDs the tasks write are then this machine's; in a sandbox the
+    # whole PID namespace dies with the host: tests/test_isolation.py)
+    with LocalCluster(workers=1, slots_per_worker=2,
+                      env=worker_env() | {"ZFALKON_SANDBOX": "none"}) as cluster:
         with Executor(cluster.address) as ex:
             fp = ex.submit("builtins:exec", SPAWN_CHILD.replace("PIDFILE", repr(str(py_pid))))
             fs = ex.shell(f"sleep 300 & echo $! > {sh_pid}; wait")

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (alive, broker_process, child_env, free_port, served_broker,
+from conftest import (alive, broker_process, child_env, free_port, outer_pid, served_broker,
                       stop_process, wait_until, worker_process)
 
 from zfalkon import Executor, cli, query_status, watch
@@ -474,18 +474,27 @@ def _nothing_left(address: str) -> bool:
 
 
 def _sleepers(tmp_path, n: int) -> tuple:
-    """A task file of ``n`` long tasks, each writing its shell's PID (it then execs sleep,
-    so the PID is the task's process) into ``pids/LINE``."""
+    """A task file of ``n`` long tasks, each writing its shell's PID and PID namespace
+    (it then execs sleep, so the PID is the task's process) into ``pids/LINE``."""
     pids = tmp_path / "pids"
     pids.mkdir()
     taskfile = tmp_path / "tasks.txt"
-    taskfile.write_text("".join(f"echo $$ > {pids}/{i}; exec sleep 120\n"
-                                for i in range(1, n + 1)))
+    taskfile.write_text("".join(
+        f"echo $$ $(stat -Lc %i /proc/self/ns/pid) > {pids}/{i}.tmp; "
+        f"mv {pids}/{i}.tmp {pids}/{i}; exec sleep 120\n" for i in range(1, n + 1)))
     return taskfile, pids
 
 
+def _started(pids) -> int:
+    """How many of the tasks started (wrote their PID)."""
+    return sum(1 for p in pids.iterdir() if not p.name.endswith(".tmp"))
+
+
 def _started_pids(pids) -> list[int]:
-    return [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]
+    """The PIDs here (outside a task host's sandbox) of the tasks that started."""
+    found = [outer_pid(tuple(map(int, p.read_text().split())))  # type: ignore[arg-type]
+             for p in pids.iterdir() if not p.name.endswith(".tmp")]
+    return [pid for pid in found if pid]
 
 
 def test_runs_lists_a_live_run_and_cancel_removes_its_queued_and_kills_its_running(tmp_path):
@@ -497,10 +506,12 @@ def test_runs_lists_a_live_run_and_cancel_removes_its_queued_and_kills_its_runni
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=child_env())
         try:
-            wait_until(lambda: len(_started_pids(pids)) == 2, 60, 0.1, "two tasks running")
+            wait_until(lambda: _started(pids) == 2, 60, 0.1, "two tasks running")
             entry = wait_until(lambda: (lambda r: r if r.get("running") == 2 else None)(
                 _runs(address).get("nightly", {})), 30, 0.2, "the run listed as running")
             assert entry["state"] == "connected" and entry["submitted"] == 12
+            started = _started_pids(pids)
+            assert len(started) == 2 and all(alive(p) for p in started)
             assert entry["queued"] + entry["prefetched"] == 10 and entry["done"] == 0
             table = zfalkon("runs", "--broker", address)
             assert table.returncode == 0 and "nightly" in table.stdout
@@ -518,10 +529,9 @@ def test_runs_lists_a_live_run_and_cancel_removes_its_queued_and_kills_its_runni
             stop_process(run)
         assert run.returncode == 4, err
         assert "the run was cancelled on the broker" in err and "Traceback" not in err
-        started = _started_pids(pids)
         wait_until(lambda: not any(alive(p) for p in started), 20, 0.1,
                    "the running tasks' processes killed")
-        assert len(started) == 2  # (no other task of the run ever started)
+        assert _started(pids) == 2  # (no other task of the run ever started)
         assert _nothing_left(address)
         again = zfalkon("cancel", str(entry["id"]), "--broker", address)
         assert again.returncode == 2 and "no run" in again.stderr  # (its client left)
@@ -535,7 +545,7 @@ def test_an_abandoned_run_is_cancelled_after_the_hold_time(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=child_env())
         try:
-            wait_until(lambda: len(_started_pids(pids)) == 2, 60, 0.1, "two tasks running")
+            wait_until(lambda: _started(pids) == 2, 60, 0.1, "two tasks running")
             wait_until(lambda: "orphan" in _runs(address), 30, 0.2, "the run listed")
             run.kill()  # SIGKILL: no BYE, it never comes back
             run.wait(10)
@@ -544,13 +554,13 @@ def test_an_abandoned_run_is_cancelled_after_the_hold_time(tmp_path):
                 _runs(address).get("orphan", {})), 10, 0.2, "the run away")
             assert entry["running"] == 2  # (held for its client: its tasks run on)
             started = _started_pids(pids)
-            assert all(alive(p) for p in started)
+            assert len(started) == 2 and all(alive(p) for p in started)
             wait_until(lambda: "orphan" not in _runs(address), 20, 0.2, "the run dropped")
             assert time.monotonic() - killed_at >= 3.0  # (not before the hold time)
             wait_until(lambda: _nothing_left(address), 10, 0.1, "nothing left of the run")
             wait_until(lambda: not any(alive(p) for p in started), 20, 0.1,
                        "its running tasks killed")
-            assert len(_started_pids(pids)) == 2
+            assert _started(pids) == 2
         finally:
             stop_process(run)
 
