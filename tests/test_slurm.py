@@ -277,7 +277,10 @@ def _worker_init() -> str:
     (a source tree, or the env's site-packages under tox) and tests/ on PYTHONPATH."""
     bindir = os.path.dirname(sys.executable)
     pythonpath = os.pathsep.join([SOURCE_ROOT, TESTS_DIR])
-    return f"export PATH={bindir}:$PATH\nexport PYTHONPATH={pythonpath}${{PYTHONPATH:+:$PYTHONPATH}}"
+    # (no task host sandbox: the test reads the apps' ancestry up to slurmstepd and their
+    # PIDs, which a host's own PID namespace hides)
+    return (f"export PATH={bindir}:$PATH\nexport PYTHONPATH={pythonpath}"
+            "${PYTHONPATH:+:$PYTHONPATH}\nexport ZFALKON_SANDBOX=none")
 
 
 def slurm_config(run_dir: str) -> Config:
