@@ -250,11 +250,14 @@ def test_bash_app_failures(dfk, tmp_path, monkeypatch):
     with pytest.raises(BashExitFailure) as info:
         _bash("exit 3", outputs=[made]).result(timeout=60)
     assert info.value.exitcode == 3
-    assert len(calls) == 10
+    with pytest.raises(BashExitFailure) as info:  # the wrapper waits: bash's 128+N
+        _bash("kill -9 $$", outputs=[made]).result(timeout=60)
+    assert info.value.exitcode == 128 + 9
+    assert len(calls) == 11
     # a body that raises runs the Python way: the worker raises Parsl's error for it
     with pytest.raises(AppBadFormatting):
         _bash_bad_format().result(timeout=60)
-    assert len(calls) == 10
+    assert len(calls) == 11
 
 
 def test_bash_apps_option():

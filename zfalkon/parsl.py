@@ -31,7 +31,8 @@ does what ``remote_side_bash_executor`` does on the worker: opens the ``stdout=`
 header on stderr), runs the command under ``/bin/bash``, and checks ``outputs=``. The
 outcome maps onto Parsl's: exit 0 returns 0, another exit status raises
 ``BashExitFailure`` with it (127 for a command not found, 126 for one not executable, -N
-for a command killed by signal N), a file that cannot be opened ``BadStdStreamFile``, a
+for a command killed by signal N, 128+N with ``outputs=``, where the wrapper waits for
+it to check them), a file that cannot be opened ``BadStdStreamFile``, a
 missing output ``MissingOutputs``, and the ``walltime=`` keyword (or ``walltime`` in the
 resource specification) becomes the task's zfalkon time limit, past which the command's
 whole process group is killed and Parsl sees ``AppTimeout``. A command's own process group
