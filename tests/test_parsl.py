@@ -139,3 +139,132 @@ def test_block_is_a_zfalkon_worker(dfk):
     assert executor.provider.resources, "the provider launched no block"
     command = executor._get_launch_command("7")
     assert " worker --broker " + executor.broker_address in command
+
+
+# -- bash apps as zfalkon shell tasks ------------------------------------------------------
+
+
+@parsl.bash_app
+def _bash(command, stdout=None, stderr=None, outputs=(), walltime=None,
+          parsl_resource_specification={}):
+    return command
+
+
+@parsl.bash_app
+def _bash_bad_format(stdout=None):
+    return "echo {}".format(*())  # IndexError: Parsl's AppBadFormatting
+
+
+def _shell_calls(dfk, monkeypatch):
+    """Count the zfalkon shell tasks the executor submits."""
+    client = dfk.executors["zfalkon_local"].executor
+    calls = []
+    real = client.shell
+
+    def shell(command, **kwargs):
+        calls.append(command)
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(client, "shell", shell)
+    return calls
+
+
+def test_bash_app_runs_as_a_shell_task(dfk, tmp_path, monkeypatch):
+    calls = _shell_calls(dfk, monkeypatch)
+    out = tmp_path / "out"
+    # A zfalkon shell task is its own session leader (Parsl's Popen would be in the slot's)
+    cmd = 'read -r _ _ _ _ _ sid _ < /proc/$$/stat; [ "$sid" = "$$" ] && echo leader; true'
+    assert _bash(cmd, stdout=str(out)).result(timeout=60) == 0
+    assert out.read_text() == "leader\n"
+    assert len(calls) == 1 and calls[0][:2] == ["/bin/bash", "-c"]
+
+
+def test_bash_app_process_group_is_killed(dfk, tmp_path, monkeypatch):
+    from parsl.app.errors import AppTimeout
+
+    calls = _shell_calls(dfk, monkeypatch)
+    # Each command leaves a background child that would touch a file 2 s later. (Its PID
+    # says nothing here: a worker may run its tasks in a PID namespace of its own.)
+    late = [tmp_path / "late1", tmp_path / "late2", tmp_path / "late3"]
+    # past its walltime, the command is killed with its process group
+    timed_out = _bash(f"(sleep 2; touch {late[0]}) & sleep 300", walltime=1)
+    # ... likewise past the resource specification's walltime
+    timed_out2 = _bash(f"(sleep 2; touch {late[1]}) & sleep 300",
+                       parsl_resource_specification={"walltime": 1})
+    # a command that exits leaves no background process behind either
+    exits = _bash(f"(sleep 2; touch {late[2]}) & true")
+    assert exits.result(timeout=60) == 0
+    with pytest.raises(AppTimeout, match="exceeded walltime: 1 seconds"):
+        timed_out.result(timeout=60)
+    with pytest.raises(AppTimeout):
+        timed_out2.result(timeout=60)
+    time.sleep(3)
+    assert not any(p.exists() for p in late)
+    assert len(calls) == 3
+
+
+def test_bash_app_std_files(dfk, tmp_path):
+    out, err = tmp_path / "new" / "dir" / "o.txt", tmp_path / "e.txt"
+    cmd = "echo to-out; echo to-err >&2"
+    assert _bash(cmd, stdout=str(out), stderr=str(err)).result(timeout=60) == 0
+    assert out.read_text() == "to-out\n"  # its directory made, as Parsl does
+    header = f"--> executable follows <--\n{cmd}\n--> end executable <--\n"
+    assert err.read_text() == header + "to-err\n"
+    # a str appends (Parsl's default mode, a+), a (path, "w") tuple truncates
+    assert _bash(cmd, stdout=str(out), stderr=str(err)).result(timeout=60) == 0
+    assert out.read_text() == "to-out\n" * 2
+    assert err.read_text() == (header + "to-err\n") * 2
+    assert _bash(cmd, stdout=(str(out), "w"), stderr=(str(err), "w")).result(timeout=60) == 0
+    assert out.read_text() == "to-out\n"
+    assert err.read_text() == header + "to-err\n"
+    # both streams to one file, as Parsl's two opens of it
+    both = tmp_path / "both.txt"
+    assert _bash("echo a; echo b >&2", stdout=str(both), stderr=str(both)).result(timeout=60) == 0
+    assert both.read_text() == "--> executable follows <--\necho a; echo b >&2\n" \
+        "--> end executable <--\na\nb\n"
+
+
+def test_bash_app_failures(dfk, tmp_path, monkeypatch):
+    from parsl.app.errors import AppBadFormatting, BadStdStreamFile, BashExitFailure, MissingOutputs
+    from parsl.data_provider.files import File
+
+    calls = _shell_calls(dfk, monkeypatch)
+    for cmd, code in (("exit 7", 7), ("catdogcat", 127), ("/dev/null", 126),
+                      ("$((5/0))", 1), ("kill -9 $$", -9)):
+        with pytest.raises(BashExitFailure) as info:
+            _bash(cmd, stderr=str(tmp_path / "err")).result(timeout=60)
+        assert info.value.exitcode == code, cmd
+        assert info.value.app_name == "_bash"
+    assert "catdogcat: command not found" in (tmp_path / "err").read_text()
+    # a stdout or stderr file that cannot be opened (a directory under a regular file)
+    (tmp_path / "file").write_text("")
+    for kw in ("stdout", "stderr"):
+        with pytest.raises(BadStdStreamFile, match="file/sub/x"):
+            _bash("true", **{kw: str(tmp_path / "file" / "sub" / "x")}).result(timeout=60)
+    # outputs= checked after a zero exit, on the worker
+    made, absent = File(str(tmp_path / "made")), File(str(tmp_path / "absent"))
+    with pytest.raises(MissingOutputs) as missing:
+        _bash(f"touch {made.filepath}", outputs=[made, absent]).result(timeout=60)
+    assert [f.filepath for f in missing.value.outputs] == [absent.filepath]
+    assert _bash(f"touch {absent.filepath}", outputs=[made, absent]).result(timeout=60) == 0
+    with pytest.raises(BashExitFailure) as info:
+        _bash("exit 3", outputs=[made]).result(timeout=60)
+    assert info.value.exitcode == 3
+    with pytest.raises(BashExitFailure) as info:  # the wrapper waits: bash's 128+N
+        _bash("kill -9 $$", outputs=[made]).result(timeout=60)
+    assert info.value.exitcode == 128 + 9
+    assert len(calls) == 11
+    # a body that raises runs the Python way: the worker raises Parsl's error for it
+    with pytest.raises(AppBadFormatting):
+        _bash_bad_format().result(timeout=60)
+    assert len(calls) == 11
+
+
+def test_bash_apps_option():
+    from zfalkon.errors import ConfigError
+    from zfalkon.parsl import ZfalkonExecutor
+
+    assert ZfalkonExecutor().bash_apps == "shell"
+    assert ZfalkonExecutor(bash_apps="python").bash_apps == "python"
+    with pytest.raises(ConfigError):
+        ZfalkonExecutor(bash_apps="sh")

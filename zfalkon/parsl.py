@@ -21,10 +21,33 @@ that have no typed encoding are pickled both ways, and exceptions keep their typ
 apps see what they see on HTEX. Workers need Parsl installed (as HTEX's do), because the
 wrappers and ``RemoteExceptionWrapper`` are Parsl's.
 
-``bash_app`` tasks are Parsl's own Python function that runs the command (with its
-``stdout``/``stderr`` redirection and ``walltime``), so they run here as Python tasks, not
-as zfalkon shell tasks: files a bash app writes land on the worker's file system, as with
-HTEX.
+``bash_app`` tasks run as zfalkon *shell* tasks (:meth:`zfalkon.Executor.shell`), so they
+get zfalkon's process-group kill and output cap: the executor recognises the function
+Parsl hands over for a bash app (Parsl's ``remote_side_bash_executor`` under its error
+wrapper), evaluates the app's body here, at submission, to get the command string Parsl
+would compute on the worker, and sends ``/bin/bash -c`` with a small wrapper script that
+does what ``remote_side_bash_executor`` does on the worker: opens the ``stdout=`` and
+``stderr=`` files (their directories made, ``w``/``a`` modes, the "executable follows"
+header on stderr), runs the command under ``/bin/bash``, and checks ``outputs=``. The
+outcome maps onto Parsl's: exit 0 returns 0, another exit status raises
+``BashExitFailure`` with it (127 for a command not found, 126 for one not executable, -N
+for a command killed by signal N, 128+N with ``outputs=``, where the wrapper waits for
+it to check them), a file that cannot be opened ``BadStdStreamFile``, a
+missing output ``MissingOutputs``, and the ``walltime=`` keyword (or ``walltime`` in the
+resource specification) becomes the task's zfalkon time limit, past which the command's
+whole process group is killed and Parsl sees ``AppTimeout``. A command's own process group
+is killed when it exits, too: background processes it leaves do not outlive it. What a
+command writes to stdout and stderr without redirection is captured (up to the worker's
+output cap) and logged at DEBUG, where HTEX leaves it in the block's log.
+
+A bash app falls back to the Python-task path (Parsl's function, run on the worker as
+before) when its body raises or returns something other than a string (the worker then
+raises Parsl's own error for it), when a ``stdout``/``stderr`` mode is not ``w``, ``w+``,
+``a`` or ``a+``, when ``walltime`` is not a positive number, when a string has a NUL, when
+Parsl wrapped the function further (resource monitoring on, or a staging provider that
+stages in the task, such as HTTP or Globus), or with ``bash_apps="python"``. Since the
+body runs on the submitting host, a body that needs the worker's state (its environment,
+host name or files) should use ``bash_apps="python"``.
 
 Resource specification: ``walltime`` (seconds) in ``parsl_resource_specification``
 becomes a zfalkon time limit (``Executor.options(timeout=...)``): past it the task's
@@ -38,8 +61,10 @@ Parsl is imported by this module only: ``import zfalkon`` does not need it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import secrets
 import select
 import shlex
 import signal
@@ -52,6 +77,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 try:
+    from parsl.app.bash import remote_side_bash_executor
+    from parsl.app.errors import wrap_error
     from parsl.executors.errors import InvalidResourceSpecification
     from parsl.executors.status_handling import BlockProviderExecutor
     from parsl.jobs.states import JobStatus
@@ -65,7 +92,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without parsl
 
 from zfalkon.client import Executor, query_status
 from zfalkon.constants import CONNECT_TIMEOUT_SECONDS, STOP_GRACE_SECONDS
-from zfalkon.errors import BrokerUnavailable, ConfigError, TaskTimeout
+from zfalkon.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    TaskError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerLost,
+)
+from zfalkon.payload import ShellResult
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +110,170 @@ RESOURCE_KEYS = frozenset({"walltime"})
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 DEFAULT_LAUNCH_CMD = "zfalkon --log-level {log_level} worker --broker {broker} {slots}{keys}{options}"
+
+#: How bash apps run: "shell" (zfalkon shell tasks) or "python" (Parsl's own function).
+BASH_APP_MODES = ("shell", "python")
+
+#: The code of the function ``parsl.app.errors.wrap_error`` returns: a bash app reaches
+#: an executor as that wrapper around ``partial(remote_side_bash_executor, app)``.
+_WRAP_ERROR_CODE = getattr(wrap_error(len), "__code__", None)
+
+#: ``stdout``/``stderr`` modes the shell reproduces: truncate (``>``) or append (``>>``).
+_STD_MODES = {"w": "w", "w+": "w", "a": "a", "a+": "a"}
+
+#: The signal the wrapper kills itself with when outputs are missing: a command's own
+#: death by a signal reaches the wrapper as an exit status, so this is unambiguous.
+_MISSING_SIGNAL = signal.SIGUSR2
+
+#: What ``remote_side_bash_executor`` does on the worker, in bash. Arguments: a marker,
+#: the command, then for stdout and for stderr a mode ("" none, "w", "a"), the directory
+#: to make and the path, then the paths of ``outputs=``.
+BASH_WRAPPER = r"""m=$1 c=$2 om=$3 od=$4 op=$5 em=$6 ed=$7 ep=$8
+shift 8
+exec 9>&2
+if [ -n "$om" ]; then
+  [ -z "$od" ] || mkdir -p -- "$od" 2>/dev/null
+  if [ "$om" = a ]; then { exec 3>>"$op"; } 2>/dev/null; else { exec 3>"$op"; } 2>/dev/null; fi \
+    || { printf '%s stdout\n' "$m" >&9; exit 1; }
+fi
+if [ -n "$em" ]; then
+  [ -z "$ed" ] || mkdir -p -- "$ed" 2>/dev/null
+  if [ "$em" = a ]; then { exec 4>>"$ep"; } 2>/dev/null; else { exec 4>"$ep"; } 2>/dev/null; fi \
+    || { printf '%s stderr\n' "$m" >&9; exit 1; }
+fi
+[ -z "$om" ] || exec 1>&3 3>&-
+if [ -n "$em" ]; then
+  exec 2>&4 4>&-
+  printf '%s\n' '--> executable follows <--' "$c" '--> end executable <--' >&2
+fi
+[ $# -gt 0 ] || exec /bin/bash -c "$c" 9>&-
+/bin/bash -c "$c" 9>&-
+r=$?
+[ "$r" -eq 0 ] || exit "$r"
+i=0 gone=
+for f; do
+  [ -e "$f" ] || { printf '%s missing %d\n' "$m" "$i" >&9; gone=1; }
+  i=$((i + 1))
+done
+[ -z "$gone" ] || kill -s USR2 $$
+exit 0
+"""
+
+
+class _BashTask:
+    """A bash app call turned into a zfalkon shell task (see :func:`_bash_task`)."""
+
+    def __init__(self, name: str, argv: List[str], marker: str, stdout: str, stderr: str,
+                 outputs: list, timeout: Optional[float], timeout_message: str) -> None:
+        self.name = name
+        self.argv = argv
+        self.marker = marker
+        self.stdout = stdout
+        self.stderr = stderr
+        self.outputs = outputs
+        self.timeout = timeout
+        self.timeout_message = timeout_message
+
+    def outcome(self, result: ShellResult) -> int:
+        """Parsl's outcome for the command's result: 0, or raise Parsl's error."""
+        import parsl.app.errors as pe
+
+        if result.stdout or result.stderr:
+            logger.debug("bash app %s: stdout %r stderr %r%s", self.name, result.stdout,
+                         result.stderr, " (truncated)" if result.truncated else "")
+        code = result.returncode
+        if code == 1:
+            lines = result.stderr.splitlines()
+            if f"{self.marker} stdout" in lines:
+                raise pe.BadStdStreamFile(self.stdout)
+            if f"{self.marker} stderr" in lines:
+                raise pe.BadStdStreamFile(self.stderr)
+        if code == -_MISSING_SIGNAL and self.outputs:
+            prefix = f"{self.marker} missing "
+            seen = {int(line[len(prefix):]) for line in result.stderr.splitlines()
+                    if line.startswith(prefix) and line[len(prefix):].isdigit()}
+            missing = [f for i, f in enumerate(self.outputs) if i in seen]
+            if not missing:  # the marker lines were cut at the output cap: look here
+                missing = [f for f in self.outputs if not os.path.exists(f.filepath)]
+            raise pe.MissingOutputs(f"Missing outputs from app {self.name}",
+                                    missing or list(self.outputs))
+        if code != 0:
+            raise pe.BashExitFailure(self.name, code)
+        return 0
+
+
+def _bash_app(func: Callable) -> Optional[Callable]:
+    """The app function of a bash app as Parsl hands it to an executor (``wrap_error``'s
+    wrapper around ``partial(remote_side_bash_executor, app)``, nothing else around it);
+    None for any other function."""
+    if _WRAP_ERROR_CODE is None or getattr(func, "__code__", None) is not _WRAP_ERROR_CODE:
+        return None
+    inner = getattr(func, "__wrapped__", None)
+    if (not isinstance(inner, functools.partial) or inner.func is not remote_side_bash_executor
+            or len(inner.args) != 1 or inner.keywords):
+        return None
+    return inner.args[0]
+
+
+def _std_stream(name: str, spec: Any) -> Optional[tuple]:
+    """``(mode, directory, path)`` for a ``stdout``/``stderr`` keyword, ``("", "", "")``
+    for none; None if the shell cannot reproduce what Parsl's worker side would do."""
+    from parsl.data_provider.files import File
+    from parsl.utils import get_std_fname_mode
+
+    if spec is None:
+        return "", "", ""
+    if isinstance(spec, File):
+        path, mode = os.fspath(spec), "w"
+    else:
+        try:
+            path, mode = get_std_fname_mode(name, spec)
+        except Exception:
+            return None
+    if not isinstance(path, str) or not path or mode not in _STD_MODES:
+        return None
+    return _STD_MODES[mode], os.path.dirname(path), path
+
+
+def _bash_task(app: Callable, args: tuple, kwargs: dict,
+               spec_walltime: Optional[float]) -> Optional[_BashTask]:
+    """Evaluate a bash app's body here, as ``remote_side_bash_executor`` would on the
+    worker, and compose its shell task; None when it must run the Python way."""
+    name = getattr(app, "__name__", "bash_app")
+    try:
+        command = app(*args, **kwargs)
+    except Exception as exc:  # the worker raises Parsl's own error for it
+        logger.debug("bash app %s: its body raised %r here: it runs as a Python task",
+                     name, exc)
+        return None
+    if not isinstance(command, str):
+        return None
+    out = _std_stream("stdout", kwargs.get("stdout"))
+    err = _std_stream("stderr", kwargs.get("stderr"))
+    if out is None or err is None:
+        return None
+    try:
+        outputs = list(kwargs.get("outputs") or [])
+        paths = [f.filepath for f in outputs]
+    except Exception:
+        return None
+    walltime = kwargs.get("walltime")
+    if walltime is not None and (type(walltime) not in (int, float) or not walltime > 0):
+        return None
+    marker = f"zfalkon-parsl-{secrets.token_hex(8)}"
+    argv = ["/bin/bash", "-c", BASH_WRAPPER, "zfalkon-parsl-bash", marker, command,
+            *out, *err, *paths]
+    if not all(isinstance(a, str) and "\0" not in a for a in argv):
+        return None
+    timeout: Optional[float] = None
+    message = ""
+    if walltime is not None:
+        timeout = float(walltime)
+        message = f"App {name} exceeded walltime: {walltime} seconds"
+    if spec_walltime is not None and (timeout is None or spec_walltime < timeout):
+        timeout = spec_walltime
+        message = f"App {name} exceeded walltime: {spec_walltime:g} seconds"
+    return _BashTask(name, argv, marker, out[2], err[2], outputs, timeout, message)
 
 
 class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
@@ -107,6 +306,9 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
         storage_access, working_dir, block_error_handler: as for HTEX.
         remote_monitoring_radio: how tasks report resource use when Parsl monitoring is
             on (default: ``FilesystemRadio``, through the run directory).
+        bash_apps: ``"shell"`` (default): bash apps run as zfalkon shell tasks, their
+            body evaluated at submission; ``"python"``: as Parsl's own function, a Python
+            task on the worker (for bodies that need the worker's state).
     """
 
     def __init__(self,
@@ -127,11 +329,16 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
                  storage_access: Optional[List[Any]] = None,
                  working_dir: Optional[str] = None,
                  block_error_handler: Union[bool, Callable[[BlockProviderExecutor, Dict[str, JobStatus]], None]] = True,
-                 remote_monitoring_radio: Optional[RadioConfig] = None) -> None:
+                 remote_monitoring_radio: Optional[RadioConfig] = None,
+                 bash_apps: str = "shell") -> None:
         BlockProviderExecutor.__init__(self, provider=provider if provider else LocalProvider(),
                                        block_error_handler=block_error_handler)
         if slots is not None and slots < 1:
             raise ConfigError("slots must be at least 1")
+        if bash_apps not in BASH_APP_MODES:
+            raise ConfigError(f"bash_apps must be one of {', '.join(BASH_APP_MODES)}, "
+                              f"not {bash_apps!r}")
+        self.bash_apps = bash_apps
         self.label = label
         self.broker = broker
         self.address = address
@@ -197,15 +404,23 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
             raise self.executor_exception
         if self.executor is None:
             raise RuntimeError(f"executor {self.label} is not started")
+        walltime: Optional[float] = None
         if resource_specification:
             invalid = set(resource_specification) - RESOURCE_KEYS
             if invalid:
                 raise InvalidResourceSpecification(
                     invalid, "the zfalkon executor accepts only these resource keys: "
                     + ", ".join(sorted(RESOURCE_KEYS)))
-            walltime = resource_specification.get("walltime")
-            if walltime is not None:
-                return self._submit_with_walltime(func, float(walltime), args, kwargs)
+            if resource_specification.get("walltime") is not None:
+                walltime = float(resource_specification["walltime"])
+        if self.bash_apps == "shell":
+            app = _bash_app(func)
+            if app is not None:
+                task = _bash_task(app, args, kwargs, walltime)
+                if task is not None:
+                    return self._submit_bash(task)
+        if walltime is not None:
+            return self._submit_with_walltime(func, walltime, args, kwargs)
         fut = self.executor.submit(func, *args, **kwargs)
         return self._track(fut)
 
@@ -213,10 +428,25 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
                               kwargs: dict) -> Future:
         """A zfalkon time limit (the task's process is killed past it, even in C code);
         its TaskTimeout reaches Parsl as the AppTimeout Parsl's own walltime raises."""
-        from parsl.app.errors import AppTimeout
-
         assert self.executor is not None
         inner = self.executor.options(timeout=walltime).submit(func, *args, **kwargs)
+        name = getattr(func, "__name__", "app")
+        return self._settle(inner, f"App {name} exceeded walltime: {walltime:g} seconds",
+                            lambda value: value)
+
+    def _submit_bash(self, task: _BashTask) -> Future:
+        """A bash app as a zfalkon shell task: its ShellResult becomes Parsl's outcome."""
+        assert self.executor is not None
+        inner = self.executor.shell(task.argv, timeout=task.timeout)
+        return self._settle(inner, task.timeout_message, task.outcome, task.name)
+
+    def _settle(self, inner: Future, timeout_message: str, outcome: Callable[[Any], Any],
+                bash_name: Optional[str] = None) -> Future:
+        """A future for Parsl that settles with ``outcome(result)`` of ``inner``, or its
+        error (a TaskTimeout as Parsl's AppTimeout; for a bash app, an error of the shell
+        task itself as the AppException Parsl's worker side raises)."""
+        import parsl.app.errors as pe
+
         outer: Future = Future()
         outer.task_id = inner.task_id  # type: ignore[attr-defined]
 
@@ -227,13 +457,17 @@ class ZfalkonExecutor(BlockProviderExecutor, RepresentationMixin):
                 return
             exc = done.exception()
             if isinstance(exc, TaskTimeout):
-                name = getattr(func, "__name__", "app")
-                outer.set_exception(AppTimeout(f"App {name} exceeded walltime: "
-                                               f"{walltime:g} seconds"))
+                outer.set_exception(pe.AppTimeout(timeout_message))
+            elif (bash_name is not None and isinstance(exc, TaskError)
+                  and not isinstance(exc, (WorkerCrashed, WorkerLost))):
+                outer.set_exception(pe.AppException(f"App {bash_name} caught exception", exc))
             elif exc is not None:
                 outer.set_exception(exc)
             else:
-                outer.set_result(done.result())
+                try:
+                    outer.set_result(outcome(done.result()))
+                except BaseException as error:
+                    outer.set_exception(error)
 
         inner.add_done_callback(settle)
         return self._track(outer)
