@@ -187,6 +187,10 @@ _RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
 _OK, _FAILED, _HELD, _NEED = 0, 1, 2, 3  # _NEED: a task by digest, its function not loaded
 _FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
 _FLUSH_BYTES = 60_000
+#: A result waits at most about twice this in its host while the next task runs (the
+#: flusher thread's period: a wake-up each, so not _FLUSH_SECONDS, which would cost the
+#: host's loop a thread switch a millisecond under load)
+_LATE_SECONDS = 0.01
 _READ_SIZE = 1 << 16  # a pipe's capacity; a bigger read buys nothing and costs
 #                     an mmap, an mremap and a munmap per call (glibc maps reads over 128 KiB)
 _SPARE_AFTER_SECONDS = 0.005  # the zygote forks the next spare host once the slot is quiet
@@ -988,9 +992,10 @@ def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict,
 def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
     """The host's loop: run the tasks read from ``task_r``, write results to ``result_w``,
     until ``task_r`` ends. Results go out in batches: when nothing is left to run, past
-    _FLUSH_BYTES, or once the oldest is _FLUSH_SECONDS old, by a *flusher* thread if the
-    loop is running the next task by then (a result never waits for a long task behind
-    it; a pure-Python task gives the flusher the interpreter every switch interval)."""
+    _FLUSH_BYTES, or once the oldest is _FLUSH_SECONDS old when a task ends; and, while
+    the loop runs a task, by a *flusher* thread once they are _LATE_SECONDS old (a result
+    never waits for a long task behind it; a pure-Python task gives the flusher the
+    interpreter every switch interval)."""
     from zfalkon.execute import FUNCTION_NEEDED
 
     run = runner.run
@@ -1014,22 +1019,20 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
             view = view[os.write(result_w, view):]
         out, out_bytes = [], 0
 
-    def flusher() -> None:
+    def flusher() -> None:  # (wakes every _LATE_SECONDS while results come, else sleeps)
         nonlocal armed
         with wake:
             while True:
                 if not armed:
                     wake.wait()
                     continue
-                left = first_at + _FLUSH_SECONDS - clock()
-                if out and left > 0:
-                    wake.wait(left)
-                    continue
-                if out:
+                wake.wait(_LATE_SECONDS)
+                if out and clock() - first_at >= _LATE_SECONDS:
                     flush()
-                armed = False
+                elif not out:
+                    armed = False
 
-    threading.Thread(target=flusher, name="zfalkon-flusher", daemon=True).start()
+    started = False  # (the flusher starts with the first batch: none for one task at a time)
     while True:
         if len(buf) - pos < size or len(buf) - pos - size < head(buf, pos)[0]:
             if out:
@@ -1045,7 +1048,10 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
         n, tid = head(buf, pos)
         blob = bytes(buf[pos + size:pos + size + n])
         pos += size + n
-        if out and not armed:  # (results wait while this task runs: at most ~1 ms)
+        if out and not armed:  # (results wait while this task runs: ~2 x _LATE_SECONDS)
+            if not started:
+                threading.Thread(target=flusher, name="zfalkon-flusher", daemon=True).start()
+                started = True
             with wake:
                 armed = True
                 wake.notify()
