@@ -10,6 +10,7 @@ and creates no future per element, so a 10-million-element map uses bounded memo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import concurrent.futures as cf
 import itertools
@@ -98,12 +99,11 @@ def _check_size(blob: bytes) -> bytes:
     return blob
 
 
-def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS,
-                 keys: str | None = None) -> dict:
-    """Ask a broker for its status (counters and worker list) over a short connection.
-
-    ``keys``: a client key bundle (default ``$ZFALKON_KEYS``) for a broker with keys.
-    """
+@contextlib.contextmanager
+def _short_connection(address: str | None, keys: str | None, name: str,
+                      timeout: float) -> Iterator[tuple[zmq.Socket, str]]:
+    """A registered observer connection to a broker (not counted as a client) for one
+    exchange: yields ``(socket, endpoint)``; says BYE (if the block returned) and closes."""
     endpoint = _resolve_address(address)
     bundle = peer_keys(keys)
     ctx = zmq.Context()
@@ -111,25 +111,39 @@ def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SE
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        _handshake(sock, endpoint, {"name": "status", "observer": True}, timeout, bundle)
-        info: dict = {"partial": True}
+        _handshake(sock, endpoint, {"name": name, "observer": True}, timeout, bundle)
+        yield sock, endpoint
+        sock.setsockopt(zmq.LINGER, 1000)  # let the BYE out, or the broker keeps a stale client
+        sock.send(P.encode(P.Bye(f"{name} done")))
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _answer(sock: zmq.Socket, endpoint: str, what: str, timeout: float) -> P.Message:
+    if not sock.poll(int(timeout * 1000)):
+        raise BrokerUnavailable(f"broker at {endpoint} did not answer {what}")
+    return P.decode(sock.recv())
+
+
+def query_status(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS,
+                 keys: str | None = None) -> dict:
+    """Ask a broker for its status (counters and worker list) over a short connection.
+
+    ``keys``: a client key bundle (default ``$ZFALKON_KEYS``) for a broker with keys.
+    """
+    info: dict = {"partial": True}
+    with _short_connection(address, keys, "status", timeout) as (sock, endpoint):
         token = b""
         for _ in range(2):  # (the first answer is the counters: the second, with its
             sock.send(P.encode(P.StatusRequest(token)))  # token, has the worker list)
-            if not sock.poll(int(timeout * 1000)):
-                raise BrokerUnavailable(f"broker at {endpoint} did not answer STATUS")
-            msg = P.decode(sock.recv())
+            msg = _answer(sock, endpoint, "STATUS", timeout)
             if not isinstance(msg, P.Status):
                 raise ProtocolError(f"broker answered STATUS with {type(msg).__name__}")
             info, token = msg.info, msg.token
             if not info.get("partial"):
                 break
-        sock.setsockopt(zmq.LINGER, 1000)  # let the BYE out, or the broker keeps a stale client
-        sock.send(P.encode(P.Bye("status done")))
-        return info
-    finally:
-        sock.close()
-        ctx.term()
+    return info
 
 
 def cancel_run(run: int, address: str | None = None, *, kill: bool = True,
@@ -141,28 +155,14 @@ def cancel_run(run: int, address: str | None = None, *, kill: bool = True,
     the same key identity (``keys``; without keys, any run). Returns ``(queued tasks
     cancelled, held tasks being killed)``; raises :class:`ProtocolError` (code
     ``unknown-run`` or ``unauthorized``) if refused."""
-    endpoint = _resolve_address(address)
-    bundle = peer_keys(keys)
-    ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.DEALER, endpoint, bundle)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        _handshake(sock, endpoint, {"name": "cancel", "observer": True}, timeout, bundle)
+    with _short_connection(address, keys, "cancel", timeout) as (sock, endpoint):
         sock.send(P.encode(P.CancelRun(run, P.CANCEL_KILL if kill else P.CANCEL_IF_QUEUED)))
-        if not sock.poll(int(timeout * 1000)):
-            raise BrokerUnavailable(f"broker at {endpoint} did not answer CANCEL_RUN")
-        msg = P.decode(sock.recv())
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.send(P.encode(P.Bye("cancel done")))
-        if isinstance(msg, P.Error):
-            raise error_from(msg, f"broker at {endpoint} refused to cancel run {run}")
-        if not isinstance(msg, P.RunCancelled):
-            raise ProtocolError(f"broker answered CANCEL_RUN with {type(msg).__name__}")
-        return msg.queued, msg.killing
-    finally:
-        sock.close()
-        ctx.term()
+        msg = _answer(sock, endpoint, "CANCEL_RUN", timeout)
+    if isinstance(msg, P.Error):
+        raise error_from(msg, f"broker at {endpoint} refused to cancel run {run}")
+    if not isinstance(msg, P.RunCancelled):
+        raise ProtocolError(f"broker answered CANCEL_RUN with {type(msg).__name__}")
+    return msg.queued, msg.killing
 
 
 class TaskFuture(cf.Future):
