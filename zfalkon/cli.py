@@ -197,18 +197,27 @@ def _cancel(args: argparse.Namespace) -> int:
     from zfalkon.client import cancel_run, query_status
 
     run = args.run
-    if run.isdigit():
+    # A number or a name (the run's label, or its client's name), never a guess: a name
+    # must belong to one run of a complete list, a number that is also a name is refused.
+    info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
+    runs, omitted = info.get("runs", []), info.get("runs_omitted", 0)
+    named = [r for r in runs if run in (r["run"], r["name"])]
+    if run.isdigit() and not named:
         key, label = int(run), run
-    else:  # a name: the run whose label (or client name) it is, if only one
-        info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
-        found = [r for r in info.get("runs", []) if run in (r["run"], r["name"])]
-        if not found:
-            raise ConfigError(f"no run named {run!r} on this broker (zfalkon runs lists "
-                              "them; cancel by the number in its RUN column)")
-        if len(found) > 1:
-            raise ConfigError(f"{len(found)} runs are named {run!r} (runs "
-                              f"{', '.join(str(r['id']) for r in found)}): cancel by number")
-        key, label = found[0]["id"], f"{found[0]['id']} ({run})"
+    elif run.isdigit() and any(r["id"] == int(run) for r in runs):
+        raise ConfigError(f"{run!r} is both a run's number and a run's name: rename the "
+                          "run, or cancel it by its number when no run is named so")
+    elif omitted:
+        raise ConfigError(f"the broker has more runs than it lists ({omitted} not listed): "
+                          f"cancel by the number in the RUN column, not by name")
+    elif not named:
+        raise ConfigError(f"no run named {run!r} on this broker (zfalkon runs lists "
+                          "them; cancel by the number in its RUN column)")
+    elif len(named) > 1:
+        raise ConfigError(f"{len(named)} runs are named {run!r} (runs "
+                          f"{', '.join(str(r['id']) for r in named)}): cancel by number")
+    else:
+        key, label = named[0]["id"], f"{named[0]['id']} ({run})"
     queued, killing = cancel_run(key, args.broker, kill=not args.queued_only,
                                  timeout=args.timeout, keys=args.keys)
     print(f"cancelled run {label}: {queued} queued tasks removed" + (
@@ -226,7 +235,8 @@ def _executor(broker: str | None, workers: int | None, keys: str | None,
         with Executor(broker, keys=keys, run=run) as ex:
             yield ex
     else:
-        with LocalCluster(workers=workers or os.cpu_count() or 1) as cluster, \
+        with LocalCluster(workers=workers or os.cpu_count() or 1,
+                          keep_workers=True) as cluster, \
                 Executor(cluster.address, run=run) as ex:
             yield ex
 

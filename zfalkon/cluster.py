@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Mapping, Sequence
 
@@ -35,6 +36,9 @@ class LocalCluster:
         worker_args: extra ``zfalkon worker`` options (e.g. ``["--cache-bytes", "0"]``).
         secure: run with CurveZMQ: fresh keys in a private temporary directory, one worker
             key for every worker and :attr:`client_keys`, a client bundle, for Executors.
+        keep_workers: replace a worker agent that dies (a task may kill its agent: the
+            broker quarantines that task, the cluster keeps its capacity), at most one a
+            second (``zfalkon run --workers N`` does).
 
     Use as a context manager; :attr:`address` is the broker's ``tcp://127.0.0.1:PORT``.
     """
@@ -43,7 +47,8 @@ class LocalCluster:
                  port: int = 0, env: Mapping[str, str] | None = None,
                  startup_timeout: float = 30.0, log_level: str = "WARNING",
                  rtt_ms: float = 0.0, broker_args: Sequence[str] = (),
-                 worker_args: Sequence[str] = (), secure: bool = False) -> None:
+                 worker_args: Sequence[str] = (), secure: bool = False,
+                 keep_workers: bool = False) -> None:
         if workers < 0 or slots_per_worker < 1 or rtt_ms < 0:
             raise ConfigError("workers must be >= 0, slots_per_worker >= 1, rtt_ms >= 0")
         self.workers = workers
@@ -66,6 +71,11 @@ class LocalCluster:
         self.proxy: subprocess.Popen | None = None
         self._announcers: list[subprocess.Popen] = []
         self.worker_procs: list[subprocess.Popen] = []
+        self.keep_workers = keep_workers
+        self.replaced = 0  #: worker agents started again after they died
+        self._keeper: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._procs_lock = threading.Lock()  # worker_procs, between stop() and the keeper
 
     def __enter__(self) -> "LocalCluster":
         self.start()
@@ -84,6 +94,11 @@ class LocalCluster:
             for _ in range(self.workers):
                 self.add_worker()
             self.wait_for_slots(self.workers * self.slots_per_worker)
+            if self.keep_workers:
+                self._stopping.clear()
+                self._keeper = threading.Thread(target=self._keep, name="zfalkon-keeper",
+                                                daemon=True)
+                self._keeper.start()
         except BaseException:
             self.stop()
             raise
@@ -140,8 +155,22 @@ class LocalCluster:
                       "--slots", str(slots or self.slots_per_worker), *self._worker_keys,
                       *self.worker_args, *extra),
             env=self.env, start_new_session=True)  # (a killpg of its group spares us)
-        self.worker_procs.append(proc)
+        with self._procs_lock:
+            self.worker_procs.append(proc)
         return proc
+
+    def _keep(self) -> None:
+        """The keeper thread (``keep_workers``): a worker agent found dead is replaced."""
+        while not self._stopping.wait(1.0):
+            with self._procs_lock:
+                dead = [p for p in self.worker_procs if p.poll() is not None]
+                if self._stopping.is_set() or not dead:
+                    continue
+                self.worker_procs.remove(dead[0])
+            print(f"zfalkon: a worker agent of the local cluster died (exit status "
+                  f"{dead[0].returncode}): starting another", file=sys.stderr)
+            self.add_worker()
+            self.replaced += 1
 
     def wait_for_slots(self, slots: int, timeout: float | None = None) -> dict:
         """Wait until the broker counts at least ``slots`` slots; return its status."""
@@ -182,8 +211,13 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM the workers (they drain), then the broker; SIGKILL any that linger."""
-        _terminate([p for p in self.worker_procs if p.poll() is None])
-        self.worker_procs = []
+        self._stopping.set()
+        if self._keeper is not None:
+            self._keeper.join()
+            self._keeper = None
+        with self._procs_lock:
+            procs, self.worker_procs = self.worker_procs, []
+        _terminate([p for p in procs if p.poll() is None])
         _terminate(self._announcers[::-1])  # the proxy (if any), then the broker
         for proc in self._announcers:
             if proc.stdout is not None:

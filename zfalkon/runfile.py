@@ -417,9 +417,9 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str | list[str], di
         line, options = task
         flying.pop(future, None)
         tries = attempts.get(line, 1)
-        if future.cancelled():  # (not by us: the run was cancelled on the broker)
-            flying[future] = line
-            raise Stopped(Stop("the run was cancelled on the broker (zfalkon cancel)"))
+        if future.cancelled():  # (not by us: the run was cancelled on the broker; its
+            cancelled_lines.add(line)  # other tasks end cancelled too, or, if they were
+            return False  # let run (--queued-only), with their results: written)
         rec = record(line, command, future, tries)  # raises the client's own error
         if rec["exit_code"] != 0 and tries <= retries:
             attempts[line] = tries + 1
@@ -430,8 +430,11 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str | list[str], di
         write(rec)
         return True
 
+    cancelled_lines: set[int] = set()  # tasks the broker cancelled (zfalkon cancel)
     try:
         for line, command, options in tasks:
+            if cancelled_lines:
+                break  # (no more of a cancelled run)
             submit(line, command, options)
             summary.total += 1
             summary.last_line = line
@@ -439,6 +442,8 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str | list[str], di
                 handle(finished.get())
         while flying:
             handle(finished.get())
+        if cancelled_lines:
+            raise Stopped(Stop("the run was cancelled on the broker (zfalkon cancel)"))
     except BaseException as exc:
         if isinstance(exc, Stopped):
             summary.stopped = exc.stop
@@ -450,7 +455,7 @@ def run_tasks(executor: Executor, tasks: Iterable[tuple[int, str | list[str], di
                 (line, _), command, future = item
                 flying.pop(future, None)
                 write(record(line, command, future, attempts.get(line, 1)))
-        summary.unfinished_lines = set(flying.values())
+        summary.unfinished_lines = set(flying.values()) | cancelled_lines
         raise
     finally:
         bar.close()
