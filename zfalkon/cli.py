@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from typing import IO, BinaryIO, Iterator
 
@@ -160,22 +161,25 @@ def _watch_status(args: argparse.Namespace) -> int:
         raise ConfigError("--interval must be a positive number of seconds")
     broker = args.broker or os.environ.get(BROKER_ENV, "")
     tty = sys.stdout.isatty()
-    try:
-        while True:
-            try:
-                lines = format_status(query_status(args.broker, timeout=args.timeout,
-                                                   keys=args.keys), broker)
-            except BrokerUnavailable as exc:  # (it may come back: keep watching)
-                lines = [f"zfalkon status: {_cli_words(exc, args)}"]
-            stamp = time.strftime("%H:%M:%S")
-            text = "\n".join([f"{stamp}  every {args.interval:g} s, Ctrl-C to stop",
-                              *lines])
-            print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"),
-                  flush=True)
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        print(flush=True)
-        return 0
+    # Ctrl-C (or SIGTERM) ends the watch between queries, never inside one: a
+    # KeyboardInterrupt in the middle of ZeroMQ calls could leave the context hanging.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        try:
+            lines = format_status(query_status(args.broker, timeout=args.timeout,
+                                               keys=args.keys), broker)
+        except BrokerUnavailable as exc:  # (it may come back: keep watching)
+            lines = [f"zfalkon status: {_cli_words(exc, args)}"]
+        if stop.is_set():
+            break
+        stamp = time.strftime("%H:%M:%S")
+        text = "\n".join([f"{stamp}  every {args.interval:g} s, Ctrl-C to stop", *lines])
+        print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"), flush=True)
+        stop.wait(args.interval)
+    print(flush=True)
+    return 0
 
 
 def _runs(args: argparse.Namespace) -> int:
