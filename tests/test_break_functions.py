@@ -85,7 +85,9 @@ def test_a_task_by_digest_wrapped_with_a_timeout_does_not_wedge_the_slot():
             blob = payload.with_options(payload.python_task(spec, (5,), {}, stored=True),
                                         {"timeout": 30.0})
             bad = hostile._submit_blob(blob)
-            time.sleep(0.5)
+            wait_until(lambda: bad.done() or query_status(address, timeout=5)["queued"] == 0
+                       and query_status(address, timeout=5)["submitted"] >= 2, 10,
+                       message="the hostile task handed to the slot first")
             good = honest.submit(abs, -7)
             assert good.result(timeout=10) == 7
             with pytest.raises(TaskError):
@@ -202,7 +204,7 @@ def test_sessions_that_vanish_do_not_leave_their_functions_in_the_broker():
         try:
             probe.hello()
             probe.sync()
-            time.sleep(0.3)
+            time.sleep(0.3)  # (the broker settles after registering: nothing to observe)
             before = _rss(proc.pid)
             for _ in range(8):
                 raw = Raw(ctx, address)
@@ -463,7 +465,7 @@ def test_tasks_by_digest_finish_across_client_link_freezes_and_resets():
                 proxy.reset()  # (the frames carrying the function may die with it)
                 more = [ex.submit(_touch(data[::-1]), i) for i in range(100)]
                 proxy.freeze()
-                time.sleep(1.0)
+                time.sleep(1.0)  # (the scenario: the client's link frozen for a second)
                 proxy.thaw()
                 proxy.reset()
                 results = [f.result(timeout=90) for f in futures + more]
@@ -589,7 +591,8 @@ def test_tasks_by_digest_survive_a_restart_after_the_journal_was_truncated(tmp_p
                 worker = start_worker(address, "--slots", "1")
                 wait_until(lambda: query_status(address, timeout=5)["queued"] == 0, 30,
                            message="the replayed tasks dispatched")
-                time.sleep(1.0)
+                wait_until(lambda: query_status(address, timeout=5)["done"] >= 40, 30,
+                           message="the replayed tasks run before their client is back")
                 proxy.thaw()
                 wait_until(lambda: all(f.done() for f in futures), 60,
                            message="every future done")

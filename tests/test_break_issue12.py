@@ -353,7 +353,7 @@ def small_disk(tmp_path):
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
                       capture_output=True, check=False).returncode:
-        pytest.skip("cannot mount a tmpfs")
+        pytest.skip("cannot mount a 4 MiB tmpfs (needs root, or CAP_SYS_ADMIN) to fill a disk")
     try:
         yield mnt
     finally:
