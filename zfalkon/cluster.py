@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shutil
@@ -16,6 +17,8 @@ from typing import Mapping, Sequence
 from zfalkon.client import query_status
 from zfalkon.constants import STOP_GRACE_SECONDS
 from zfalkon.errors import BrokerUnavailable, ConfigError
+
+log = logging.getLogger("zfalkon.cluster")
 
 
 class LocalCluster:
@@ -167,8 +170,8 @@ class LocalCluster:
                 if self._stopping.is_set() or not dead:
                     continue
                 self.worker_procs.remove(dead[0])
-            print(f"zfalkon: a worker agent of the local cluster died (exit status "
-                  f"{dead[0].returncode}): starting another", file=sys.stderr)
+            log.warning("a worker agent of the local cluster died (exit status %s): "
+                        "starting another", dead[0].returncode)
             self.add_worker()
             self.replaced += 1
 
