@@ -1167,6 +1167,21 @@ def test_a_run_lists_its_counters_with_started_and_prefetched_apart():
     assert (run["done"], run["failed"]) == (2, 1)
 
 
+def test_a_frame_of_two_runs_counts_a_failure_wrapped_with_captured_output():
+    core = BrokerCore(0.0)
+    slot = registered(core, window=4)
+    keys = [client(core, ident) for ident in (b"a", b"b")]
+    ids = [(key << P.ID_SHIFT) + 1 for key in keys]
+    for ident, tid in zip((b"a", b"b"), ids):
+        core.message(ident, P.Submit(1, 0, [tid], [b"t"]), None, 0.0)
+    core.dispatch(0.0)
+    failed = msgpack.packb((payload.RESULT_OUTPUT, payload.error_result("ValueError", "no"),
+                            b"out", b"", False))
+    fine = msgpack.packb((payload.RESULT_OUTPUT, result_for(ids[1]), b"", b"", False))
+    core.message(slot, P.Results(2, 1, 4, 1, ids, [failed, fine]), None, 0.1)
+    assert [(_run(core, k)["done"], _run(core, k)["failed"]) for k in keys] == [(1, 1), (1, 0)]
+
+
 def test_the_status_asker_and_observers_are_not_counted_as_clients():
     core = BrokerCore(0.0)
     client(core, b"c")

@@ -13,6 +13,7 @@ from zfalkon._version import __version__
 
 EXPECTED = {
     "__version__", "Executor", "TaskFuture", "TaskOptions", "LocalCluster", "ShellResult", "query_status",
+    "cancel_run",
     "ZfalkonError", "ConfigError", "SerializationError", "BrokerUnavailable", "ProtocolError",
     "VersionMismatch", "RemoteTraceback", "TaskError", "TaskTimeout", "WorkerCrashed", "WorkerLost",
 }
@@ -41,6 +42,7 @@ def test_exported_objects_are_the_implementations():
     assert zfalkon.Executor is client.Executor
     assert zfalkon.TaskFuture is client.TaskFuture
     assert zfalkon.query_status is client.query_status
+    assert zfalkon.cancel_run is client.cancel_run
     assert zfalkon.LocalCluster is cluster.LocalCluster
     assert zfalkon.ShellResult is payload.ShellResult
     for name in errors.__all__:

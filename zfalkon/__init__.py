@@ -6,7 +6,7 @@ included); clients that submit Python callables and shell commands through a
 """
 
 from zfalkon._version import __version__
-from zfalkon.client import Executor, TaskFuture, TaskOptions, query_status
+from zfalkon.client import Executor, TaskFuture, TaskOptions, cancel_run, query_status
 from zfalkon.cluster import LocalCluster
 from zfalkon.errors import (
     BrokerUnavailable,
@@ -31,6 +31,7 @@ __all__ = [
     "LocalCluster",
     "ShellResult",
     "query_status",
+    "cancel_run",
     "ZfalkonError",
     "ConfigError",
     "SerializationError",

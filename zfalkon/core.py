@@ -348,9 +348,23 @@ _FAILED_KINDS = frozenset((payload.RESULT_ERROR, payload.RESULT_TIMEOUT,
 
 def _failures(blobs: list[bytes]) -> int:
     """How many of these results are failures (docs/protocol.md, section 5), read from
-    each blob's kind (a result with captured output counts as its kind 7: not failed)."""
+    each blob's kind; a result with captured output (kind 7) by the result it wraps."""
     kinds = _FAILED_KINDS
-    return sum(1 for b in blobs if len(b) > 1 and b[1] in kinds)
+    return sum(1 for b in blobs if len(b) > 1 and (
+        b[1] in kinds or (b[1] == payload.RESULT_OUTPUT and _wrapped_failed(b))))
+
+
+def _wrapped_failed(blob: bytes) -> bool:
+    """Whether a captured-output result (a slot's bytes: anything) wraps a failure."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(blob))
+    unpacker.feed(blob)
+    try:
+        unpacker.read_array_header()
+        unpacker.skip()  # (the kind)
+        inner = unpacker.unpack()
+    except Exception:  # (malformed: the client reports it; not counted here)
+        return False
+    return type(inner) is bytes and len(inner) > 1 and inner[1] in _FAILED_KINDS
 
 
 class BrokerCore:
