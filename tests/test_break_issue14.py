@@ -7,7 +7,6 @@ A probe that found a bug keeps the correct assertion and is ``xfail(strict=True)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import time
 
 from conftest import (Raw, broker_process, child_env, descendants, kill_tree, served_broker,
                       stop_process, wait_until)
-from test_cli import lines_in, start_in_pty, zfalkon
+from test_cli import Terminal, lines_in, zfalkon
 
 from zfalkon import payload, query_status
 from zfalkon import protocol as P
@@ -116,17 +115,11 @@ def test_ctrl_c_mid_dispatch_with_no_worker_leaves_nothing_queued(tmp_path):
     taskfile.write_text("true\n" * 3000)
     out = tmp_path / "out.jsonl"
     with broker_process() as (_, address):
-        proc, master, output = start_in_pty("run", "--broker", address, "-o", str(out),
-                                            str(taskfile))
-        try:
+        with Terminal("run", "--broker", address, "-o", str(out), str(taskfile)) as term:
             wait_until(lambda: query_status(address, timeout=5)["queued"] > 0, 30, 0.01,
                        "tasks arriving")
-            os.write(master, b"\x03")
-            assert proc.wait(30) == 130
-        finally:
-            stop_process(proc)
-            os.close(master)
-        text = b"".join(output).decode(errors="replace")
+            assert term.ctrl_c(30) == 130
+        text = term.text()
         assert "interrupted (SIGINT)" in text and "Traceback" not in text
         assert "0 of 3000 tasks finished" in text and "3000 tasks not run" in text
         assert out.read_text() == ""
@@ -234,19 +227,14 @@ def test_a_poison_task_under_zfalkon_run_workers_2(tmp_path):
 
 def test_status_watch_survives_its_broker_going_away_and_exits_cleanly_on_ctrl_c():
     with broker_process() as (broker, address):
-        proc, master, output = start_in_pty("status", "--watch", "--interval", "0.3",
-                                            "--timeout", "2", "--broker", address)
-        try:
-            wait_until(lambda: b"".join(output).count(b"Ctrl-C to stop") >= 2, 30, 0.05,
+        with Terminal("status", "--watch", "--interval", "0.3", "--timeout", "2",
+                      "--broker", address) as term:
+            wait_until(lambda: term.text().count("Ctrl-C to stop") >= 2, 30, 0.05,
                        "two views drawn")
             stop_process(broker)
-            wait_until(lambda: b"zfalkon status:" in b"".join(output), 30, 0.1,
+            wait_until(lambda: "zfalkon status:" in term.text(), 30, 0.1,
                        "the broker's absence reported")
             time.sleep(0.5)  # (likely inside a query now)
-            os.write(master, b"\x03")
-            assert proc.wait(15) == 0
-        finally:
-            stop_process(proc)
-            os.close(master)
-        text = b"".join(output).decode(errors="replace")
+            assert term.ctrl_c(15) == 0
+        text = term.text()
         assert "Traceback" not in text and "KeyboardInterrupt" not in text

@@ -207,6 +207,30 @@ def start_in_pty(*args: str) -> tuple[subprocess.Popen, int, list[bytes]]:
     return proc, master, output
 
 
+class Terminal:
+    """``zfalkon ARGS`` in a pseudo-terminal (:func:`start_in_pty`), as a context manager
+    that stops the process by PID and closes the terminal on the way out."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc, self.master, self.output = start_in_pty(*args)
+
+    def __enter__(self) -> "Terminal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.proc)
+        os.close(self.master)
+
+    def text(self) -> str:
+        """What it has written so far."""
+        return b"".join(self.output).decode(errors="replace")
+
+    def ctrl_c(self, timeout: float) -> int:
+        """Press Ctrl-C (0x03 through the terminal); its exit status within ``timeout``."""
+        os.write(self.master, b"\x03")
+        return self.proc.wait(timeout)
+
+
 def lines_in(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -220,16 +244,10 @@ def test_ctrl_c_with_no_worker_cancels_everything_and_exits_130(tmp_path):
     taskfile.write_text("".join(f"echo {i}\n" for i in range(10)))
     out = tmp_path / "out.jsonl"
     with broker_process() as (_, address):
-        proc, master, output = start_in_pty("run", "--broker", address, "-o", str(out),
-                                            str(taskfile))
-        try:
+        with Terminal("run", "--broker", address, "-o", str(out), str(taskfile)) as term:
             wait_until(lambda: queued(address) == 10, 30, 0.05, "10 tasks queued")
-            os.write(master, b"\x03")  # Ctrl-C, through the terminal
-            assert proc.wait(30) == 130
-        finally:
-            stop_process(proc)
-            os.close(master)
-        text = b"".join(output).decode(errors="replace")
+            assert term.ctrl_c(30) == 130
+        text = term.text()
         assert "interrupted (SIGINT)" in text
         assert "0 of 10 tasks finished" in text
         assert "10 tasks not run: 10 cancelled on the broker" in text
@@ -246,19 +264,13 @@ def test_ctrl_c_with_workers_keeps_what_finished_and_cancels_the_rest(tmp_path):
                         "".join(f"touch {marks}/{i}; sleep 60\n" for i in range(4, 21)))
     out = tmp_path / "out.jsonl"
     with broker_process() as (_, address), worker_process(address, "--slots", "1"):
-        proc, master, output = start_in_pty("run", "--broker", address, "-o", str(out),
-                                            str(taskfile))
-        try:
+        with Terminal("run", "--broker", address, "-o", str(out), str(taskfile)) as term:
             # Tasks done (their lines flushed), the fourth running, the rest queued. (A slot
             # may hold a result back while its next task runs: 1 to 3 lines.)
             wait_until(lambda: len(lines_in(out)) >= 1 and (marks / "4").exists(), 60, 0.05,
                        "a result written and task 4 running")
-            os.write(master, b"\x03")
-            assert proc.wait(30) == 130
-        finally:
-            stop_process(proc)
-            os.close(master)
-        text = b"".join(output).decode(errors="replace")
+            assert term.ctrl_c(30) == 130
+        text = term.text()
         records = lines_in(out)
         assert {r["line"] for r in records} <= {1, 2, 3} and len(records) >= 1
         assert all(r["exit_code"] == 0 for r in records)
@@ -581,16 +593,10 @@ def test_status_reads_right_and_does_not_count_itself():
 
 def test_status_watch_redraws_until_ctrl_c_and_exits_cleanly():
     with broker_process() as (_, address):
-        proc, master, output = start_in_pty("status", "--watch", "--interval", "0.3",
-                                            "--broker", address)
-        try:
-            wait_until(lambda: b"".join(output).count(b"Ctrl-C to stop") >= 2, 30, 0.05,
+        with Terminal("status", "--watch", "--interval", "0.3", "--broker", address) as term:
+            wait_until(lambda: term.text().count("Ctrl-C to stop") >= 2, 30, 0.05,
                        "two views drawn")
-            os.write(master, b"\x03")
-            assert proc.wait(15) == 0
-        finally:
-            stop_process(proc)
-            os.close(master)
-        text = b"".join(output).decode(errors="replace")
+            assert term.ctrl_c(15) == 0
+        text = term.text()
         assert "queued 0  running 0  prefetched 0" in text
         assert "Traceback" not in text and "KeyboardInterrupt" not in text
