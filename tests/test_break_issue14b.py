@@ -123,3 +123,197 @@ def test_with_keys_a_run_of_another_identity_cannot_be_cancelled(tmp_path):
             proc = zfalkon("cancel", "alices", "--broker", address, "--keys", alice)
             assert proc.returncode == 0, proc.stderr
             assert "3 queued tasks removed" in proc.stdout
+
+
+# -- cancel --queued-only ------------------------------------------------------------------
+
+def test_queued_only_writes_the_running_tasks_result_and_leaves_nothing_queued(tmp_path):
+    """README: --queued-only lets the running ones finish, "their results are written"."""
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text(f"touch {tmp_path}/started; sleep 2; echo ran\n" +
+                        "".join(f"touch {tmp_path}/q{i}\n" for i in range(2, 30)))
+    out = tmp_path / "out.jsonl"
+    with served_broker(slots=1) as (_, address, _worker):
+        run = _run_proc("--broker", address, "--name", "qo2", "-o", str(out), str(taskfile))
+        try:
+            wait_until(lambda: (tmp_path / "started").exists(), 60, 0.05, "task 1 running")
+            proc = zfalkon("cancel", "qo2", "--queued-only", "--broker", address)
+            assert proc.returncode == 0, proc.stderr
+            assert "28 queued tasks removed" in proc.stdout, proc.stdout
+            _, err = run.communicate(timeout=60)
+            assert run.returncode == 4, err
+        finally:
+            stop_process(run)
+        records = {r["line"]: r for r in lines_in(out)}
+        assert list(records) == [1] and records[1]["exit_code"] == 0, records
+        assert "ran" in records[1]["stdout"]
+        assert not any((tmp_path / f"q{i}").exists() for i in range(2, 30))
+        s = query_status(address, timeout=5)
+        assert s["queued"] == s["running"] == s["prefetched"] == 0, s
+
+
+@pytest.mark.xfail(strict=True, reason="CANCEL_RUN mode 1 takes back all but each slot's "
+                   "oldest task and cancels them at once; one the slot started meanwhile "
+                   "runs and its result is dropped (core.cancel_run says so), against the "
+                   "README's 'running ones finish (their results are written)': a resume "
+                   "or the rescue file runs it twice. Needs the slot's answer to the revoke "
+                   "before cancelling: a protocol change, not a small fix")
+def test_queued_only_mid_stream_reports_every_task_that_ran(tmp_path):
+    """A race: --queued-only while a slot goes from one short task to the next. Every
+    task that ran (its mark in the file) must have its result written, and none of those
+    go to the rescue file as not run (a resume would run it twice)."""
+    marks = tmp_path / "marks"
+    taskfile = tmp_path / "tasks.txt"
+    n = 400
+    taskfile.write_text("".join(f"echo {i} >> {marks}; sleep 0.02\n" for i in range(1, n + 1)))
+    lost = []
+    with served_broker(slots=2) as (_, address, _worker):
+        for attempt in range(4):  # (bounded: the race need not show every time)
+            if lost:
+                break
+            out, rescue = tmp_path / f"out{attempt}.jsonl", tmp_path / f"rescue{attempt}"
+            marks.write_text("")
+            run = _run_proc("--broker", address, "--name", f"race{attempt}", "-o", str(out),
+                            "--failed-to", str(rescue), str(taskfile))
+            try:
+                wait_until(lambda: len(lines_in(out)) >= 20 + 15 * attempt, 60, 0.005,
+                           "results arriving")
+                proc = zfalkon("cancel", f"race{attempt}", "--queued-only", "--broker",
+                               address)
+                assert proc.returncode == 0, proc.stderr
+                _, err = run.communicate(timeout=60)
+                assert run.returncode == 4, err
+            finally:
+                stop_process(run)
+            wait_until(lambda: (lambda s: s["running"] == s["prefetched"] == 0)(
+                query_status(address, timeout=5)), 20, 0.05, "the slots idle")
+            ran = {int(w) for w in marks.read_text().split()}
+            written = {r["line"] for r in lines_in(out)}
+            rescued = rescue.read_text().splitlines() if rescue.exists() else []
+            rerun = {int(c.split()[1]) for c in rescued} & ran
+            lost += [(attempt, sorted(ran - written), sorted(rerun))] if ran - written else []
+    assert not lost, f"tasks that ran but were reported not run: {lost}"
+
+
+# -- resume, rescue file, retries ------------------------------------------------------------
+
+def test_resume_with_failed_to_updates_the_rescue_file(tmp_path):
+    """The same command with --resume instead of --force (README), --failed-to included:
+    the rescue file must say what still did not succeed, or be refused before anything
+    runs; never refused after the run (--force cannot go with --resume)."""
+    marks = tmp_path / "marks"
+    flag = tmp_path / "fixed"
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text(f"echo 1 >> {marks}\n"
+                        f"echo 2 >> {marks}; test -e {flag}\n"
+                        f"echo 3 >> {marks}; exit 7\n")
+    out, rescue = tmp_path / "out.jsonl", tmp_path / "rescue.txt"
+    with served_broker(slots=1) as (_, address, _worker):
+        first = zfalkon("run", "--broker", address, "-o", str(out), "--retries", "1",
+                        "--failed-to", str(rescue), str(taskfile))
+        assert first.returncode == 1, first.stderr
+        assert rescue.read_text().splitlines() == [f"echo 2 >> {marks}; test -e {flag}",
+                                                   f"echo 3 >> {marks}; exit 7"]
+        flag.touch()
+        before = marks.read_text().split()
+        again = zfalkon("run", "--broker", address, "-o", str(out), "--resume", "--retries",
+                        "1", "--failed-to", str(rescue), str(taskfile))
+    ran_again = marks.read_text().split()[len(before):]
+    if again.returncode == 2 and not ran_again:  # (refused up front: acceptable)
+        return
+    assert again.returncode == 1, again.stderr
+    assert "1" not in ran_again  # (done already)
+    assert rescue.read_text().splitlines() == [f"echo 3 >> {marks}; exit 7"], again.stderr
+    taskfile.write_text(taskfile.read_text().replace("exit 7", "true"))
+    with served_broker(slots=1) as (_, address, _worker):
+        last = zfalkon("run", "--broker", address, "-o", str(out), "--resume",
+                       "--failed-to", str(rescue), str(taskfile))
+    assert last.returncode == 0, last.stderr
+    assert not rescue.exists() or rescue.read_text() == ""  # (nothing left to rescue)
+
+
+def test_sigkill_mid_run_cancel_resume_runs_every_task_once(tmp_path):
+    """kill -9 of zfalkon run, then the README's recipe (cancel NAME, then --resume with
+    --retries and --failed-to): every line succeeds once, none that finished runs again."""
+    marks = tmp_path / "marks"
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("".join(f"echo {i} >> {marks}; sleep 0.2\n" for i in range(1, 21)))
+    out, rescue = tmp_path / "out.jsonl", tmp_path / "rescue.txt"
+    with served_broker(slots=2) as (_, address, _worker):
+        run = _run_proc("--broker", address, "--name", "k9", "-o", str(out), "--retries", "2",
+                        "--failed-to", str(rescue), str(taskfile))
+        try:
+            wait_until(lambda: len(lines_in(out)) >= 5, 60, 0.02, "5 results written")
+            run.kill()
+            run.wait(10)
+        finally:
+            stop_process(run)
+        assert not rescue.exists()
+        proc = zfalkon("cancel", "k9", "--broker", address)
+        assert proc.returncode == 0, proc.stderr
+        wait_until(lambda: (lambda s: s["queued"] == s["running"] == s["prefetched"] == 0)(
+            query_status(address, timeout=5)), 20, 0.05, "the old run gone")
+        done_before = {r["line"] for r in lines_in(out) if r["exit_code"] == 0}
+        again = zfalkon("run", "--broker", address, "--name", "k9", "-o", str(out),
+                        "--resume", "--retries", "2", "--failed-to", str(rescue),
+                        str(taskfile))
+    assert again.returncode == 0, again.stderr
+    assert not rescue.exists()  # (nothing failed: no rescue file)
+    last = {r["line"]: r for r in lines_in(out)}
+    assert sorted(last) == list(range(1, 21)) and all(r["exit_code"] == 0
+                                                      for r in last.values())
+    counts: dict[int, int] = {}
+    for w in marks.read_text().split():
+        counts[int(w)] = counts.get(int(w), 0) + 1
+    assert all(counts[i] == 1 for i in done_before), counts
+    assert all(counts.get(i, 0) >= 1 for i in range(1, 21))
+
+
+# -- run --workers N: a task that kills its agent's process group ------------------------
+
+KILL_MY_AGENT_GROUP = (
+    "p=$PPID; while [ \"$p\" -gt 1 ]; do "
+    "c=$(tr '\\0' ' ' < /proc/$p/cmdline); "
+    "case \"$c\" in *'zfalkon '*' worker '*) echo $p >> {log}; "
+    "kill -9 -$(awk '{{print $5}}' /proc/$p/stat); break;; esac; "
+    "p=$(awk '{{print $4}}' /proc/$p/stat); done; sleep 30")
+
+
+def test_run_workers_poison_killing_its_agents_group_leaves_no_process(tmp_path):
+    log = tmp_path / "agents"
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text(KILL_MY_AGENT_GROUP.format(log=log) + "\n" +
+                        "".join(f"sleep 0.3; echo {i}\n" for i in range(8)))
+    out = tmp_path / "out.jsonl"
+    env = child_env() | {"ZFALKON_SANDBOX": "none"}  # (a machine without namespaces)
+    run = _run_proc("--workers", "2", "-o", str(out), "--worker-warning", "60",
+                    str(taskfile), env=env)
+    seen: set[int] = set()
+    try:
+        for _ in range(1200):  # (bounded: 60 s of 0.05 s looks)
+            seen.update(descendants(run.pid))
+            if run.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert run.poll() is not None, "zfalkon run did not finish"
+        _, err = run.communicate(timeout=10)
+        records = {r["line"]: r for r in lines_in(out)}
+        assert sorted(records) == list(range(1, 10)), (sorted(records), err[-2000:])
+        assert "quarantined" in (records[1]["error"] or "") and "WorkerCrashed" in (
+            records[1]["error"] or ""), records[1]
+        assert all(records[i]["exit_code"] == 0 for i in range(2, 10))
+        assert run.returncode == 1
+        assert "starting another" in err  # (the keeper replaced the killed agents)
+        assert len(log.read_text().split()) >= 1
+        left = []
+        for pid in seen:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    left.append((pid, " ".join(p.cmdline())[:80]))
+            except psutil.NoSuchProcess:
+                pass
+        assert not left, left
+    finally:
+        stop_process(run, timeout=30)
+        kill_tree(list(seen))

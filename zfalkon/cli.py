@@ -311,6 +311,10 @@ def _check_run_options(args: argparse.Namespace) -> None:
         raise ConfigError("--resume needs -o FILE: the results file of the run to continue")
     if args.resume and args.force:
         raise ConfigError("--resume appends to -o FILE and --force overwrites it: choose one")
+    if args.failed_to and os.path.lexists(args.failed_to) and not (args.force or args.resume):
+        # (said now, not after the run: the rescue file is written last)
+        raise ConfigError(f"{args.failed_to} exists: --force overwrites it (--failed-to; "
+                          "with --resume it is rewritten for the run it continues)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -346,8 +350,10 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             if out is not sys.stdout:
                 out.close()
-        if args.failed_to and (status != 0 or summary.failed):
-            with _open_new(args.failed_to, args.force, "--failed-to", binary=True) as f:
+        if args.failed_to and (status != 0 or summary.failed or
+                               os.path.lexists(args.failed_to)):  # (a stale one: emptied)
+            with _open_new(args.failed_to, args.force or args.resume, "--failed-to",
+                           binary=True) as f:
                 n = runfile.write_rescue(source, f, summary, done)
             print(f"zfalkon run: the {n} task lines that did not succeed are in "
                   f"{args.failed_to} (run it as a task file)", file=sys.stderr)
