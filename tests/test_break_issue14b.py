@@ -317,3 +317,142 @@ def test_run_workers_poison_killing_its_agents_group_leaves_no_process(tmp_path)
     finally:
         stop_process(run, timeout=30)
         kill_tree(list(seen))
+
+
+# -- status --watch --------------------------------------------------------------------------
+
+def _views(output: list[bytes]) -> int:
+    return b"".join(output).count(b"Ctrl-C to stop")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_watch_stopped_inside_a_query_to_a_frozen_broker_exits_promptly(how):
+    """The broker SIGSTOPped: the watch's query hangs until --timeout; a stop then must end
+    the watch within about that, exit 0, no traceback, the cursor on a fresh line."""
+    with broker_process() as (broker, address):
+        proc, master, output = start_in_pty("status", "--watch", "--interval", "0.2",
+                                            "--timeout", "2", "--broker", address)
+        try:
+            wait_until(lambda: _views(output) >= 2, 30, 0.05, "two views drawn")
+            os.kill(broker.pid, signal.SIGSTOP)
+            time.sleep(0.5)  # (scenario: the next query is under way, unanswered)
+            start = time.monotonic()
+            if how == "sigterm":
+                os.kill(proc.pid, signal.SIGTERM)
+            else:
+                os.write(master, b"\x03")
+            code = proc.wait(30)
+            took = time.monotonic() - start
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+            stop_process(proc)
+            os.close(master)
+        text = b"".join(output).decode(errors="replace")
+        assert code == 0, (code, text[-500:])
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text
+        assert took < 6, took
+        assert text.endswith("\n"), text[-80:]
+
+
+def test_watch_follows_a_broker_killed_and_restarted_on_its_port():
+    from conftest import free_port, start_broker
+
+    port = free_port()
+    broker, address = start_broker(f"tcp://127.0.0.1:{port}")
+    proc, master, output = start_in_pty("status", "--watch", "--interval", "0.2",
+                                        "--timeout", "1", "--broker", address)
+    try:
+        wait_until(lambda: _views(output) >= 2, 30, 0.05, "two views drawn")
+        broker.kill()
+        broker.wait(10)
+        broker.stdout.close()
+        wait_until(lambda: b"zfalkon status:" in b"".join(output), 30, 0.05,
+                   "the absence shown")
+        broker, _ = start_broker(f"tcp://127.0.0.1:{port}")
+        mark = len(b"".join(output))
+        wait_until(lambda: b"queued 0  running 0" in b"".join(output)[mark:], 30, 0.05,
+                   "the restarted broker shown")
+        os.write(master, b"\x03")
+        assert proc.wait(15) == 0
+    finally:
+        stop_process(proc)
+        os.close(master)
+        stop_process(broker)
+        if broker.stdout:
+            broker.stdout.close()
+    assert b"Traceback" not in b"".join(output)
+
+
+def test_watch_of_a_broker_with_many_runs_is_bounded(ctx):
+    conns = []
+    with broker_process() as (_, address):
+        try:
+            for i in range(90):
+                conns.append(_raw_run(ctx, address, f"r{i}-" + "n" * 200)[0])
+            wait_until(lambda: len(_runs(address)) >= 64, 30, 0.1, "runs listed")
+            proc, master, output = start_in_pty("status", "--watch", "--interval", "0.3",
+                                                "--broker", address)
+            try:
+                wait_until(lambda: _views(output) >= 3, 30, 0.05, "three views drawn")
+                os.kill(proc.pid, signal.SIGTERM)
+                assert proc.wait(15) == 0
+            finally:
+                stop_process(proc)
+                os.close(master)
+        finally:
+            for c in conns:
+                c.close()
+    text = b"".join(output).decode(errors="replace")
+    view = text.split("\x1b[H\x1b[2J")[2]  # (one whole view)
+    assert "more runs" in view and "Traceback" not in text
+    assert len(view.splitlines()) <= 80 and max(map(len, view.splitlines())) <= 140
+
+
+# -- the no-worker warning with observers only -------------------------------------------------
+
+def test_wait_workers_with_only_observers_connected(tmp_path):
+    """status --watch and zfalkon runs are observers, not workers: the warning and the
+    --wait-workers error come on time."""
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("echo a\n")
+    with broker_process() as (_, address):
+        watch, master, _output = start_in_pty("status", "--watch", "--interval", "0.1",
+                                              "--broker", address)
+        try:
+            start = time.monotonic()
+            proc = zfalkon("run", "--broker", address, "--worker-warning", "0.5",
+                           "--wait-workers", "2", str(taskfile))
+            took = time.monotonic() - start
+        finally:
+            stop_process(watch)
+            os.close(master)
+    assert proc.returncode == 4, proc.stderr
+    assert "it has 0 workers" in proc.stderr and "warning: the broker at" in proc.stderr
+    assert 2 <= took < 15, took
+
+
+@pytest.mark.parametrize("slots", [0])
+def test_wait_workers_with_a_worker_that_has_no_slot(ctx, tmp_path, slots):
+    """A worker agent registered with no slot connected (its slots died, or never came)
+    runs nothing: --wait-workers must still stop the run."""
+    taskfile = tmp_path / "tasks.txt"
+    taskfile.write_text("echo a\n")
+    with broker_process() as (_, address):
+        w = Raw(ctx, address)
+        try:
+            w.hello(P.ROLE_WORKER, {"worker_id": "empty", "slots": 1, "name": "empty"})
+            assert query_status(address, timeout=5)["workers"] == 1
+            run = _run_proc("--broker", address, "--worker-warning", "0.5",
+                            "--wait-workers", "2", str(taskfile))
+            try:
+                deadline = time.monotonic() + 12
+                while run.poll() is None and time.monotonic() < deadline:
+                    w.sock.poll(200)  # (the raw worker answers nothing: no slot ever)
+                    while w.sock.poll(0):
+                        w.sock.recv()
+                code = run.poll()
+            finally:
+                stop_process(run)
+        finally:
+            w.close()
+    assert code == 4, "zfalkon run --wait-workers 2 still waiting after 12 s"
