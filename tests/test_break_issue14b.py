@@ -445,7 +445,7 @@ def test_wait_workers_with_a_worker_that_has_no_slot(ctx, tmp_path, slots):
             run = _run_proc("--broker", address, "--worker-warning", "0.5",
                             "--wait-workers", "2", str(taskfile))
             try:
-                deadline = time.monotonic() + 12
+                deadline = time.monotonic() + 6  # (its lease lapses at 6 s: too late)
                 while run.poll() is None and time.monotonic() < deadline:
                     w.sock.poll(200)  # (the raw worker answers nothing: no slot ever)
                     while w.sock.poll(0):
@@ -455,4 +455,4 @@ def test_wait_workers_with_a_worker_that_has_no_slot(ctx, tmp_path, slots):
                 stop_process(run)
         finally:
             w.close()
-    assert code == 4, "zfalkon run --wait-workers 2 still waiting after 12 s"
+    assert code == 4, "zfalkon run --wait-workers 2 still waiting after 6 s"
