@@ -32,6 +32,7 @@ from zfalkon.errors import BrokerUnavailable, ConfigError, ZfalkonError
 from zfalkon.broker import DISPATCH_POLICIES
 from zfalkon.cache import CACHE_BYTES
 from zfalkon.journal import FSYNC_POLICIES
+from zfalkon import protocol as P
 from zfalkon import runfile
 from zfalkon.watch import NO_WORKER_WARNING_SECONDS, WorkerWatch
 
@@ -201,27 +202,32 @@ def _cancel(args: argparse.Namespace) -> int:
     from zfalkon.client import cancel_run, query_status
 
     run = args.run
+    shown = P.short(run, 40)  # (never the whole of what was typed)
     # A number or a name (the run's label, or its client's name), never a guess: a name
     # must belong to one run of a complete list, a number that is also a name is refused.
+    # A number is ASCII digits of a size a key can have ("\u00b2".isdigit() is True).
+    number = int(run) if run.isascii() and run.isdigit() and len(run) <= 19 else None
     info = query_status(args.broker, timeout=args.timeout, keys=args.keys)
     runs, omitted = info.get("runs", []), info.get("runs_omitted", 0)
     named = [r for r in runs if run in (r["run"], r["name"])]
-    if run.isdigit() and not named:
-        key, label = int(run), run
-    elif run.isdigit() and any(r["id"] == int(run) for r in runs):
-        raise ConfigError(f"{run!r} is both a run's number and a run's name: rename the "
+    if number is not None and not named:
+        key, label = number, str(number)
+    elif number is not None and any(r["id"] == number for r in runs):
+        raise ConfigError(f"{shown} is both a run's number and a run's name: rename the "
                           "run, or cancel it by its number when no run is named so")
     elif omitted:
         raise ConfigError(f"the broker has more runs than it lists ({omitted} not listed): "
                           f"cancel by the number in the RUN column, not by name")
     elif not named:
-        raise ConfigError(f"no run named {run!r} on this broker (zfalkon runs lists "
+        raise ConfigError(f"no run named {shown} on this broker (zfalkon runs lists "
                           "them; cancel by the number in its RUN column)")
     elif len(named) > 1:
-        raise ConfigError(f"{len(named)} runs are named {run!r} (runs "
-                          f"{', '.join(str(r['id']) for r in named)}): cancel by number")
+        ids = [str(r["id"]) for r in named]
+        listed = ", ".join(ids[:5]) + (f", ... ({len(ids) - 5} more)" if len(ids) > 5 else "")
+        raise ConfigError(f"{len(named)} runs are named {shown} (runs {listed}): cancel "
+                          "by number")
     else:
-        key, label = named[0]["id"], f"{named[0]['id']} ({run})"
+        key, label = named[0]["id"], f"{named[0]['id']} ({run[:40]})"
     queued, killing = cancel_run(key, args.broker, kill=not args.queued_only,
                                  timeout=args.timeout, keys=args.keys)
     print(f"cancelled run {label}: {queued} queued tasks removed" + (
@@ -305,6 +311,10 @@ def _check_run_options(args: argparse.Namespace) -> None:
         raise ConfigError("--resume needs -o FILE: the results file of the run to continue")
     if args.resume and args.force:
         raise ConfigError("--resume appends to -o FILE and --force overwrites it: choose one")
+    if args.failed_to and os.path.lexists(args.failed_to) and not (args.force or args.resume):
+        # (said now, not after the run: the rescue file is written last)
+        raise ConfigError(f"{args.failed_to} exists: --force overwrites it (--failed-to; "
+                          "with --resume it is rewritten for the run it continues)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -340,8 +350,10 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             if out is not sys.stdout:
                 out.close()
-        if args.failed_to and (status != 0 or summary.failed):
-            with _open_new(args.failed_to, args.force, "--failed-to", binary=True) as f:
+        if args.failed_to and (status != 0 or summary.failed or
+                               os.path.lexists(args.failed_to)):  # (a stale one: emptied)
+            with _open_new(args.failed_to, args.force or args.resume, "--failed-to",
+                           binary=True) as f:
                 n = runfile.write_rescue(source, f, summary, done)
             print(f"zfalkon run: the {n} task lines that did not succeed are in "
                   f"{args.failed_to} (run it as a task file)", file=sys.stderr)

@@ -99,7 +99,8 @@ class WorkerWatch:
                     info = query_status(self.address, timeout=5.0, keys=self.keys)
                 except ZfalkonError:
                     info = None  # no answer: the client's own errors say it
-                if info is not None and info.get("workers", 0) > 0:
+                if info is not None and info.get("workers", 0) > 0 and \
+                        info.get("slots", 0) > 0:  # (an agent with no slot runs nothing)
                     since = None
                     warned = False
                 elif info is not None:
