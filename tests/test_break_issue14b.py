@@ -7,7 +7,7 @@ A probe that found a bug keeps the correct assertion and is ``xfail(strict=True)
 
 from __future__ import annotations
 
-import json
+import re
 import os
 import signal
 import subprocess
@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import (Raw, broker_process, child_env, descendants, kill_tree, served_broker,
-                      stop_process, wait_until, worker_process)
+                      stop_process, wait_until)
 from test_cli import lines_in, start_in_pty, zfalkon
 
 from zfalkon import Executor, payload, query_status, security
@@ -139,25 +139,20 @@ def test_queued_only_writes_the_running_tasks_result_and_leaves_nothing_queued(t
             wait_until(lambda: (tmp_path / "started").exists(), 60, 0.05, "task 1 running")
             proc = zfalkon("cancel", "qo2", "--queued-only", "--broker", address)
             assert proc.returncode == 0, proc.stderr
-            assert "28 queued tasks removed" in proc.stdout, proc.stdout
+            # (the slot's first window is 2: task 2 may be prefetched, and runs on)
+            assert re.search(r"\b2[78] queued tasks removed", proc.stdout), proc.stdout
             _, err = run.communicate(timeout=60)
             assert run.returncode == 4, err
         finally:
             stop_process(run)
         records = {r["line"]: r for r in lines_in(out)}
-        assert list(records) == [1] and records[1]["exit_code"] == 0, records
-        assert "ran" in records[1]["stdout"]
-        assert not any((tmp_path / f"q{i}").exists() for i in range(2, 30))
+        assert records[1]["exit_code"] == 0 and "ran" in records[1]["stdout"], records
+        ran = {i for i in range(2, 30) if (tmp_path / f"q{i}").exists()}
+        assert ran <= {2} and set(records) == {1} | ran, (ran, records)
         s = query_status(address, timeout=5)
         assert s["queued"] == s["running"] == s["prefetched"] == 0, s
 
 
-@pytest.mark.xfail(strict=True, reason="CANCEL_RUN mode 1 takes back all but each slot's "
-                   "oldest task and cancels them at once; one the slot started meanwhile "
-                   "runs and its result is dropped (core.cancel_run says so), against the "
-                   "README's 'running ones finish (their results are written)': a resume "
-                   "or the rescue file runs it twice. Needs the slot's answer to the revoke "
-                   "before cancelling: a protocol change, not a small fix")
 def test_queued_only_mid_stream_reports_every_task_that_ran(tmp_path):
     """A race: --queued-only while a slot goes from one short task to the next. Every
     task that ran (its mark in the file) must have its result written, and none of those

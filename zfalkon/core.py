@@ -1151,24 +1151,12 @@ class BrokerCore:
     def cancel_run(self, client: Client, kill: bool = True) -> tuple[int, int]:
         """Cancel a run: remove its queued (and parked) tasks from the queue, each with a
         CANCELLED result in its stream; with ``kill``, tell the slots holding its live
-        tasks to kill them (each then ends as for CANCEL mode 2); without, take back from
-        its slots those they have not started (all but each slot's oldest) and cancel them
-        as queued ones (one a slot started meanwhile runs, its result dropped). Returns ``(queued
-        tasks cancelled, held tasks being killed)``. O(queue + held): not on the hot
-        path."""
+        tasks to kill them (each then ends as for CANCEL mode 2); without, those run on
+        and their results are delivered (a slot may have started any of them: only its
+        answer would tell). Returns ``(queued tasks cancelled, held tasks being
+        killed)``. O(queue + held): not on the hot path."""
         key, live, cancelled = client.key, self.live, self.cancelled
         removed = self.queue.remove({key})
-        if not kill and client.held:  # (prefetched: taken back from their slots; a slot
-            for worker in self.workers.values():  # runs the oldest it holds first)
-                for slot in worker.slots.values():
-                    mine = [t for t in slot.inflight if t >> P.ID_SHIFT == key]
-                    if mine and next(iter(slot.inflight)) == mine[0]:
-                        mine = mine[1:]  # (its running task finishes)
-                    if mine:
-                        self._revoke(slot, mine)
-                        self._queued_again(mine)  # (counted queued, then cancelled)
-                        self._make_ready(slot)
-                        removed += mine
         if key in self.parked:
             ids, _ = self.parked[key]
             self.parked[key] = ([], [])
