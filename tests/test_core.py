@@ -759,6 +759,24 @@ class FabricMachine(RuleBasedStateMachine):
             assert c.live_tasks or not (c.task_bytes or c.hinted)
 
     @invariant()
+    def usage_is_the_sum_of_its_records(self) -> None:
+        """What the limits count (a record's :class:`Usage`; here, without keys, its own)
+        is the sum of its records' counters, and forgets a forgotten record."""
+        core = self.core
+        groups: dict[int, list] = collections.defaultdict(list)
+        for key, c in core.clients.items():
+            assert c.usage.clients.get(key) is c
+            groups[id(c.usage)].append(c)
+        for records in groups.values():
+            u = records[0].usage
+            assert set(u.clients.values()) == set(records)
+            assert (u.live_tasks, u.task_bytes, u.hinted, u.functions, u.function_bytes) == (
+                sum(c.live_tasks for c in records), sum(c.task_bytes for c in records),
+                sum(c.hinted for c in records), sum(len(c.functions) for c in records),
+                sum(c.function_bytes for c in records))
+        assert all(u.clients for u in core.usage.values())
+
+    @invariant()
     def dropped_results_are_counted(self) -> None:
         seen = sum(c.dropped_seen for c in self.clients)
         assert seen <= self.dropped_before + self.core.dropped_results
@@ -1255,3 +1273,185 @@ def test_an_abandoned_run_is_cancelled_after_the_hold_time_and_its_running_tasks
     core.dispatch(21.0)  # its queued tasks never go out
     assert not [m for i, m in core.outbox if type(m) is P.Tasks and m.ids]
     assert len(core.queue) == 0
+
+
+# -- per key (CurveZMQ identity): the client limits count all its records together ------
+
+ALICE, BOB = "client:alice", "client:bob"
+
+
+def keyed_client(core: BrokerCore, ident: bytes, user: str | None, now: float = 0.0,
+                 key: int = 0) -> int:
+    """Register a client whose connection proved ``user``; its key, or 0 if refused."""
+    info = {"name": "t"} | ({"key": key} if key else {})
+    core.message(ident, P.hello(P.ROLE_CLIENT, info), user, now)
+    welcome = [m for i, m in core.outbox if i == ident and type(m) is P.Welcome]
+    core.outbox.clear()
+    return welcome[-1].key if welcome else 0
+
+
+def keyed_submit(core: BrokerCore, ident: bytes, user: str | None, seq: int, n: int,
+                 size: int = 1, hinted: bool = False, now: float = 0.0) -> bool:
+    """SUBMIT frame ``seq`` of ``n`` tasks of ``size`` bytes: True if it was accepted."""
+    record = core.peers[ident]
+    assert type(record).__name__ == "Client"
+    ids = [(record.key << P.ID_SHIFT) + seq * 1000 + i for i in range(n)]
+    hints = [f"s3://b/{t}" for t in ids] if hinted else []
+    core.message(ident, P.Submit(seq, 0, ids, [bytes(size)] * n, hints), user, now)
+    return record.rx.last == seq
+
+
+def limit_errors(core: BrokerCore, ident: bytes) -> list[str]:
+    errors = [m.message for i, m in core.outbox
+              if i == ident and type(m) is P.Error and m.code == "limit"]
+    core.outbox.clear()
+    return errors
+
+
+@pytest.mark.parametrize("user2", [ALICE, None])
+def test_with_keys_the_client_limits_count_every_record_of_the_key(user2):
+    """Two connections of one key share its bytes, tasks and hinted-tasks limits (a third
+    of another key has its own); without keys each record has its own."""
+    user1 = ALICE if user2 else None
+    for limit, first, second in [("bytes", dict(n=2, size=300), dict(n=1, size=500)),
+                                 ("tasks", dict(n=6), dict(n=5)),
+                                 ("hinted", dict(n=2, hinted=True), dict(n=2, hinted=True))]:
+        core = BrokerCore(0.0)
+        core.max_client_bytes, core.max_client_tasks, core.max_client_hinted = 1000, 10, 3
+        keyed_client(core, b"a1", user1)
+        keyed_client(core, b"a2", user2)
+        keyed_client(core, b"b", BOB)
+        assert keyed_submit(core, b"a1", user1, 1, **first)
+        taken = keyed_submit(core, b"a2", user2, 1, **second)
+        if user2 is None:  # (no identity: per record, as before)
+            assert taken, limit
+            continue
+        assert not taken, limit  # not acknowledged: the Executor sends it again later
+        (why,) = limit_errors(core, b"a2")
+        assert ALICE in why
+        assert keyed_submit(core, b"b", BOB, 1, **second), limit  # another key: its own
+        usage = core.usage[ALICE]
+        assert usage is core.peers[b"a1"].usage is core.peers[b"a2"].usage
+        assert usage.live_tasks == first["n"]
+        # the first connection's tasks cancelled: room again for the second's frame
+        a1 = core.peers[b"a1"]
+        core.message(b"a1", P.Cancel(2, 0, sorted(core.live & {
+            t for t in core.live if t >> P.ID_SHIFT == a1.key})), user1, 1.0)
+        assert usage.live_tasks == usage.task_bytes == usage.hinted == 0
+        assert keyed_submit(core, b"a2", user2, 1, now=3.0, **second), limit
+
+
+def test_with_keys_stored_functions_count_every_record_of_the_key():
+    core = BrokerCore(0.0)
+    blobs = [i.to_bytes(4, "big") * 8 for i in range(400)]
+    pairs = [x for b in blobs for x in (payload.function_digest(b), b)]
+    for ident, user in ((b"a1", ALICE), (b"a2", ALICE), (b"b", BOB)):
+        keyed_client(core, ident, user)
+
+    def store(ident: bytes, user: str, seq: int, lo: int, hi: int) -> bool:
+        core.message(ident, P.Submit(seq, 0, [], [], functions=pairs[2 * lo:2 * hi]), user,
+                     float(seq))
+        return core.peers[ident].rx.last == seq
+
+    assert store(b"a1", ALICE, 1, 0, 200)
+    assert not store(b"a2", ALICE, 1, 200, 300)  # 300 > MAX_CLIENT_FUNCTIONS for alice
+    assert limit_errors(core, b"a2")
+    assert store(b"b", BOB, 1, 200, 300)  # bob's own 256
+    assert core.usage[ALICE].functions == 200
+    core.message(b"a1", P.Bye("done"), ALICE, 2.0)  # forgotten: its functions with it
+    assert core.usage[ALICE].functions == core.usage[ALICE].function_bytes == 0
+    assert store(b"a2", ALICE, 1, 200, 300)
+    assert core.usage[ALICE].functions == 100
+
+
+def test_per_key_usage_returns_to_zero_as_tasks_finish_are_cancelled_and_clients_leave():
+    """No leak: results acknowledged, tasks cancelled (DROP, IF_QUEUED with its CANCELLED
+    result acknowledged), a client leaving with live tasks: the key's usage goes back to
+    0, and the key's entry goes once its last record is forgotten."""
+    core = BrokerCore(0.0)
+    slot = registered(core, window=100)
+    keys = {i: keyed_client(core, i, ALICE) for i in (b"a1", b"a2", b"a3")}
+    for ident in keys:
+        assert keyed_submit(core, ident, ALICE, 1, 4, size=100, hinted=True)
+    usage = core.usage[ALICE]
+    assert (usage.live_tasks, usage.task_bytes, usage.hinted) == (12, 12 * 100 + sum(
+        len(f"s3://b/{t}") for t in core.live), 12)
+    # a1's tasks run, their results are acknowledged
+    core.dispatch(0.0)
+    tasks = [m for i, m in core.outbox if i == slot and type(m) is P.Tasks]
+    mine = [t for m in tasks for t in m.ids if t >> P.ID_SHIFT == keys[b"a1"]]
+    assert len(mine) == 4
+    core.outbox.clear()
+    core.message(slot, P.Results(core.peers[slot].rx.last + 1, 0, 100, 0, mine,
+                                 [b"r"] * 4), None, 0.1)
+    (deliver,) = [m for i, m in core.outbox if i == b"a1" and type(m) is P.Deliver]
+    assert usage.live_tasks == 12  # (live until acknowledged)
+    core.message(b"a1", P.Ack(deliver.seq, deliver.token), ALICE, 0.2)
+    assert usage.live_tasks == 8
+    # a2 cancels two (DROP) and two (IF_QUEUED: CANCELLED results, live until acknowledged)
+    a2 = sorted(t for t in core.live if t >> P.ID_SHIFT == keys[b"a2"])
+    core.outbox.clear()
+    core.message(b"a2", P.Cancel(2, 0, a2[:2], b"", P.CANCEL_DROP), ALICE, 0.3)
+    assert usage.live_tasks == 6
+    core.message(b"a2", P.Cancel(3, 0, a2[2:], b"", P.CANCEL_IF_QUEUED), ALICE, 0.3)
+    delivers = [m for i, m in core.outbox if i == b"a2" and type(m) is P.Deliver]
+    if delivers:  # (some were dispatched: STARTED instead, they finish as results)
+        last = max(delivers, key=lambda m: m.seq)
+        core.message(b"a2", P.Ack(last.seq, last.token), ALICE, 0.4)
+    held = core._dispatched()
+    running = [t for t in a2[2:] if t in held]
+    if running:
+        core.message(slot, P.Results(core.peers[slot].rx.last + 1, 0, 100, 0, running,
+                                     [b"r"] * len(running)), None, 0.5)
+        last = max((m for i, m in core.outbox if i == b"a2" and type(m) is P.Deliver),
+                   key=lambda m: m.seq)
+        core.message(b"a2", P.Ack(last.seq, last.token), ALICE, 0.6)
+    assert usage.live_tasks == 4  # a3's
+    core.message(b"a3", P.Bye("gone"), ALICE, 1.0)  # leaves with its 4 live tasks
+    assert (usage.live_tasks, usage.task_bytes, usage.hinted) == (0, 0, 0)
+    assert ALICE in core.usage
+    core.message(b"a1", P.Bye("done"), ALICE, 1.0)
+    core.message(b"a2", P.Bye("done"), ALICE, 1.0)
+    assert ALICE not in core.usage
+
+
+def test_a_key_has_at_most_max_clients_per_key_records():
+    """Past the cap, a HELLO forgets the key's longest silent record holding nothing (away
+    ones first), else is refused with ERROR limit; a record claimed back is not a new
+    one; another key, and clients without keys, are not affected."""
+    core = BrokerCore(0.0)
+    core.max_clients_per_key = 3
+    for n, ident in enumerate((b"a1", b"a2", b"a3")):
+        assert keyed_client(core, ident, ALICE, float(n))
+        assert keyed_submit(core, ident, ALICE, 1, 1, now=float(n))
+    core.outbox.clear()
+    core.message(b"a4", P.hello(P.ROLE_CLIENT, {"name": "t"}), ALICE, 5.0)
+    (err,) = [m for i, m in core.outbox if i == b"a4"]
+    assert type(err) is P.Error and err.code == "limit" and ALICE in err.message
+    assert len(core.usage[ALICE].clients) == 3 and b"a4" not in core.peers
+    core.outbox.clear()
+    assert keyed_client(core, b"b", BOB, 5.0)  # another key: its own records
+    key1 = core.peers[b"a1"].key
+    assert keyed_client(core, b"a1", ALICE, 5.0, key=key1) == key1  # claimed back
+    assert keyed_client(core, b"a1x", ALICE, 5.0, key=key1) == 0  # (a new record: no room)
+    core.outbox.clear()
+    # a2 holds nothing any more (its task cancelled): a4 takes its place
+    a2 = core.peers[b"a2"]
+    core.message(b"a2", P.Cancel(2, 0, [t for t in core.live if t >> P.ID_SHIFT == a2.key]),
+                 ALICE, 6.0)
+    assert keyed_client(core, b"a4", ALICE, 7.0)
+    assert a2.key not in core.clients and b"a2" not in core.peers
+    assert len(core.usage[ALICE].clients) == 3
+    # of two records holding nothing, the one away goes first, even if heard last
+    core = BrokerCore(0.0)
+    core.max_clients_per_key = 2
+    keyed_client(core, b"old", ALICE, 0.0)
+    keyed_client(core, b"away", ALICE, 1.0)
+    core.send_failed(b"away", 1.0)  # (its connection is gone: quiet)
+    assert keyed_client(core, b"new", ALICE, 2.0)
+    assert b"old" in core.peers and b"away" not in core.peers
+    # without keys: no identity, no cap
+    core = BrokerCore(0.0)
+    core.max_clients_per_key = 2
+    assert all(keyed_client(core, bytes([i]), None) for i in range(10))
+    assert not core.usage

@@ -76,7 +76,7 @@ _DROPPED = payload.error_result(
     "ResultDropped", "the broker dropped this result: the client was not listening and "
     "more results were waiting for it than the broker keeps for one client")
 
-__all__ = ["BrokerCore", "Recorder", "Client", "Worker", "Slot"]
+__all__ = ["BrokerCore", "Recorder", "Client", "Usage", "Worker", "Slot"]
 
 _RATE_WINDOW = 10  # ticks of history behind tasks_per_second
 _ERRORS_PER_TICK = 100  # ERROR answers per peer per tick; past that, bad frames are dropped
@@ -151,9 +151,18 @@ STATUS_RUNS_BYTES = 32 * 1024
 #: Live tasks (queued, running, or delivered and not acknowledged) one client may have;
 #: past any of these a SUBMIT frame is not accepted (not acknowledged: the client sends
 #: it again later) and the client is told ERROR ``limit``: backpressure, nothing is lost.
+#: With keys (CurveZMQ), these and the limits on stored functions
+#: (payload.MAX_CLIENT_FUNCTIONS, MAX_CLIENT_FUNCTION_BYTES) count the sum over every
+#: client record of one key (:class:`Usage`): a key opening many connections does not
+#: multiply them. Without keys there is no identity to add up under: each record has its
+#: own.
 MAX_CLIENT_TASKS = 1_000_000
 MAX_CLIENT_BYTES = 256 * 1024 * 1024  # their task blobs and data hints
 MAX_CLIENT_HINTED = 32_768  # those with a data hint (a hint costs ~1 KB queued by key)
+#: Client records one key may have; a HELLO for one more first forgets the key's longest
+#: silent record holding nothing (no live task, no unacknowledged result; away ones
+#: first), else is refused with ERROR ``limit`` (the client may try again later).
+MAX_CLIENTS_PER_KEY = 64
 #: Tasks cancelled with CANCEL_DROP stop counting against their client at once, but stay
 #: in the queue (skipped when taken) while no slot is free to take them: past either of
 #: these, counted since the last purge, every such task is removed from the queue (one
@@ -219,6 +228,23 @@ class Replay(Protocol):
 
 
 @dataclass(eq=False)
+class Usage:
+    """What the client records of one key hold together, counted against the client limits
+    (MAX_CLIENT_TASKS, _BYTES, _HINTED, _FUNCTIONS, _FUNCTION_BYTES): the sums of their
+    own counters, kept in step with them (:meth:`BrokerCore._track`, :meth:`_untrack`,
+    :meth:`_store`, :meth:`_drop_functions`). With keys, one per CurveZMQ identity
+    (``owner``, ``ROLE:NAME``), shared by its records; without, one per record."""
+
+    owner: str = ""
+    clients: dict[int, "Client"] = field(default_factory=dict)  # its records, by client key
+    live_tasks: int = 0
+    task_bytes: int = 0
+    hinted: int = 0
+    functions: int = 0
+    function_bytes: int = 0
+
+
+@dataclass(eq=False)
 class Client:
     ident: bytes  # b"": none yet (results held for it from a journal)
     key: int
@@ -250,6 +276,8 @@ class Client:
     #: as long as this record (journaled), within MAX_CLIENT_FUNCTIONS / _BYTES.
     functions: dict[bytes, bytes] = field(default_factory=dict)
     function_bytes: int = 0
+    #: What it and the other records of its CurveZMQ key hold (the limits count this).
+    usage: Usage = field(default_factory=Usage)
     #: The key of its session's acknowledgement tokens (:func:`ack_token`): new at each
     #: HELLO (its stream's numbers start again from 1), never sent, never journaled.
     secret: bytes = field(default_factory=lambda: os.urandom(16))
@@ -382,6 +410,7 @@ class BrokerCore:
         self.workers: dict[str, Worker] = {}
         self.ready: collections.deque[Slot] = collections.deque()
         self.key_owner: dict[int, str] = {}  # key -> identity that first submitted under it
+        self.usage: dict[str, Usage] = {}  # with keys: identity -> its records' usage
         self.next_key = 1
         self.running = 0  # tasks held by slots
         self.active_slots = 0  # slots asking for work, not stalled nor draining
@@ -436,6 +465,7 @@ class BrokerCore:
         self.max_client_tasks = MAX_CLIENT_TASKS
         self.max_client_bytes = MAX_CLIENT_BYTES
         self.max_client_hinted = MAX_CLIENT_HINTED
+        self.max_clients_per_key = MAX_CLIENTS_PER_KEY
         self.max_away_clients = MAX_AWAY_CLIENTS
         self.max_away_held_bytes = MAX_AWAY_HELD_BYTES
         self.max_idle_clients = MAX_IDLE_CLIENTS
@@ -484,8 +514,9 @@ class BrokerCore:
             sizes[tid >> P.ID_SHIFT] += len(blob)
         for key in keys:  # absent until they come back with their key (or expire)
             client = self.clients[key] = Client(b"", key, "", now, quiet=True, submitted=True)
+            self._attach(client, self.key_owner.get(key, ""))
             ids, blobs = by_key.get(key, ([], []))
-            client.live_tasks, client.task_bytes = counts[key] + len(ids), sizes[key]
+            self._track(client, counts[key] + len(ids), sizes[key], 0)
             client.queued = client.tasks = counts[key]
             self._store(client, list(got.functions.get(key, {}).items()), journal=False)
             for i in range(0, len(ids), MAX_BATCH):
@@ -667,6 +698,8 @@ class BrokerCore:
         key = 0
         if msg.role == P.ROLE_CLIENT:
             key = self._client_hello(ident, peer, info, user or "", now)
+            if key < 0:  # (refused: its identity has too many records)
+                return
             if not key:
                 self.refuse(ident, ProtocolError("every client key is in use", "bad-hello"))
                 return
@@ -724,7 +757,8 @@ class BrokerCore:
                       now: float) -> int:
         """Register a client; return its key. A client coming back (the broker restarted,
         or forgot it) asks for its old key (its task ids carry it): granted unless another
-        connected client holds it, or the key's tasks came from another identity."""
+        connected client holds it, or the key's tasks came from another identity. -1: refused
+        (the identity has max_clients_per_key records, none of which can be forgotten)."""
         claimed = info.get("key")
         record: Client | None = None
         key = 0
@@ -733,12 +767,14 @@ class BrokerCore:
             record = self.clients.get(claimed)
             if record is None:
                 key = claimed
-            elif record.ident in (b"", ident):
+            elif record.ident in (b"", ident) and record.usage.owner == user:
                 key = claimed  # its held results are waiting for it
             else:
                 record = None
         if peer is not None and peer is not record:
             self._drop(peer)
+        if record is None and user and not self._room_for_client(ident, user):
+            return -1
         if not key:
             key = self._new_key()
             if not key:
@@ -753,6 +789,7 @@ class BrokerCore:
         if record is None:
             record = Client(ident, key, name, now, run=run, observer=observer)
             self.clients[key] = record
+            self._attach(record, user)
             self._idle[key] = None  # (until it has tasks accepted)
             if len(self._idle) > self.max_idle_clients:
                 oldest = self.clients.get(next(iter(self._idle)))
@@ -788,6 +825,38 @@ class BrokerCore:
         if key in self.parked and record.held_bytes <= MAX_WAITING_BYTES // 2:
             self._unpark(key)
         return key
+
+    def _attach(self, client: Client, owner: str) -> None:
+        """Count a new client record under its identity ``owner`` (``""``: none, without
+        keys: the record counts alone)."""
+        usage = self.usage.get(owner) if owner else None
+        if usage is None:
+            usage = Usage(owner)
+            if owner:
+                self.usage[owner] = usage
+        usage.clients[client.key] = client
+        client.usage = usage
+
+    def _room_for_client(self, ident: bytes, owner: str) -> bool:
+        """May identity ``owner`` have one more client record? At max_clients_per_key its
+        longest silent record holding nothing (no live task, no unacknowledged result;
+        those away first) is forgotten; if none is, the HELLO is refused (ERROR
+        ``limit``) and False returned."""
+        usage = self.usage.get(owner)
+        if usage is None or len(usage.clients) < self.max_clients_per_key:
+            return True
+        idle = [c for c in usage.clients.values() if not c.live_tasks and not c.tx.unacked]
+        if idle:
+            oldest = min(idle, key=lambda c: (not (c.quiet or not c.ident), c.last_heard))
+            log.info("%s has %d client records: forgetting its client %d (holding nothing)",
+                     owner, len(usage.clients), oldest.key)
+            self._forget(oldest)
+            return True
+        self.refuse(ident, ProtocolError(
+            f"{owner[:MAX_NAME_CHARS]} has {len(usage.clients)} client records holding "
+            f"tasks or results (at most {self.max_clients_per_key} per key): try again "
+            "once one has finished", "limit"))
+        return False
 
     def _new_key(self) -> int:
         """The next free client key, wrapping below MAX_CLIENT_KEY (0: none is free)."""
@@ -887,18 +956,19 @@ class BrokerCore:
                     keep.append(i)
             live.update(seen)
             self.duplicate_submits += len(ids) - len(keep)
-            client.live_tasks += len(live) - before
+            grown = len(live) - before
             client.queued += len(keep)
             client.tasks += len(keep)
             if revived:  # (counted queued again unless a slot holds its copy)
                 held = self._dispatched() if client.held else set()
                 client.queued += sum(1 for t in revived if t not in held)
             if not keep:
+                self._track(client, grown, 0, 0)
                 return
             ids, blobs = [ids[i] for i in keep], [blobs[i] for i in keep]
             hints = [hints[i] for i in keep] if hints else hints
         else:
-            client.live_tasks += len(ids)
+            grown = len(ids)
             client.queued += len(ids)
             client.tasks += len(ids)
         self.recorder.submit(ids, blobs)
@@ -906,21 +976,25 @@ class BrokerCore:
         if not client.submitted:
             client.submitted = True
             self._idle.pop(key, None)
-        client.task_bytes += sum(map(len, blobs))
+        size = sum(map(len, blobs))
+        hinted = 0
         if hints:
-            client.task_bytes += sum(map(len, hints))
-            client.hinted += len(hints) - hints.count("")
+            size += sum(map(len, hints))
+            hinted = len(hints) - hints.count("")
+        self._track(client, grown, size, hinted)
         self.queue.add(ids, blobs, hints)
 
     def _over_limit(self, client: Client, msg: P.Submit, now: float) -> bool:
         """True if the client's next SUBMIT frame would take it past its limits
-        (MAX_CLIENT_TASKS, MAX_CLIENT_BYTES, MAX_CLIENT_HINTED): the frame is dropped, not
-        acknowledged (the client sends it again later: backpressure), and the client is
-        told ERROR ``limit`` at most once per RESEND_SECONDS. A frame of at most MAX_BATCH
-        tasks is taken whatever its size when the client has no live task (a larger one
+        (MAX_CLIENT_TASKS, MAX_CLIENT_BYTES, MAX_CLIENT_HINTED; with keys, counted over
+        every record of its key: :class:`Usage`): the frame is dropped, not acknowledged
+        (the client sends it again later: backpressure), and the client is told ERROR
+        ``limit`` at most once per RESEND_SECONDS. A frame of at most MAX_BATCH tasks is
+        taken whatever its size when the client (its key) has no live task (a larger one
         never is)."""
         n = len(msg.ids)
-        if not client.live_tasks and n <= MAX_BATCH:
+        usage = client.usage
+        if not usage.live_tasks and n <= MAX_BATCH:
             return False
         size = sum(map(len, msg.blobs))
         hinted = 0
@@ -929,14 +1003,17 @@ class BrokerCore:
             hinted = n - msg.hints.count("")
         if n > MAX_BATCH:  # (never taken: an Executor splits its frames at MAX_BATCH)
             n = self.max_client_tasks + 1
-        n += client.live_tasks
-        size += client.task_bytes
-        hinted += client.hinted
+        n += usage.live_tasks
+        size += usage.task_bytes
+        hinted += usage.hinted
         if n <= self.max_client_tasks and size <= self.max_client_bytes and \
                 hinted <= self.max_client_hinted:
             return False
         self._wait_submit(client, msg, now, lambda: (
-            f"client {client.key} has {client.live_tasks} tasks live (queued, running, "
+            f"client {client.key}"
+            + (f" with the other clients of {usage.owner[:MAX_NAME_CHARS]}"
+               if usage.owner else "")
+            + f" has {usage.live_tasks} tasks live (queued, running, "
             f"or results not acknowledged): limits {self.max_client_tasks} tasks, "
             f"{self.max_client_bytes >> 20} MiB of tasks and hints, "
             f"{self.max_client_hinted} tasks with a data hint; this SUBMIT waits"))
@@ -959,9 +1036,9 @@ class BrokerCore:
         pickle must have its digest: a slot keeps one pickle per digest for every client);
         None if the frame is refused: malformed, or past the client's function limits
         (told ERROR ``limit``, as for :meth:`_over_limit`)."""
-        pairs, stored = msg.functions, client.functions
+        pairs, stored, usage = msg.functions, client.functions, client.usage
         new: list[tuple[bytes, bytes]] = []
-        size = client.function_bytes
+        size = 0  # (of the new ones)
         if len(pairs) % 2 == 0:
             for i in range(0, len(pairs), 2):
                 digest, blob = pairs[i], pairs[i + 1]
@@ -973,12 +1050,15 @@ class BrokerCore:
                 new.append((digest, blob))
                 size += len(blob)
             else:
-                if len(stored) + len(new) <= payload.MAX_CLIENT_FUNCTIONS and \
-                        size <= payload.MAX_CLIENT_FUNCTION_BYTES and self.function_bytes + \
-                        size - client.function_bytes <= self.max_function_bytes:
+                if usage.functions + len(new) <= payload.MAX_CLIENT_FUNCTIONS and \
+                        usage.function_bytes + size <= payload.MAX_CLIENT_FUNCTION_BYTES \
+                        and self.function_bytes + size <= self.max_function_bytes:
                     return new
                 self._wait_submit(client, msg, now, lambda: (
-                    f"client {client.key} would store more than "
+                    f"client {client.key}"
+                    + (f" with the other clients of {usage.owner[:MAX_NAME_CHARS]}"
+                       if usage.owner else "")
+                    + " would store more than "
                     f"{payload.MAX_CLIENT_FUNCTIONS} functions or "
                     f"{payload.MAX_CLIENT_FUNCTION_BYTES >> 20} MiB of them at the "
                     f"broker, or the broker more than {self.max_function_bytes >> 20} MiB "
@@ -997,12 +1077,27 @@ class BrokerCore:
             return
         if not client.functions:
             self.storing += 1
+        usage, stored = client.usage, client.functions
         for digest, blob in functions:
-            client.functions[digest] = blob
+            if digest in stored:  # (counted once)
+                continue
+            stored[digest] = blob
             client.function_bytes += len(blob)
+            usage.function_bytes += len(blob)
+            usage.functions += 1
             self.function_bytes += len(blob)
             if journal:
                 self.recorder.function(client.key, digest, blob)
+
+    def _drop_functions(self, client: Client) -> None:
+        """Forget the functions stored for the client."""
+        if client.functions:
+            usage = client.usage
+            usage.functions -= len(client.functions)
+            usage.function_bytes -= client.function_bytes
+            self.function_bytes -= client.function_bytes
+            client.functions, client.function_bytes = {}, 0
+            self.storing -= 1
 
     def _functions_for(self, slot: Slot, ids: list[int], blobs: list[bytes]
                        ) -> tuple[int, list[bytes], list[bytes]]:
@@ -1059,15 +1154,28 @@ class BrokerCore:
                 forget.append(scoped)
         return forget
 
+    def _track(self, client: Client, n: int, size: int, hinted: int) -> None:
+        """``n`` more live tasks of the client, with ``size`` bytes of blobs and hints,
+        ``hinted`` of them with a data hint: counted for it and its key."""
+        client.live_tasks += n
+        client.task_bytes += size
+        client.hinted += hinted
+        usage = client.usage
+        usage.live_tasks += n
+        usage.task_bytes += size
+        usage.hinted += hinted
+
     def _untrack(self, client: Client, n: int) -> None:
-        """``n`` of the client's live tasks are no longer live."""
+        """``n`` of the client's live tasks are no longer live (their bytes and hints are
+        counted in proportion): no longer counted for it and its key."""
         live = client.live_tasks
         if n >= live:
-            client.live_tasks = client.task_bytes = client.hinted = 0
+            n, size, hinted = live, client.task_bytes, client.hinted
         elif n:
-            client.task_bytes -= client.task_bytes * n // live
-            client.hinted -= client.hinted * n // live
-            client.live_tasks = live - n
+            size, hinted = client.task_bytes * n // live, client.hinted * n // live
+        else:
+            return
+        self._track(client, -n, -size, -hinted)
 
     def _on_cancel(self, client: Client, msg: P.Cancel, now: float) -> None:
         if self._stream_in(client, msg.seq, msg.ack, msg.token):
@@ -1437,9 +1545,7 @@ class BrokerCore:
                 if stored <= self.max_away_function_bytes:
                     break
                 stored -= client.function_bytes
-                self.function_bytes -= client.function_bytes
-                client.functions, client.function_bytes = {}, 0
-                self.storing -= 1
+                self._drop_functions(client)
                 if client.ident:  # (its results stay held for it)
                     if self.peers.get(client.ident) is client:
                         del self.peers[client.ident]
@@ -1546,10 +1652,13 @@ class BrokerCore:
                         live.difference_update(ids)  # wants their results)
                         self._revoke(slot, ids, kill=True)
                         self._make_ready(slot)
-        if client.functions:
-            self.function_bytes -= client.function_bytes
-            client.functions, client.function_bytes = {}, 0
-            self.storing -= 1
+        self._drop_functions(client)
+        self._untrack(client, client.live_tasks)  # (no longer counted for its key)
+        usage = client.usage
+        if usage.clients.get(key) is client:
+            del usage.clients[key]
+            if not usage.clients and self.usage.get(usage.owner) is usage:
+                del self.usage[usage.owner]
         if self.key_owner.pop(key, None) is not None or client.submitted:
             self.recorder.gone(key)
 
