@@ -55,6 +55,9 @@ from zfalkon.clientcore import (
 
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 CANCEL_WAIT_SECONDS = 10.0  # TaskFuture.cancel() waits this long for the broker's answer
+#: While a caller waits in ``result()`` (and so receives for every future), the I/O thread
+#: watches only its wake-up pipe, looking again this often (ms) whether one still does.
+_DRIVEN_POLL_MS = 10
 _OUTPUT_KIND = bytes([payload.RESULT_OUTPUT])  # a result with captured output: [7, ...]
 log = logging.getLogger("zfalkon.client")
 
@@ -488,6 +491,7 @@ class Executor(cf.Executor):
         self._unsent: collections.deque[bytes] = collections.deque()  # frames zmq refused
         self._waker = Waker()
         self._idle = False
+        self._drivers = 0  # threads receiving in _drive_until (changed under the lock)
         self._lock = threading.Lock()  # guards every use of self._sock after __init__
         self._shutdown = False
         self._closing = False
@@ -770,6 +774,8 @@ class Executor(cf.Executor):
         poller = select.poll()
         poller.register(self._sock_fd, select.POLLIN)
         poller.register(poke.fd, select.POLLIN)
+        with self._lock:
+            self._drivers += 1
         try:
             while not fut.done() and self._broken is None and not (until and until()):
                 with self._lock:
@@ -786,6 +792,8 @@ class Executor(cf.Executor):
                 most = 1000 if until is None else 20  # (STARTED wakes no future: look often)
                 poller.poll(min(wait_ms, most) if wait_ms >= 0 else most)
         finally:
+            with self._lock:
+                self._drivers -= 1
             poke.close()
 
     def _cancel(self, ids: list[int]) -> None:
@@ -837,12 +845,19 @@ class Executor(cf.Executor):
         The socket is used only under ``self._lock`` (callers send on it directly when
         nothing is in flight, and receive on it while they wait for a result: one thread
         switch less per result), so this thread waits with ``select.poll`` on zmq's
-        edge-triggered fd and then drains ``ZMQ_EVENTS``, as zmq's docs prescribe.
+        edge-triggered fd and then drains ``ZMQ_EVENTS``, as zmq's docs prescribe. While a
+        caller waits in ``result()`` it receives for every future, and this thread
+        watches only the wake-up pipe (else both wake at each message and this one, taking
+        it first, must wake the caller again: two thread switches more per result); it
+        looks every _DRIVEN_POLL_MS whether one still waits, and keeps the session alive.
         """
         sock = self._sock
         poller = select.poll()
         poller.register(self._sock_fd, select.POLLIN)
         poller.register(self._waker.fd, select.POLLIN)
+        driven = select.poll()
+        driven.register(self._waker.fd, select.POLLIN)
+        session = self._session
         while True:
             with self._lock:
                 done = self._pump()
@@ -856,7 +871,10 @@ class Executor(cf.Executor):
             if finished:
                 return
             self._idle = True
-            if not self._outbox:
+            while not self._outbox and self._drivers and not self._unsent and \
+                    not driven.poll(_DRIVEN_POLL_MS) and time.monotonic() < session.next_ping:
+                pass  # (a caller receives: look again whether one still does)
+            if not self._outbox and not self._drivers:
                 poller.poll(10 if self._unsent else int(PING_SECONDS * 1000))
             self._idle = False
             self._waker.drain()
