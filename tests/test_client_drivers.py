@@ -149,8 +149,6 @@ def test_done_callback_that_calls_result_on_another_future(executor):
     assert ended.wait(10) and got == ["inner2"]
 
 
-@pytest.mark.xfail(strict=True, reason="7ec2e4e: a driver running a blocking done-callback "
-                   "still counts as receiving: the I/O thread stays blind until its ping (~1 s)")
 def test_a_blocking_callback_on_a_driver_does_not_starve_other_futures(executor):
     """Item 3: a done-callback run by a thread in result() blocks a while; meanwhile
     futures with no result() caller must still complete promptly (the I/O thread would
@@ -179,11 +177,14 @@ def test_a_blocking_callback_on_a_driver_does_not_starve_other_futures(executor)
         pytest.skip("the blocking callback always ran on the I/O thread")
     try:
         lat = []
-        for i in range(3):  # one after the other: each from a fresh state of the I/O loop
+        for i in range(4):  # one after the other: each from a fresh state of the I/O loop
             t = time.perf_counter()
             b = ex.submit(tasks.identity, i)
             assert cf.wait([b], timeout=10).not_done == set()
             lat.append(time.perf_counter() - t)
+        # (not the first: the broker may give it to the busy slot, which prefetches, and
+        # take it back on its tick, ~1 s, whatever the client does)
+        lat = lat[1:]
         print("latencies while a driver's callback blocks:",
               [f"{x * 1e3:.1f} ms" for x in lat])
         assert max(lat) < 0.3, f"futures waited for a blocked driver: {lat}"

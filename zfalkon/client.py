@@ -783,7 +783,14 @@ class Executor(cf.Executor):
                         return
                     # (the I/O thread, waiting in a done-callback, must also send and ping)
                     done = self._pump() if io_thread else self._receive()
-                self._complete(done)  # user callbacks run with no lock held
+                    if done:  # (its callbacks may block: the I/O thread receives meanwhile)
+                        self._drivers -= 1
+                if done:
+                    try:
+                        self._complete(done)  # user callbacks run with no lock held
+                    finally:
+                        with self._lock:
+                            self._drivers += 1
                 if fut.done() or (until and until()):
                     return
                 wait_ms = -1 if deadline is None else (deadline - time.monotonic()) * 1000
