@@ -195,8 +195,6 @@ def test_a_blocking_callback_on_a_driver_does_not_starve_other_futures(executor)
     assert not d.is_alive()
 
 
-@pytest.mark.xfail(strict=True, reason="_complete stops at a BaseException from a callback: "
-                   "the rest of the batch, already out of _pending, never completes")
 def test_interrupt_in_a_drivers_deliveries_loses_no_other_future(executor, cluster):
     """Item 2: a thread in result() interrupted (KeyboardInterrupt, here raised by a
     done-callback) while it completes a batch of results: the others still complete."""

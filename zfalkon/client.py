@@ -995,12 +995,18 @@ class Executor(cf.Executor):
     def _complete(self, done: list) -> None:
         """Complete futures and feed map streams (no lock held: callbacks are user code)."""
         if done:
+            error: BaseException | None = None
             for item in done:
                 if item is not None:  # a future: its callbacks run here, no lock held
-                    item[0]._deliver(*item[1:])
+                    try:
+                        item[0]._deliver(*item[1:])
+                    except BaseException as exc:  # (KeyboardInterrupt, SystemExit from a
+                        error = error or exc  # callback: the others are out of _pending)
             if self._sinks:
                 for sink in list(self._sinks):
                     sink.wake()
+            if error is not None:
+                raise error
 
     def _fail_all(self, exc: BaseException) -> None:
         owners = self._pending.copy()
