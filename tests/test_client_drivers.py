@@ -80,7 +80,10 @@ def test_callback_only_future_right_after_serial_results_is_prompt(executor):
     print(f"serial round trip median {rtt * 1e3:.2f} ms; callback-only latency median "
           f"{med * 1e3:.2f} ms, max {worst * 1e3:.2f} ms")
     # a callback-only future should cost about one round trip, not the blind poll's 10 ms
-    assert med < rtt + 0.004, f"median {med * 1e3:.2f} ms vs round trip {rtt * 1e3:.2f} ms"
+    # (the worst of 15: the blind poll leaves a median of 7-8 ms, but now and then one
+    # run's median is fast)
+    assert worst < rtt + 0.005, f"worst {worst * 1e3:.2f} ms (median {med * 1e3:.2f} ms) " \
+        f"vs round trip {rtt * 1e3:.2f} ms"
 
 
 def test_wait_and_as_completed_after_another_threads_result_returned(executor):
@@ -240,10 +243,13 @@ def test_map_in_one_thread_while_another_waits_in_result(executor):
     m = threading.Thread(target=lambda: out.extend(
         ex.map(tasks.identity, range(300), timeout=20, chunksize=16, buffersize=64)),
         daemon=True)
+    t0 = time.monotonic()
     m.start()
     m.join(25)
+    took = time.monotonic() - t0
     d.join(20)
     assert out == list(range(300)) and d.value == "long"
+    assert took < 5, f"map of 300 tiny tasks took {took:.1f} s"
 
 
 # -- 6: shutdown while a thread waits in result() ---------------------------------------------
