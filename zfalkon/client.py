@@ -783,7 +783,14 @@ class Executor(cf.Executor):
                         return
                     # (the I/O thread, waiting in a done-callback, must also send and ping)
                     done = self._pump() if io_thread else self._receive()
-                self._complete(done)  # user callbacks run with no lock held
+                    if done:  # (its callbacks may block: the I/O thread receives meanwhile)
+                        self._drivers -= 1
+                if done:
+                    try:
+                        self._complete(done)  # user callbacks run with no lock held
+                    finally:
+                        with self._lock:
+                            self._drivers += 1
                 if fut.done() or (until and until()):
                     return
                 wait_ms = -1 if deadline is None else (deadline - time.monotonic()) * 1000
@@ -988,12 +995,18 @@ class Executor(cf.Executor):
     def _complete(self, done: list) -> None:
         """Complete futures and feed map streams (no lock held: callbacks are user code)."""
         if done:
+            error: BaseException | None = None
             for item in done:
                 if item is not None:  # a future: its callbacks run here, no lock held
-                    item[0]._deliver(*item[1:])
+                    try:
+                        item[0]._deliver(*item[1:])
+                    except BaseException as exc:  # (KeyboardInterrupt, SystemExit from a
+                        error = error or exc  # callback: the others are out of _pending)
             if self._sinks:
                 for sink in list(self._sinks):
                     sink.wake()
+            if error is not None:
+                raise error
 
     def _fail_all(self, exc: BaseException) -> None:
         owners = self._pending.copy()
