@@ -56,8 +56,9 @@ from zfalkon.clientcore import (
 _NOBLOCK = int(zmq.NOBLOCK)  # (a plain int: pyzmq enums are slow)
 CANCEL_WAIT_SECONDS = 10.0  # TaskFuture.cancel() waits this long for the broker's answer
 #: While a caller waits in ``result()`` (and so receives for every future), the I/O thread
-#: watches only its wake-up pipe, looking again this often (ms) whether one still does.
-_DRIVEN_POLL_MS = 10
+#: watches only its wake-up pipe, looking again this often (ms) whether one still does: a
+#: message that comes just after the last caller left waits at most this long.
+_DRIVEN_POLL_MS = 2
 _OUTPUT_KIND = bytes([payload.RESULT_OUTPUT])  # a result with captured output: [7, ...]
 log = logging.getLogger("zfalkon.client")
 
@@ -878,11 +879,14 @@ class Executor(cf.Executor):
             if finished:
                 return
             self._idle = True
-            while not self._outbox and self._drivers and not self._unsent and \
-                    not driven.poll(_DRIVEN_POLL_MS) and time.monotonic() < session.next_ping:
-                pass  # (a caller receives: look again whether one still does)
-            if not self._outbox and not self._drivers:
-                poller.poll(10 if self._unsent else int(PING_SECONDS * 1000))
+            if self._unsent:  # (frames zmq refused: try again in 10 ms)
+                (driven if self._drivers else poller).poll(10)
+            elif not self._outbox:
+                while self._drivers and not driven.poll(_DRIVEN_POLL_MS) and \
+                        time.monotonic() < session.next_ping and not self._outbox:
+                    pass  # (a caller receives: look again whether one still does)
+                if not self._drivers and not self._outbox:
+                    poller.poll(int(PING_SECONDS * 1000))
             self._idle = False
             self._waker.drain()
 
