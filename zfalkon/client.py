@@ -493,6 +493,7 @@ class Executor(cf.Executor):
         self._waker = Waker()
         self._idle = False
         self._drivers = 0  # threads receiving in _drive_until (changed under the lock)
+        self._undriven_at = 0.0  # when the last of them stopped receiving
         self._lock = threading.Lock()  # guards every use of self._sock after __init__
         self._shutdown = False
         self._closing = False
@@ -785,7 +786,7 @@ class Executor(cf.Executor):
                     # (the I/O thread, waiting in a done-callback, must also send and ping)
                     done = self._pump() if io_thread else self._receive()
                     if done:  # (its callbacks may block: the I/O thread receives meanwhile)
-                        self._drivers -= 1
+                        self._undrive()
                 if done:
                     try:
                         self._complete(done)  # user callbacks run with no lock held
@@ -801,8 +802,14 @@ class Executor(cf.Executor):
                 poller.poll(min(wait_ms, most) if wait_ms >= 0 else most)
         finally:
             with self._lock:
-                self._drivers -= 1
+                self._undrive()
             poke.close()
+
+    def _undrive(self) -> None:
+        """A thread stops receiving in :meth:`_drive_until` (under the lock)."""
+        self._drivers -= 1
+        if not self._drivers:
+            self._undriven_at = time.monotonic()
 
     def _cancel(self, ids: list[int]) -> None:
         """Give up on these tasks: forget them here, the broker drops them (CANCEL_DROP)."""
@@ -865,7 +872,6 @@ class Executor(cf.Executor):
         poller.register(self._waker.fd, select.POLLIN)
         driven = select.poll()
         driven.register(self._waker.fd, select.POLLIN)
-        session = self._session
         while True:
             with self._lock:
                 done = self._pump()
@@ -879,16 +885,29 @@ class Executor(cf.Executor):
             if finished:
                 return
             self._idle = True
-            if self._unsent:  # (frames zmq refused: try again in 10 ms)
-                (driven if self._drivers else poller).poll(10)
-            elif not self._outbox:
-                while self._drivers and not driven.poll(_DRIVEN_POLL_MS) and \
-                        time.monotonic() < session.next_ping and not self._outbox:
-                    pass  # (a caller receives: look again whether one still does)
-                if not self._drivers and not self._outbox:
-                    poller.poll(int(PING_SECONDS * 1000))
+            self._wait_for_work(poller, driven)
             self._idle = False
             self._waker.drain()
+
+    def _wait_for_work(self, poller: select.poll, driven: select.poll) -> None:
+        """The I/O thread's wait: until there is something to send, a message no caller
+        will take, or a ping is due. ``poller`` watches the socket and the wake-up pipe,
+        ``driven`` only the pipe (while a caller receives, see :meth:`_io_loop`)."""
+        if self._unsent:  # (frames zmq refused: try again in 10 ms)
+            (driven if self._drivers else poller).poll(10)
+            return
+        sock_fd, session, blind = self._sock_fd, self._session, _DRIVEN_POLL_MS / 1000
+        while not self._outbox:
+            if self._drivers or time.monotonic() - self._undriven_at < blind:
+                # A caller receives (or did just now, and a serial loop of result() calls
+                # comes back at once): look again soon whether one still does.
+                if driven.poll(_DRIVEN_POLL_MS) or time.monotonic() >= session.next_ping:
+                    return
+                continue
+            ready = poller.poll(int(PING_SECONDS * 1000))
+            if not ready or not self._drivers or any(fd != sock_fd for fd, _ in ready):
+                return
+            # (only the socket, and a caller came to receive meanwhile: it takes it)
 
     def _pump(self) -> list:
         """One turn of the connection (under the lock): receive, send what is queued,
