@@ -1219,6 +1219,8 @@ class BrokerCore:
                 client.cancelled += queued
                 self.recorder.done(ids)
                 live.difference_update(ids)
+                if self.killing:  # (a slot killing one answers: the answer is dropped)
+                    self.killing.difference_update(ids)
                 self._untrack(client, len(ids))
             if self._dropped_bytes > MAX_CANCELLED_QUEUED_BYTES or \
                     self._dropped_tasks > MAX_CANCELLED_QUEUED:
