@@ -1062,6 +1062,20 @@ def test_with_keys_only_the_first_submitter_may_claim_a_key_back():
     assert [m for i, m in core.outbox if type(m) is P.Welcome][-1].key == key
 
 
+def test_a_task_dropped_by_its_client_while_its_slot_kills_it_is_not_left_killing():
+    """cancel_run kills a held task, then the client gives up on it (CANCEL_DROP): it is
+    no longer live, nor waiting for its slot's answer (which is dropped when it comes)."""
+    core = BrokerCore(0.0)
+    slot, tid = one_task_dispatched(core)
+    core.cancel_run(core.clients[tid >> P.ID_SHIFT], kill=True)
+    assert tid in core.killing
+    core.message(b"c", P.Cancel(2, 0, [tid], b"", P.CANCEL_DROP), None, 0.1)
+    assert tid not in core.live and tid not in core.killing
+    core.outbox.clear()
+    core.message(slot, P.Results(2, 1, 10, 0, [tid], [payload.CANCELLED]), None, 0.2)
+    assert not [m for i, m in core.outbox if type(m) is P.Deliver]
+
+
 def test_a_task_killed_by_force_whose_slot_is_lost_ends_cancelled_and_is_not_requeued():
     """CANCEL mode 2 reaches the broker while a slot holds the task; the slot's lease
     lapses before it answers: the task gets a CANCELLED result from the broker and is never
