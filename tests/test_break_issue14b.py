@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -19,29 +17,15 @@ import pytest
 
 from conftest import (Raw, broker_process, child_env, descendants, kill_tree, served_broker,
                       stop_process, wait_until)
+from test_break_issue14 import _raw_run, _run_proc
 from test_cli import lines_in, start_in_pty, zfalkon
 
-from zfalkon import Executor, payload, query_status, security
+from zfalkon import Executor, query_status, security
 from zfalkon import protocol as P
 
 
 def _runs(address: str, keys: str | None = None) -> list[dict]:
     return query_status(address, timeout=5, keys=keys).get("runs", [])
-
-
-def _raw_run(ctx, address: str, label: str, n: int = 1, command: str = "true") -> tuple:
-    """A raw client (run ``label``) with ``n`` shell tasks queued: (connection, key)."""
-    conn = Raw(ctx, address)
-    key = conn.hello(info={"name": "raw", "run": label}).key
-    ids = [(key << P.ID_SHIFT) + i for i in range(1, n + 1)]
-    conn.send_msg(P.Submit(1, 0, ids, [payload.shell_task(command) for _ in ids]))
-    return conn, key
-
-
-def _run_proc(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "zfalkon", "run", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or child_env())
 
 
 # -- cancel: what a person may type as RUN -------------------------------------------------
