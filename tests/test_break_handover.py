@@ -2,7 +2,8 @@
 
 A peer that reconnects while the broker still holds its old connection is refused until the
 ZMTP heartbeat timeout drops the old one. Client and worker both reach the broker through a
-LinkProxy; we freeze the client's link 30 s, freeze the worker's links 30 s, and reset all of
+LinkProxy; we freeze the client's link 30 s, freeze the worker's links 30 s (12 s each outside
+`tox -e long`: twice the heartbeat timeout), and reset all of
 a worker's connections 3 times. Every future must complete once with its value, and each
 task's side effect (a line appended by a shell task) must appear, within a sane time. The
 same runs without keys are the baseline. Timings are printed (run with -s).
@@ -18,12 +19,12 @@ import time
 
 import pytest
 
-from conftest import (child_env, descendants, kill_tree, marker_lines, start_broker,
+from conftest import (child_env, descendants, kill_tree, marker_lines, seconds, start_broker,
                       status_brief, stop_process, wait_until)
 from zfalkon import Executor, query_status, security
 from zfalkon.linkproxy import LinkProxy
 
-FREEZE = 30.0
+FREEZE = seconds(30.0, 12.0)
 N = 600
 AFTER_FAULT = 45.0  # a sane bound for finishing once the fault is over
 
@@ -95,6 +96,7 @@ def finish(futs, marker, fault_over, label, status):
     return dups, took
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("keyed", [True, False], ids=["keys", "plain"])
 def test_client_link_frozen_30s(tmp_path, keyed):
@@ -113,6 +115,7 @@ def test_client_link_frozen_30s(tmp_path, keyed):
         assert dups == 0
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("keyed", [True, False], ids=["keys", "plain"])
 def test_worker_link_frozen_30s(tmp_path, keyed):

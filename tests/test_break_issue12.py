@@ -23,6 +23,7 @@ import zmq
 from conftest import (
     RSS_BOUND,
     Raw,
+    seconds,
     assert_serving,
     broker_process,
     served_broker,
@@ -62,6 +63,7 @@ def fat_workers(ctx: zmq.Context, address: str, n: int) -> list[Raw]:
 # -- 1. STATUS answers accumulate for a peer that asks and never reads -----------------------
 
 
+@pytest.mark.long
 @pytest.mark.timeout(200)
 def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
     with broker_process() as (proc, address):
@@ -73,15 +75,16 @@ def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
             size = len(P.encode(P.Status(query_status(address))))
             request = P.encode(P.StatusRequest())
             time.sleep(SETTLE)
+            attack = seconds(80, 20)  # (unbounded, 20 s of answers would be ~4x the bound)
             with PeakRss(proc) as peak:
-                end = time.monotonic() + 80
+                end = time.monotonic() + attack
                 while time.monotonic() < end:
                     for _ in range(8):
                         reader.send(request)
                     for w in workers:  # (each stays registered: STATUS stays large)
                         w.send_msg(P.Heartbeat([]))
                     time.sleep(1.0)  # the attack's pace: 8 requests a second
-            report(f"STATUS of {size / 1e6:.2f} MB asked 8/s for 80 s by one peer that never "
+            report(f"STATUS of {size / 1e6:.2f} MB asked 8/s for {attack} s by one peer that never "
                    "reads: broker RSS peak growth", peak.growth / MIB)
             assert proc.poll() is None
             assert peak.growth < PER_PEER
@@ -94,6 +97,7 @@ def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
 # -- 2. RESEND from a client that never reads -------------------------------------------------
 
 
+@pytest.mark.long
 @pytest.mark.timeout(200)
 def test_resend_spam_from_a_client_that_never_reads_is_bounded(ctx):
     with served_broker() as (proc, address, _):
@@ -105,12 +109,13 @@ def test_resend_spam_from_a_client_that_never_reads_is_bounded(ctx):
             raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
             wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
             time.sleep(SETTLE)
+            attack = seconds(45, 30)  # (unbounded, 30 s of copies would pass the bound)
             with PeakRss(proc) as peak:
-                end = time.monotonic() + 45
+                end = time.monotonic() + attack
                 while time.monotonic() < end:
                     raw.send_msg(P.Resend(0))
                     time.sleep(RESEND_PERIOD)  # the attack's pace
-            report("one 3.9 MiB result, RESEND every 2.05 s for 45 s, never read: broker "
+            report(f"one 3.9 MiB result, RESEND every 2.05 s for {attack} s, never read: broker "
                    "RSS peak growth", peak.growth / MIB)
             assert proc.poll() is None
             assert peak.growth < PER_PEER
@@ -125,6 +130,7 @@ RESEND_PERIOD = core.RESEND_SECONDS + 0.05
 # -- 3. RESEND from a slot that never reads: every task it holds, again ----------------------
 
 
+@pytest.mark.long
 @pytest.mark.timeout(200)
 def test_resend_spam_from_a_slot_that_never_reads_is_bounded(ctx):
     with broker_process() as (proc, address):
@@ -144,13 +150,14 @@ def test_resend_spam_from_a_slot_that_never_reads_is_bounded(ctx):
                        message="the raw slot holds every task")
             slot.send_msg(P.Results(2, 0, 0, 0, [], []))  # (honest tasks go elsewhere)
             time.sleep(SETTLE)
+            attack = seconds(40, 24)  # (unbounded, 24 s of copies would pass the bound)
             with PeakRss(proc) as peak:
-                end = time.monotonic() + 40
+                end = time.monotonic() + attack
                 while time.monotonic() < end:
                     slot.send_msg(P.Resend(0))
                     worker.send_msg(P.Heartbeat([]))
                     time.sleep(RESEND_PERIOD)  # the attack's pace
-            report(f"raw slot holding {n} x 1 MiB tasks, RESEND every 2.05 s for 40 s, never "
+            report(f"raw slot holding {n} x 1 MiB tasks, RESEND every 2.05 s for {attack} s, never "
                    "read: broker RSS peak growth", peak.growth / MIB)
             assert proc.poll() is None
             with worker_process(address, "--slots", "1"):
@@ -417,7 +424,7 @@ def test_submit_cancel_loop_is_bounded_by_the_clients_limits(ctx):
         honest = Executor(address)
         raw = Raw(ctx, address)
         try:
-            busy = honest.submit(tasks.sleep_then, "honest", 40)
+            busy = honest.submit(tasks.sleep_then, "honest", seconds(40, 20))
             wait_until(lambda: query_status(address)["running"] >= 1, 30,
                        message="the slot busy with an honest task")
             base = raw.hello().key << P.ID_SHIFT
@@ -437,6 +444,7 @@ def test_submit_cancel_loop_is_bounded_by_the_clients_limits(ctx):
                     raw.send_msg(P.Cancel(seq, 0, ids, b"", P.CANCEL_DROP))
                 raw.sync()  # (its PONG: the broker has handled the last CANCEL)
                 status = query_status(address)
+            assert not busy.done(), "the slot was free during the rounds: run it longer"
             report(f"{rounds} rounds of 4 x 15 MiB submitted and cancelled (DROP), slot busy:"
                    " broker RSS peak growth", peak.growth / MIB)
             report("  queued", status["queued"], "")

@@ -22,6 +22,7 @@ import zmq
 from conftest import (
     Raw,
     broker_process,
+    seconds,
     wait_until,
     worker_env,
     worker_hello,
@@ -63,6 +64,7 @@ def _fat_workers(ctx: zmq.Context, address: str, n: int) -> list[Raw]:
     return workers
 
 
+@pytest.mark.long
 @pytest.mark.timeout(150)
 def test_status_flood_from_many_routing_ids_is_bounded_globally(ctx):
     with broker_process() as (proc, address):
@@ -74,8 +76,9 @@ def test_status_flood_from_many_routing_ids_is_bounded_globally(ctx):
                 a.send_msg(P.hello(P.ROLE_CLIENT, {"name": "status-flood"}))
             time.sleep(0.5)  # (the WELCOMEs sit unread: this peer never reads)
             request = P.encode(P.StatusRequest())
+            attack = seconds(40, 15)
             with PeakRss(proc) as peak:
-                end = time.monotonic() + 40
+                end = time.monotonic() + attack
                 while time.monotonic() < end:
                     for a in attackers:
                         for _ in range(8):
@@ -83,7 +86,7 @@ def test_status_flood_from_many_routing_ids_is_bounded_globally(ctx):
                     for w in workers:  # (they stay registered: STATUS stays large)
                         w.send_msg(P.Heartbeat([]))
                     time.sleep(1.0)
-            report(f"12 routing ids x 8 STATUS/s of {size / 1e3:.0f} KB for 40 s, never read: "
+            report(f"12 routing ids x 8 STATUS/s of {size / 1e3:.0f} KB for {attack} s, never read: "
                    "broker RSS peak growth", peak.growth / MIB)
             assert proc.poll() is None
             started = time.monotonic()
@@ -105,6 +108,7 @@ _SLOW_256K = ("builtins:eval",
               "(__import__('time').sleep(0.02), b'r' * 262144)[1]")
 
 
+@pytest.mark.long
 @pytest.mark.timeout(200)
 def test_resend_with_hoarded_tokens_stays_within_the_per_peer_bound(ctx):
     """A client reads its first window (15 DELIVER frames of 256 KiB: tokens 1..15), then
@@ -115,7 +119,9 @@ def test_resend_with_hoarded_tokens_stays_within_the_per_peer_bound(ctx):
     still). What bounds the broker is ZeroMQ's SNDHWM: 256 frames of 256 KiB = 64 MiB
     (the optimum for this reader: a larger frame means fewer hoarded tokens, a smaller one
     a smaller cap). Measured: 54 MiB peak growth in 60 s (reading 56 MiB), i.e. above the
-    50 MiB used as the per-peer figure elsewhere, below the 64 MiB cap asserted here."""
+    50 MiB used as the per-peer figure elsewhere, below the 64 MiB cap asserted here. (60 s
+    under tox -e long; 30 s in the default run, which only a broker that queued far faster
+    than this rule allows could fail.)"""
     with broker_process() as (proc, address):
         with worker_process(address, "--slots", "1"):
             wait_until(lambda: query_status(address)["slots"] >= 1, 30, message="slot")
@@ -147,8 +153,9 @@ def test_resend_with_hoarded_tokens_stays_within_the_per_peer_bound(ctx):
                     read_one(1.0)
                 assert len(tokens) >= 8, len(tokens)
                 ack, resends = 0, 0
+                attack = seconds(60, 30)
                 with PeakRss(proc) as peak:
-                    end = time.monotonic() + 60
+                    end = time.monotonic() + attack
                     while time.monotonic() < end:
                         stop = time.monotonic() + 1.0
                         while ack + 1 not in tokens and time.monotonic() < stop:
@@ -159,7 +166,7 @@ def test_resend_with_hoarded_tokens_stays_within_the_per_peer_bound(ctx):
                         resends += 1
                         time.sleep(core.RESEND_SECONDS + 0.05)
                 read_mib = frames * 0.25
-                report(f"RESEND with hoarded tokens for 60 s ({resends} RESENDs, ack moved to "
+                report(f"RESEND with hoarded tokens for {attack} s ({resends} RESENDs, ack moved to "
                        f"{ack}, {read_mib:.0f} MiB read): broker RSS peak growth",
                        peak.growth / MIB)
                 assert proc.poll() is None

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import marker_lines, status_brief, worker_env
+from conftest import LONG, marker_lines, status_brief, worker_env
 from zfalkon import Executor, LocalCluster
 
 BAD = {
@@ -102,6 +102,7 @@ def test_bad_task_does_not_hurt_interleaved_good_tasks(kind, sandbox, tmp_path):
         assert dup == 0
 
 
+@pytest.mark.long
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sandbox", ["auto", "none"])
 def test_killing_the_slot_hurts_no_other_client(sandbox, tmp_path):
@@ -111,8 +112,8 @@ def test_killing_the_slot_hurts_no_other_client(sandbox, tmp_path):
     15: when it was already queued in the same host, the host starts it within
     microseconds, before the slot's death reaches the zygote. The agent takes the host's
     word on the running task only for the client of the slot's oldest unanswered task, so
-    never another client's task.) Repeated 4 runs."""
-    for r in range(4):
+    never another client's task.) Repeated 4 runs under tox -e long, 2 otherwise."""
+    for r in range(4 if LONG else 2):
         d = tmp_path / str(r)
         d.mkdir()
         # (A's tasks the dead slot held run again elsewhere: at least once, as for any

@@ -27,7 +27,15 @@ import pytest
 import zmq
 
 import tasks
-from conftest import child_env, descendants, kill_tree, stop_process, wait_until, worker_env
+from conftest import (
+    child_env,
+    descendants,
+    kill_tree,
+    seconds,
+    stop_process,
+    wait_until,
+    worker_env,
+)
 from zfalkon import Executor, LocalCluster
 from zfalkon import protocol as P
 from zfalkon.client import query_status
@@ -35,7 +43,9 @@ from zfalkon.linkproxy import LinkProxy
 
 pytestmark = pytest.mark.netfaults
 
-FREEZE_SECONDS = 30.0  # how long a stalled link stays stalled (what the issue asks for)
+#: How long a stalled link stays stalled: 30 s (what the issue asks for) under tox -e long,
+#: 12 s (twice the lease and the ZMTP heartbeat timeout) in the default run.
+FREEZE_SECONDS = seconds(30.0, 12.0)
 POLL = 0.1             # status polling interval (each poll is a short broker connection)
 
 
@@ -142,6 +152,7 @@ def check_counters(cluster: LocalCluster, n: int) -> dict:
 # -- a: the client's link stalls for 30 s mid-run -------------------------------------------
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)
 def test_client_link_frozen_30s_mid_run_all_futures_complete():
     n = 3000
@@ -168,6 +179,7 @@ def test_client_link_frozen_30s_mid_run_all_futures_complete():
 # -- b: only a slot's link stalls; the agent keeps heartbeating -----------------------------
 
 
+@pytest.mark.long
 @pytest.mark.timeout(200)
 def test_slot_link_frozen_30s_its_tasks_run_elsewhere_and_it_comes_back():
     n1 = 3000
@@ -370,9 +382,10 @@ def test_a_silent_slot_with_huge_credit_holds_at_most_a_fair_share_then_loses_it
 # -- e: one hung task, with short tasks prefetched behind it --------------------------------
 
 
+@pytest.mark.long
 @pytest.mark.timeout(120)
 def test_short_tasks_do_not_wait_behind_a_hung_task():
-    long_seconds = 30.0
+    long_seconds = seconds(30.0, 15.0)
     n = 500
     with LocalCluster(workers=2, env=worker_env()) as cluster, \
             executor(cluster.address) as ex:
