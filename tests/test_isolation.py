@@ -270,15 +270,13 @@ def test_a_task_in_a_sandbox_sees_only_its_own_processes_and_no_state_file():
 
 def _run(host, tid: int, a: int) -> int:
     host.send([(tid, payload.python_task("operator:add", (a, 1), {}))])
-    results: list = []
     for _ in range(500):  # (the result pipe is non-blocking: wait until it is readable)
         select.select([host.result_r], [], [], 0.02)
-        results += host.receive()
-        if results:
+        answered = host.receive()
+        if answered.ids:
             break
-    [(got, result, failed, _)] = results
-    assert got == tid and not failed and host.running() == tid
-    return payload.result_value(result)
+    assert (answered.ids, answered.failed) == ([tid], [False]) and host.running() == tid
+    return payload.result_value(answered.results[0])
 
 
 def test_a_lost_zygote_is_replaced_and_the_host_it_forked_lives_on():

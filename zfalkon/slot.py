@@ -38,7 +38,6 @@ from zfalkon import payload
 from zfalkon import protocol as P
 from zfalkon.constants import (
     CONNECT_TIMEOUT_SECONDS,
-    MAX_RESULT_BYTES,
     OUTPUT_CAP_BYTES,
     RESULT_FLUSH_SECONDS,
 )
@@ -236,7 +235,7 @@ class Slot:
             if host is None or not host.inflight:
                 return
             try:
-                results = host.receive()
+                got = host.receive()
             except HostDied:
                 self._host_died()
                 continue
@@ -256,18 +255,11 @@ class Slot:
                 host.needed = []
                 if self.timed is not None and not host.inflight:
                     self.timed = None
-            if not results:
+            if not got.ids:
                 if host.inflight:
                     self._wait(host)
                 continue
-            now = monotonic()
-            for tid, result, failed, seconds in results:
-                if len(result) > MAX_RESULT_BYTES:
-                    result = payload.error_result(
-                        "SerializationError", f"the result is {len(result)} bytes, over "
-                        f"the {MAX_RESULT_BYTES} byte limit of one result")
-                    failed = True
-                session.finished(tid, result, failed, seconds, now)
+            session.finished_many(got.ids, got.results, got.failed, got.seconds, monotonic())
             state.set(host.inflight[0][0] if host.inflight else 0)
             if self.timed is not None and not host.inflight:
                 self.timed = None  # (it was alone in the host: answered)
@@ -355,13 +347,12 @@ class Slot:
         again: list[tuple[int, bytes]] = []
         for _ in range(1024):  # what it wrote before it died (the pipe holds ~64 KiB)
             try:
-                answered = host.receive()
+                got = host.receive()
             except HostDied:
                 break
-            if not answered and not host.needed:
+            if not got.ids and not host.needed:
                 break
-            for tid, result, failed, seconds in answered:
-                session.finished(tid, result, failed, seconds, now)
+            session.finished_many(got.ids, got.results, got.failed, got.seconds, now)
             again += host.needed  # (sent back unrun: they run again)
             host.needed = []
         for tid, blob in host.inflight:

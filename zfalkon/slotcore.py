@@ -184,16 +184,33 @@ class SlotSession:
     def finished(self, tid: int, result: bytes, failed: bool, seconds: float,
                  now: float) -> None:
         """A task finished after ``seconds``; its result is returned with the next batch."""
-        self.mean = seconds if self.mean < 0 else self.mean + _EWMA * (seconds - self.mean)
-        if not self.result_ids:
-            self.first_result_at = now
-        self.result_ids.append(tid)
-        self.result_blobs.append(result)
-        self.result_bytes += len(result)
-        self.failed += failed
-        if (len(self.result_ids) >= RESULT_FLUSH_COUNT or self.result_bytes >= FRAME_SOFT_BYTES
-                or now - self.first_result_at >= RESULT_FLUSH_SECONDS):
-            self.flush(now)
+        self.finished_many([tid], [result], [failed], seconds, now)
+
+    def finished_many(self, ids: list[int], results: list[bytes], failed: list[bool],
+                      seconds: float, now: float) -> None:
+        """Tasks finished, one after the other, in ``seconds`` together; their results are
+        returned with the next batches (of at most RESULT_FLUSH_COUNT each)."""
+        n = len(ids)
+        if not n:
+            return
+        each = seconds / n  # (n samples of the mean: the newest weighs 1 - (1 - _EWMA)**n)
+        self.mean = each if self.mean < 0 else \
+            self.mean + (1 - (1 - _EWMA) ** min(n, 64)) * (each - self.mean)
+        start = 0
+        while start < n:
+            if not self.result_ids:
+                self.first_result_at = now
+            stop = min(n, start + RESULT_FLUSH_COUNT - len(self.result_ids))
+            part = results[start:stop]
+            self.result_ids += ids[start:stop]
+            self.result_blobs += part
+            self.result_bytes += sum(map(len, part))
+            self.failed += sum(failed[start:stop])
+            start = stop
+            if (len(self.result_ids) >= RESULT_FLUSH_COUNT
+                    or self.result_bytes >= FRAME_SOFT_BYTES
+                    or now - self.first_result_at >= RESULT_FLUSH_SECONDS):
+                self.flush(now)
 
     def flush(self, now: float) -> None:
         """Return the results waiting (if any), with the window."""

@@ -253,8 +253,9 @@ class Stager:
         except (ClientError, BotoCoreError) as exc:
             raise StagingError(f"output {name!r}: upload to {dest} failed: {exc}") from None
 
-    def take_new_held(self) -> list[str]:
-        new, self.new_held = self.new_held, []
+    def take_new_held(self, limit: int) -> list[str]:
+        """Up to ``limit`` of the keys cached since the last call (the rest stay)."""
+        new, self.new_held = self.new_held[:limit], self.new_held[limit:]
         return new
 
 

@@ -27,11 +27,12 @@ Design
       also waits and answers its exit status (for a host that died). The zygote reaps a
       host only after the slot gave it up, so a PID the slot may signal is never reused.
     * **Host.** In its own session and process group (``setsid``: a task's ``killpg(0)``
-      reaches its host alone). It reads ``(length, task id)``-prefixed task blobs from a
-      pipe, runs them one at a time with a Runner, and writes ``(kind,
-      seconds, blob)`` frames back, in batches: at the latest when it has nothing left to
-      read, or when the oldest unsent result is 1 ms old. So consecutive tasks of one
-      client cost a few microseconds each, not a round trip. A host does *not* die with its
+      reaches its host alone). It reads batches of tasks from a pipe (a length-prefixed
+      msgpack frame each: ``[ids, blobs]``), runs them one at a time with a Runner, and
+      writes their results back in frames of its own, once it has run what it had read,
+      past 60 KB of results, or (a thread does it) every 10 ms while it runs more. So
+      consecutive tasks of one client cost a few microseconds each, not a round trip, and
+      their framing is msgpack's C code, not a Python loop per task. A host does *not* die with its
       zygote (no parent-death signal): when the slot dies, its zygote SIGKILLs every host's
       process group and exits, on the end of the slot's socket or, should it not be
       reading it, on its parent-death signal (``SIGUSR1``, acted on once ``getppid()``
@@ -173,7 +174,7 @@ from typing import Any
 
 import msgpack
 
-from zfalkon.constants import OUTPUT_CAP_BYTES
+from zfalkon.constants import MAX_RESULT_BYTES, OUTPUT_CAP_BYTES
 
 __all__ = ["Zygote", "Host", "HostDied", "PIPE_BYTES", "TASK_HEAD_BYTES"]
 
@@ -181,14 +182,24 @@ log = logging.getLogger("zfalkon.taskhost")
 
 #: Task bytes a slot keeps unanswered in a host (fits in a pipe, so its writes never block).
 PIPE_BYTES = 60_000
-_TASK_HEAD = struct.Struct("<IQ")  # blob length, task id
-TASK_HEAD_BYTES = _TASK_HEAD.size  #: what a task costs in the pipe besides its blob
-_RESULT_HEAD = struct.Struct("<IBd")  # blob length, kind, seconds
-_OK, _FAILED, _HELD, _NEED = 0, 1, 2, 3  # _NEED: a task by digest, its function not loaded
-_FLUSH_SECONDS = 0.001  # a host returns a result at the latest this long after it is ready
-_FLUSH_BYTES = 60_000
+#: Both pipes carry frames: a 4-byte length, then one msgpack array. Slot -> host:
+#: ``[ids, blobs]``, a batch of tasks. Host -> slot: ``[results, failed, need, held,
+#: seconds]``, the results of the next ``len(results)`` tasks in the order sent
+#: (``failed``: a bool each; ``need``: the indices of tasks by digest sent back unrun, their
+#: function not loaded; ``held``: data keys its stager cached; ``seconds``: the time they
+#: took together). One frame per batch keeps the per-task work in msgpack's C code.
+_FRAME_HEAD = struct.Struct("<I")
+#: What a task costs in the pipe besides its blob, at most (its id and blob header in
+#: msgpack, and its share of a frame's header: every frame has a task).
+TASK_HEAD_BYTES = 32
+_FLUSH_BYTES = 60_000  # a host returns its results once they are this big
+_HELD_PER_FRAME = 1024  # data keys a frame of results reports, at most (more: the next)
+#: A host's frame of results is at most one result at the limit, _FLUSH_BYTES more, the
+#: framing of at most _MAX_PIPELINE results and _HELD_PER_FRAME keys (a host that sends a
+#: longer one is confused, or hostile: it is killed).
+_MAX_RESULT_FRAME = MAX_RESULT_BYTES + (16 << 20)
 #: A result waits at most about twice this in its host while the next task runs (the
-#: flusher thread's period: a wake-up each, so not _FLUSH_SECONDS, which would cost the
+#: flusher thread's period: a wake-up each, not a per-result timer, which would cost the
 #: host's loop a thread switch a millisecond under load)
 _LATE_SECONDS = 0.01
 _READ_SIZE = 1 << 16  # a pipe's capacity; a bigger read buys nothing and costs
@@ -408,6 +419,19 @@ def _probe() -> int:
         shutil.rmtree(hidden, ignore_errors=True)
 
 
+class Answered:
+    """Results a host returned: the tasks' ids, their results and failed flags, and the
+    seconds they took together."""
+
+    __slots__ = ("ids", "results", "failed", "seconds")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.results: list[bytes] = []
+        self.failed: list[bool] = []
+        self.seconds = 0.0
+
+
 class HostDied(Exception):
     """The host's pipes broke: it died (or closed them)."""
 
@@ -447,10 +471,11 @@ class Host:
 
     def send(self, tasks: list[tuple[int, bytes]]) -> None:
         """Queue ``tasks`` (id, blob) in the host. Raises HostDied."""
-        head = _TASK_HEAD.pack
-        data = b"".join(head(len(blob), tid) + blob for tid, blob in tasks)
+        ids, blobs = [t for t, _ in tasks], [b for _, b in tasks]
+        body = msgpack.packb([ids, blobs])
+        data = _FRAME_HEAD.pack(len(body)) + body
         self.inflight.extend(tasks)
-        self.inflight_bytes += len(data)
+        self.inflight_bytes += sum(map(len, blobs)) + TASK_HEAD_BYTES * len(ids)
         view = memoryview(data)
         try:
             while view:
@@ -458,44 +483,66 @@ class Host:
         except OSError as exc:  # EPIPE: the host is gone
             raise HostDied(str(exc)) from None
 
-    def receive(self) -> list[tuple[int, bytes, bool, float]]:
-        """Results that arrived, as ``(task id, blob, failed, seconds)`` in the order sent
-        (none if none is whole yet: wait for :attr:`result_r` to be readable). Raises
-        HostDied."""
-        out: list[tuple[int, bytes, bool, float]] = []
+    def receive(self) -> Answered:
+        """The results that arrived, in the order their tasks were sent (none if no frame
+        is whole yet: wait for :attr:`result_r` to be readable). Tasks sent back unrun go
+        to :attr:`needed`, data keys to :attr:`held`. Raises HostDied (also for a frame
+        that is not what an honest host writes)."""
+        got = Answered()
         buf = self._buf
+        size = _FRAME_HEAD.size
         while True:
             try:
                 chunk = os.read(self.result_r, _READ_SIZE)
             except BlockingIOError:
-                return out
+                return got
             except OSError as exc:
                 raise HostDied(str(exc)) from None
             if not chunk:
                 raise HostDied("end of the result pipe")
             buf += chunk
             pos, end = 0, len(buf)
-            unpack_from, size = _RESULT_HEAD.unpack_from, _RESULT_HEAD.size
             while end - pos >= size:
-                n, kind, seconds = unpack_from(buf, pos)
+                (n,) = _FRAME_HEAD.unpack_from(buf, pos)
+                if n > _MAX_RESULT_FRAME:
+                    raise HostDied(f"a frame of {n} bytes")
                 if end - pos - size < n:
                     break
-                blob = bytes(buf[pos + size:pos + size + n])
+                self._take(buf[pos + size:pos + size + n], got)
                 pos += size + n
-                if kind == _HELD:
-                    self.held.extend(str(k) for k in msgpack.unpackb(blob))
-                    continue
-                if not self.inflight:
-                    raise HostDied("a result for no task")  # a confused host
-                tid, sent = self.inflight.popleft()
-                self.inflight_bytes -= _TASK_HEAD.size + len(sent)
-                if kind == _NEED:
-                    self.needed.append((tid, sent))
-                    continue
-                out.append((tid, blob, kind == _FAILED, seconds))
             del buf[:pos]
-            if out or self.needed:
-                return out  # (else a partial frame: wait for the rest)
+            if got.ids or self.needed:
+                return got  # (else a partial frame: wait for the rest)
+
+    def _take(self, frame: bytearray, got: Answered) -> None:
+        """Add one frame of results to ``got`` (the tasks they answer leave inflight)."""
+        try:
+            results, failed, need, held, seconds = msgpack.unpackb(frame)
+            n = len(results)
+            ok = (type(results) is list and type(failed) is list and len(failed) == n
+                  and type(need) is list and type(held) is list and type(seconds) is float
+                  and set(map(type, results)) <= {bytes} and set(map(type, failed)) <= {bool}
+                  and set(map(type, need)) <= {int} and set(map(type, held)) <= {str}
+                  and max(map(len, results), default=0) <= MAX_RESULT_BYTES)
+        except Exception:  # (not msgpack, not five fields, ...)
+            ok = False
+        if not ok or n > len(self.inflight):
+            raise HostDied("a malformed frame of results")  # a confused (or hostile) host
+        popleft = self.inflight.popleft
+        answered = [popleft() for _ in range(n)]
+        self.inflight_bytes -= sum(len(b) for _, b in answered) + TASK_HEAD_BYTES * n
+        self.held += held
+        if need:
+            sent_back = set(need)
+            self.needed += [answered[i] for i in sorted(sent_back) if 0 <= i < n]
+            keep = [i for i in range(n) if i not in sent_back]
+            answered = [answered[i] for i in keep]
+            results = [results[i] for i in keep]
+            failed = [failed[i] for i in keep]
+        got.ids.extend(t for t, _ in answered)
+        got.results.extend(results)
+        got.failed.extend(failed)
+        got.seconds += seconds
 
     def running(self) -> int:
         """The id of the task the host started last (its own word, in the shared cell: to be
@@ -990,36 +1037,56 @@ def _host_main(task_r: int, result_w: int, counter_fd: int, config: dict,
 
 
 def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
-    """The host's loop: run the tasks read from ``task_r``, write results to ``result_w``,
-    until ``task_r`` ends. Results go out in batches: when nothing is left to run, past
-    _FLUSH_BYTES, or once the oldest is _FLUSH_SECONDS old when a task ends; and, while
-    the loop runs a task, by a *flusher* thread once they are _LATE_SECONDS old (a result
-    never waits for a long task behind it; a pure-Python task gives the flusher the
-    interpreter every switch interval)."""
+    """The host's loop: run the tasks read from ``task_r``, write their results to
+    ``result_w`` (frames: see _FRAME_HEAD), until ``task_r`` ends. Results go out in
+    batches: when nothing is left to run, or past _FLUSH_BYTES; and, while the loop runs
+    tasks, a *flusher* thread returns those done every _LATE_SECONDS (a result never
+    waits for a long task behind it; a pure-Python task gives the flusher the interpreter
+    every switch interval)."""
+    from zfalkon import payload
     from zfalkon.execute import FUNCTION_NEEDED
 
     run = runner.run
     stager = runner.stager
-    head, size = _TASK_HEAD.unpack_from, _TASK_HEAD.size
-    result_head = _RESULT_HEAD.pack
+    frame_size = _FRAME_HEAD.size
     clock = time.perf_counter
     buf = bytearray()
-    pos = 0
-    out: list[bytes] = []
-    out_bytes = 0
-    first_at = 0.0
-    lock = threading.Lock()  # out, out_bytes, first_at, armed; writes to result_w
+    # Done, not yet returned: the loop appends a result, then its flag; a flush takes as
+    # many results as there are flags.
+    results: list[bytes] = []
+    failed: list[bool] = []
+    lock = threading.Lock()  # a flush (taking from results and failed, writing result_w)
     wake = threading.Condition(lock)
-    armed = False  # the flusher is to flush out at first_at + _FLUSH_SECONDS
+    armed = False  # the flusher is to return results every _LATE_SECONDS
+    since = 0.0  # when the tasks not yet returned started to run (with the lock)
 
-    def flush() -> None:  # (with the lock)
-        nonlocal out, out_bytes
-        view = memoryview(b"".join(out))
+    def flush(held: bool = True) -> None:  # (with the lock; held: from the loop's thread)
+        nonlocal since
+        n = len(failed)
+        if not n:
+            return
+        done, flags = results[:n], failed[:n]
+        del results[:n], failed[:n]
+        need: list[int] = []
+        if True in flags:  # (rare: failures, and tasks by digest sent back)
+            need = [i for i, r in enumerate(done) if r is FUNCTION_NEEDED]
+            for i in need:
+                done[i] = b""
+        if max(map(len, done)) > MAX_RESULT_BYTES:
+            for i, r in enumerate(done):
+                if len(r) > MAX_RESULT_BYTES:
+                    done[i] = payload.error_result(
+                        "SerializationError", f"the result is {len(r)} bytes, over the "
+                        f"{MAX_RESULT_BYTES} byte limit of one result")
+                    flags[i] = True
+        body = msgpack.packb([done, flags, need, stager.take_new_held(_HELD_PER_FRAME)
+                              if held and stager.new_held else [], clock() - since])
+        view = memoryview(_FRAME_HEAD.pack(len(body)) + body)
         while view:
             view = view[os.write(result_w, view):]
-        out, out_bytes = [], 0
+        since = clock()  # (a write the slot is slow to take is no task's time)
 
-    def flusher() -> None:  # (wakes every _LATE_SECONDS while results come, else sleeps)
+    def flusher() -> None:  # (wakes every _LATE_SECONDS while armed, else sleeps)
         nonlocal armed
         with wake:
             while True:
@@ -1027,51 +1094,56 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
                     wake.wait()
                     continue
                 wake.wait(_LATE_SECONDS)
-                if out and clock() - first_at >= _LATE_SECONDS:
-                    flush()
-                elif not out:
-                    armed = False
+                if failed:
+                    flush(held=False)
+                else:
+                    armed = False  # (a whole period without a result: idle, or one long task)
 
     started = False  # (the flusher starts with the first batch: none for one task at a time)
     while True:
-        if len(buf) - pos < size or len(buf) - pos - size < head(buf, pos)[0]:
-            if out:
-                with lock:
-                    flush()  # nothing (whole) left to run: return what is done
-            del buf[:pos]
-            pos = 0
-            chunk = os.read(task_r, _READ_SIZE)
-            if not chunk:
-                return
-            buf += chunk
+        if failed:
+            with lock:
+                flush()  # nothing (whole) left to run: return what is done
+        chunk = os.read(task_r, _READ_SIZE)
+        if not chunk:
+            return
+        buf += chunk
+        pos, end = 0, len(buf)
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        while end - pos >= frame_size:
+            (n,) = _FRAME_HEAD.unpack_from(buf, pos)
+            if end - pos - frame_size < n:
+                break
+            more_ids, more_blobs = msgpack.unpackb(buf[pos + frame_size:pos + frame_size + n])
+            ids += more_ids
+            blobs += more_blobs
+            pos += frame_size + n
+        del buf[:pos]
+        if not ids:
             continue
-        n, tid = head(buf, pos)
-        blob = bytes(buf[pos + size:pos + size + n])
-        pos += size + n
-        if out and not armed:  # (results wait while this task runs: ~2 x _LATE_SECONDS)
-            if not started:
-                threading.Thread(target=flusher, name="zfalkon-flusher", daemon=True).start()
-                started = True
-            with wake:
-                armed = True
-                wake.notify()
-        counter[0] = tid
-        t0 = clock()
-        result, failed = run(blob)
-        now = clock()
         with lock:
-            if not out:
-                first_at = now
-            out.append(result_head(len(result), _NEED if result is FUNCTION_NEEDED
-                                   else _FAILED if failed else _OK, now - t0))
-            out.append(result)
-            out_bytes += len(result)
-            if stager.new_held:
-                held = msgpack.packb(stager.take_new_held())
-                out.append(result_head(len(held), _HELD, 0.0))
-                out.append(held)
-            if out_bytes >= _FLUSH_BYTES or now - first_at >= _FLUSH_SECONDS:
-                flush()
+            if not failed:
+                since = clock()
+        size = 0
+        for tid, blob in zip(ids, blobs):
+            if failed and not armed:  # (results wait while this task runs)
+                if not started:
+                    threading.Thread(target=flusher, name="zfalkon-flusher",
+                                     daemon=True).start()
+                    started = True
+                with wake:
+                    armed = True
+                    wake.notify()
+            counter[0] = tid
+            result, bad = run(blob)
+            results.append(result)
+            failed.append(bad)
+            size += len(result)
+            if size >= _FLUSH_BYTES:
+                with lock:
+                    flush()
+                size = 0
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--probe"]:  # probe_sandbox()
