@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zfalkon import payload
+from zfalkon import core, payload
 from zfalkon import taskhost as T
 from zfalkon.errors import TaskError
 from zfalkon.taskhost import Answered, Host, HostDied
@@ -244,3 +244,15 @@ def test_partial_frames_wait_and_the_end_of_the_pipe_is_a_dead_host():
         fake.end()
         with pytest.raises(HostDied):
             host.receive()
+
+
+def test_data_keys_a_host_reports_are_bounded_before_the_slot_passes_them_on():
+    """A task can write to its host's pipe: what it claims its machine caches reaches the
+    broker's data-aware dispatch (only a hint), at most _HELD_PER_FRAME keys a frame, none
+    longer than the broker keeps."""
+    with FakeHost() as fake:
+        keys = [f"s3://b/{i}" for i in range(5000)] + ["s3://" + "k" * 600]
+        fake.write(frame([b"r"], [False], [], keys[-1:] + keys, 0.0))
+        assert fake.host.receive().ids == [1]
+        assert fake.host.held == keys[:T._HELD_PER_FRAME - 1]
+        assert core.MAX_DATA_KEY_CHARS == T._HELD_KEY_CHARS

@@ -194,6 +194,7 @@ _FRAME_HEAD = struct.Struct("<I")
 TASK_HEAD_BYTES = 32
 _FLUSH_BYTES = 60_000  # a host returns its results once they are this big
 _HELD_PER_FRAME = 1024  # data keys a frame of results reports, at most (more: the next)
+_HELD_KEY_CHARS = 512  # a longer data key is not passed on (core.MAX_DATA_KEY_CHARS)
 #: A host's frame of results is at most one result at the limit, _FLUSH_BYTES more, the
 #: framing of at most _MAX_PIPELINE results and _HELD_PER_FRAME keys (a host that sends a
 #: longer one is confused, or hostile: it is killed).
@@ -531,7 +532,7 @@ class Host:
         popleft = self.inflight.popleft
         answered = [popleft() for _ in range(n)]
         self.inflight_bytes -= sum(len(b) for _, b in answered) + TASK_HEAD_BYTES * n
-        self.held += held
+        self.held += [k for k in held[:_HELD_PER_FRAME] if len(k) <= _HELD_KEY_CHARS]
         if need:
             sent_back = set(need)
             self.needed += [answered[i] for i in sorted(sent_back) if 0 <= i < n]
