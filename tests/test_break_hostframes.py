@@ -17,10 +17,10 @@ import time
 
 import psutil
 import pytest
-
 import tasks
 from conftest import marker_lines, wait_until, worker_env
-from zfalkon import Executor, LocalCluster, TaskError, WorkerCrashed
+
+from zfalkon import Executor, LocalCluster, WorkerCrashed
 from zfalkon.constants import MAX_RESULT_BYTES
 
 # -- a hostile task's tools (run by ``builtins:exec`` in the task host) ----------------------
