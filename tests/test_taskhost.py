@@ -187,22 +187,36 @@ class FakeHost:
             os.close(self.w)
 
 
-def frame(*fields: object) -> bytes:
-    body = msgpack.packb(list(fields))
-    return struct.pack("<I", len(body)) + body
+def raw(head: object, body: bytes = b"") -> bytes:
+    """A frame of results with ``head`` (any msgpack) and ``body``."""
+    packed = msgpack.packb(head)
+    return struct.pack("<II", len(packed), len(body)) + packed + body
+
+
+def frame(results: list[bytes], *rest: object) -> bytes:
+    """A well-formed frame: ``results``, then failed, need, held and seconds."""
+    return raw([[len(r) for r in results], *rest], b"".join(results))
 
 
 HOSTILE = {
-    "not msgpack": struct.pack("<I", 4) + b"\xc1\xc1\xc1\xc1",
-    "four fields": frame([b"r"], [False], [], []),
-    "results not bytes": frame([1], [False], [], [], 0.0),
-    "flags not bools": frame([b"r"], [0], [], [], 0.0),
+    "not msgpack": struct.pack("<II", 4, 0) + b"\xc1\xc1\xc1\xc1",
+    "four fields": raw([[1], [False], [], []], b"r"),
+    "sizes not ints": raw([[b"r"], [False], [], [], 0.0], b"r"),
+    "a negative size": raw([[-1, 2], [False, False], [], [], 0.0], b"r"),
+    "sizes past the body": raw([[2], [False], [], [], 0.0], b"r"),
+    "sizes short of the body": raw([[1], [False], [], [], 0.0], b"rr"),
+    "flags not bools": raw([[1], [0], [], [], 0.0], b"r"),
     "fewer flags": frame([b"r", b"s"], [False], [], [], 0.0),
     "more results than tasks": frame([b"r"] * 4, [False] * 4, [], [], 0.0),
     "need not ints": frame([b"r"], [False], ["0"], [], 0.0),
     "held not strings": frame([b"r"], [False], [], [1], 0.0),
     "seconds not a float": frame([b"r"], [False], [], [], 1),
-    "a frame past the bound": struct.pack("<I", T._MAX_RESULT_FRAME + 1),
+    "seconds not a number": frame([b"r"], [False], [], [], float("nan")),
+    "seconds infinite": frame([b"r"], [False], [], [], float("inf")),
+    "seconds negative": frame([b"r"], [False], [], [], -1.0),
+    "a list too long to build": raw([[0] * (T._MAX_HEAD_ITEMS + 1), [], [], [], 0.0]),
+    "a head past the bound": struct.pack("<II", T._MAX_HEAD + 1, 0),
+    "a body past the bound": struct.pack("<II", 10, T._MAX_BODY + 1),
 }
 
 
@@ -225,7 +239,7 @@ def test_a_result_over_the_limit_from_the_host_is_a_dead_host(monkeypatch):
 def test_a_frame_past_the_bound_is_refused_from_its_header_alone():
     """The slot refuses it before buffering the rest (a 4-byte header claiming 4 GiB)."""
     with FakeHost() as fake:
-        fake.write(struct.pack("<I", 2**32 - 1) + b"x" * 1000)
+        fake.write(struct.pack("<II", 20, 2**32 - 1) + b"x" * 1000)
         with pytest.raises(HostDied):
             fake.host.receive()
 
@@ -234,9 +248,9 @@ def test_partial_frames_wait_and_the_end_of_the_pipe_is_a_dead_host():
     with FakeHost() as fake:
         host = fake.host
         whole = frame([b"a", b"b"], [False, True], [], ["s3://k"], 0.5)
-        fake.write(whole[:7])
+        fake.write(whole[:11])
         assert host.receive().ids == []  # (a partial frame: nothing yet)
-        fake.write(whole[7:])
+        fake.write(whole[11:])
         got = host.receive()
         assert (got.ids, got.results, got.failed, got.seconds) == \
             ([1, 2], [b"a", b"b"], [False, True], 0.5)
@@ -248,11 +262,23 @@ def test_partial_frames_wait_and_the_end_of_the_pipe_is_a_dead_host():
 
 def test_data_keys_a_host_reports_are_bounded_before_the_slot_passes_them_on():
     """A task can write to its host's pipe: what it claims its machine caches reaches the
-    broker's data-aware dispatch (only a hint), at most _HELD_PER_FRAME keys a frame, none
-    longer than the broker keeps."""
-    with FakeHost() as fake:
-        keys = [f"s3://b/{i}" for i in range(5000)] + ["s3://" + "k" * 600]
+    broker's data-aware dispatch (only a hint), at most _HELD_PER_FRAME keys a frame and
+    _HELD_KEPT in all, none longer than the broker keeps."""
+    with FakeHost(sent=1000) as fake:
+        keys = [f"s3://b/{i}" for i in range(1000)] + ["s3://" + "k" * 600]
         fake.write(frame([b"r"], [False], [], keys[-1:] + keys, 0.0))
         assert fake.host.receive().ids == [1]
         assert fake.host.held == keys[:T._HELD_PER_FRAME - 1]
+        for _ in range(3 * T._HELD_KEPT // T._HELD_PER_FRAME):
+            fake.write(frame([], [], [], keys[:T._HELD_PER_FRAME], 0.0))
+            fake.host.receive()
+        assert len(fake.host.held) <= T._HELD_KEPT + T._HELD_PER_FRAME
         assert core.MAX_DATA_KEY_CHARS == T._HELD_KEY_CHARS
+
+
+def test_results_before_a_bad_frame_are_returned_then_the_host_is_dead():
+    with FakeHost() as fake:
+        fake.write(frame([b"a"], [False], [], [], 0.1) + HOSTILE["not msgpack"])
+        assert fake.host.receive().ids == [1]
+        with pytest.raises(HostDied):
+            fake.host.receive()

@@ -56,6 +56,7 @@ _MAX_PIPELINE = 1024  # tasks a slot keeps queued in its task host, at most
 #: Functions a slot counts on its host having loaded (the host keeps 64): past this it
 #: sends them again (a host that no longer has one sends the task back anyway)
 _HOST_FUNCTIONS = 48
+_HELD_KEYS = 4096  # data keys waiting to be reported (HOLDING), at most: hints, the rest dropped
 _OPTIONS_HEAD = b"\x93\x03"  # how a task blob with options starts (payload.with_options)
 
 
@@ -255,6 +256,10 @@ class Slot:
                 host.needed = []
                 if self.timed is not None and not host.inflight:
                     self.timed = None
+            if host.held:
+                if len(self.held) < _HELD_KEYS:
+                    self.held += host.held
+                host.held = []
             if not got.ids:
                 if host.inflight:
                     self._wait(host)
@@ -263,9 +268,6 @@ class Slot:
             state.set(host.inflight[0][0] if host.inflight else 0)
             if self.timed is not None and not host.inflight:
                 self.timed = None  # (it was alone in the host: answered)
-            if host.held:
-                self.held += host.held
-                host.held = []
             if session.out:
                 self._send_out()
                 self._receive()
@@ -467,10 +469,11 @@ class Slot:
         self.timed = None
         reason = describe_exit(self.zygote.reap(host, died=True))
         pending = list(host.inflight)
+        session = self.session
+        session.queue.extendleft(reversed(host.needed))  # (sent back unrun: run them again)
         said = host.running()
         running = next((i for i, (tid, _) in enumerate(pending) if tid == said), 0)
         # (0 also for a host that lied, or died between tasks: its first unanswered task)
-        session = self.session
         if pending:
             tid = pending[running][0]
             log.error("slot %d: the process running task %d %s", self.index, tid, reason)

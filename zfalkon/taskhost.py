@@ -159,7 +159,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import gc
+import itertools
 import logging
+import math
 import mmap
 import os
 import select
@@ -182,23 +184,29 @@ log = logging.getLogger("zfalkon.taskhost")
 
 #: Task bytes a slot keeps unanswered in a host (fits in a pipe, so its writes never block).
 PIPE_BYTES = 60_000
-#: Both pipes carry frames: a 4-byte length, then one msgpack array. Slot -> host:
-#: ``[ids, blobs]``, a batch of tasks. Host -> slot: ``[results, failed, need, held,
-#: seconds]``, the results of the next ``len(results)`` tasks in the order sent
-#: (``failed``: a bool each; ``need``: the indices of tasks by digest sent back unrun, their
-#: function not loaded; ``held``: data keys its stager cached; ``seconds``: the time they
-#: took together). One frame per batch keeps the per-task work in msgpack's C code.
+#: The pipes carry frames. Slot -> host: a 4-byte length, then the msgpack array ``[ids,
+#: blobs]``, a batch of tasks. Host -> slot (untrusted: a task can write to its host's
+#: pipe): two 4-byte lengths, a *head* (the msgpack array ``[sizes, failed, need, held,
+#: seconds]``) and a *body* (the results, one after the other: ``sizes`` says where they
+#: end): the results of the next ``len(sizes)`` tasks in the order sent (``failed``: a
+#: bool each; ``need``: the indices of tasks by digest sent back unrun, their function
+#: not loaded; ``held``: data keys its stager cached; ``seconds``: the time they took
+#: together). One frame per batch keeps the per-task work in C; results travel raw, so
+#: what msgpack builds for a frame is bounded by its small head.
 _FRAME_HEAD = struct.Struct("<I")
+_RESULTS_HEAD = struct.Struct("<II")
 #: What a task costs in the pipe besides its blob, at most (its id and blob header in
 #: msgpack, and its share of a frame's header: every frame has a task).
 TASK_HEAD_BYTES = 32
 _FLUSH_BYTES = 60_000  # a host returns its results once they are this big
-_HELD_PER_FRAME = 1024  # data keys a frame of results reports, at most (more: the next)
+_HELD_PER_FRAME = 64  # data keys a frame of results reports, at most (more: the next)
 _HELD_KEY_CHARS = 512  # a longer data key is not passed on (core.MAX_DATA_KEY_CHARS)
-#: A host's frame of results is at most one result at the limit, _FLUSH_BYTES more, the
-#: framing of at most _MAX_PIPELINE results and _HELD_PER_FRAME keys (a host that sends a
-#: longer one is confused, or hostile: it is killed).
-_MAX_RESULT_FRAME = MAX_RESULT_BYTES + (16 << 20)
+_HELD_KEPT = 4096  # data keys a slot keeps from its host between two sends, at most
+_MAX_HEAD = 1 << 16  # a frame's head: up to 4,096 results' sizes and flags, 64 keys
+_MAX_HEAD_ITEMS = 4096  # items in a list of a head (msgpack refuses more, unbuilt)
+#: A frame's body: its results are _FLUSH_BYTES and one result at the limit, at most (a
+#: host that sends more is confused, or hostile: it is killed).
+_MAX_BODY = MAX_RESULT_BYTES + _FLUSH_BYTES
 #: A result waits at most about twice this in its host while the next task runs (the
 #: flusher thread's period: a wake-up each, not a per-result timer, which would cost the
 #: host's loop a thread switch a millisecond under load)
@@ -469,6 +477,7 @@ class Host:
         self.functions: set[bytes] = set()
         #: Tasks by digest it sent back unrun: their function is not loaded there.
         self.needed: list[tuple[int, bytes]] = []
+        self.broken = ""  #: why the host is taken for dead (a bad frame), once it is
 
     def send(self, tasks: list[tuple[int, bytes]]) -> None:
         """Queue ``tasks`` (id, blob) in the host. Raises HostDied."""
@@ -487,11 +496,13 @@ class Host:
     def receive(self) -> Answered:
         """The results that arrived, in the order their tasks were sent (none if no frame
         is whole yet: wait for :attr:`result_r` to be readable). Tasks sent back unrun go
-        to :attr:`needed`, data keys to :attr:`held`. Raises HostDied (also for a frame
-        that is not what an honest host writes)."""
+        to :attr:`needed`, data keys to :attr:`held`. Raises HostDied: for a frame an
+        honest host never writes too (after returning the results before it)."""
+        if self.broken:
+            raise HostDied(self.broken)
         got = Answered()
         buf = self._buf
-        size = _FRAME_HEAD.size
+        size = _RESULTS_HEAD.size
         while True:
             try:
                 chunk = os.read(self.result_r, _READ_SIZE)
@@ -503,36 +514,53 @@ class Host:
                 raise HostDied("end of the result pipe")
             buf += chunk
             pos, end = 0, len(buf)
-            while end - pos >= size:
-                (n,) = _FRAME_HEAD.unpack_from(buf, pos)
-                if n > _MAX_RESULT_FRAME:
-                    raise HostDied(f"a frame of {n} bytes")
-                if end - pos - size < n:
-                    break
-                self._take(buf[pos + size:pos + size + n], got)
-                pos += size + n
+            try:
+                while end - pos >= size:
+                    head, body = _RESULTS_HEAD.unpack_from(buf, pos)
+                    if head > _MAX_HEAD or body > _MAX_BODY:
+                        raise HostDied(f"a frame of {head} + {body} bytes")
+                    if end - pos - size < head + body:
+                        break
+                    start = pos + size
+                    with memoryview(buf) as view:  # (one copy of the body)
+                        results = bytes(view[start + head:start + head + body])
+                    self._take(buf[start:start + head], results, got)
+                    pos = start + head + body
+            except HostDied as exc:
+                if not got.ids and not self.needed:
+                    raise
+                self.broken = str(exc)  # (what came before it stands: the next call raises)
+                del buf[:]
+                return got
             del buf[:pos]
             if got.ids or self.needed:
                 return got  # (else a partial frame: wait for the rest)
 
-    def _take(self, frame: bytearray, got: Answered) -> None:
+    def _take(self, head: bytearray, body: bytes, got: Answered) -> None:
         """Add one frame of results to ``got`` (the tasks they answer leave inflight)."""
         try:
-            results, failed, need, held, seconds = msgpack.unpackb(frame)
-            n = len(results)
-            ok = (type(results) is list and type(failed) is list and len(failed) == n
+            sizes, failed, need, held, seconds = msgpack.unpackb(
+                head, max_array_len=_MAX_HEAD_ITEMS, max_map_len=0, max_ext_len=0,
+                max_bin_len=0, max_str_len=4 * _HELD_KEY_CHARS)
+            n = len(sizes)
+            ok = (type(sizes) is list and type(failed) is list and len(failed) == n
                   and type(need) is list and type(held) is list and type(seconds) is float
-                  and set(map(type, results)) <= {bytes} and set(map(type, failed)) <= {bool}
+                  and math.isfinite(seconds) and seconds >= 0.0
+                  and set(map(type, sizes)) <= {int} and set(map(type, failed)) <= {bool}
                   and set(map(type, need)) <= {int} and set(map(type, held)) <= {str}
-                  and max(map(len, results), default=0) <= MAX_RESULT_BYTES)
-        except Exception:  # (not msgpack, not five fields, ...)
+                  and min(sizes, default=0) >= 0 and sum(sizes) == len(body)
+                  and max(sizes, default=0) <= MAX_RESULT_BYTES)
+        except Exception:  # (not msgpack, over its limits, not five fields, ...)
             ok = False
         if not ok or n > len(self.inflight):
             raise HostDied("a malformed frame of results")  # a confused (or hostile) host
+        ends = list(itertools.accumulate(sizes))
+        results = list(map(body.__getitem__, map(slice, [0, *ends], ends)))
         popleft = self.inflight.popleft
         answered = [popleft() for _ in range(n)]
         self.inflight_bytes -= sum(len(b) for _, b in answered) + TASK_HEAD_BYTES * n
-        self.held += [k for k in held[:_HELD_PER_FRAME] if len(k) <= _HELD_KEY_CHARS]
+        if held and len(self.held) < _HELD_KEPT:
+            self.held += [k for k in held[:_HELD_PER_FRAME] if len(k) <= _HELD_KEY_CHARS]
         if need:
             sent_back = set(need)
             self.needed += [answered[i] for i in sorted(sent_back) if 0 <= i < n]
@@ -1080,9 +1108,11 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
                         "SerializationError", f"the result is {len(r)} bytes, over the "
                         f"{MAX_RESULT_BYTES} byte limit of one result")
                     flags[i] = True
-        body = msgpack.packb([done, flags, need, stager.take_new_held(_HELD_PER_FRAME)
-                              if held and stager.new_held else [], clock() - since])
-        view = memoryview(_FRAME_HEAD.pack(len(body)) + body)
+        keys = [k for k in stager.take_new_held(_HELD_PER_FRAME) if len(k) <= _HELD_KEY_CHARS] \
+            if held and stager.new_held else []
+        head = msgpack.packb([list(map(len, done)), flags, need, keys, clock() - since])
+        body = b"".join(done)
+        view = memoryview(_RESULTS_HEAD.pack(len(head), len(body)) + head + body)
         while view:
             view = view[os.write(result_w, view):]
         since = clock()  # (a write the slot is slow to take is no task's time)
