@@ -33,7 +33,7 @@ from zfalkon.taskhost import Answered, Host, HostDied
 
 
 @contextlib.contextmanager
-def host_process(result_limit: int | None = None) -> Iterator[Host]:
+def host_process(result_limit: int | None = None, held: list[str] = []) -> Iterator[Host]:
     """A host loop in a forked child, and the slot's handle on it (key 1). The child is
     SIGKILLed and reaped by PID afterwards."""
     task_r, task_w = os.pipe()
@@ -48,7 +48,9 @@ def host_process(result_limit: int | None = None) -> Iterator[Host]:
             from zfalkon.execute import Runner
             if result_limit is not None:
                 T.MAX_RESULT_BYTES = result_limit
-            T.serve(task_r, result_w, Runner(), counter)
+            runner = Runner()
+            runner.stager.new_held.extend(held)  # (as if its tasks had cached these)
+            T.serve(task_r, result_w, runner, counter)
         except BaseException:
             code = 1
         finally:
@@ -282,3 +284,15 @@ def test_results_before_a_bad_frame_are_returned_then_the_host_is_dead():
         assert fake.host.receive().ids == [1]
         with pytest.raises(HostDied):
             fake.host.receive()
+
+
+def test_a_host_reports_its_data_keys_within_its_heads_bound():
+    """Keys of up to 512 bytes, 64 a frame: 200 keys of 500 three-byte characters would
+    pass a bound in characters, and 64 of them would break the head's (the slot would take
+    the host for dead)."""
+    wide, narrow = ["\u20ac" * 500] * 200, [f"s3://b/{i:0490d}" for i in range(100)]
+    with host_process(held=wide + narrow) as host:
+        for tid in range(1, 6):  # (a frame each: 64 keys each, the wide ones left out)
+            host.send([(tid, task(tid))])
+            assert collect(host, 1).ids == [tid]
+        assert host.held == narrow

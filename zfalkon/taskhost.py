@@ -202,7 +202,7 @@ _FLUSH_BYTES = 60_000  # a host returns its results once they are this big
 _HELD_PER_FRAME = 64  # data keys a frame of results reports, at most (more: the next)
 _HELD_KEY_CHARS = 512  # a longer data key is not passed on (core.MAX_DATA_KEY_CHARS)
 _HELD_KEPT = 4096  # data keys a slot keeps from its host between two sends, at most
-_MAX_HEAD = 1 << 16  # a frame's head: up to 4,096 results' sizes and flags, 64 keys
+_MAX_HEAD = 1 << 16  # a frame's head: up to 4,096 results' sizes and flags, 64 keys of 512 B
 _MAX_HEAD_ITEMS = 4096  # items in a list of a head (msgpack refuses more, unbuilt)
 #: A frame's body: its results are _FLUSH_BYTES and one result at the limit, at most (a
 #: host that sends more is confused, or hostile: it is killed).
@@ -1108,8 +1108,8 @@ def serve(task_r: int, result_w: int, runner: Any, counter: memoryview) -> None:
                         "SerializationError", f"the result is {len(r)} bytes, over the "
                         f"{MAX_RESULT_BYTES} byte limit of one result")
                     flags[i] = True
-        keys = [k for k in stager.take_new_held(_HELD_PER_FRAME) if len(k) <= _HELD_KEY_CHARS] \
-            if held and stager.new_held else []
+        keys = [k for k in stager.take_new_held(_HELD_PER_FRAME)  # (bytes: the head's bound)
+                if len(k.encode()) <= _HELD_KEY_CHARS] if held and stager.new_held else []
         head = msgpack.packb([list(map(len, done)), flags, need, keys, clock() - since])
         body = b"".join(done)
         view = memoryview(_RESULTS_HEAD.pack(len(head), len(body)) + head + body)
