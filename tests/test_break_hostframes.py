@@ -13,8 +13,10 @@ forced cancellation, the flusher). Real processes on 127.0.0.1; figures printed 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import time
+from typing import Iterator
 
 import psutil
 import pytest
@@ -106,6 +108,20 @@ def one_slot() -> LocalCluster:
     return LocalCluster(workers=1, slots_per_worker=1, env=worker_env())
 
 
+@contextlib.contextmanager
+def two_clients_on_one_slot(warm: str) -> Iterator[tuple[LocalCluster, Executor, Executor, list[int]]]:
+    """One slot, clients A and B (closed afterwards), the slot's process(es) and the
+    ``warm`` client's task host up (it has run a task): the cluster, A, B, the slot PIDs."""
+    with one_slot() as cluster:
+        a, b = two_clients(cluster)
+        try:
+            slots = slot_pids(cluster)
+            assert {"a": a, "b": b}[warm].submit(tasks.add, 1, 1).result(timeout=30) == 2
+            yield cluster, a, b, slots
+        finally:
+            close(a, b)
+
+
 # -- 1. a hostile task writes frames to its host's result pipe -------------------------------
 
 
@@ -118,12 +134,9 @@ def test_forged_frames_reach_only_the_forgers_own_tasks(tmp_path):
     *last* failed, by its running cell, not the one that wrote the frame, which runs again:
     measured, 23 of B's 33 tasks failed WorkerCrashed, one host after another. B's own.)"""
     marker = str(tmp_path / "marker")
-    with one_slot() as cluster:
-        a, b = two_clients(cluster)
-        try:
-            slot = slot_pids(cluster)
-            assert a.submit(tasks.add, 1, 1).result(timeout=30) == 2
-            code = hostile("""
+    with two_clients_on_one_slot("a") as (cluster, a, b, slots):
+        slot = slots
+        code = hostile("""
 put(frame([[forged('forged')] * 40, [False] * 40, [], ['k'], 0.001]))
 def spam():
     end = time.monotonic() + 1.5
@@ -135,61 +148,54 @@ def spam():
         time.sleep(0.0005)
 threading.Thread(target=spam, daemon=True).start()
 """)
-            fa, fb, bad = [], [], []
-            for i in range(30):
-                fa.append(a.shell(f"echo a{i} >> {marker}"))
-                if i % 10 == 0:
-                    bad.append(b.submit("builtins:exec", code, {}))
-                fb.append(b.submit(tasks.add, i, 1000))
-                fa.append(a.submit(tasks.add, i, 1))
-            cf.wait(fa + fb + bad, 45)
-            lines = marker_lines(marker)
-            print(f"forge: a={[outcome(f) for f in fa[:6]]}... b={[outcome(f) for f in fb]} "
-                  f"bad={[outcome(f) for f in bad]} lines={len(lines)} "
-                  f"distinct={len(set(lines))}")
-            assert all(f.done() for f in fa), [outcome(f) for f in fa]
-            for i in range(30):
-                assert fa[2 * i].result().returncode == 0
-                assert fa[2 * i + 1].result() == i + 1
-            assert sorted(lines) == sorted(f"a{i}" for i in range(30))  # each once
-            # B's own futures: done, with its own values, forged ones or an error.
-            assert all(f.done() for f in fb + bad)
-            assert slot_pids(cluster) == slot
-        finally:
-            close(a, b)
+        fa, fb, bad = [], [], []
+        for i in range(30):
+            fa.append(a.shell(f"echo a{i} >> {marker}"))
+            if i % 10 == 0:
+                bad.append(b.submit("builtins:exec", code, {}))
+            fb.append(b.submit(tasks.add, i, 1000))
+            fa.append(a.submit(tasks.add, i, 1))
+        cf.wait(fa + fb + bad, 45)
+        lines = marker_lines(marker)
+        print(f"forge: a={[outcome(f) for f in fa[:6]]}... b={[outcome(f) for f in fb]} "
+              f"bad={[outcome(f) for f in bad]} lines={len(lines)} "
+              f"distinct={len(set(lines))}")
+        assert all(f.done() for f in fa), [outcome(f) for f in fa]
+        for i in range(30):
+            assert fa[2 * i].result().returncode == 0
+            assert fa[2 * i + 1].result() == i + 1
+        assert sorted(lines) == sorted(f"a{i}" for i in range(30))  # each once
+        # B's own futures: done, with its own values, forged ones or an error.
+        assert all(f.done() for f in fb + bad)
+        assert slot_pids(cluster) == slot
 
 
 @pytest.mark.timeout(90)
 def test_a_nan_in_a_frame_does_not_kill_the_slot(tmp_path):
     marker = str(tmp_path / "marker")
-    with one_slot() as cluster:
-        a, b = two_clients(cluster)
-        try:
-            slot = slot_pids(cluster)
-            assert a.submit(tasks.add, 1, 1).result(timeout=30) == 2
-            # (the forged frame answers the bad task itself; the sleep lets the slot take it
-            # alone, before the host's own frame)
-            bad = b.submit("builtins:exec", hostile(
-                "put(frame([[forged('nan')], [False], [], [], float('nan')])); "
-                "time.sleep(1)"), {})
-            fa = [a.shell(f"echo a{i} >> {marker}") for i in range(20)]
-            seen = [tuple(slot)]
-            start = time.monotonic()
-            while time.monotonic() - start < 20 and not all(f.done() for f in fa + [bad]):
-                now = tuple(slot_pids(cluster))
-                if now != seen[-1]:
-                    seen.append(now)
-                time.sleep(0.05)
-            lines = marker_lines(marker)
-            print(f"nan: slots seen {seen} bad={outcome(bad)} "
-                  f"a={[outcome(f) for f in fa][:3]}... lines={len(lines)} "
-                  f"distinct={len(set(lines))}")
-            assert len(seen) == 1, f"the slot was replaced {len(seen) - 1} times: {seen}"
-            assert bad.done()
-            assert all(f.done() and f.result().returncode == 0 for f in fa)
-            assert sorted(lines) == sorted(f"a{i}" for i in range(20))
-        finally:
-            close(a, b)
+    with two_clients_on_one_slot("a") as (cluster, a, b, slots):
+        slot = slots
+        # (the forged frame answers the bad task itself; the sleep lets the slot take it
+        # alone, before the host's own frame)
+        bad = b.submit("builtins:exec", hostile(
+            "put(frame([[forged('nan')], [False], [], [], float('nan')])); "
+            "time.sleep(1)"), {})
+        fa = [a.shell(f"echo a{i} >> {marker}") for i in range(20)]
+        seen = [tuple(slot)]
+        start = time.monotonic()
+        while time.monotonic() - start < 20 and not all(f.done() for f in fa + [bad]):
+            now = tuple(slot_pids(cluster))
+            if now != seen[-1]:
+                seen.append(now)
+            time.sleep(0.05)
+        lines = marker_lines(marker)
+        print(f"nan: slots seen {seen} bad={outcome(bad)} "
+              f"a={[outcome(f) for f in fa][:3]}... lines={len(lines)} "
+              f"distinct={len(set(lines))}")
+        assert len(seen) == 1, f"the slot was replaced {len(seen) - 1} times: {seen}"
+        assert bad.done()
+        assert all(f.done() and f.result().returncode == 0 for f in fa)
+        assert sorted(lines) == sorted(f"a{i}" for i in range(20))
 
 
 @pytest.mark.timeout(60)
@@ -216,56 +222,46 @@ def test_a_good_frame_before_a_bad_one_loses_no_task():
 def test_held_keys_in_empty_frames_do_not_grow_the_slot_without_bound(tmp_path):
     done = tmp_path / "written"
     frames = 3000  # ~150 MB of keys: 100 keys of 500 chars a frame (a head within the bound)
-    with one_slot() as cluster:
-        a, b = two_clients(cluster)
-        try:
-            (slot,) = slot_pids(cluster)
-            assert b.submit(tasks.add, 1, 1).result(timeout=30) == 2
-            before = vm_kib(slot, "VmRSS")
-            bad = b.submit("builtins:exec", hostile(f"""
+    with two_clients_on_one_slot("b") as (cluster, a, b, slots):
+        (slot,) = slots
+        before = vm_kib(slot, "VmRSS")
+        bad = b.submit("builtins:exec", hostile(f"""
 data = frame([[], [], [], ['%0500d' % i for i in range(100)], 0.0])
 for _ in range({frames}):
     put(data)
 open({str(done)!r}, 'w').close()
 time.sleep(4)
 """), {})
-            wait_until(done.exists, 30, message="the frames written")
-            grown = 0
-            end = time.monotonic() + 3  # (the slot drains the pipe meanwhile)
-            while time.monotonic() < end:
-                grown = max(grown, vm_kib(slot, "VmRSS") - before)
-                time.sleep(0.1)
-            assert a.submit(tasks.add, 2, 2).result(timeout=40) == 4
-            peak = vm_kib(slot, "VmHWM") - before
-            print(f"held flood: slot RSS +{grown / 1024:.0f} MiB (peak +{peak / 1024:.0f} MiB) "
-                  f"after {frames} frames of {100 * 505 / 1e6:.2f} MB; "
-                  f"bad={outcome(bad)} slot alive={psutil.pid_exists(slot)}")
-            assert grown < 48 * 1024, f"slot RSS grew by {grown / 1024:.0f} MiB"
-        finally:
-            close(a, b)
+        wait_until(done.exists, 30, message="the frames written")
+        grown = 0
+        end = time.monotonic() + 3  # (the slot drains the pipe meanwhile)
+        while time.monotonic() < end:
+            grown = max(grown, vm_kib(slot, "VmRSS") - before)
+            time.sleep(0.1)
+        assert a.submit(tasks.add, 2, 2).result(timeout=40) == 4
+        peak = vm_kib(slot, "VmHWM") - before
+        print(f"held flood: slot RSS +{grown / 1024:.0f} MiB (peak +{peak / 1024:.0f} MiB) "
+              f"after {frames} frames of {100 * 505 / 1e6:.2f} MB; "
+              f"bad={outcome(bad)} slot alive={psutil.pid_exists(slot)}")
+        assert grown < 48 * 1024, f"slot RSS grew by {grown / 1024:.0f} MiB"
 
 
 @pytest.mark.timeout(90)
 def test_a_frame_costs_the_slot_about_its_size():
     n = 4_000_000
-    with one_slot() as cluster:
-        a, b = two_clients(cluster)
-        try:
-            (slot,) = slot_pids(cluster)
-            assert b.submit(tasks.add, 1, 1).result(timeout=30) == 2
-            before = vm_kib(slot, "VmHWM")
-            bad = b.submit("builtins:exec", hostile(
-                f"put(frame([[], [], [], [[]] * {n}, 0.0])); time.sleep(0.5)"), {})
-            with pytest.raises(WorkerCrashed):  # (a dead host: its running task crashed)
-                bad.result(timeout=40)
-            assert a.submit(tasks.add, 2, 2).result(timeout=40) == 4
-            peak = vm_kib(slot, "VmHWM") - before
-            print(f"amplification: a frame of {n / 1e6:.1f} MB took the slot's peak RSS "
-                  f"up {peak / 1024:.0f} MiB ({peak * 1024 / n:.0f}x)")
-            assert slot_pids(cluster) == [slot]
-            assert peak * 1024 < 4 * n, f"peak RSS +{peak / 1024:.0f} MiB for a {n} B frame"
-        finally:
-            close(a, b)
+    with two_clients_on_one_slot("b") as (cluster, a, b, slots):
+        (slot,) = slots
+        before = vm_kib(slot, "VmHWM")
+        bad = b.submit("builtins:exec", hostile(
+            f"put(frame([[], [], [], [[]] * {n}, 0.0])); time.sleep(0.5)"), {})
+        with pytest.raises(WorkerCrashed):  # (a dead host: its running task crashed)
+            bad.result(timeout=40)
+        assert a.submit(tasks.add, 2, 2).result(timeout=40) == 4
+        peak = vm_kib(slot, "VmHWM") - before
+        print(f"amplification: a frame of {n / 1e6:.1f} MB took the slot's peak RSS "
+              f"up {peak / 1024:.0f} MiB ({peak * 1024 / n:.0f}x)")
+        assert slot_pids(cluster) == [slot]
+        assert peak * 1024 < 4 * n, f"peak RSS +{peak / 1024:.0f} MiB for a {n} B frame"
 
 
 # -- 2. honest batches at their edges ------------------------------------------------------
