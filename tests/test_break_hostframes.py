@@ -167,6 +167,8 @@ threading.Thread(target=spam, daemon=True).start()
         assert sorted(lines) == sorted(f"a{i}" for i in range(30))  # each once
         # B's own futures: done, with its own values, forged ones or an error.
         assert all(f.done() for f in fb + bad)
+        # (and the forging code ran: an indentation slip in it once made this vacuous)
+        assert "SyntaxError" not in [outcome(f) for f in bad]
         assert slot_pids(cluster) == slot
 
 
