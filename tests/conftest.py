@@ -395,6 +395,27 @@ def rss(proc) -> int:
     return psutil.Process(proc.pid).memory_info().rss
 
 
+def steady_rss(proc, timeout: float = 15.0, interval: float = 0.2,
+               tolerance: int = 2**20) -> int:
+    """Wait until ``proc``'s resident memory holds still: two readings ``interval`` s
+    apart within ``tolerance`` bytes (e.g. a baseline once ZeroMQ's io thread is done
+    copying frames, which no status shows); return the last reading."""
+    readings: list[int] = []
+
+    def steady() -> bool:
+        readings.append(rss(proc))
+        return len(readings) > 1 and abs(readings[-1] - readings[-2]) <= tolerance
+
+    wait_until(steady, timeout, interval, message="a steady RSS")
+    return readings[-1]
+
+
+def cpu_seconds(proc) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    times = psutil.Process(proc.pid).cpu_times()
+    return times.user + times.system
+
+
 def assert_serving(address: str, n: int = 20) -> None:
     """A real client gets ``n`` correct results through the broker at ``address``."""
     import tasks

@@ -28,6 +28,7 @@ from conftest import (
     kill_tree,
     start_broker,
     start_worker,
+    steady_rss,
     stop_process,
     wait_until,
     worker_process,
@@ -204,8 +205,7 @@ def test_sessions_that_vanish_do_not_leave_their_functions_in_the_broker():
         try:
             probe.hello()
             probe.sync()
-            time.sleep(0.3)  # (the broker settles after registering: nothing to observe)
-            before = _rss(proc.pid)
+            before = steady_rss(proc)  # (the broker settled after registering)
             for _ in range(8):
                 raw = Raw(ctx, address)
                 key = raw.hello().key
@@ -215,7 +215,7 @@ def test_sessions_that_vanish_do_not_leave_their_functions_in_the_broker():
                 for _ in range(50):  # (its task done: the slot failed to load the bytes)
                     if any(type(m) is P.Deliver for m in raw.sync()):
                         break
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # (poll interval: the condition is its DELIVER)
                 else:
                     raise AssertionError("no result")
                 raw.close()  # (no BYE: a client that vanished, holding no live task)
@@ -227,7 +227,7 @@ def test_sessions_that_vanish_do_not_leave_their_functions_in_the_broker():
             while (grown := _rss(proc.pid) - before) >= 50 * MiB and \
                     time.monotonic() < deadline:
                 probe.sync()
-                time.sleep(0.2)
+                time.sleep(0.2)  # (poll interval: the condition is the RSS above)
         finally:
             probe.close()
             ctx.term()
@@ -378,7 +378,7 @@ def test_a_notebook_cell_redefined_and_run_again_runs_its_new_body():
 def _touch(data: bytes):
     def touch(i: int) -> int:
         if i % 50 == 49:
-            time.sleep(0.05)
+            time.sleep(0.05)  # (the task body: every 50th task takes 50 ms)
         return data[i % len(data)] + i
     return touch
 

@@ -28,6 +28,7 @@ from conftest import (
     broker_process,
     served_broker,
     start_broker,
+    steady_rss,
     stop_process,
     wait_until,
     worker_env,
@@ -41,10 +42,6 @@ from zfalkon import protocol as P
 
 MIB = 2**20
 PER_PEER = RSS_BOUND  # 50 MiB
-#: A pause before the RSS baseline, once the attacker's state is in place (each test waits
-#: for that first): the broker's ZeroMQ io thread may still be copying frames, which no
-#: status shows.
-SETTLE = 0.5
 
 
 def fat_workers(ctx: zmq.Context, address: str, n: int) -> list[Raw]:
@@ -74,7 +71,7 @@ def test_status_answers_unread_by_one_peer_stay_bounded_over_a_minute(ctx):
             reader.stop_reading()
             size = len(P.encode(P.Status(query_status(address))))
             request = P.encode(P.StatusRequest())
-            time.sleep(SETTLE)
+            steady_rss(proc)  # (the baseline: once the io thread's copies are done)
             attack = seconds(80, 20)  # (unbounded, 20 s of answers would be ~4x the bound)
             with PeakRss(proc) as peak:
                 end = time.monotonic() + attack
@@ -108,7 +105,7 @@ def test_resend_spam_from_a_client_that_never_reads_is_bounded(ctx):
             blob = payload.python_task("builtins:bytes", (3_900_000,), {})
             raw.send_msg(P.Submit(1, 0, [base + 1], [blob]))
             wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
-            time.sleep(SETTLE)
+            steady_rss(proc)  # (the baseline: once the io thread's copies are done)
             attack = seconds(45, 30)  # (unbounded, 30 s of copies would pass the bound)
             with PeakRss(proc) as peak:
                 end = time.monotonic() + attack
@@ -149,7 +146,7 @@ def test_resend_spam_from_a_slot_that_never_reads_is_bounded(ctx):
                 query_status(address)) >= n, 30,
                        message="the raw slot holds every task")
             slot.send_msg(P.Results(2, 0, 0, 0, [], []))  # (honest tasks go elsewhere)
-            time.sleep(SETTLE)
+            steady_rss(proc)  # (the baseline: once the io thread's copies are done)
             attack = seconds(40, 24)  # (unbounded, 24 s of copies would pass the bound)
             with PeakRss(proc) as peak:
                 end = time.monotonic() + attack
@@ -196,7 +193,7 @@ def test_submits_refused_with_limit_in_a_loop_are_answered_at_most_every_2s(ctx)
             wait_until(lambda: query_status(address)["queued"] >= core.MAX_CLIENT_HINTED,
                        60, message="queued up to the hinted limit")
             refused = frame()  # (the same frame again and again: it is never acknowledged)
-            time.sleep(SETTLE)
+            steady_rss(proc)  # (the baseline: once the io thread's copies are done)
             with PeakRss(proc) as peak:
                 started = time.monotonic()
                 for i in range(1500):
@@ -468,7 +465,7 @@ else:
     open(DONE, 'w').close()
     deadline = time.time() + 20
     while not os.path.exists(TARGET) and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # (poll interval: the condition is TARGET's file)
     target = int(open(TARGET).read())
     slot = psutil.Process(os.getppid()).ppid()
     paths = set()
