@@ -25,8 +25,10 @@ from conftest import (
     Raw,
     assert_serving,
     broker_process,
+    cpu_seconds,
     rss,
     served_broker,
+    steady_rss,
     wait_until,
     worker_hello,
 )
@@ -169,17 +171,16 @@ def test_hello_replay_of_unacknowledged_results_is_bounded(ctx):
             wait_until(lambda: query_status(address)["done"] >= 1, 30, message="ran")
             wait_until(lambda: query_status(address)["unacknowledged_results"] == 1, 10,
                        message="held")
-            before = rss(proc)
             hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "replayer", "key": key}))
-            for _ in range(30):
-                raw.send(hello)
-            # synchronise: the broker has taken every HELLO once a STATUS (asked on
-            # another connection, after them) is answered; then let the io thread copy
-            wait_until(lambda: query_status(address)["clients"] >= 0, 10)
-            growth = max(rss(proc) - before, 0)
-            for _ in range(20):
-                time.sleep(0.05)
-                growth = max(growth, rss(proc) - before)
+            with PeakRss(proc) as peak:
+                for _ in range(30):
+                    raw.send(hello)
+                # synchronise: the broker has taken every HELLO once a STATUS (asked on
+                # another connection, after them) is answered; then the io thread copies
+                # until the broker's RSS holds still
+                wait_until(lambda: query_status(address)["clients"] >= 0, 10)
+                steady_rss(proc)
+            growth = max(peak.growth, 0)
             report("30 HELLOs replaying one unread 4 MiB result: broker RSS growth",
                    growth / 2**20)
             assert_serving(address, 5)
@@ -216,11 +217,11 @@ def test_blind_acks_without_reading_keep_the_broker_bounded(ctx):
                         raw.send_msg(P.Ack(seq, bytes(8)))
                     raw.send_msg(P.Ack(10_000))
                     acks += 4
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # the attack's pace (and poll interval of the loop)
                 for _ in range(10):  # the blind ACKs go on for 0.5 s after the last result
                     raw.send_msg(P.Ack(10_000))
                     acks += 1
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # the attack's pace
                 growth = rss(proc) - before
             # what the broker handed the socket: read it now (acknowledging nothing)
             frames = []
@@ -314,12 +315,14 @@ def test_honest_latency_while_unregistered_peers_send_huge_frames(ctx):
         try:
             for raw in attackers:
                 raw.sock.setsockopt(zmq.RCVHWM, 1)
-            for _ in range(8):  # bounded: 16 frames, ~0.7 s of broker time each
+            idle = cpu_seconds(proc)
+            for _ in range(8):  # bounded: 16 frames (~0.2 s of broker CPU in all, measured)
                 for raw in attackers:
                     raw.send(frame)
-            # (no state to synchronise on: the broker is busy and answers nothing
-            # until its burst ends; give the frames a moment to reach its socket)
-            time.sleep(0.3)
+            # the honest round trips start once the broker is at work on the frames (it
+            # answers nothing meanwhile: its CPU time shows it)
+            wait_until(lambda: cpu_seconds(proc) > idle + 0.05, 30,
+                       message="the broker at work on the frames")
             attacked = honest_latencies(ex, 3)
             report("honest round trip, median, no attack",
                    statistics.median(base) * 1000, "ms")
@@ -355,7 +358,7 @@ def test_status_requests_unread_with_a_large_worker_list_are_bounded(ctx):
                     for _ in range(8):
                         reader.send(request)
                     # each worker heartbeats (stays registered) and syncs on the broker
-                    time.sleep(1.0)
+                    time.sleep(1.0)  # the attack's pace: 8 requests a second
                     for w in workers[:1]:
                         w.send_msg(P.Heartbeat([]))
             report(f"STATUS of {size / 1e6:.2f} MB asked 96 times, unread: broker RSS "
@@ -443,11 +446,13 @@ def test_honest_latency_while_two_peers_flood_capped_hellos(ctx):
 
             threads = [threading.Thread(target=flood, args=(r,), daemon=True)
                        for r in attackers]
+            idle = cpu_seconds(proc)
             for t in threads:
                 t.start()
-            # (no state to synchronise on, as above: the broker is busy and answers
-            # nothing; give the flood a moment to reach its socket)
-            time.sleep(0.5)
+            # the honest round trips start once the broker is at work on the flood (as
+            # above: its CPU time shows it)
+            wait_until(lambda: cpu_seconds(proc) > idle + 0.05, 30,
+                       message="the broker at work on the flood")
             try:
                 attacked = honest_latencies(ex, 3)
             finally:
@@ -502,7 +507,7 @@ def test_a_client_flapping_quiet_does_not_rewrite_its_held_results_to_the_journa
             hello = P.encode(P.hello(P.ROLE_CLIENT, {"name": "flapper", "key": key}))
             for _ in range(200):  # bounded: 10 s
                 raw.send(hello)
-                time.sleep(0.05)
+                time.sleep(0.05)  # the attack's pace: 20 HELLOs a second
             query_status(address)  # (the broker has taken them all)
             written = io.io_counters().write_chars - written
             status = query_status(address)
