@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
+import psutil
 
 from conftest import (Raw, broker_process, child_env, descendants, kill_tree, served_broker,
                       stop_process, wait_until)
@@ -37,6 +37,13 @@ def _raw_run(ctx, address: str, label: str, n: int = 1, command: str = "true") -
     ids = [(key << P.ID_SHIFT) + i for i in range(1, n + 1)]
     conn.send_msg(P.Submit(1, 0, ids, [payload.shell_task(command) for _ in ids]))
     return conn, key
+
+
+def querying(pid: int) -> bool:
+    """Whether ``zfalkon status --watch`` (process ``pid``) is inside a query: each query
+    has a ZeroMQ context of its own, whose io and reaper threads live only until it returns
+    (between queries the watch is one thread)."""
+    return psutil.Process(pid).num_threads() > 1
 
 
 def _run_proc(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -235,7 +242,8 @@ def test_status_watch_survives_its_broker_going_away_and_exits_cleanly_on_ctrl_c
             stop_process(broker)
             wait_until(lambda: "zfalkon status:" in term.text(), 30, 0.1,
                        "the broker's absence reported")
-            time.sleep(0.5)  # (likely inside a query now)
+            wait_until(lambda: querying(term.proc.pid), 10, 0.01,
+                       "the watch inside its next query")
             assert term.ctrl_c(15) == 0
         text = term.text()
         assert "Traceback" not in text and "KeyboardInterrupt" not in text

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import (Raw, broker_process, child_env, descendants, kill_tree, served_broker,
                       stop_process, wait_until)
-from test_break_issue14 import _raw_run, _run_proc
+from test_break_issue14 import _raw_run, _run_proc, querying
 from test_cli import lines_in, start_in_pty, zfalkon
 
 from zfalkon import Executor, query_status, security
@@ -273,7 +273,7 @@ def test_run_workers_poison_killing_its_agents_group_leaves_no_process(tmp_path)
             seen.update(descendants(run.pid))
             if run.poll() is not None:
                 break
-            time.sleep(0.05)
+            time.sleep(0.05)  # (poll interval: the condition is run's exit)
         assert run.poll() is not None, "zfalkon run did not finish"
         _, err = run.communicate(timeout=10)
         records = {r["line"]: r for r in lines_in(out)}
@@ -314,7 +314,11 @@ def test_watch_stopped_inside_a_query_to_a_frozen_broker_exits_promptly(how):
         try:
             wait_until(lambda: _views(output) >= 2, 30, 0.05, "two views drawn")
             os.kill(broker.pid, signal.SIGSTOP)
-            time.sleep(0.5)  # (scenario: the next query is under way, unanswered)
+            wait_until(lambda: psutil.Process(broker.pid).status() == psutil.STATUS_STOPPED,
+                       10, 0.01, "the broker stopped")
+            # the scenario: a query under way, unanswered (one begun after the broker stopped)
+            wait_until(lambda: not querying(proc.pid), 10, 0.005, "the watch between queries")
+            wait_until(lambda: querying(proc.pid), 10, 0.005, "the watch inside its next query")
             start = time.monotonic()
             if how == "sigterm":
                 os.kill(proc.pid, signal.SIGTERM)
