@@ -23,6 +23,7 @@ from conftest import (
     Raw,
     broker_process,
     seconds,
+    steady_rss,
     wait_until,
     worker_env,
     worker_hello,
@@ -74,7 +75,11 @@ def test_status_flood_from_many_routing_ids_is_bounded_globally(ctx):
         try:
             for a in attackers:
                 a.send_msg(P.hello(P.ROLE_CLIENT, {"name": "status-flood"}))
-            time.sleep(0.5)  # (the WELCOMEs sit unread: this peer never reads)
+            # registered (the WELCOMEs sit unread: these peers never read), and the broker's
+            # RSS steady before the baseline
+            wait_until(lambda: (lambda s: s["clients"] + s["away_clients"])(
+                query_status(address)) >= len(attackers), 30, message="attackers registered")
+            steady_rss(proc)
             request = P.encode(P.StatusRequest())
             attack = seconds(40, 15)
             with PeakRss(proc) as peak:
@@ -85,7 +90,7 @@ def test_status_flood_from_many_routing_ids_is_bounded_globally(ctx):
                             a.send(request)
                     for w in workers:  # (they stay registered: STATUS stays large)
                         w.send_msg(P.Heartbeat([]))
-                    time.sleep(1.0)
+                    time.sleep(1.0)  # the attack's pace: 8 requests a second per routing id
             report(f"12 routing ids x 8 STATUS/s of {size / 1e3:.0f} KB for {attack} s, never read: "
                    "broker RSS peak growth", peak.growth / MIB)
             assert proc.poll() is None
@@ -164,7 +169,7 @@ def test_resend_with_hoarded_tokens_stays_within_the_per_peer_bound(ctx):
                             ack += 1
                         raw.send_msg(P.Resend(ack, tokens.get(ack, b"")))
                         resends += 1
-                        time.sleep(core.RESEND_SECONDS + 0.05)
+                        time.sleep(core.RESEND_SECONDS + 0.05)  # the attack's pace
                 read_mib = frames * 0.25
                 report(f"RESEND with hoarded tokens for {attack} s ({resends} RESENDs, ack moved to "
                        f"{ack}, {read_mib:.0f} MiB read): broker RSS peak growth",
@@ -194,7 +199,9 @@ def test_cancel_if_queued_loop_does_not_fill_the_queue():
                 # (the last CANCELLED result is acknowledged by the next message: a PING)
                 probe = ex.submit(tasks.add, 1, 1)
                 assert probe.cancel()
-                time.sleep(1.5)
+                # (cancel() returns with the broker's answer: the broker has handled every
+                # frame before it; the RSS measured below once it holds still)
+                steady_rss(proc)
                 status = query_status(address)
             grown = psutil.Process(proc.pid).memory_info().rss - before
             report("20 x (submit 15 MiB, cancel() -> True), no free slot: STATUS queued",
@@ -299,7 +306,7 @@ SPAWN_CHILD = """
 import subprocess, time
 p = subprocess.Popen(['sleep', '300'])
 open(PIDFILE, 'w').write(str(p.pid))
-time.sleep(300)
+time.sleep(300)  # (runs until cancel_all kills it)
 """
 
 
