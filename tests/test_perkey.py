@@ -12,7 +12,7 @@ import time
 import pytest
 import tasks
 import zmq
-from conftest import RSS_BOUND, broker_process, wait_until, worker_process
+from conftest import RSS_BOUND, broker_process, steady_rss, wait_until, worker_process
 from test_adversary_wire import PeakRss, report
 
 from zfalkon import Executor, core, payload, query_status, security
@@ -103,7 +103,7 @@ def test_one_key_with_many_connections_gets_one_keys_worth_of_queued_bytes(keyed
         assert pong_ack(blocker) == 1
         wait_until(lambda: held(keyed) >= 1, 30, message="the attacker's sleeping task held")
         blob = payload.python_task("tasks:identity", (bytes(BLOB),), {})
-        time.sleep(0.5)  # (the broker settles before the baseline)
+        steady_rss(keyed.proc)  # (the broker settled before the baseline)
         start = time.monotonic()
         with PeakRss(keyed.proc) as peak:
             for seq in range(1, FRAMES + 1):  # round robin over the key's connections
