@@ -145,7 +145,7 @@ def spam():
             put(frame([[forged('spam')], [False], [], [], 0.0001]))
         except OSError:
             return
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # the attack's pace
 threading.Thread(target=spam, daemon=True).start()
 """)
         fa, fb, bad = [], [], []
@@ -189,7 +189,7 @@ def test_a_nan_in_a_frame_does_not_kill_the_slot(tmp_path):
             now = tuple(slot_pids(cluster))
             if now != seen[-1]:
                 seen.append(now)
-            time.sleep(0.05)
+            time.sleep(0.05)  # (poll interval: the condition is every future done)
         lines = marker_lines(marker)
         print(f"nan: slots seen {seen} bad={outcome(bad)} "
               f"a={[outcome(f) for f in fa][:3]}... lines={len(lines)} "
@@ -206,6 +206,7 @@ def test_a_good_frame_before_a_bad_one_loses_no_task():
         (b,) = [Executor(cluster.address, connect_timeout=30)]
         try:
             assert b.submit(tasks.add, 1, 1).result(timeout=30) == 2
+            # (the task runs on for 0.5 s after its frames: the slot meets them while it runs)
             bad = b.submit("builtins:exec", hostile(
                 "put(frame([[forged('ok')], [False], [], [], 0.001]) + BAD); "
                 "time.sleep(0.5)"), {})
@@ -232,14 +233,18 @@ data = frame([[], [], [], ['%0500d' % i for i in range(100)], 0.0])
 for _ in range({frames}):
     put(data)
 open({str(done)!r}, 'w').close()
-time.sleep(4)
+time.sleep(4)  # (the host holds on while the test samples the slot)
 """), {})
         wait_until(done.exists, 30, message="the frames written")
         grown = 0
-        end = time.monotonic() + 3  # (the slot drains the pipe meanwhile)
-        while time.monotonic() < end:
+        # sampled until B's task ends: its result follows every frame in the pipe, so the
+        # slot has read them all by then
+        deadline = time.monotonic() + 30
+        while not bad.done() and time.monotonic() < deadline:
             grown = max(grown, vm_kib(slot, "VmRSS") - before)
-            time.sleep(0.1)
+            time.sleep(0.1)  # (sampling interval)
+        assert bad.done(), "B's task did not end within 30 s of its frames"
+        grown = max(grown, vm_kib(slot, "VmRSS") - before)
         assert a.submit(tasks.add, 2, 2).result(timeout=40) == 4
         peak = vm_kib(slot, "VmHWM") - before
         print(f"held flood: slot RSS +{grown / 1024:.0f} MiB (peak +{peak / 1024:.0f} MiB) "
@@ -254,6 +259,7 @@ def test_a_frame_costs_the_slot_about_its_size():
     with two_clients_on_one_slot("b") as (cluster, a, b, slots):
         (slot,) = slots
         before = vm_kib(slot, "VmHWM")
+        # (the task runs on for 0.5 s after its frame: the slot meets it while it runs)
         bad = b.submit("builtins:exec", hostile(
             f"put(frame([[], [], [], [[]] * {n}, 0.0])); time.sleep(0.5)"), {})
         with pytest.raises(WorkerCrashed):  # (a dead host: its running task crashed)
