@@ -48,6 +48,22 @@ def registered(address: str, name: str, slots: int):
     return w if w and w["connected_slots"] == slots else None
 
 
+def broker_ends(address: str, pid: int) -> set:
+    """The broker's ends (its local, the peer's remote address) of process ``pid``'s TCP
+    connections to the broker at ``address``."""
+    port = int(address.rsplit(":", 1)[1])
+    return {(c.raddr, c.laddr) for c in psutil.Process(pid).net_connections("tcp")
+            if c.raddr and c.raddr.port == port}
+
+
+def open_at_broker(ends: set) -> bool:
+    """Whether the broker still has any of these connections open (its socket not yet
+    closed: a dead peer's end stays in CLOSE_WAIT until libzmq reads the EOF and closes it)."""
+    return any((c.laddr, c.raddr) in ends and c.status in (psutil.CONN_ESTABLISHED,
+                                                           psutil.CONN_CLOSE_WAIT)
+               for c in psutil.net_connections("tcp"))
+
+
 def slot_pids(worker: subprocess.Popen) -> list[int]:
     """PIDs of the live slot processes of a worker agent."""
     pids = []
@@ -135,7 +151,9 @@ def test_worker_without_broker_stops_on_sigterm():
         try:
             conn, _ = listener.accept()  # the worker is connecting (raises on timeout)
             with conn:
-                time.sleep(0.5)  # a bounded window in which nothing may happen:
+                # a bounded window in which nothing may happen (an absence: no state to
+                # wait for, only a time to let a wrong exit or slot show)
+                time.sleep(0.5)
                 assert proc.poll() is None  # still waiting for a broker
                 assert not slot_pids(proc)  # no slot starts before registration
                 code, seconds = stop_process(proc, timeout=10)
@@ -225,13 +243,16 @@ def test_crashing_task_is_not_rerun_when_broker_sees_the_slot_go_first(broker, t
         with Executor(broker) as ex:
             assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2  # slot has credit now
             (slot,) = slot_pids(proc)
+            ends = broker_ends(broker, slot)
+            assert ends and open_at_broker(ends), "the slot's connection, open at the broker"
             leases_before = query_status(broker)["expired_leases"]
             os.kill(proc.pid, signal.SIGSTOP)
             try:
                 crash = ex.submit(tasks.kill_slot_logged, str(log))
                 wait_until(lambda: not alive(slot), 10, message="slot died")
-                time.sleep(0.3)  # the broker's socket sees the connection close (no
-                # observable state for this inside libzmq; the wait below checks it happened)
+                # the broker's socket sees the connection close: libzmq has closed its end
+                wait_until(lambda: not open_at_broker(ends), 10,
+                           message="the broker's end of the dead slot's connection closed")
                 after = ex.submit(tasks.add, 2, 2)
                 # the broker's send of `after` to the dead slot failed: it marks it stalled
                 # (before the slot's lease or the agent's heartbeats could lapse)
