@@ -44,7 +44,7 @@ def hard_exit(code=3):
 
 
 def sleep_then(x, seconds):
-    time.sleep(seconds)
+    time.sleep(seconds)  # (the task body: it runs for ``seconds``)
     return x
 
 
@@ -156,7 +156,7 @@ def kill_agent_logged(path, provisioner):
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     os.kill(agent.pid, signal.SIGKILL)
-    time.sleep(30)
+    time.sleep(30)  # (hangs on, as a task that killed its agent by accident would)
 
 
 def kill_agent_group_logged(path, provisioner):
@@ -168,7 +168,7 @@ def kill_agent_group_logged(path, provisioner):
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     os.killpg(group, signal.SIGKILL)
-    time.sleep(30)
+    time.sleep(30)  # (hangs on, as a task that killed its agent by accident would)
 
 
 def killpg_own_group():

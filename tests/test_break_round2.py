@@ -277,6 +277,7 @@ def test_force_cancel_does_not_run_finished_neighbours_twice(tmp_path):
             # many short tasks: the slot measures them and pipelines several in its host
             assert list(ex.map(tasks.add, range(300), range(300))) == \
                 [2 * i for i in range(300)]
+            # (task bodies: F takes 0.5 s, K runs until it is force-cancelled)
             f = ex.submit(*_append(marker, "F", "import time; time.sleep(0.5)"))
             j = ex.submit(*_append(marker, "J"))
             k = ex.submit(*_append(marker, "K", "import time; time.sleep(60)"))
@@ -353,7 +354,8 @@ def test_cancel_true_never_runs_under_two_racing_executors(tmp_path):
         a, b = Executor(cluster.address), Executor(cluster.address)
         try:
             futs: dict[str, list] = {"a": [], "b": []}
-            for i in range(400):  # (interleaved: both clients' tasks queue side by side)
+            # (interleaved: both clients' tasks queue side by side; each takes 20 ms)
+            for i in range(400):
                 for n, ex in (("a", a), ("b", b)):
                     futs[n].append(ex.submit(*_append(marks[n], str(i),
                                                       "import time; time.sleep(0.02)")))

@@ -214,7 +214,7 @@ def test_sigterm_lets_a_host_finish_its_task_and_stops_every_process(tmp_path):
             assert f.result(timeout=10).stdout == "done\n"
         deadline = time.monotonic() + 5
         while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.02)  # (poll interval: the condition is every process gone)
         left = [pid for pid in kids if alive(pid)]
         kill_tree(left)
         assert not left
@@ -323,7 +323,7 @@ host = zygote.fork_host(1)
 host.send([(1, payload.python_task("time:sleep", (float(sys.argv[2]),), {}))])
 deadline = time.monotonic() + 20
 while host.running() != 1 and time.monotonic() < deadline:  # (the host's own word)
-    time.sleep(0.01)
+    time.sleep(0.01)  # (poll interval)
 print(zygote.pid, host.pid, host.running(), flush=True)
 if sys.argv[1] == "zygote-first":
     os.kill(zygote.pid, 9)

@@ -198,6 +198,9 @@ def test_bash_app_process_group_is_killed(dfk, tmp_path, monkeypatch):
         timed_out.result(timeout=60)
     with pytest.raises(AppTimeout):
         timed_out2.result(timeout=60)
+    # An absence, shown by time: a surviving child touches its file 2 s after its command
+    # started (before its result came); none may have 3 s after the results. (Waiting for
+    # the children to be gone instead would pass, wrongly, if they could not be seen.)
     time.sleep(3)
     assert not any(p.exists() for p in late)
     assert len(calls) == 3

@@ -290,7 +290,7 @@ def test_queue_launches_instances_that_boot_run_tasks_drain_and_go(cloud):
                 deadline = time.monotonic() + 120
                 while not all(f.done() for f in futures) and time.monotonic() < deadline:
                     peak = max(peak, ex.status()["workers"])
-                    time.sleep(0.2)
+                    time.sleep(0.2)  # (poll interval: the condition is every future done)
                 assert [f.result(timeout=1) for f in futures] == list(range(40))
                 names = {w["name"] for w in ex.status()["worker_list"]}
             assert 1 <= scaler.launched <= 2 and peak <= 2  # within the cap

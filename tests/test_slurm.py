@@ -199,7 +199,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 return
             if time.monotonic() >= deadline:
                 raise AssertionError(f"no {what} within {timeout:g} s\n{self.diagnostics()}")
-            time.sleep(0.1)
+            time.sleep(0.1)  # (poll interval: the condition is the predicate)
 
     # -- observation -------------------------------------------------------------------------
 
@@ -250,7 +250,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if time.monotonic() >= deadline:
                 print(f"jobs {jobs} still on Slurm {timeout:g} s after scancel", file=sys.stderr)
                 return
-            time.sleep(0.2)
+            time.sleep(0.2)  # (poll interval: the condition is an empty squeue)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +327,7 @@ def _block_job(slurm: SlurmCluster, executor: ZfalkonExecutor) -> str:
         if executor.bad_state_is_set or time.monotonic() >= deadline:
             raise AssertionError(f"Parsl submitted no block to Slurm within {WORKER_TIMEOUT:g} s"
                                  f" ({executor.executor_exception!r})\n{slurm.diagnostics()}")
-        time.sleep(0.1)
+        time.sleep(0.1)  # (poll interval: the condition is a block submitted)
     jobs = list(executor.provider.resources)
     assert len(jobs) == 1, f"expected one Slurm job for the one block, got {jobs}"
     return jobs[0]
@@ -351,7 +351,7 @@ def _wait_for_worker(slurm: SlurmCluster, executor: ZfalkonExecutor, job_id: str
                 f"{_tail(resource['job_stdout_path'])}\n"
                 f"--- job stderr {resource['job_stderr_path']}\n"
                 f"{_tail(resource['job_stderr_path'])}\n{slurm.diagnostics()}")
-        time.sleep(0.2)
+        time.sleep(0.2)  # (poll interval: the condition is a slot registered)
 
 
 @pytest.mark.timeout(300)
@@ -390,11 +390,11 @@ def test_parsl_workflow_on_slurm_jobs(slurm, tmp_path):
         deadline = time.monotonic() + 60
         while slurm.job(job_id).get("JobState", "(gone)") in ("RUNNING", "COMPLETING"):
             assert time.monotonic() < deadline, f"job {job_id} still running after shutdown"
-            time.sleep(0.2)
+            time.sleep(0.2)  # (poll interval: the condition is the job's end)
         for pid in task_pids:
             while _alive(pid):
                 assert time.monotonic() < deadline, f"task process {pid} outlived its job"
-                time.sleep(0.2)
+                time.sleep(0.2)  # (poll interval: the condition is the process gone)
 
 
 def _alive(pid: int) -> bool:
