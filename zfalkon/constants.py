@@ -90,6 +90,10 @@ CLIENT_AWAY_SECONDS = 300.0
 
 #: Seconds a process being stopped gets between SIGTERM and SIGKILL.
 STOP_GRACE_SECONDS = 10.0
+#: Seconds a stopping slot waits, at most, for the broker to acknowledge its last results
+#: before it says BYE and exits (within STOP_GRACE_SECONDS: its agent's BYE, sent once the
+#: slot has exited, must not overtake them; see zfalkon.slot.Slot._confirm).
+STOP_CONFIRM_SECONDS = 5.0
 
 #: Environment variable naming the broker for clients and the CLI.
 BROKER_ENV = "ZFALKON_BROKER"

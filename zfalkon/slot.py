@@ -40,6 +40,7 @@ from zfalkon.constants import (
     CONNECT_TIMEOUT_SECONDS,
     OUTPUT_CAP_BYTES,
     RESULT_FLUSH_SECONDS,
+    STOP_CONFIRM_SECONDS,
 )
 from zfalkon.errors import ProtocolError
 from zfalkon.net import make_socket, readable
@@ -157,6 +158,7 @@ class Slot:
                 self._loop()
                 self._send_out()
                 if not self.orphaned:
+                    self._confirm()
                     sock.send(P.encode(P.Bye("stopping")))
             return code
         finally:
@@ -179,6 +181,29 @@ class Slot:
             if self.held:  # tell data-aware dispatch what our machine caches
                 send(encode(P.Holding(self.held)))
                 self.held = []
+
+    def _confirm(self) -> None:
+        """Stopping: wait until the broker has acknowledged every RESULTS frame sent (a
+        PING's PONG says what it has), at most STOP_CONFIRM_SECONDS. The agent says BYE for
+        its whole worker, on a connection of its own, once this process has exited; a
+        result still on its way would then reach a broker that had taken its task back
+        (to run it again, on whatever worker is left, or on none)."""
+        session = self.session
+        if not session.welcomed or not len(session.tx):
+            return
+        monotonic = time.monotonic
+        session.ping(monotonic())
+        self._send_out()
+        deadline = monotonic() + STOP_CONFIRM_SECONDS
+        while len(session.tx) and not self.orphaned:
+            left = deadline - monotonic()
+            if left <= 0:
+                log.warning("slot %d: stopping with %d result frames the broker has not "
+                            "acknowledged (their tasks may run again)", self.index,
+                            len(session.tx))
+                return
+            if self.sock.poll(int(left * 1000) + 1):
+                self._receive()  # (ACK, PONG; a RESEND is answered)
 
     def _handshake(self) -> int:
         self._hello()

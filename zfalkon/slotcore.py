@@ -105,7 +105,7 @@ class SlotSession:
         self.functions = {}
         self.welcomed = True
         self._send_results(now)  # announce the first window
-        self._ping(now)
+        self.ping(now)
 
     def receive(self, msg: P.Message, now: float) -> bool:
         """Handle a stream message (TASKS, ACK, RESEND, PONG); False for any other."""
@@ -223,7 +223,7 @@ class SlotSession:
         if self.result_ids and not self.queue:
             self._send_results(now)
         if self.welcomed and now >= self.next_ping:
-            self._ping(now)
+            self.ping(now)
 
     def window(self) -> int:
         """The window to announce: fixed, or (before any task was timed) FIRST_WINDOW, or
@@ -240,9 +240,10 @@ class SlotSession:
         self.result_ids, self.result_blobs = [], []
         self.result_bytes = self.failed = 0
         if now >= self.next_ping:
-            self._ping(now)
+            self.ping(now)
 
-    def _ping(self, now: float) -> None:
+    def ping(self, now: float) -> None:
+        """PING now (its PONG acknowledges every RESULTS frame the broker has)."""
         self._pings.sent(now, self.tx.seq)
         self.out.append(P.Ping(now, self.rx.last))
         self.next_ping = now + PING_SECONDS
