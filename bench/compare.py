@@ -11,8 +11,10 @@ LocalCluster(workers=2) on 127.0.0.1:
 * ``rss``: the broker's resident memory with ``--queued`` no-op tasks queued and no
   workers, in MiB.
 
-Prints medians over the rounds and the ratio of this checkout to the baseline, and writes
-them to ``bench/out/compare.json``::
+Prints medians over the rounds, the ratio of this checkout's median to the baseline's, and
+the median over rounds of each round's own ratio (the two children of a round run back to
+back, so their ratio cancels the load of the moment), and writes them to
+``bench/out/compare.json``::
 
     git worktree add /tmp/base HEAD~3      # or: git archive REV | tar -x -C /tmp/base
     python bench/compare.py --baseline /tmp/base [--rounds 3]
@@ -98,15 +100,22 @@ def main() -> int:
                 f"{k} {v:,.3g}" for k, v in got.items()), flush=True)
     medians = {name: {m: statistics.median(r[m] for r in rs) for m in MEASURES}
                for name, rs in runs.items()}
-    print("\n| measure | baseline | this | this / baseline |\n|---|---|---|---|")
+    # Each round's two children ran back to back: their ratio cancels the machine's load
+    # of the moment, which on a shared machine drifts more than the effect measured.
+    paired = {m: statistics.median(t[m] / b[m] for b, t in zip(runs["baseline"], runs["this"]))
+              for m in MEASURES}
+    print("\n| measure | baseline | this | this / baseline | median of the rounds' ratios |"
+          "\n|---|---|---|---|---|")
     for m in MEASURES:
         base, this = medians["baseline"][m], medians["this"][m]
         unit = {"map": "tasks/s", "submit": "tasks/s", "serial": "ms", "rss": "MiB"}[m]
-        print(f"| {m} ({unit}) | {base:,.4g} | {this:,.4g} | {this / base:.3f} |")
+        print(f"| {m} ({unit}) | {base:,.4g} | {this:,.4g} | {this / base:.3f} "
+              f"| {paired[m]:.3f} |")
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "compare.json").write_text(json.dumps(
-        {"trees": trees, "runs": runs, "medians": medians, "args": vars(args)}, indent=1))
+        {"trees": trees, "runs": runs, "medians": medians, "paired_ratios": paired,
+         "args": vars(args)}, indent=1))
     return 0
 
 
