@@ -67,6 +67,7 @@ def test_systemd_unit():
     assert service["User"] == "zfalkon"
     assert service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM"
+    assert service["KillMode"] == "mixed"  # (SIGTERM to the agent alone: its tasks finish)
     assert service["RestartPreventExitStatus"] == "64"  # the vm-agent's "power off"
     assert "systemctl poweroff" in service["ExecStopPost"]
     assert unit["Unit"]["Wants"] == "network-online.target"

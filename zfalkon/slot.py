@@ -43,12 +43,17 @@ from zfalkon.constants import (
     STOP_CONFIRM_SECONDS,
 )
 from zfalkon.errors import ProtocolError
-from zfalkon.net import make_socket, readable
+from zfalkon.net import Waker, make_socket, readable
 from zfalkon.security import PeerKeys
 from zfalkon.slotcore import SlotSession
 from zfalkon.taskhost import PIPE_BYTES, TASK_HEAD_BYTES, Host, HostDied, Zygote
 
 log = logging.getLogger("zfalkon.slot")
+
+#: While a stopping slot waits for its last results to be acknowledged, it PINGs this often.
+_CONFIRM_PING_SECONDS = 0.5
+#: How long the slot's last BYE may wait to be sent (a broker gone stops it no longer).
+_BYE_LINGER_MS = 500
 
 _IDLE_POLL_MS = 1000  # how often an idle slot checks that its agent is still alive
 _HELLO_RETRY_SECONDS = 2.0  # a HELLO unanswered this long is sent again
@@ -134,10 +139,12 @@ class Slot:
         # The task with a time limit in the host (alone there): (id, limit, started at).
         self.timed: tuple[int, float, float] | None = None
         self._waiter: tuple[Host, zmq.Poller] | None = None  # polls a host's pipe and sock
+        self._waker = Waker()  # (a stop request ends the idle loop's wait at once)
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: finish the running task, return results, hand back the rest."""
         self.stopping = True
+        self._waker.wake()
 
     def _hello(self) -> None:
         self.sock.send(P.encode(P.hello(P.ROLE_SLOT, {"worker_id": self.worker_id,
@@ -159,7 +166,8 @@ class Slot:
                 self._send_out()
                 if not self.orphaned:
                     self._confirm()
-                    sock.send(P.encode(P.Bye("stopping")))
+                    sock.setsockopt(zmq.LINGER, _BYE_LINGER_MS)  # (the results are in,
+                    sock.send(P.encode(P.Bye("stopping")))  # or waited for: don't linger)
             return code
         finally:
             if self.host is not None:
@@ -168,6 +176,7 @@ class Slot:
             sock.close()
             ctx.term()
             self.state.close()
+            self._waker.close()
             if self.agent_fd is not None:
                 os.close(self.agent_fd)
 
@@ -192,18 +201,21 @@ class Slot:
         if not session.welcomed or not len(session.tx):
             return
         monotonic = time.monotonic
-        session.ping(monotonic())
-        self._send_out()
         deadline = monotonic() + STOP_CONFIRM_SECONDS
+        next_ping = 0.0
         while len(session.tx) and not self.orphaned:
-            left = deadline - monotonic()
-            if left <= 0:
+            now = monotonic()
+            if now >= deadline:
                 log.warning("slot %d: stopping with %d result frames the broker has not "
                             "acknowledged (their tasks may run again)", self.index,
                             len(session.tx))
                 return
-            if self.sock.poll(int(left * 1000) + 1):
-                self._receive()  # (ACK, PONG; a RESEND is answered)
+            if now >= next_ping:  # (again and again: a PING or its PONG may die with a
+                session.ping(now)  # replaced connection, and a PONG shows frames lost)
+                self._send_out()
+                next_ping = now + _CONFIRM_PING_SECONDS
+            if self.sock.poll(int((min(deadline, next_ping) - now) * 1000) + 1):
+                self._receive()  # (ACK, PONG; a RESEND or a lost frame is sent again)
 
     def _handshake(self) -> int:
         self._hello()
@@ -228,6 +240,7 @@ class Slot:
         sock = self.sock
         poller = zmq.Poller()  # one poller for the life of the loop (Socket.poll makes one a call)
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         session = self.session
         monotonic = time.monotonic
         while not self.stopping:

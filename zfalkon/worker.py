@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -110,7 +111,7 @@ class WorkerAgent:
         ctx = zmq.Context()
         sock = make_socket(ctx, zmq.DEALER, self.broker, self.keys)
         sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.LINGER, 500)  # (its last words, BYE: a broker gone stops it no longer)
         sock.connect(self.broker)
         self.sock = sock
         self._dir = tempfile.mkdtemp(prefix="zfalkon-worker-")
@@ -224,10 +225,7 @@ class WorkerAgent:
             self._receive()
             now = time.monotonic()
             if now >= next_beat:
-                # Sampled at each heartbeat from the slots' state files: a slot running a
-                # task shows its id there (the broker renews those slots' leases).
-                busy = [slot.ident for slot in self._procs.values() if slot.state.get()]
-                self.sock.send(P.encode(P.Heartbeat(busy)))
+                busy = self._beat()
                 next_beat = now + self.heartbeat
                 if busy:
                     last_busy = now
@@ -236,6 +234,14 @@ class WorkerAgent:
                                 now - last_busy)
                     self.stopping = True
         self._waker.drain()
+
+    def _beat(self) -> list[bytes]:
+        """Send a HEARTBEAT naming the busy slots; return them. Sampled from the slots'
+        state files: a slot running a task shows its id there (the broker renews those
+        slots' leases)."""
+        busy = [slot.ident for slot in self._procs.values() if slot.state.get()]
+        self.sock.send(P.encode(P.Heartbeat(busy)))
+        return busy
 
     def _receive(self) -> None:
         while True:
@@ -248,7 +254,8 @@ class WorkerAgent:
             except ProtocolError as exc:
                 log.error("bad message from broker: %s", exc)
                 continue
-            if isinstance(msg, P.Error) and msg.code == "hello-required":
+            if isinstance(msg, P.Error) and msg.code == "hello-required" \
+                    and not self.stopping:  # (stopping: no new registration to drain)
                 # A new broker (restarted, or one that declared us lost): register again.
                 log.warning("broker %s does not know this worker; registering again",
                             self.broker)
@@ -307,26 +314,47 @@ class WorkerAgent:
             slot.pidfd = None
 
     def _stop_slots(self) -> None:
-        """SIGTERM every slot, wait for them to drain, SIGKILL what is left."""
+        """SIGTERM every slot and wait for them to drain, heartbeating meanwhile (a slot
+        finishing a task sends nothing: without beats the broker would take this worker
+        for lost after HEARTBEAT_MISSES of them, requeue the task and refuse its result);
+        SIGKILL what is left after STOP_GRACE_SECONDS, reported with no task blamed (its
+        agent killed it, not its task: the broker requeues its tasks, counting nothing)."""
         procs = list(self._procs.values())
         for slot in procs:
             if slot.proc.poll() is None:
                 slot.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
+        next_beat = time.monotonic()
+        while live := [slot for slot in procs if slot.proc.poll() is None]:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= next_beat:
+                self._beat()
+                next_beat = now + self.heartbeat
+            self._receive()
+            wait = min(deadline, next_beat) - now
+            poller = select.poll()  # (a pidfd is readable once its process has exited)
+            for slot in live:
+                if slot.pidfd is None:
+                    wait = min(wait, 0.2)
+                else:
+                    poller.register(slot.pidfd, select.POLLIN)
+            poller.poll(int(wait * 1000) + 1)
+        killed = set()
         for slot in procs:
-            try:
-                slot.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if slot.proc.poll() is None:
                 log.warning("slot %d did not stop in %.0f s; killing it", slot.index,
                             STOP_GRACE_SECONDS)
                 slot.proc.kill()
                 slot.proc.wait()
-        self._reap_stopped(procs)
+                killed.add(slot.index)
+        self._reap_stopped(procs, killed)
 
-    def _reap_stopped(self, procs: list[_SlotProc]) -> None:
+    def _reap_stopped(self, procs: list[_SlotProc], killed: set[int]) -> None:
         for slot in procs:
             if slot.index in self._procs:
-                task = self._blame(slot)
+                task = 0 if slot.index in killed else self._blame(slot)
                 if slot.proc.returncode not in (0, None) or task:
                     self.sock.send(P.encode(
                         P.SlotLost(slot.ident, task, describe_exit(slot.proc.returncode))))
