@@ -300,7 +300,7 @@ def test_sigterm_twice_hands_prefetched_tasks_to_the_other_worker(tmp_path):
             held = brief(cluster.status())["per_worker"]["A"]
             pids = tree(a)
             start = sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 5,
+            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
                         "A draining")
             sigterm(a)  # again: still one drain
             code = a.wait(STOP_GRACE_SECONDS + 10)
@@ -312,7 +312,7 @@ def test_sigterm_twice_hands_prefetched_tasks_to_the_other_worker(tmp_path):
               f"stolen={status['stolen']} expired_leases={status['expired_leases']}")
         assert code == 0
         assert took < LONG_TASK + STOP_CONFIRM_SECONDS, "A waited for nothing"
-        assert_all_gone(pids, 5, "A")
+        assert_all_gone(pids, 15, "A")
         assert status["expired_leases"] == 0
 
 
@@ -337,10 +337,10 @@ def test_sigterm_with_no_other_worker_delivers_what_ran_and_a_new_worker_finishe
             wait_until(lambda: ran <= t.done(), 5, POLL,
                        message=f"the tasks A ran delivered "
                                f"({len(ran - t.done())} of {len(ran)} missing)")
-            status = wait_status(cluster, lambda s: s["workers"] == 0, 5, "A deregistered")
+            status = wait_status(cluster, lambda s: s["workers"] == 0, 15, "A deregistered")
             queued = status["queued"]
             assert queued == len(t.futures) - len(t.done()), brief(status)
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             with agent(cluster.address, "B", 1):
                 t.settle(60, cluster)
                 figures = t.check()
@@ -378,7 +378,7 @@ def test_a_task_ending_6_to_10_s_after_sigterm_is_delivered_with_no_other_worker
             status = brief(cluster.status())
             code = a.wait(STOP_GRACE_SECONDS + 10)
             took = time.monotonic() - start
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             print(f"\ntask ended {finished:.1f} s after SIGTERM; A exited {code} after "
                   f"{took:.1f} s; delivered: {delivered}; broker: {status}")
         assert code == 0
@@ -406,7 +406,7 @@ def test_three_graceful_drains_during_a_long_task_do_not_fail_it(tmp_path):
             for k in range(3):
                 wait_until(lambda: len(lines(log)) == k + 1, 20, POLL,
                            message=f"the task started, time {k + 1}")
-                s = wait_status(cluster, lambda s: s["running"] == 1, 5, "task held")
+                s = wait_status(cluster, lambda s: s["running"] == 1, 15, "task held")
                 name = next(w["name"] for w in s["worker_list"] if w["running"])
                 stopped.append(name)
                 sigterm(agents[name])
@@ -450,7 +450,7 @@ def test_an_idle_worker_stops_at_once(tmp_path):
                 start = sigterm(a)
                 assert a.wait(STOP_GRACE_SECONDS + 10) == 0
                 took[case] = time.monotonic() - start
-                assert_all_gone(pids, 5, case)
+                assert_all_gone(pids, 15, case)
             wait_status(cluster, lambda s: s["workers"] == 0, 10, "deregistered")
         t.settle(5, cluster)
         t.check()
@@ -458,7 +458,9 @@ def test_an_idle_worker_stops_at_once(tmp_path):
     print(f"\nSIGTERM to exit: {took}")
     # (an idle slot notices its SIGTERM when its 1 s idle poll ends; pyzmq restarts an
     # interrupted poll with what it counts is left, in whole seconds: up to ~2 s)
-    assert took["idle"] < 2.5 and took["just finished"] < 2.5, took
+    # (~1-2 s here; a margin for a loaded machine, well under the wait for unacknowledged
+    # results, STOP_CONFIRM_SECONDS)
+    assert took["idle"] < 4.0 and took["just finished"] < 4.0, took
 
 
 @pytest.mark.timeout(90)
@@ -477,10 +479,11 @@ def test_an_idle_worker_whose_broker_is_gone_stops_at_once(tmp_path):
             start = sigterm(a)
             code = a.wait(STOP_GRACE_SECONDS + 10)
             took = time.monotonic() - start
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
     print(f"\nbroker gone: SIGTERM to exit {took:.2f} s (code {code})")
     assert code == 0
-    assert took < 2.0, f"an idle worker whose broker is gone took {took:.2f} s to stop"
+    # (~1-2 s here, 8 s before 98402dd; a margin for a loaded machine)
+    assert took < 4.0, f"an idle worker whose broker is gone took {took:.2f} s to stop"
 
 
 # -- 2: results in flight on a slow link -------------------------------------------------
@@ -513,9 +516,9 @@ def test_sigterm_behind_a_50_to_200_ms_link_delivers_what_ran(tmp_path):
             wait_until(lambda: ran <= t.done(), 5, POLL,
                        message=f"the tasks A ran delivered "
                                f"({len(ran - t.done())} of {len(ran)} missing)")
-            status = wait_status(cluster, lambda s: s["workers"] == 0, 5, "A deregistered")
+            status = wait_status(cluster, lambda s: s["workers"] == 0, 15, "A deregistered")
             left = status["queued"]
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             with agent(cluster.address, "B", 1):
                 t.settle(60, cluster)
                 figures = t.check()
@@ -571,7 +574,7 @@ def test_sigterm_while_the_link_is_frozen_past_stop_confirm_seconds(tmp_path):
             t.settle(60, cluster)
             figures = t.check()
             status = check_counters(cluster, n)
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
         print(f"\nA held {brief(s0)['per_worker']['A']} at the freeze; frozen "
               f"{FREEZE:.0f} s; A exited {code} {took:.1f} s after SIGTERM "
               f"({'during' if exited is not None else 'after'} the freeze) having run "
@@ -598,7 +601,7 @@ def test_results_lost_with_a_reset_connection_during_the_confirmation_are_resent
             wait_until(lambda: lines(log) == [0], 20, POLL, message="the task started")
             pids = tree(a)
             start = sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 5,
+            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
                         "A draining")
             assert proxy.freeze([1]) == [1]
             assert not lines(ends), "the task ended before the freeze: too slow a machine"
@@ -612,7 +615,7 @@ def test_results_lost_with_a_reset_connection_during_the_confirmation_are_resent
             took = time.monotonic() - start
             delivered = cf.wait([f], 2).done == {f}
             status = brief(cluster.status())
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             print(f"\nreset {reset_at:.1f} s after SIGTERM; A exited {code} after "
                   f"{took:.1f} s; delivered: {delivered}; broker {status}")
         assert code == 0
@@ -642,7 +645,7 @@ def test_sigkill_of_the_agent_during_the_confirmation_wait(tmp_path):
             start_mixed_load(t, cluster, "A", 2, 2)
             pids = tree(a)
             sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 5,
+            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
                         "A draining")
             assert proxy.freeze([1, 2]) == [1, 2]
             try:
@@ -689,11 +692,11 @@ def test_sigterm_then_sigkill_of_the_agent_while_tasks_run(tmp_path):
             start_mixed_load(t, cluster, "A", 2, 3)
             pids = tree(a)
             sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 5,
+            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
                         "A draining")
             a.kill()
             a.wait(5)
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             t.settle(60, cluster)
             figures = t.check()
             check_counters(cluster, len(t.futures))
@@ -730,7 +733,7 @@ def test_systemctl_stop_with_the_shipped_unit_lets_running_tasks_finish(tmp_path
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             code = a.wait(STOP_GRACE_SECONDS + 10)
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             t.settle(60, cluster)
             failed = {i: repr(f.exception()) for i, f in t.futures.items()
                       if f.exception() is not None}
@@ -760,7 +763,7 @@ def test_broker_killed_while_a_worker_drains_and_restarted_from_its_journal(tmp_
             start_mixed_load(t, cluster, "A", 2, 2)
             pids = tree(a)
             start = sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 5,
+            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
                         "A draining")
             cluster.broker.kill()
             cluster.broker.wait(10)
@@ -771,7 +774,7 @@ def test_broker_killed_while_a_worker_drains_and_restarted_from_its_journal(tmp_
             restarted = time.monotonic() - start
             code = a.wait(STOP_GRACE_SECONDS + 10)
             took = time.monotonic() - start
-            assert_all_gone(pids, 5, "A")
+            assert_all_gone(pids, 15, "A")
             status = cluster.status()
             with agent(cluster.address, "B", 2):
                 t.settle(60, cluster)
