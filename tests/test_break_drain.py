@@ -284,12 +284,12 @@ def start_mixed_load(t: Tracked, cluster: LocalCluster, name: str, slots: int,
         "a long task ended already: the machine is too slow for this test's timing"
 
 
-@pytest.mark.timeout(120)
-def test_sigterm_twice_hands_prefetched_tasks_to_the_other_worker(tmp_path):
-    """Worker A (2 slots) runs long tasks with short ones prefetched behind them; worker B
-    (1 slot) is alive. SIGTERM A, and again once it shows draining: one drain; its
-    running tasks finish and are delivered, what it had prefetched runs on B; A and its
-    processes exit 0 within the grace period."""
+@contextlib.contextmanager
+def a_running_long_tasks_b_alive(tmp_path) -> Iterator[tuple[LocalCluster,
+                                                             subprocess.Popen, Tracked]]:
+    """A cluster with worker A (2 slots) running a long task in each slot with short ones
+    prefetched behind them (:func:`start_mixed_load`) and worker B (1 slot) alive; yields
+    the cluster, A's agent and the Tracked tasks."""
     log, ends = str(tmp_path / "runs"), str(tmp_path / "ends")
     with LocalCluster(workers=0, env=worker_env()) as cluster, \
             agent(cluster.address, "A", 2) as a, agent(cluster.address, "B", 1):
@@ -297,17 +297,27 @@ def test_sigterm_twice_hands_prefetched_tasks_to_the_other_worker(tmp_path):
         with executor(cluster.address) as ex:
             t = Tracked(ex, log, ends)
             start_mixed_load(t, cluster, "A", 2, 3)
-            held = brief(cluster.status())["per_worker"]["A"]
-            pids = tree(a)
-            start = sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
-                        "A draining")
-            sigterm(a)  # again: still one drain
-            code = a.wait(STOP_GRACE_SECONDS + 10)
-            took = time.monotonic() - start
-            t.settle(60, cluster)
-            figures = t.check()
-            status = check_counters(cluster, len(t.futures))
+            yield cluster, a, t
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_twice_hands_prefetched_tasks_to_the_other_worker(tmp_path):
+    """Worker A (2 slots) runs long tasks with short ones prefetched behind them; worker B
+    (1 slot) is alive. SIGTERM A, and again once it shows draining: one drain; its
+    running tasks finish and are delivered, what it had prefetched runs on B; A and its
+    processes exit 0 within the grace period."""
+    with a_running_long_tasks_b_alive(tmp_path) as (cluster, a, t):
+        held = brief(cluster.status())["per_worker"]["A"]
+        pids = tree(a)
+        start = sigterm(a)
+        wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
+                    "A draining")
+        sigterm(a)  # again: still one drain
+        code = a.wait(STOP_GRACE_SECONDS + 10)
+        took = time.monotonic() - start
+        t.settle(60, cluster)
+        figures = t.check()
+        status = check_counters(cluster, len(t.futures))
         print(f"\nA held {held} at SIGTERM; exited {code} after {took:.2f} s; {figures}; "
               f"stolen={status['stolen']} expired_leases={status['expired_leases']}")
         assert code == 0
@@ -683,23 +693,17 @@ def test_sigterm_then_sigkill_of_the_agent_while_tasks_run(tmp_path):
     SIGTERM A, then SIGKILL it while the long tasks still run: the slots (their agent
     dead) kill their task hosts, report the tasks they ran (SLOT_LOST: a crash each, R18)
     and exit; every task runs on B; nothing of A is left."""
-    log, ends = str(tmp_path / "runs"), str(tmp_path / "ends")
-    with LocalCluster(workers=0, env=worker_env()) as cluster, \
-            agent(cluster.address, "A", 2) as a, agent(cluster.address, "B", 1):
-        cluster.wait_for_slots(3)
-        with executor(cluster.address) as ex:
-            t = Tracked(ex, log, ends)
-            start_mixed_load(t, cluster, "A", 2, 3)
-            pids = tree(a)
-            sigterm(a)
-            wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
-                        "A draining")
-            a.kill()
-            a.wait(5)
-            assert_all_gone(pids, 15, "A")
-            t.settle(60, cluster)
-            figures = t.check()
-            check_counters(cluster, len(t.futures))
+    with a_running_long_tasks_b_alive(tmp_path) as (cluster, a, t):
+        pids = tree(a)
+        sigterm(a)
+        wait_status(cluster, lambda s: field(s, "A", "draining", False), 15,
+                    "A draining")
+        a.kill()
+        a.wait(5)
+        assert_all_gone(pids, 15, "A")
+        t.settle(60, cluster)
+        figures = t.check()
+        check_counters(cluster, len(t.futures))
         print(f"\n{figures}")
 
 
@@ -721,25 +725,19 @@ def test_systemctl_stop_with_the_shipped_unit_lets_running_tasks_finish(tmp_path
     service = unit["Service"]
     assert service.get("KillSignal", "SIGTERM") == "SIGTERM"
     mode = service.get("KillMode", "control-group")
-    log, ends = str(tmp_path / "runs"), str(tmp_path / "ends")
-    with LocalCluster(workers=0, env=worker_env()) as cluster, \
-            agent(cluster.address, "A", 2) as a, agent(cluster.address, "B", 1):
-        cluster.wait_for_slots(3)
-        with executor(cluster.address) as ex:
-            t = Tracked(ex, log, ends)
-            start_mixed_load(t, cluster, "A", 2, 3)
-            pids = tree(a)
-            for pid in pids if mode == "control-group" else [a.pid]:  # (as systemd)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            code = a.wait(STOP_GRACE_SECONDS + 10)
-            assert_all_gone(pids, 15, "A")
-            t.settle(60, cluster)
-            failed = {i: repr(f.exception()) for i, f in t.futures.items()
-                      if f.exception() is not None}
-            print(f"\nKillMode={mode}: A exited {code}; {len(failed)} failed: "
-                  f"{list(failed.values())[:2]}")
-            t.check()
+    with a_running_long_tasks_b_alive(tmp_path) as (cluster, a, t):
+        pids = tree(a)
+        for pid in pids if mode == "control-group" else [a.pid]:  # (as systemd)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        code = a.wait(STOP_GRACE_SECONDS + 10)
+        assert_all_gone(pids, 15, "A")
+        t.settle(60, cluster)
+        failed = {i: repr(f.exception()) for i, f in t.futures.items()
+                  if f.exception() is not None}
+        print(f"\nKillMode={mode}: A exited {code}; {len(failed)} failed: "
+              f"{list(failed.values())[:2]}")
+        t.check()
 
 
 # -- 5: the broker killed -9 while a worker stops, restarted from its journal ------------
