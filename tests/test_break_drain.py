@@ -267,7 +267,8 @@ def start_mixed_load(t: Tracked, cluster: LocalCluster, name: str, slots: int,
                      total_slots: int) -> None:
     """Warm up, then one long task per slot (each alone in its SUBMIT, so that dispatch
     hands them round the slots, one each) and N_SHORT short ones; return once worker
-    ``name`` runs a task in each of its slots with short ones prefetched."""
+    ``name`` runs a task in each of its slots with short ones prefetched (the long tasks
+    still running: asserted)."""
     warm_up(t, 200, 100_000)
     held = lambda s: s["running"] + s["prefetched"]  # noqa: E731
     for i in range(total_slots):
@@ -275,9 +276,12 @@ def start_mixed_load(t: Tracked, cluster: LocalCluster, name: str, slots: int,
         wait_status(cluster, lambda s: held(s) == i + 1, 10, f"long task {i} dispatched")
     for i in range(total_slots, total_slots + N_SHORT):
         t.submit(i, 0.002)
+    # (any prefetch: how deep depends on how the client batched its SUBMITs, since
+    # dispatch gives each slot its share of the queue as it was, and a slot running a long
+    # task asks for more only with its next RESULTS)
     wait_status(cluster, lambda s: field(s, name, "running", 0) == slots
-                and field(s, name, "prefetched", 0) >= 10, 20,
-                f"worker {name} running {slots} tasks with 10+ prefetched")
+                and field(s, name, "prefetched", 0) >= 1, 20,
+                f"worker {name} running {slots} tasks with some prefetched")
     wait_until(lambda: set(range(total_slots)) <= set(lines(t.log)), 10, POLL,
                message="every long task started")
     assert not set(range(total_slots)) & set(lines(t.ends)), \
