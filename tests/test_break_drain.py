@@ -289,6 +289,19 @@ def start_mixed_load(t: Tracked, cluster: LocalCluster, name: str, slots: int,
 
 
 @contextlib.contextmanager
+def worker_a_alone(tmp_path, slots: int) -> Iterator[tuple[LocalCluster, subprocess.Popen,
+                                                           Tracked]]:
+    """A cluster whose only worker is A (``slots`` slots), and an executor's Tracked
+    tasks (logging to ``runs`` and ``ends`` in ``tmp_path``)."""
+    log, ends = str(tmp_path / "runs"), str(tmp_path / "ends")
+    with LocalCluster(workers=0, env=worker_env()) as cluster, \
+            agent(cluster.address, "A", slots) as a:
+        cluster.wait_for_slots(slots)
+        with executor(cluster.address) as ex:
+            yield cluster, a, Tracked(ex, log, ends)
+
+
+@contextlib.contextmanager
 def a_running_long_tasks_b_alive(tmp_path) -> Iterator[tuple[LocalCluster,
                                                              subprocess.Popen, Tracked]]:
     """A cluster with worker A (2 slots) running a long task in each slot with short ones
@@ -335,30 +348,25 @@ def test_sigterm_with_no_other_worker_delivers_what_ran_and_a_new_worker_finishe
     """Worker A alone. SIGTERM it while it runs long tasks with short ones prefetched:
     every task it ran is delivered before it has exited (R21), the rest stay queued, and
     a worker started later runs them; each task's result reaches its user once."""
-    log, ends = str(tmp_path / "runs"), str(tmp_path / "ends")
-    with LocalCluster(workers=0, env=worker_env()) as cluster, \
-            agent(cluster.address, "A", 2) as a:
-        cluster.wait_for_slots(2)
-        with executor(cluster.address) as ex:
-            t = Tracked(ex, log, ends)
-            start_mixed_load(t, cluster, "A", 2, 2)
-            pids = tree(a)
-            start = sigterm(a)
-            code = a.wait(STOP_GRACE_SECONDS + 10)
-            took = time.monotonic() - start
-            ran = set(lines(log))
-            # what A ran is delivered (the client may take a moment to read it)
-            wait_until(lambda: ran <= t.done(), 5, POLL,
-                       message=f"the tasks A ran delivered "
-                               f"({len(ran - t.done())} of {len(ran)} missing)")
-            status = wait_status(cluster, lambda s: s["workers"] == 0, 15, "A deregistered")
-            queued = status["queued"]
-            assert queued == len(t.futures) - len(t.done()), brief(status)
-            assert_all_gone(pids, 15, "A")
-            with agent(cluster.address, "B", 1):
-                t.settle(60, cluster)
-                figures = t.check()
-                check_counters(cluster, len(t.futures))
+    with worker_a_alone(tmp_path, 2) as (cluster, a, t):
+        start_mixed_load(t, cluster, "A", 2, 2)
+        pids = tree(a)
+        start = sigterm(a)
+        code = a.wait(STOP_GRACE_SECONDS + 10)
+        took = time.monotonic() - start
+        ran = set(lines(t.log))
+        # what A ran is delivered (the client may take a moment to read it)
+        wait_until(lambda: ran <= t.done(), 5, POLL,
+                   message=f"the tasks A ran delivered "
+                           f"({len(ran - t.done())} of {len(ran)} missing)")
+        status = wait_status(cluster, lambda s: s["workers"] == 0, 15, "A deregistered")
+        queued = status["queued"]
+        assert queued == len(t.futures) - len(t.done()), brief(status)
+        assert_all_gone(pids, 15, "A")
+        with agent(cluster.address, "B", 1):
+            t.settle(60, cluster)
+            figures = t.check()
+            check_counters(cluster, len(t.futures))
         print(f"\nA exited {code} after {took:.2f} s having run {len(ran)} tasks; "
               f"{queued} left queued for B; {figures}")
         assert code == 0
@@ -375,26 +383,21 @@ def test_a_task_ending_6_to_10_s_after_sigterm_is_delivered_with_no_other_worker
     grants its slots STOP_GRACE_SECONDS to finish, the task ends within them, so its result
     must reach the user (R21: "a task that finished while its worker was stopping is
     delivered, even when no other worker is left to run it again")."""
-    log, ends = str(tmp_path / "runs"), str(tmp_path / "ends")
-    with LocalCluster(workers=0, env=worker_env()) as cluster, \
-            agent(cluster.address, "A", 1) as a:
-        cluster.wait_for_slots(1)
-        with executor(cluster.address) as ex:
-            t = Tracked(ex, log, ends)
-            f = t.submit(0, DRAIN_TASK)
-            wait_until(lambda: lines(log) == [0], 20, POLL, message="the task started")
-            pids = tree(a)
-            start = sigterm(a)
-            wait_until(lambda: lines(ends) == [0], DRAIN_TASK + 5, POLL,
-                       message="the task finished in A's slot")
-            finished = time.monotonic() - start
-            delivered = cf.wait([f], 5).done == {f}  # (its result goes out at once)
-            status = brief(cluster.status())
-            code = a.wait(STOP_GRACE_SECONDS + 10)
-            took = time.monotonic() - start
-            assert_all_gone(pids, 15, "A")
-            print(f"\ntask ended {finished:.1f} s after SIGTERM; A exited {code} after "
-                  f"{took:.1f} s; delivered: {delivered}; broker: {status}")
+    with worker_a_alone(tmp_path, 1) as (cluster, a, t):
+        f = t.submit(0, DRAIN_TASK)
+        wait_until(lambda: lines(t.log) == [0], 20, POLL, message="the task started")
+        pids = tree(a)
+        start = sigterm(a)
+        wait_until(lambda: lines(t.ends) == [0], DRAIN_TASK + 5, POLL,
+                   message="the task finished in A's slot")
+        finished = time.monotonic() - start
+        delivered = cf.wait([f], 5).done == {f}  # (its result goes out at once)
+        status = brief(cluster.status())
+        code = a.wait(STOP_GRACE_SECONDS + 10)
+        took = time.monotonic() - start
+        assert_all_gone(pids, 15, "A")
+        print(f"\ntask ended {finished:.1f} s after SIGTERM; A exited {code} after "
+              f"{took:.1f} s; delivered: {delivered}; broker: {status}")
         assert code == 0
         assert delivered, (f"the task ended in A's slot {finished:.1f} s after SIGTERM (A "
                            f"exited after {took:.1f} s), and the future was not done 5 s "
